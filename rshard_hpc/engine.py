@@ -1,0 +1,270 @@
+"""The per-layer choreography (DESIGN §1–§3): who sends what to whom. Model math is called, never written here.
+
+Control flow is driven by the client with small broadcast headers (no token content):
+  {"op": "batch", "lens": [...]}        a new batch; plans are made for these total lengths
+  {"op": "step", "ranges": [(a, b)...], "want": "all" | "last"}
+                                         compute positions a … b-1 of each sequence
+  {"op": "end"}                          the batch is done: AttnNodes drop their KV cache
+  {"op": "stop"}                         the job is done
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import numpy as np
+
+from rshard_hpc import comm
+from rshard_hpc.attention import merge_partials, partial_attention
+from rshard_hpc.plan import PlanSpec, Routing, StepTokens, make_plan
+
+
+class PhaseTimer:
+    def __init__(self):
+        self.seconds = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
+
+
+def step_tokens(plans, ranges) -> StepTokens:
+    return StepTokens.from_plans(plans, [np.arange(a, b) for a, b in ranges])
+
+
+def wanted_local_rows(tokens: StepTokens, routing: Routing, k: int, want: str) -> np.ndarray:
+    """Indices into CompNode k's local rows of the rows the client receives."""
+    mine = routing.comp_tokens[k]
+    if want == "all":
+        return np.arange(len(mine))
+    # "last": the highest position of each sequence in this step
+    last = np.zeros(len(tokens), dtype=bool)
+    ends = np.flatnonzero(np.diff(np.append(tokens.seq, -1)) != 0)
+    last[ends] = True
+    return np.flatnonzero(last[mine])
+
+
+class _Worker:
+    """State shared by CompNode and AttnNode loops."""
+
+    def __init__(self, topo, spec: PlanSpec, cfg, transport):
+        self.topo, self.spec, self.cfg, self.transport = topo, spec, cfg, transport
+        self.timer = PhaseTimer()
+        self.plans = []
+        self.ledger = []  # (form, seq, positions) records of what this rank received (DESIGN §4)
+
+    def serve(self) -> None:
+        while True:
+            header = comm.bcast(self.topo.world, None)
+            op = header["op"]
+            if op == "stop":
+                return
+            if op == "batch":
+                self.plans = [make_plan(self.spec, n) for n in header["lens"]]
+                self.begin_batch()
+            elif op == "step":
+                tokens = step_tokens(self.plans, header["ranges"])
+                self.step(tokens, Routing(tokens, self.topo.alpha, self.topo.beta), header["want"])
+            elif op == "end":
+                self.end_batch()
+
+    def begin_batch(self):
+        pass
+
+    def end_batch(self):
+        pass
+
+    def record(self, form: str, tokens: StepTokens, idx: np.ndarray, **extra) -> None:
+        for s in np.unique(tokens.seq[idx]):
+            sel = idx[tokens.seq[idx] == s]
+            self.ledger.append({"form": form, "seq": int(s), "pos": tokens.pos[sel].tolist(), **extra})
+
+
+class CompWorker(_Worker):
+    """A CompNode: per-token work on its own positions."""
+
+    def __init__(self, topo, spec, model, transport, xp=np):
+        super().__init__(topo, spec, model.cfg, transport)
+        self.model, self.xp = model, xp
+
+    def step(self, tokens: StepTokens, routing: Routing, want: str) -> None:
+        k, xp, cfg = self.topo.comp_index, self.xp, self.cfg
+        mine = routing.comp_tokens[k]
+        ids = self.transport.scatter_ids(self.topo.client_comm, None)
+        self.record("token_id", tokens, mine)
+        pos = xp.asarray(tokens.pos[mine])
+        with self.timer("prepass"):
+            h = self.model.embed(xp.asarray(ids), pos)  # (n_k, d)
+        for layer in range(cfg.n_layers):
+            with self.timer("prepass"):
+                q, key, val = self.model.pre(layer, h, pos)
+                send, counts = self._pack_qkv(routing, q, key, val)
+            self.transport.alltoallv(self.topo.work_comm, send, counts, np.zeros_like(counts))  # q/k/v out
+            o_parts, lse_parts = self._exchange_back(routing, len(mine))
+            with self.timer("postpass"):
+                o, _ = merge_partials(o_parts, lse_parts)  # (n_k, H, D)
+                h = self.model.post(layer, h, o)
+        rows = self.model.final_rows(h)[xp.asarray(wanted_local_rows(tokens, routing, k, want))]
+        self.transport.gather_rows(self.topo.client_comm, rows, cfg.hidden)
+
+    def _pack_qkv(self, routing: Routing, q, key, val):
+        """Flat send buffer: for AttnNode (i, j) in work order, q of group i then k, v of group j."""
+        xp, topo, beta = self.xp, self.topo, self.topo.beta
+        k = topo.comp_index
+        pieces = []
+        counts = np.zeros(topo.work_comm.Get_size(), dtype=np.int64)
+        for i in range(beta):
+            for j in range(beta):
+                q_rows = xp.asarray(routing.by_group[k][i])
+                kv_rows = xp.asarray(routing.by_group[k][j])
+                part = [q[q_rows].ravel(), key[kv_rows].ravel(), val[kv_rows].ravel()]
+                pieces += part
+                counts[topo.attn_work_rank(i, j)] = sum(int(p.size) for p in part)
+        send = xp.concatenate(pieces).astype(xp.float32) if pieces else xp.zeros(0, xp.float32)
+        return send, counts
+
+    def _exchange_back(self, routing: Routing, n_local: int):
+        """Receive (o, lse) partials from every AttnNode of each of my tokens' rows; (β, n, H, D), (β, n, H)."""
+        xp, topo, cfg, beta = self.xp, self.topo, self.cfg, self.topo.beta
+        k = topo.comp_index
+        width = cfg.n_heads * (cfg.head_dim + 1)
+        recv_counts = np.zeros(topo.work_comm.Get_size(), dtype=np.int64)
+        for i in range(beta):
+            for j in range(beta):
+                recv_counts[topo.attn_work_rank(i, j)] = routing.counts[k, i] * width
+        recv = self.transport.alltoallv(topo.work_comm, xp.zeros(0, xp.float32),
+                                        np.zeros_like(recv_counts), recv_counts)
+        with self.timer("postpass"):
+            packed = xp.zeros((beta, n_local, cfg.n_heads, cfg.head_dim + 1), dtype=xp.float32)
+            offset = 0
+            for i in range(beta):
+                rows = xp.asarray(routing.by_group[k][i])
+                n_rows = int(routing.counts[k, i])
+                for j in range(beta):
+                    seg = recv[offset:offset + n_rows * width]
+                    packed[j, rows] = seg.reshape(n_rows, cfg.n_heads, cfg.head_dim + 1)
+                    offset += n_rows * width
+        return packed[..., :cfg.head_dim], packed[..., cfg.head_dim]
+
+
+class AttnWorker(_Worker):
+    """AttnNode (i, j): queries of group i against keys/values of group j (kept as the KV cache)."""
+
+    def __init__(self, topo, spec, cfg, transport, xp=np):
+        super().__init__(topo, spec, cfg, transport)
+        self.xp = xp
+        self.cache = {}  # layer -> (k (n, Hkv, D), v, pos (n,), seq (n,))
+
+    def begin_batch(self):
+        self.cache = {}
+
+    def end_batch(self):
+        self.cache = {}
+
+    def step(self, tokens: StepTokens, routing: Routing, want: str) -> None:
+        xp, cfg, topo = self.xp, self.cfg, self.topo
+        i, j = topo.attn_coords
+        q_tok, kv_tok = routing.attn_q_tokens(i), routing.attn_kv_tokens(j)
+        self.record("q", tokens, q_tok)
+        self.record("kv", tokens, kv_tok)
+        q_pos, q_seq = xp.asarray(tokens.pos[q_tok]), xp.asarray(tokens.seq[q_tok])
+        qw = cfg.n_heads * cfg.head_dim
+        kvw = cfg.n_kv_heads * cfg.head_dim
+        n_work = topo.work_comm.Get_size()
+        recv_counts = np.zeros(n_work, dtype=np.int64)
+        for k in range(topo.alpha):
+            recv_counts[topo.comp_work_rank(k)] = routing.counts[k, i] * qw + 2 * routing.counts[k, j] * kvw
+        back_counts = np.zeros(n_work, dtype=np.int64)
+        width = cfg.n_heads * (cfg.head_dim + 1)
+        for k in range(topo.alpha):
+            back_counts[topo.comp_work_rank(k)] = routing.counts[k, i] * width
+        scale = 1.0 / np.sqrt(cfg.head_dim)
+        for layer in range(cfg.n_layers):
+            recv = self.transport.alltoallv(topo.work_comm, xp.zeros(0, xp.float32),
+                                            np.zeros(n_work, dtype=np.int64), recv_counts)
+            with self.timer("attention"):
+                q, key, val = self._unpack(routing, recv, i, j)
+                k_all, v_all, k_pos, k_seq = self._append_cache(layer, key, val, tokens, kv_tok)
+                o, lse = partial_attention(q, q_pos, q_seq, k_all, v_all, k_pos, k_seq, cfg.causal, scale)
+                send = xp.concatenate([o, lse[..., None]], axis=-1).ravel()  # (nq, H, D+1) per row
+            self.transport.alltoallv(topo.work_comm, send, back_counts, np.zeros(n_work, dtype=np.int64))
+
+    def _unpack(self, routing: Routing, recv, i: int, j: int):
+        """Split the receive buffer into q (nq, H, D), k, v (nkv, Hkv, D), stacked over CompNodes."""
+        xp, cfg = self.xp, self.cfg
+        qs, ks, vs = [], [], []
+        offset = 0
+        for k in range(self.topo.alpha):
+            nq, nkv = int(routing.counts[k, i]), int(routing.counts[k, j])
+            for n_rows, heads, out in ((nq, cfg.n_heads, qs), (nkv, cfg.n_kv_heads, ks), (nkv, cfg.n_kv_heads, vs)):
+                size = n_rows * heads * cfg.head_dim
+                out.append(recv[offset:offset + size].reshape(n_rows, heads, cfg.head_dim))
+                offset += size
+        return xp.concatenate(qs), xp.concatenate(ks), xp.concatenate(vs)
+
+    def _append_cache(self, layer, key, val, tokens, kv_tok):
+        xp = self.xp
+        pos, seq = xp.asarray(tokens.pos[kv_tok]), xp.asarray(tokens.seq[kv_tok])
+        if layer in self.cache:
+            k0, v0, p0, s0 = self.cache[layer]
+            key, val = xp.concatenate([k0, key]), xp.concatenate([v0, val])
+            pos, seq = xp.concatenate([p0, pos]), xp.concatenate([s0, seq])
+        self.cache[layer] = (key, val, pos, seq)
+        return key, val, pos, seq
+
+
+class Client:
+    """Rank 0: drives batches and steps; holds whole prompts; receives only final rows it is entitled to."""
+
+    def __init__(self, topo, spec: PlanSpec, cfg, transport):
+        self.topo, self.spec, self.cfg, self.transport = topo, spec, cfg, transport
+        self.plans = []
+        self.timer = PhaseTimer()
+
+    def begin_batch(self, lens) -> None:
+        lens = [int(n) for n in lens]
+        comm.bcast(self.topo.world, {"op": "batch", "lens": lens})
+        self.plans = [make_plan(self.spec, n) for n in lens]
+
+    def step(self, ranges, ids_per_seq, want: str = "all"):
+        """ids_per_seq[b]: token ids of positions ranges[b]. Returns the final rows (n_rows, d) in step order
+        (all step tokens for "all"; one row per sequence with a non-empty range for "last")."""
+        ranges = [(int(a), int(b)) for a, b in ranges]
+        comm.bcast(self.topo.world, {"op": "step", "ranges": ranges, "want": want})
+        tokens = step_tokens(self.plans, ranges)
+        routing = Routing(tokens, self.topo.alpha, self.topo.beta)
+        flat_ids = np.concatenate([np.asarray(x, dtype=np.int64) for x in ids_per_seq]) if len(tokens) else np.zeros(0, np.int64)
+        per_rank = [np.zeros(0, np.int64)] + [flat_ids[routing.comp_tokens[k]] for k in range(self.topo.alpha)]
+        self.transport.scatter_ids(self.topo.client_comm, per_rank)
+        parts = self.transport.gather_rows(self.topo.client_comm, np.zeros((0, self.cfg.hidden), np.float32),
+                                           self.cfg.hidden)
+        if want == "all":
+            rows = np.empty((len(tokens), self.cfg.hidden), dtype=np.float32)
+            for k in range(self.topo.alpha):
+                rows[routing.comp_tokens[k]] = parts[k + 1]
+            return rows
+        ends = np.flatnonzero(np.diff(np.append(tokens.seq, -1)) != 0)
+        rows = np.empty((len(tokens), self.cfg.hidden), dtype=np.float32)
+        for k in range(self.topo.alpha):
+            sel = wanted_local_rows(tokens, routing, k, want)
+            rows[routing.comp_tokens[k][sel]] = parts[k + 1]
+        return rows[ends]
+
+    def end_batch(self) -> None:
+        comm.bcast(self.topo.world, {"op": "end"})
+
+    def stop(self) -> None:
+        comm.bcast(self.topo.world, {"op": "stop"})
+
+    def encode(self, sequences):
+        """One batch through the encoder: list of (n_b,) ids -> list of final rows (n_b, d)."""
+        lens = [len(s) for s in sequences]
+        self.begin_batch(lens)
+        rows = self.step([(0, n) for n in lens], sequences, "all")
+        self.end_batch()
+        bounds = np.cumsum([0] + lens)
+        return [rows[a:b] for a, b in zip(bounds[:-1], bounds[1:])]

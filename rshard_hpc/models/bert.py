@@ -1,0 +1,63 @@
+"""BERT-family encoder (post-LN, GELU, biases) as per-token passes around attention."""
+from __future__ import annotations
+
+import numpy as np
+
+from rshard_hpc.models import weights
+from rshard_hpc.models.common import gelu, layer_norm, linear
+from rshard_hpc.models.config import ModelConfig
+
+EMBED_KEYS = ("embed/word", "embed/position", "embed/token_type", "embed/norm_w", "embed/norm_b")
+LAYER_KEYS = ("wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "attn_norm_w", "attn_norm_b",
+              "w_up", "b_up", "w_down", "b_down", "mlp_norm_w", "mlp_norm_b")
+
+
+class Bert:
+    """Every function here is per token: rows never mix, so any shard of positions can run it."""
+
+    def __init__(self, cfg: ModelConfig, tensors: dict, xp=np):
+        self.cfg = cfg
+        self.t = {k: xp.asarray(v) for k, v in tensors.items()}
+        self.xp = xp
+
+    @staticmethod
+    def tensor_keys(cfg: ModelConfig) -> list:
+        keys = list(EMBED_KEYS)
+        for i in range(cfg.n_layers):
+            keys += [weights.layer_key(i, name) for name in LAYER_KEYS]
+        return keys
+
+    @classmethod
+    def from_file(cls, path, cfg: ModelConfig, dtype="float32", xp=None):
+        return cls(cfg, weights.read_tensors(path, cls.tensor_keys(cfg)), xp or np)
+
+    def _w(self, layer: int, name: str):
+        return self.t[weights.layer_key(layer, name)]
+
+    def embed(self, ids, pos):
+        """ids, pos: (n,) ints -> h: (n, d). Token type 0 (single-segment input)."""
+        t = self.t
+        h = t["embed/word"][ids] + t["embed/position"][pos] + t["embed/token_type"][0]
+        return layer_norm(h, t["embed/norm_w"], t["embed/norm_b"], self.cfg.norm_eps)
+
+    def pre(self, layer: int, h, pos):
+        """h: (n, d) -> q: (n, H, D), k, v: (n, Hkv, D)."""
+        c, w = self.cfg, lambda name: self._w(layer, name)
+        n = h.shape[0]
+        q = linear(h, w("wq"), w("bq")).reshape(n, c.n_heads, c.head_dim)
+        k = linear(h, w("wk"), w("bk")).reshape(n, c.n_kv_heads, c.head_dim)
+        v = linear(h, w("wv"), w("bv")).reshape(n, c.n_kv_heads, c.head_dim)
+        return q, k, v
+
+    def post(self, layer: int, h, attn):
+        """h: (n, d), attn: (n, H, D) merged attention -> next h: (n, d)."""
+        c, w = self.cfg, lambda name: self._w(layer, name)
+        n = h.shape[0]
+        h = layer_norm(h + linear(attn.reshape(n, -1), w("wo"), w("bo")),
+                       w("attn_norm_w"), w("attn_norm_b"), c.norm_eps)
+        mlp = linear(gelu(linear(h, w("w_up"), w("b_up"))), w("w_down"), w("b_down"))
+        return layer_norm(h + mlp, w("mlp_norm_w"), w("mlp_norm_b"), c.norm_eps)
+
+    def final_rows(self, h):
+        """What a CompNode returns to the client: the last hidden states (post-LN: already normed)."""
+        return h

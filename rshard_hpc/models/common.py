@@ -1,0 +1,44 @@
+"""Per-token building blocks shared by the model families (NumPy or CuPy arrays)."""
+from __future__ import annotations
+
+import numpy as np
+
+from rshard_hpc.backend import xp_of
+
+
+def layer_norm(x, weight, bias, eps: float):
+    """x: (n, d) -> (n, d), statistics in fp32."""
+    xp = xp_of(x)
+    x32 = x.astype(xp.float32)
+    mean = x32.mean(axis=-1, keepdims=True)
+    var = ((x32 - mean) ** 2).mean(axis=-1, keepdims=True)
+    return ((x32 - mean) / xp.sqrt(var + xp.float32(eps)) * weight + bias).astype(x.dtype)
+
+
+def rms_norm(x, weight, eps: float):
+    """x: (n, d) -> (n, d), statistics in fp32."""
+    xp = xp_of(x)
+    x32 = x.astype(xp.float32)
+    scale = 1.0 / xp.sqrt((x32 * x32).mean(axis=-1, keepdims=True) + xp.float32(eps))
+    return (x32 * scale).astype(x.dtype) * weight
+
+
+def gelu(x):
+    """Exact (erf) GELU, as BERT uses."""
+    xp = xp_of(x)
+    if xp is np:
+        from scipy.special import erf
+    else:
+        from cupyx.scipy.special import erf
+    return (x * 0.5 * (1.0 + erf(x * np.float32(1.0 / np.sqrt(2.0))))).astype(x.dtype)
+
+
+def silu(x):
+    xp = xp_of(x)
+    return (x / (1.0 + xp.exp(-x))).astype(x.dtype)
+
+
+def linear(x, weight, bias=None):
+    """x: (n, in); weight: (out, in) as stored; -> (n, out)."""
+    y = x @ weight.T
+    return y if bias is None else y + bias

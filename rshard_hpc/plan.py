@@ -1,0 +1,187 @@
+"""Sharding plans (DESIGN §3), the per-step routing tables, and privacy accounting (§4).
+
+A plan for a sequence of N positions is two int32 arrays:
+  comp[p]  in [0, alpha): the CompNode that owns position p;
+  group[p] in [0, beta):  p's index group (q goes to AttnNode row group[p], k/v to column group[p]).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from rshard_hpc.errors import InputError
+
+SCHEMES = ("strided", "random", "explicit")
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    scheme: str = "strided"
+    alpha: int = 1
+    beta: int = 1
+    c: int = 1  # CompNode chunk length
+    c_a: int = 1  # index-group chunk length
+    seed: int = 0  # for scheme "random"
+    explicit: dict = field(default=None, compare=False, hash=False)  # {"comp": [...], "group": [...]}
+
+    def check(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise InputError(f"unknown plan scheme {self.scheme!r}; choose one of {', '.join(SCHEMES)}")
+        if self.c < 1 or self.c_a < 1:
+            raise InputError(f"chunk lengths must be >= 1 (got c={self.c}, c_a={self.c_a})")
+        if self.scheme == "explicit" and not self.explicit:
+            raise InputError("plan scheme 'explicit' needs a plan file (--plan-file)")
+
+    def params(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k != "explicit"}
+        return out
+
+
+def make_plan(spec: PlanSpec, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(comp, group), each int32 of shape (n,), for a sequence of n positions."""
+    p = np.arange(n, dtype=np.int64)
+    if spec.scheme == "strided":
+        comp = (p // spec.c) % spec.alpha
+        group = (p // spec.c_a) % spec.beta
+    elif spec.scheme == "random":
+        rng = np.random.default_rng([spec.seed, n])
+        comp = _random_chunks(rng, n, spec.c, spec.alpha)
+        group = _random_chunks(rng, n, spec.c_a, spec.beta)
+    else:
+        comp, group = _explicit(spec, n)
+    return comp.astype(np.int32), group.astype(np.int32)
+
+
+def _random_chunks(rng, n: int, chunk: int, parts: int) -> np.ndarray:
+    """Chunks of `chunk` positions, each given a random part unlike its predecessor's."""
+    n_chunks = -(-n // chunk) if n else 0
+    labels = np.zeros(n_chunks, dtype=np.int64)
+    for t in range(1, n_chunks):
+        if parts == 1:
+            break
+        step = rng.integers(1, parts)  # never 0: a neighbour chunk goes elsewhere
+        labels[t] = (labels[t - 1] + step) % parts
+    if n_chunks:
+        labels = (labels + rng.integers(0, parts)) % parts
+    return np.repeat(labels, chunk)[:n]
+
+
+def _explicit(spec: PlanSpec, n: int) -> tuple[np.ndarray, np.ndarray]:
+    comp = np.asarray(spec.explicit["comp"], dtype=np.int64)
+    group = np.asarray(spec.explicit["group"], dtype=np.int64)
+    if comp.shape != group.shape or comp.ndim != 1:
+        raise InputError("explicit plan: 'comp' and 'group' must be lists of equal length")
+    if len(comp) < n:
+        raise InputError(f"explicit plan covers {len(comp)} positions, a sequence needs {n}")
+    if comp.min(initial=0) < 0 or comp.max(initial=0) >= spec.alpha:
+        raise InputError(f"explicit plan: 'comp' values must lie in [0, {spec.alpha})")
+    if group.min(initial=0) < 0 or group.max(initial=0) >= spec.beta:
+        raise InputError(f"explicit plan: 'group' values must lie in [0, {spec.beta})")
+    return comp[:n], group[:n]
+
+
+@dataclass
+class StepTokens:
+    """The tokens a step computes, in global order (by sequence, then position). All (n,) int32."""
+
+    seq: np.ndarray  # batch-local sequence index
+    pos: np.ndarray  # true position within its sequence
+    comp: np.ndarray  # owning CompNode
+    group: np.ndarray  # index group
+
+    @classmethod
+    def from_plans(cls, plans: list, positions: list) -> "StepTokens":
+        """plans[b] = (comp, group) of sequence b; positions[b] = the positions of b in this step."""
+        seq, pos, comp, group = [], [], [], []
+        for b, ((c, g), ps) in enumerate(zip(plans, positions)):
+            ps = np.asarray(ps, dtype=np.int64)
+            seq.append(np.full(len(ps), b, dtype=np.int32))
+            pos.append(ps.astype(np.int32))
+            comp.append(c[ps])
+            group.append(g[ps])
+        cat = lambda xs: np.concatenate(xs).astype(np.int32) if xs else np.zeros(0, np.int32)
+        return cls(cat(seq), cat(pos), cat(comp), cat(group))
+
+    def __len__(self) -> int:
+        return len(self.seq)
+
+
+class Routing:
+    """Who sends which rows to whom in one step; built once per step and reused by every layer.
+
+    CompNode k holds its tokens in global order (`comp_tokens[k]`, indices into the step).
+    `by_group[k][g]` are indices into k's local rows of its tokens of group g: those rows go as q
+    to AttnNode row g and as k/v to AttnNode column g. AttnNode (i, j) stacks, over k = 0 … alpha-1,
+    the q rows by_group[k][i] and the k/v rows by_group[k][j].
+    """
+
+    def __init__(self, tokens: StepTokens, alpha: int, beta: int):
+        self.tokens = tokens
+        self.alpha, self.beta = alpha, beta
+        self.comp_tokens = [np.flatnonzero(tokens.comp == k) for k in range(alpha)]
+        self.by_group = []
+        for k in range(alpha):
+            local_group = tokens.group[self.comp_tokens[k]]
+            self.by_group.append([np.flatnonzero(local_group == g) for g in range(beta)])
+        # counts[k, g]: tokens of CompNode k in group g
+        self.counts = np.array([[len(ix) for ix in row] for row in self.by_group], dtype=np.int64)
+
+    def attn_q_tokens(self, i: int) -> np.ndarray:
+        """Step indices of the queries AttnNode row i receives, in arrival order."""
+        return np.concatenate([self.comp_tokens[k][self.by_group[k][i]] for k in range(self.alpha)])
+
+    def attn_kv_tokens(self, j: int) -> np.ndarray:
+        """Step indices of the keys/values AttnNode column j receives, in arrival order."""
+        return self.attn_q_tokens(j)
+
+
+# ---------------------------------------------------------------- privacy accounting (§4)
+
+def runs_of(positions: np.ndarray) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive positions in a sorted array, as (start, length)."""
+    if len(positions) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(positions) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    ends = np.concatenate([breaks, [len(positions)]])
+    return [(int(positions[s]), int(e - s)) for s, e in zip(starts, ends)]
+
+
+def plan_views(comp: np.ndarray, group: np.ndarray, alpha: int, beta: int) -> dict:
+    """Positions seen by every node: CompNode k -> comp == k; AttnNode (i, j) -> group i ∪ group j."""
+    views = {f"comp{k}": np.flatnonzero(comp == k) for k in range(alpha)}
+    for i in range(beta):
+        for j in range(beta):
+            views[f"attn{i}_{j}"] = np.flatnonzero((group == i) | (group == j))
+    return views
+
+
+def min_interior_gap(view: np.ndarray, public_prefix: int = 0) -> float:
+    """Smallest unseen gap before a run that does not start the sequence (inf if none)."""
+    known = np.union1d(view, np.arange(public_prefix)) if public_prefix else view
+    runs = runs_of(np.asarray(known))
+    gaps = []
+    prev_end = 0
+    for idx, (start, length) in enumerate(runs):
+        if idx > 0 or start > 0:
+            gaps.append(start - prev_end)
+        prev_end = start + length
+    # a first run starting after unseen positions has gap = start (it is an interior run)
+    return float(min(gaps)) if gaps else float("inf")
+
+
+def privacy_summary(comp: np.ndarray, group: np.ndarray, alpha: int, beta: int, public_prefix: int = 0) -> dict:
+    """Per-node fraction seen and smallest interior gap for one sequence's plan; the plan's delta."""
+    n = len(comp)
+    nodes = {}
+    for name, view in plan_views(comp, group, alpha, beta).items():
+        nodes[name] = {
+            "fraction_seen": (len(view) / n) if n else 0.0,
+            "min_gap": min_interior_gap(view, public_prefix),
+            "sees_all": bool(n and len(view) == n),
+        }
+    delta = min((v["min_gap"] for v in nodes.values()), default=float("inf"))
+    if n > 1 and any(v["sees_all"] for v in nodes.values()):
+        delta = 0.0  # a node that sees every position reads the whole prompt
+    return {"n": n, "delta": delta, "nodes": nodes}

@@ -1,0 +1,105 @@
+"""The one object that owns the split of COMM_WORLD (DESIGN §2).
+
+Layout for alpha = 2, beta = 2 (world size 1 + 2 + 4 = 7):
+
+    world rank   role        communicators
+    0            client      client_comm (rank 0)
+    1, 2         CompNode    comp_comm ranks 0, 1; work_comm ranks 0, 1; client_comm ranks 1, 2
+    3, 4, 5, 6   AttnNode    attn_cart coords (0,0) (0,1) (1,0) (1,1); work_comm ranks 2 … 5
+
+Row i of the AttnNode grid holds queries of index group i, column j keys/values of group j.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rshard_hpc.errors import InputError
+
+
+def world_size_for(alpha: int, beta: int) -> int:
+    return 1 + alpha + beta * beta
+
+
+def check_layout(alpha: int, beta: int, world_size: int) -> None:
+    """Raise a clear InputError unless world_size == 1 + alpha + beta**2."""
+    if alpha < 1 or beta < 1:
+        raise InputError(f"alpha and beta must be >= 1 (got alpha={alpha}, beta={beta})")
+    want = world_size_for(alpha, beta)
+    if world_size != want:
+        raise InputError(
+            f"world size is {world_size}, but alpha={alpha}, beta={beta} needs "
+            f"1 + alpha + beta^2 = 1 + {alpha} + {beta * beta} = {want} ranks "
+            f"(run with mpiexec -n {want}, or change --alpha/--beta)"
+        )
+
+
+@dataclass
+class Topology:
+    world: object  # MPI.Comm
+    alpha: int
+    beta: int
+    role: str  # "client" | "comp" | "attn"
+    comp_index: int  # CompNode index 0 … alpha-1, or -1
+    attn_coords: tuple  # (query group i, key group j), or (-1, -1)
+    comp_comm: object  # CompNodes only (None elsewhere)
+    attn_cart: object  # beta x beta Cartesian grid of AttnNodes (None elsewhere)
+    work_comm: object  # CompNodes then AttnNodes (None on the client)
+    client_comm: object  # client + CompNodes (None on AttnNodes)
+
+    @property
+    def rank(self) -> int:
+        return self.world.Get_rank()
+
+    @property
+    def is_client(self) -> bool:
+        return self.role == "client"
+
+    def comp_work_rank(self, k: int) -> int:
+        """work_comm rank of CompNode k."""
+        return k
+
+    def attn_work_rank(self, i: int, j: int) -> int:
+        """work_comm rank of AttnNode (i, j)."""
+        return self.alpha + i * self.beta + j
+
+    def describe(self) -> str:
+        if self.role == "client":
+            return f"rank {self.rank} (client)"
+        if self.role == "comp":
+            return f"rank {self.rank} (CompNode {self.comp_index})"
+        return f"rank {self.rank} (AttnNode {self.attn_coords})"
+
+    @classmethod
+    def build(cls, world, alpha: int, beta: int) -> "Topology":
+        """Split `world`; every rank calls this. Raises InputError (on every rank) on a bad size."""
+        check_layout(alpha, beta, world.Get_size())
+        rank = world.Get_rank()
+        if rank == 0:
+            role, color = "client", 0
+        elif rank <= alpha:
+            role, color = "comp", 1
+        else:
+            role, color = "attn", 2
+        undefined = _undefined()
+        comp_comm = world.Split(1 if role == "comp" else undefined, rank)
+        attn_flat = world.Split(1 if role == "attn" else undefined, rank)
+        work_comm = world.Split(1 if role != "client" else undefined, rank)
+        client_comm = world.Split(1 if role != "attn" else undefined, rank)
+        attn_cart = None
+        coords = (-1, -1)
+        if role == "attn":
+            attn_cart = attn_flat.Create_cart(dims=[beta, beta], periods=[False, False], reorder=False)
+            coords = tuple(attn_cart.Get_coords(attn_cart.Get_rank()))
+            attn_flat.Free()
+            assert work_comm.Get_rank() == alpha + coords[0] * beta + coords[1]
+        comp_comm = comp_comm if role == "comp" else None
+        work_comm = work_comm if role != "client" else None
+        client_comm = client_comm if role != "attn" else None
+        return cls(world, alpha, beta, role, rank - 1 if role == "comp" else -1, coords,
+                   comp_comm, attn_cart, work_comm, client_comm)
+
+
+def _undefined():
+    from mpi4py import MPI
+
+    return MPI.UNDEFINED
