@@ -95,11 +95,23 @@ class Topology:
         comp_comm = comp_comm if role == "comp" else None
         work_comm = work_comm if role != "client" else None
         client_comm = client_comm if role != "attn" else None
-        return cls(world, alpha, beta, role, rank - 1 if role == "comp" else -1, coords,
-                   comp_comm, attn_cart, work_comm, client_comm)
+        global _CURRENT
+        _CURRENT = cls(world, alpha, beta, role, rank - 1 if role == "comp" else -1, coords,
+                       comp_comm, attn_cart, work_comm, client_comm)
+        return _CURRENT
 
 
 def _undefined():
     from mpi4py import MPI
 
     return MPI.UNDEFINED
+
+
+_CURRENT = None
+
+
+def current() -> "Topology":
+    """The topology this process built (for error messages)."""
+    if _CURRENT is None:
+        raise RuntimeError("no topology yet")
+    return _CURRENT

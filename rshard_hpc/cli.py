@@ -1,0 +1,109 @@
+"""The `rshard` command. Each command is thin: it parses options and calls into the package."""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import click
+
+from rshard_hpc import __version__
+from rshard_hpc.errors import RshardError
+
+
+def _world_rank() -> int:
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def _fail(exc: BaseException) -> None:
+    """End the job on an error: collective user errors exit cleanly, anything else aborts every rank."""
+    rank = _world_rank()
+    if isinstance(exc, RshardError):
+        if rank == 0:
+            click.echo(f"rshard: error: {exc}", err=True)
+        _exit_hook(exc.exit_code)
+        sys.exit(exc.exit_code)
+    role = _describe_rank()
+    click.echo(f"rshard: {role} failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}", err=True)
+    _exit_hook(1)
+    from rshard_hpc import comm
+
+    comm.abort(1)
+
+
+def _describe_rank() -> str:
+    try:
+        from rshard_hpc.topology import current
+
+        return current().describe()
+    except Exception:
+        return f"rank {_world_rank()}"
+
+
+def _exit_hook(code: int) -> None:
+    """Tests set RSHARD_EXIT_DIR to see every rank's exit status."""
+    folder = os.environ.get("RSHARD_EXIT_DIR")
+    if folder:
+        with open(os.path.join(folder, f"rank{_world_rank()}.exit"), "w") as f:
+            f.write(str(code))
+
+
+@click.group()
+@click.version_option(__version__, prog_name="rshard")
+def main():
+    """rshard: token-sharded private LLM inference (see README.md)."""
+
+
+@main.command()
+@click.argument("source", type=click.Path())
+@click.argument("out", type=click.Path())
+def convert(source, out):
+    """Convert a Hugging Face folder (safetensors) or a GGUF file to the HDF5 weight file OUT."""
+    from rshard_hpc.convert import convert_any
+
+    try:
+        path = convert_any(source, out)
+    except RshardError as exc:
+        raise click.ClickException(str(exc))
+    click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.option("--task", type=click.Choice(["embed", "generate"]), default="embed", show_default=True)
+@click.option("--model", default="all-MiniLM-L6-v2", show_default=True,
+              help="A weight file (.h5) or a bundled model name (all-MiniLM-L6-v2, SmolLM2-135M-Instruct).")
+@click.option("--prompts", required=True, help="JSONL ({\"text\", \"id\"} a line) or plain text (a prompt a line).")
+@click.option("--out", required=True, help="Results HDF5 file (appended after every batch).")
+@click.option("--alpha", type=int, default=1, show_default=True, help="Number of CompNodes.")
+@click.option("--beta", type=int, default=1, show_default=True, help="AttnNode grid side (beta^2 AttnNodes).")
+@click.option("--scheme", type=click.Choice(["strided", "random", "explicit"]), default="strided", show_default=True)
+@click.option("--c", "c", type=int, default=1, show_default=True, help="CompNode chunk length.")
+@click.option("--c-a", "c_a", type=int, default=1, show_default=True, help="Index-group chunk length.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random plan scheme.")
+@click.option("--plan-file", default=None, help="JSON {\"comp\": [...], \"group\": [...]} for --scheme explicit.")
+@click.option("--batch-tokens", type=int, default=8192, show_default=True, help="Tokens per batch (at least one prompt).")
+@click.option("--resume", is_flag=True, help="Skip prompt ids already in --out and append the rest.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@click.option("--truncate", is_flag=True, help="Cut over-long prompts to the model's limit instead of failing.")
+@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
+@click.option("--gpu-aware-mpi", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress lines (the summary is still printed).")
+def run(quiet, **kwargs):
+    """Run a batch job; launch with mpiexec -n (1 + alpha + beta^2)."""
+    from rshard_hpc.jobs import RunOptions, run as run_job
+
+    try:
+        run_job(RunOptions(progress=not quiet, **kwargs))
+    except BaseException as exc:  # noqa: BLE001 - every failure must end every rank
+        if isinstance(exc, SystemExit) and not exc.code:
+            raise
+        _fail(exc)
+    _exit_hook(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Prompt files in, result files out (DESIGN §6). Only the client rank touches these files."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from rshard_hpc.errors import InputError
+
+STR = h5py.string_dtype()
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    text: str
+    line: int  # 1-based line number in the prompt file
+
+
+def read_prompts(path) -> list[Prompt]:
+    """JSONL ({"text": ..., "id": ...} a line; blank lines skipped) or plain text (one prompt a line).
+
+    Every problem is an InputError naming the file and line, found before any work starts."""
+    path = Path(path)
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read prompt file {path}: {exc}") from exc
+    lines = raw.splitlines()
+    is_jsonl = path.suffix in (".jsonl", ".json") or next((l for l in lines if l.strip()), "").lstrip().startswith("{")
+    prompts = _parse_jsonl(path, lines) if is_jsonl else _parse_text(path, lines)
+    if not prompts:
+        raise InputError(f"prompt file {path} holds no prompts")
+    seen = {}
+    for p in prompts:
+        if p.id in seen:
+            raise InputError(f"{path}:{p.line}: id {p.id!r} repeats the id of line {seen[p.id]}")
+        seen[p.id] = p.line
+    return prompts
+
+
+def _parse_jsonl(path: Path, lines) -> list[Prompt]:
+    out = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as exc:
+            raise InputError(f"{path}:{number}: not valid JSON ({exc.args[0] if exc.args else exc})") from exc
+        if not isinstance(obj, dict):
+            raise InputError(f"{path}:{number}: expected a JSON object with a \"text\" field")
+        if "text" not in obj:
+            raise InputError(f"{path}:{number}: no \"text\" field")
+        text = obj["text"]
+        if not isinstance(text, str):
+            raise InputError(f"{path}:{number}: \"text\" must be a string")
+        if not text.strip():
+            raise InputError(f"{path}:{number}: empty prompt")
+        out.append(Prompt(str(obj.get("id", number)), text, number))
+    return out
+
+
+def _parse_text(path: Path, lines) -> list[Prompt]:
+    out = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            raise InputError(f"{path}:{number}: empty prompt (plain-text prompt files hold one prompt a line)")
+        out.append(Prompt(str(number), line, number))
+    return out
+
+
+class ResultWriter:
+    """Appends one batch at a time to the results HDF5 (open, append, flush, close), so a crash loses
+    at most the batch in flight. `done_ids` are the ids already present (for --resume)."""
+
+    def __init__(self, path, attrs: dict, task: str, resume: bool = False, overwrite: bool = False):
+        self.path = Path(path)
+        self.task = task
+        self.done_ids: set[str] = set()
+        if self.path.exists() and resume:
+            self._check_resumable(attrs)
+        elif self.path.exists() and not overwrite:
+            raise InputError(f"results file {self.path} exists: pass --resume to continue it or --overwrite")
+        else:
+            self._create(attrs)
+
+    def _create(self, attrs: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        with h5py.File(tmp, "w") as f:
+            for key, value in attrs.items():
+                f.attrs[key] = value
+            f.create_dataset("ids", shape=(0,), maxshape=(None,), dtype=STR, chunks=(1024,))
+        os.replace(tmp, self.path)
+
+    def _check_resumable(self, attrs: dict) -> None:
+        try:
+            with h5py.File(self.path, "r") as f:
+                for key in ("model", "task"):
+                    old = f.attrs.get(key)
+                    if old is not None and str(old) != str(attrs[key]):
+                        raise InputError(f"cannot resume {self.path}: it was written with {key}={old!r}, "
+                                         f"this run has {key}={attrs[key]!r}")
+                self.done_ids = {_s(x) for x in f["ids"][()]}
+        except OSError as exc:
+            raise InputError(f"cannot resume {self.path}: not a readable results file ({exc})") from exc
+
+    def append_embeddings(self, ids, embeddings: np.ndarray) -> None:
+        with h5py.File(self.path, "a") as f:
+            start = self._append_ids(f, ids)
+            ds = f.get("embeddings")
+            if ds is None:
+                ds = f.create_dataset("embeddings", shape=(0, embeddings.shape[1]), maxshape=(None, embeddings.shape[1]),
+                                      dtype=np.float32, chunks=(256, embeddings.shape[1]))
+            ds.resize(start + len(ids), axis=0)
+            ds[start:] = embeddings.astype(np.float32)
+            f.flush()
+
+    def append_generated(self, ids, token_ids: list, texts: list) -> None:
+        with h5py.File(self.path, "a") as f:
+            start = self._append_ids(f, ids)
+            group = f.require_group("generated")
+            tok = group.get("token_ids")
+            if tok is None:
+                tok = group.create_dataset("token_ids", shape=(0,), maxshape=(None,),
+                                           dtype=h5py.vlen_dtype(np.int32), chunks=(256,))
+                group.create_dataset("text", shape=(0,), maxshape=(None,), dtype=STR, chunks=(256,))
+            txt = group["text"]
+            tok.resize(start + len(ids), axis=0)
+            txt.resize(start + len(ids), axis=0)
+            for n, (t, s) in enumerate(zip(token_ids, texts)):
+                tok[start + n] = np.asarray(t, dtype=np.int32)
+                txt[start + n] = s
+            f.flush()
+
+    def _append_ids(self, f, ids) -> int:
+        ds = f["ids"]
+        start = ds.shape[0]
+        ds.resize(start + len(ids), axis=0)
+        ds[start:] = list(ids)
+        self.done_ids.update(ids)
+        return start
+
+    def write_json(self, name: str, payload) -> None:
+        """A JSON document at /name/json (replaced each run), e.g. /privacy and /stats."""
+        with h5py.File(self.path, "a") as f:
+            group = f.require_group(name)
+            if "json" in group:
+                del group["json"]
+            group.create_dataset("json", data=json.dumps(payload, default=_json_default), dtype=STR)
+
+    def write_table(self, name: str, columns: dict) -> None:
+        """Columns of equal length as datasets under /name (replaced each run)."""
+        with h5py.File(self.path, "a") as f:
+            group = f.require_group(name)
+            for key, values in columns.items():
+                if key in group:
+                    del group[key]
+                values = list(values)
+                if values and isinstance(values[0], str):
+                    group.create_dataset(key, data=values, dtype=STR)
+                else:
+                    group.create_dataset(key, data=np.asarray(values))
+
+
+def _s(x) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, float) and obj == float("inf"):
+        return "inf"
+    raise TypeError(type(obj))

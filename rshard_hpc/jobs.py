@@ -1,0 +1,240 @@
+"""`rshard run`: set up every rank, agree on errors before work, then play the role this rank has."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rshard_hpc import __version__, comm
+from rshard_hpc.errors import InputError, RshardError
+from rshard_hpc.plan import PlanSpec, make_plan, privacy_summary
+from rshard_hpc.progress import Progress, say
+from rshard_hpc.topology import Topology
+
+
+@dataclass
+class RunOptions:
+    task: str = "embed"
+    model: str = "all-MiniLM-L6-v2"
+    prompts: str = ""
+    out: str = ""
+    alpha: int = 1
+    beta: int = 1
+    scheme: str = "strided"
+    c: int = 1
+    c_a: int = 1
+    seed: int = 0
+    plan_file: str | None = None
+    batch_tokens: int = 8192
+    resume: bool = False
+    overwrite: bool = False
+    truncate: bool = False
+    device: str = "cpu"
+    gpu_aware_mpi: str = "auto"
+    dtype: str = "float32"
+    progress: bool = True
+    generate: dict = field(default_factory=dict)  # generation settings (task "generate")
+
+    def plan_spec(self) -> PlanSpec:
+        explicit = None
+        if self.plan_file:
+            try:
+                explicit = json.loads(Path(self.plan_file).read_text())
+            except (OSError, ValueError) as exc:
+                raise InputError(f"cannot read plan file {self.plan_file}: {exc}") from exc
+        spec = PlanSpec(self.scheme, self.alpha, self.beta, self.c, self.c_a, self.seed, explicit)
+        spec.check()
+        return spec
+
+
+@dataclass
+class Prepared:
+    """What the client found before any work: broadcast to every rank (no token content)."""
+
+    model_path: str
+    error: str | None = None
+
+
+def run(opts: RunOptions) -> None:
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    topo = Topology.build(world, opts.alpha, opts.beta)  # a bad size raises on every rank alike
+    spec = opts.plan_spec()
+    job = _prepare_client(topo, opts, spec) if topo.is_client else None
+    prepared = comm.bcast(world, job.prepared if job else None)
+    if prepared.error:
+        raise RshardError(prepared.error)
+    backend = _Backend(opts, topo)
+    worker, error = None, None
+    try:
+        worker = _make_worker(topo, opts, spec, prepared.model_path, backend, job)
+    except RshardError as exc:
+        error = str(exc)
+    comm.agree(world, error)
+    if topo.is_client:
+        job.run(worker)
+    else:
+        worker.serve()
+        _send_stats(topo, worker, backend)
+
+
+class _Backend:
+    def __init__(self, opts: RunOptions, topo):
+        from rshard_hpc.comm import Transport
+
+        self.xp = np
+        gpu_aware = False
+        if opts.device == "gpu" and not topo.is_client:
+            from rshard_hpc import backend
+
+            self.xp = backend.use_gpu(topo)
+            gpu_aware = backend.choose_gpu_aware(opts.gpu_aware_mpi)
+        self.transport = Transport(gpu_aware=gpu_aware)
+
+
+def _make_worker(topo, opts, spec, model_path, backend, job):
+    from rshard_hpc.engine import AttnWorker, Client, CompWorker
+    from rshard_hpc.models import load_model, weights
+
+    if topo.role == "comp":
+        return CompWorker(topo, spec, load_model(model_path, xp=backend.xp), backend.transport, xp=backend.xp)
+    cfg = weights.read_config(model_path)
+    if topo.role == "attn":
+        return AttnWorker(topo, spec, cfg, backend.transport, xp=backend.xp)
+    return Client(topo, spec, cfg, backend.transport)
+
+
+def _send_stats(topo, worker, backend) -> None:
+    comm.gather_objects(topo.world, _rank_stats(topo, worker.timer.seconds, backend.transport))
+
+
+def _rank_stats(topo, seconds: dict, transport) -> dict:
+    out = {"rank": topo.rank, "role": topo.describe()}
+    for phase in ("prepass", "attention", "postpass"):
+        out[f"{phase}_s"] = seconds.get(phase, 0.0)
+    out.update(transport.stats())
+    return out
+
+
+def _prepare_client(topo, opts: RunOptions, spec: PlanSpec):
+    """Resolve the model, read and tokenize every prompt, open the results file. Errors go to every rank."""
+    try:
+        return ClientJob(topo, opts, spec)
+    except RshardError as exc:
+        job = ClientJob.__new__(ClientJob)
+        job.prepared = Prepared("", str(exc))
+        return job
+
+
+class ClientJob:
+    def __init__(self, topo, opts: RunOptions, spec: PlanSpec):
+        from rshard_hpc.defaults import resolve_model
+        from rshard_hpc.io import ResultWriter, read_prompts
+        from rshard_hpc.models import weights
+        from rshard_hpc.tokenizer import TextCodec
+
+        self.topo, self.opts, self.spec = topo, opts, spec
+        if opts.task not in ("embed", "generate"):
+            raise InputError(f"unknown task {opts.task!r} (embed, generate)")
+        model_path = resolve_model(opts.model)
+        self.cfg = weights.read_config(model_path)
+        self._check_task()
+        prompts = read_prompts(opts.prompts)
+        self.codec = TextCodec(model_path, self.cfg)
+        attrs = {"model": str(opts.model), "model_name": self.cfg.name, "task": opts.task, "alpha": opts.alpha,
+                 "beta": opts.beta, "plan_scheme": spec.scheme, "plan_params": json.dumps(spec.params()),
+                 "backend": opts.device, "precision": opts.dtype, "world_size": topo.world.Get_size(),
+                 "version": __version__}
+        self.writer = ResultWriter(opts.out, attrs, opts.task, resume=opts.resume, overwrite=opts.overwrite)
+        self.todo = [p for p in prompts if p.id not in self.writer.done_ids]
+        self.skipped = len(prompts) - len(self.todo)
+        self.token_ids = [self._tokenize(p) for p in self.todo]
+        self.model_path = model_path
+        self.prepared = Prepared(str(model_path))
+
+    def _check_task(self) -> None:
+        if self.opts.task == "embed" and self.cfg.pooling == "none":
+            raise InputError(f"model {self.opts.model} has no sentence-embedding pooling: task embed needs one")
+        if self.opts.task == "generate" and not self.cfg.causal:
+            raise InputError(f"model {self.opts.model} is an encoder: task generate needs a decoder")
+
+    def _tokenize(self, prompt) -> np.ndarray:
+        limit = self.cfg.prompt_limit
+        if self.opts.task == "generate":
+            limit = self.cfg.max_positions - int(self.opts.generate.get("max_new_tokens", 0))
+        ids = self.codec.encode(prompt.text)
+        if len(ids) > limit:
+            if not self.opts.truncate:
+                raise InputError(f"prompt {prompt.id!r} ({self.opts.prompts}:{prompt.line}) has {len(ids)} tokens, "
+                                 f"over the limit of {limit}; pass --truncate to cut it as sentence-transformers does")
+            ids = self.codec.encode_truncated(prompt.text, limit)
+        if not ids:
+            raise InputError(f"prompt {prompt.id!r} ({self.opts.prompts}:{prompt.line}) has no tokens")
+        return np.asarray(ids, dtype=np.int64)
+
+    def batches(self):
+        """Consecutive prompts whose tokens fit in --batch-tokens (at least one prompt a batch)."""
+        batch, tokens = [], 0
+        for index, ids in enumerate(self.token_ids):
+            if batch and tokens + len(ids) > self.opts.batch_tokens:
+                yield batch
+                batch, tokens = [], 0
+            batch.append(index)
+            tokens += len(ids)
+        if batch:
+            yield batch
+
+    def run(self, client) -> None:
+        opts = self.opts
+        total_tokens = int(sum(len(x) for x in self.token_ids))
+        if self.skipped:
+            say(f"resume: {self.skipped} prompts already in {opts.out}, {len(self.todo)} to do")
+        say(f"{opts.task} with {self.cfg.name}: {len(self.todo)} prompts, {total_tokens} tokens, "
+            f"alpha={opts.alpha} beta={opts.beta} ({self.topo.world.Get_size()} ranks), plan {self.spec.scheme} "
+            f"c={self.spec.c} c_a={self.spec.c_a}, device {opts.device}")
+        progress = Progress(len(self.todo), total_tokens, enabled=opts.progress)
+        lens = []
+        for batch in self.batches():
+            seqs = [self.token_ids[i] for i in batch]
+            ids = [self.todo[i].id for i in batch]
+            if opts.task == "embed":
+                rows = client.encode(seqs)
+                self.writer.append_embeddings(ids, np.stack([self._pool(r) for r in rows]))
+            else:
+                from rshard_hpc.generate import generate_batch
+
+                token_ids, texts = generate_batch(client, self.codec, self.cfg, seqs, opts.generate)
+                self.writer.append_generated(ids, token_ids, texts)
+            lens += [len(s) for s in seqs]
+            progress.batch_done(len(batch), int(sum(len(s) for s in seqs)))
+        client.stop()
+        elapsed = progress.finish()
+        stats = comm.gather_objects(self.topo.world, _rank_stats(self.topo, client.timer.seconds, client.transport))
+        self._write_reports(lens, stats)
+        moved = sum(s["bytes_sent"] for s in stats)
+        say(f"done: {len(self.todo)} prompts, {total_tokens} tokens in {elapsed:.2f} s "
+            f"({total_tokens / max(elapsed, 1e-9):,.0f} tokens/s), {moved / 1e6:.1f} MB moved between ranks")
+        say(f"results: {Path(opts.out).resolve()}")
+
+    def _pool(self, rows: np.ndarray) -> np.ndarray:
+        """The model's own sentence embedding: mean (or CLS) pooling, then optional L2 normalization."""
+        vec = rows.astype(np.float64).mean(axis=0) if self.cfg.pooling == "mean" else rows[0].astype(np.float64)
+        if self.cfg.normalize:
+            vec = vec / max(np.linalg.norm(vec), 1e-12)
+        return vec.astype(np.float32)
+
+    def _write_reports(self, lens, stats) -> None:
+        a, b = self.opts.alpha, self.opts.beta
+        reports = {}
+        for n in sorted(set(lens)):
+            comp, group = make_plan(self.spec, n)
+            reports[str(n)] = privacy_summary(comp, group, a, b)
+        deltas = [r["delta"] for r in reports.values()]
+        self.writer.write_json("privacy", {"plan": self.spec.params(), "by_length": reports,
+                                           "delta": min(deltas) if deltas else None})
+        columns = {key: [s[key] for s in stats] for key in stats[0]}
+        self.writer.write_table("stats", columns)

@@ -1,0 +1,191 @@
+"""Llama-family decoder (pre-RMSNorm, RoPE, grouped-query attention, SwiGLU) as per-token passes.
+
+CompNodes hold `embed/word` and every layer (`Llama.tensor_keys`); the client holds only the head
+(`Llama.head_keys`: final RMSNorm weight and LM head, which is `embed/word` when tied) and turns the
+un-normed final rows into logits with `head_logits(cfg, head, rows)` (also `Llama.head_logits`).
+
+Numerics follow Hugging Face's LlamaForCausalLM: RMSNorm statistics in fp32 then times the weight;
+RoPE angles in fp32 from fp32 inverse frequencies at the absolute positions, "rotate_half" layout
+(the first and second halves of each head are the pair).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from rshard_hpc.backend import xp_of
+from rshard_hpc.errors import InputError
+from rshard_hpc.models import weights
+from rshard_hpc.models.common import linear, rms_norm, silu
+from rshard_hpc.models.config import ModelConfig
+
+LAYER_KEYS = ("attn_norm_w", "wq", "wk", "wv", "wo", "mlp_norm_w", "w_gate", "w_up", "w_down")
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """(head_dim/2,) float32 inverse frequencies, as HF computes them (fp32 power of the base).
+
+    `cfg.extra["rope_scaling"]` may hold a Hugging Face rope_scaling dict of type "llama3";
+    `cfg.extra["rope_freq_factors"]` (from a GGUF rope_freqs tensor) divides the frequencies.
+    """
+    dim = cfg.head_dim
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv_freq = (np.float32(1.0) / np.power(np.float32(cfg.rope_theta), exponents)).astype(np.float32)
+    extra = cfg.extra or {}
+    scaling = extra.get("rope_scaling")
+    if scaling:
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind == "llama3":
+            inv_freq = _llama3_scaling(inv_freq, scaling)
+        elif kind != "default":
+            raise InputError(f"rope scaling {kind!r} is not supported (default, llama3)")
+    factors = extra.get("rope_freq_factors")
+    if factors:
+        inv_freq = (inv_freq / np.asarray(factors, dtype=np.float32)).astype(np.float32)
+    return inv_freq
+
+
+def _llama3_scaling(inv_freq: np.ndarray, s: dict) -> np.ndarray:
+    factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+    old_len = float(s["original_max_position_embeddings"])
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = np.float32(2 * np.pi) / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / np.float32(factor), inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(inv_freq, pos, xp):
+    """pos: (n,) ints -> cos, sin: (n, 1, head_dim) float32 (angles duplicated over both halves)."""
+    angles = xp.asarray(pos).astype(xp.float32)[:, None] * xp.asarray(inv_freq)[None, :]
+    emb = xp.concatenate([angles, angles], axis=-1)
+    return xp.cos(emb)[:, None, :], xp.sin(emb)[:, None, :]
+
+
+def apply_rope(x, cos, sin):
+    """x: (n, heads, D) -> rotated, HF rotate_half convention, computed in fp32, cast back."""
+    xp = xp_of(x)
+    half = x.shape[-1] // 2
+    x32 = x.astype(xp.float32)
+    rotated = xp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def head_logits(cfg: ModelConfig, head: dict, rows):
+    """Final rows (n, d) un-normed -> logits (n, vocab) float32: final RMSNorm, then the LM head.
+
+    `head` holds the tensors named by `Llama.head_keys(cfg)` (NumPy or CuPy arrays)."""
+    xp = xp_of(rows)
+    w_out = head["embed/word"] if cfg.tie_embeddings else head["lm_head/w"]
+    normed = rms_norm(rows, xp.asarray(head["final_norm/w"]), cfg.norm_eps)
+    return linear(normed, xp.asarray(w_out)).astype(xp.float32)
+
+
+def load_head(path, cfg: ModelConfig, dtype="float32", xp=None) -> dict:
+    """The client's head tensors (final norm + LM head) from a weight file."""
+    xp = xp or np
+    return {k: xp.asarray(v, dtype=dtype) for k, v in weights.read_tensors(path, Llama.head_keys(cfg)).items()}
+
+
+class Llama:
+    """Every function here is per token: rows never mix, so any shard of positions can run it."""
+
+    def __init__(self, cfg: ModelConfig, tensors: dict, xp=np, dtype="float32"):
+        self.cfg = cfg
+        self.xp = xp
+        self.t = {k: xp.asarray(v, dtype=dtype) for k, v in tensors.items()}
+        self.inv_freq = xp.asarray(rope_inv_freq(cfg))
+
+    @staticmethod
+    def tensor_keys(cfg: ModelConfig) -> list:
+        keys = ["embed/word"]
+        for i in range(cfg.n_layers):
+            keys += [weights.layer_key(i, name) for name in LAYER_KEYS]
+        return keys
+
+    @staticmethod
+    def head_keys(cfg: ModelConfig) -> list:
+        return ["final_norm/w", "embed/word" if cfg.tie_embeddings else "lm_head/w"]
+
+    @classmethod
+    def from_file(cls, path, cfg: ModelConfig, dtype="float32", xp=None):
+        return cls(cfg, weights.read_tensors(path, cls.tensor_keys(cfg)), xp or np, dtype=dtype)
+
+    head_logits = staticmethod(head_logits)
+    load_head = staticmethod(load_head)
+
+    def _w(self, layer: int, name: str):
+        return self.t[weights.layer_key(layer, name)]
+
+    def embed(self, ids, pos):
+        """ids, pos: (n,) ints -> h: (n, d). Positions enter later, through RoPE."""
+        return self.t["embed/word"][ids]
+
+    def pre(self, layer: int, h, pos):
+        """h: (n, d), pos: (n,) absolute positions -> q: (n, H, D), k, v: (n, Hkv, D) (q, k rotated)."""
+        c, w = self.cfg, lambda name: self._w(layer, name)
+        n = h.shape[0]
+        x = rms_norm(h, w("attn_norm_w"), c.norm_eps)
+        q = linear(x, w("wq")).reshape(n, c.n_heads, c.head_dim)
+        k = linear(x, w("wk")).reshape(n, c.n_kv_heads, c.head_dim)
+        v = linear(x, w("wv")).reshape(n, c.n_kv_heads, c.head_dim)
+        cos, sin = rope_cos_sin(self.inv_freq, pos, self.xp)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def post(self, layer: int, h, attn):
+        """h: (n, d) residual stream, attn: (n, H, D) merged attention -> next h: (n, d)."""
+        c, w = self.cfg, lambda name: self._w(layer, name)
+        n = h.shape[0]
+        h = h + linear(attn.reshape(n, -1).astype(h.dtype), w("wo"))
+        x = rms_norm(h, w("mlp_norm_w"), c.norm_eps)
+        return h + linear(silu(linear(x, w("w_gate"))) * linear(x, w("w_up")), w("w_down"))
+
+    def final_rows(self, h):
+        """What a CompNode returns to the client: the residual stream, un-normed (the client applies the head)."""
+        return h
+
+    def logits(self, rows, head: dict):
+        return head_logits(self.cfg, head, rows)
+
+
+def render_chat(template: str, messages: list, add_generation_prompt: bool = True, **context) -> str:
+    """Render a Jinja chat template like transformers does (sandboxed, trim_blocks, lstrip_blocks)."""
+    import json
+
+    from jinja2 import StrictUndefined  # noqa: F401  (kept lenient like transformers: plain Undefined)
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(fmt):
+        from datetime import datetime
+
+        return datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                **context)
+    except TemplateError as exc:
+        raise InputError(f"chat template failed: {exc}") from exc
+
+
+def apply_chat_template(cfg: ModelConfig, messages: list, add_generation_prompt: bool = True,
+                        special_tokens: dict | None = None) -> str:
+    """The prompt text for `messages` ([{"role", "content"}, …]) under the model's chat template.
+
+    Tokenize the result without adding special tokens (the template writes them itself).
+    `special_tokens` (e.g. {"bos_token": "<s>", "eos_token": "</s>"}) is passed to templates that use them."""
+    if not cfg.chat_template:
+        raise InputError(f"model {cfg.name!r} has no chat template")
+    return render_chat(cfg.chat_template, messages, add_generation_prompt, **(special_tokens or {}))
