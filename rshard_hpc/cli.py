@@ -18,6 +18,14 @@ def _world_rank() -> int:
     return 0
 
 
+def _tune_mpi_env() -> None:
+    """Before MPI starts: when more ranks than cores share this node, let MPICH yield instead of spinning
+    (busy-polling ranks otherwise starve each other). Set MPIR_CVAR_ENABLE_HEAVY_YIELD yourself to override."""
+    local = os.environ.get("MPI_LOCALNRANKS") or os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE") or ""
+    if local.isdigit() and int(local) > (os.cpu_count() or 1):
+        os.environ.setdefault("MPIR_CVAR_ENABLE_HEAVY_YIELD", "1")
+
+
 def _fail(exc: BaseException) -> None:
     """End the job on an error: collective user errors exit cleanly, anything else aborts every rank."""
     rank = _world_rank()
@@ -94,6 +102,7 @@ def convert(source, out):
 @click.option("--quiet", is_flag=True, help="No progress lines (the summary is still printed).")
 def run(quiet, **kwargs):
     """Run a batch job; launch with mpiexec -n (1 + alpha + beta^2)."""
+    _tune_mpi_env()
     from rshard_hpc.jobs import RunOptions, run as run_job
 
     try:

@@ -75,11 +75,14 @@ def run(opts: RunOptions) -> None:
     except RshardError as exc:
         error = str(exc)
     comm.agree(world, error)
-    if topo.is_client:
-        job.run(worker)
-    else:
-        worker.serve()
-        _send_stats(topo, worker, backend)
+    try:
+        if topo.is_client:
+            job.run(worker)
+        else:
+            worker.serve()
+            _send_stats(topo, worker, backend)
+    except RshardError as exc:  # past the agreement no error is collective: abort every rank
+        raise RuntimeError(str(exc)) from exc
 
 
 class _Backend:

@@ -158,16 +158,16 @@ def plan_views(comp: np.ndarray, group: np.ndarray, alpha: int, beta: int) -> di
 
 
 def min_interior_gap(view: np.ndarray, public_prefix: int = 0) -> float:
-    """Smallest unseen gap before a run that does not start the sequence (inf if none)."""
+    """Smallest unseen gap before any run after the view's first run (inf if the view has one run).
+
+    The first run of a view is reported apart (first-run exposure, DESIGN §4): whoever holds it can
+    recover it. Public positions (a BOS or template prefix) count as seen."""
+    view = np.asarray(view)
     known = np.union1d(view, np.arange(public_prefix)) if public_prefix else view
     runs = runs_of(np.asarray(known))
-    gaps = []
-    prev_end = 0
-    for idx, (start, length) in enumerate(runs):
-        if idx > 0 or start > 0:
-            gaps.append(start - prev_end)
-        prev_end = start + length
-    # a first run starting after unseen positions has gap = start (it is an interior run)
+    while len(runs) > 1 and runs[0][0] + runs[0][1] <= public_prefix:
+        runs = runs[1:]  # a run of public positions alone is not the node's first run
+    gaps = [start - (prev_start + prev_len) for (prev_start, prev_len), (start, _) in zip(runs, runs[1:])]
     return float(min(gaps)) if gaps else float("inf")
 
 

@@ -53,7 +53,10 @@ def tensor_shapes(cfg: ModelConfig) -> dict:
            "embed/token_type": (max(cfg.type_vocab_size, 1), d), "embed/norm_w": (d,), "embed/norm_b": (d,),
            "final_norm/w": (d,), "lm_head/w": (cfg.vocab_size, d)}
     shapes = {}
-    for key in model_class(cfg).tensor_keys(cfg):
+    cls = model_class(cfg)
+    keys = list(cls.tensor_keys(cfg))
+    keys += [k for k in getattr(cls, "head_keys", lambda c: [])(cfg) if k not in keys]  # the client's head
+    for key in keys:
         leaf = key.rsplit("/", 1)[-1]
         shapes[key] = per_layer[leaf] if key.startswith("layers/") else top[key]
     return shapes

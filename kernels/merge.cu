@@ -1,0 +1,40 @@
+// Exact merge of partial attention results (DESIGN §1):
+//   L = logsumexp_p(lse_p),  o = sum_p exp(lse_p - L) o_p.
+// A row whose partials are all -inf gives (o = 0, lse = -inf).
+// o_parts (P, n, H, D) and lse_parts (P, n, H) are float32 with arbitrary element strides, so views
+// (e.g. a slice of a packed receive buffer) need no copy. Outputs are contiguous: o (n, H, D), lse (n, H).
+// One thread per output element of o; the thread with d == 0 also writes lse.
+
+#define NEG_INF __int_as_float(0xff800000)
+
+extern "C" __global__ void merge_partials(
+    const float* __restrict__ o_parts, const float* __restrict__ lse_parts,
+    float* __restrict__ o, float* __restrict__ lse,
+    int P, int n, int H, int D,
+    long long so0, long long so1, long long so2, long long so3,
+    long long sl0, long long sl1, long long sl2)
+{
+    const long long total = (long long)n * H * D;
+    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
+         idx += (long long)gridDim.x * blockDim.x) {
+        const int d = (int)(idx % D);
+        const long long rh = idx / D;
+        const int hh = (int)(rh % H);
+        const long long row = rh / H;
+        float top = NEG_INF;
+        for (int p = 0; p < P; ++p) top = fmaxf(top, lse_parts[p * sl0 + row * sl1 + hh * sl2]);
+        if (top == NEG_INF) {
+            o[idx] = 0.f;
+            if (d == 0) lse[rh] = NEG_INF;
+            continue;
+        }
+        float wsum = 0.f, acc = 0.f;
+        for (int p = 0; p < P; ++p) {
+            const float w = __expf(lse_parts[p * sl0 + row * sl1 + hh * sl2] - top);
+            wsum += w;
+            acc = fmaf(w, o_parts[p * so0 + row * so1 + hh * so2 + d * so3], acc);
+        }
+        o[idx] = acc / wsum;
+        if (d == 0) lse[rh] = top + logf(wsum);
+    }
+}

