@@ -84,6 +84,10 @@ def merge_partials(o_parts, lse_parts):
     Returns o: (n, H, D) float32, lse: (n, H) float32.
     """
     xp = xp_of(o_parts)
+    if xp is not np:
+        from rshard_hpc import attention_gpu
+
+        return attention_gpu.merge_partials(o_parts, lse_parts)
     lse_parts = lse_parts.astype(xp.float32)
     top = lse_parts.max(axis=0)  # (n, H)
     any_part = xp.isfinite(top)

@@ -3,6 +3,10 @@ collective agreement on errors, and abort. Arrays may be NumPy or CuPy; CuPy buf
 reused pinned host buffers unless the MPI library is CUDA-aware (see `transport`)."""
 from __future__ import annotations
 
+import ctypes
+import os
+import shutil
+import subprocess
 import sys
 import time
 
@@ -45,7 +49,12 @@ def _displs(counts: np.ndarray) -> np.ndarray:
 
 
 class Transport:
-    """Moves flat float32 buffers over work_comm. Counts are in elements; stats record bytes and time."""
+    """Moves flat float32 buffers over work_comm. Counts are in elements; stats record bytes and time.
+
+    CuPy buffers go to MPI directly when `gpu_aware` (a CUDA-aware MPI library), otherwise they are staged
+    through pinned host buffers that are grown on demand and reused. Either way the current CUDA stream is
+    synchronized before every MPI call, so MPI never reads a buffer a kernel is still writing.
+    """
 
     def __init__(self, gpu_aware: bool = False):
         self.gpu_aware = gpu_aware
@@ -58,7 +67,8 @@ class Transport:
     def _host_buffer(self, name: str, size: int, dtype=np.float32):
         buf = self._pinned.get(name)
         if buf is None or buf.size < size or buf.dtype != dtype:
-            buf = _pinned_empty(max(size, 1), dtype)
+            grown = max(size, int(1.25 * buf.size) if buf is not None else 0, 1)  # fewer re-allocations
+            buf = _pinned_empty(grown, dtype)
             self._pinned[name] = buf
         return buf[:size]
 
@@ -69,22 +79,29 @@ class Transport:
         send_counts = np.asarray(send_counts, dtype=np.int64)
         recv_counts = np.asarray(recv_counts, dtype=np.int64)
         n_recv = int(recv_counts.sum())
-        staged = xp is not np and not self.gpu_aware
+        on_gpu = xp is not np
+        staged = on_gpu and not self.gpu_aware
         t0 = time.perf_counter()
-        if xp is not np:
-            xp.cuda.get_current_stream().synchronize()  # the stream must be idle before MPI reads
+        send = xp.ascontiguousarray(send, dtype=xp.float32).ravel()
+        if on_gpu:
+            xp.cuda.get_current_stream().synchronize()  # the stream must be idle before MPI touches memory
         if staged:
             host_send = self._host_buffer("send", send.size)
-            send.get(out=host_send)
+            if send.size:
+                send.get(out=host_send)  # blocking device -> pinned host copy (after the stream's work)
             host_recv = self._host_buffer("recv", n_recv)
         else:
             host_send, host_recv = send, xp.empty(n_recv, dtype=xp.float32)
+            if on_gpu:
+                xp.cuda.get_current_stream().synchronize()  # ... including the allocation above
         t1 = time.perf_counter()
         comm.Alltoallv([host_send, (send_counts, _displs(send_counts)), MPI.FLOAT],
                        [host_recv, (recv_counts, _displs(recv_counts)), MPI.FLOAT])
         t2 = time.perf_counter()
         if staged:
-            recv = xp.asarray(host_recv)
+            recv = xp.empty(n_recv, dtype=xp.float32)
+            if n_recv:
+                recv.set(host_recv)  # pinned host -> device; the next call synchronizes before reusing host_recv
         else:
             recv = host_recv
         t3 = time.perf_counter()
@@ -140,3 +157,121 @@ def _pinned_empty(size: int, dtype):
 
 def gather_objects(comm, obj, root: int = 0):
     return comm.gather(obj, root=root)
+
+
+# ------------------------------------------------------------------------------------------ GPU binding
+def node_local_rank(comm=None) -> int:
+    """This rank's index among the ranks of its node (a shared-memory split of comm, COMM_WORLD by default)."""
+    MPI = _mpi()
+    comm = MPI.COMM_WORLD if comm is None else comm
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    try:
+        return node.Get_rank()
+    finally:
+        node.Free()
+
+
+# ------------------------------------------------------------------------------------------ CUDA-awareness
+GPU_AWARE_MODES = ("auto", "on", "off")
+
+
+def resolve_gpu_aware(mode: str) -> tuple[bool, str]:
+    """(use device buffers in MPI calls, why). "auto" says yes only on positive evidence (DESIGN §7)."""
+    if mode == "off":
+        return False, "--gpu-aware-mpi off"
+    if mode == "on":
+        return True, "--gpu-aware-mpi on (not checked)"
+    if mode != "auto":
+        raise RshardError(f"unknown --gpu-aware-mpi {mode!r}; choose one of {', '.join(GPU_AWARE_MODES)}")
+    return detect_cuda_aware()
+
+
+def detect_cuda_aware() -> tuple[bool, str]:
+    """(True, evidence) only when the loaded MPI library says it moves CUDA device buffers; else (False, why).
+
+    Evidence, in order: an explicit "no" from the environment (MPICH's MPIR_CVAR_ENABLE_GPU=0,
+    OMPI_MCA_opal_cuda_support=0); MPIX_Query_cuda_support() of the loaded library (Open MPI, MPICH >= 4,
+    and their derivatives); vendor switches of MPIs known to need them (Cray MPICH's
+    MPICH_GPU_SUPPORT_ENABLED=1, MVAPICH2's MV2_USE_CUDA=1); Open MPI's `ompi_info` build flag.
+    """
+    library = _library_version()
+    env = os.environ
+    if env.get("MPIR_CVAR_ENABLE_GPU", "").strip() == "0":
+        return False, "MPIR_CVAR_ENABLE_GPU=0"
+    if env.get("OMPI_MCA_opal_cuda_support", "").strip().lower() in ("0", "false", "no"):
+        return False, "OMPI_MCA_opal_cuda_support=0"
+    answer = _query_cuda_support()
+    if answer is not None:
+        found, where = answer
+        return found, f"MPIX_Query_cuda_support() = {int(found)} in {where}"
+    upper = library.upper()
+    if "CRAY" in upper and env.get("MPICH_GPU_SUPPORT_ENABLED", "") == "1":
+        return True, "Cray MPICH with MPICH_GPU_SUPPORT_ENABLED=1"
+    if "MVAPICH" in upper and env.get("MV2_USE_CUDA", "") == "1":
+        return True, "MVAPICH with MV2_USE_CUDA=1"
+    if "OPEN MPI" in upper:
+        built = _ompi_info_cuda()
+        if built is not None:
+            return built, f"ompi_info: mpi_built_with_cuda_support={str(built).lower()}"
+    first_line = library.strip().splitlines()[0] if library.strip() else "unknown MPI"
+    return False, f"no evidence of CUDA support in {first_line}"
+
+
+def _library_version() -> str:
+    try:
+        return _mpi().Get_library_version()
+    except Exception:  # MPI not importable: nothing to report
+        return ""
+
+
+def _loaded_mpi_libraries() -> list:
+    """Paths of MPI shared libraries mapped into this process (Linux /proc/self/maps)."""
+    paths = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1] if line.strip() else ""
+                name = os.path.basename(path)
+                if name.startswith(("libmpi.", "libmpi_", "libmpich")) and path not in paths:
+                    paths.append(path)
+    except OSError:
+        pass
+    return paths
+
+
+def _query_cuda_support():
+    """(bool, library) from MPIX_Query_cuda_support of the loaded MPI library, or None if it has none."""
+    _mpi()  # make sure the library is loaded
+    handles = []
+    try:
+        handles.append(("process", ctypes.CDLL(None)))
+    except OSError:
+        pass
+    for path in _loaded_mpi_libraries():
+        try:
+            handles.append((path, ctypes.CDLL(path, mode=getattr(os, "RTLD_NOLOAD", 0) | ctypes.RTLD_GLOBAL)))
+        except OSError:
+            continue
+    for where, lib in handles:
+        fn = getattr(lib, "MPIX_Query_cuda_support", None)
+        if fn is None:
+            continue
+        fn.restype = ctypes.c_int
+        fn.argtypes = []
+        return bool(fn()), where
+    return None
+
+
+def _ompi_info_cuda():
+    """Open MPI's build flag from `ompi_info`, or None when it cannot be read."""
+    exe = shutil.which("ompi_info")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, "--parsable", "--all"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        if "built_with_cuda_support:value:" in line:
+            return line.rsplit(":", 1)[-1].strip() == "true"
+    return None

@@ -298,10 +298,10 @@ def _write_gguf(path, arch="llama", qtype_name="F32"):
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     tokens = ["<s>", "</s>"] + [chr(ord("a") + i) for i in range(26)] + [str(i) for i in range(10)]
-    tokens += ["\u0120", "x0", "\u0120a"] + [f"zz{i}" for i in range(23)]  # \u0120 is byte-level "Ġ" (space)
+    tokens += ["\u0120", "ab", "\u0120a"] + [f"zz{i}" for i in range(23)]  # \u0120 is byte-level "Ġ" (space)
     writer.add_token_list(tokens)
     writer.add_token_types([3, 3] + [1] * 62)
-    writer.add_token_merges(["x 0", "\u0120 a"])
+    writer.add_token_merges(["a b", "\u0120 a"])
     writer.add_bos_token_id(0)
     writer.add_eos_token_id(1)
     qtype = gguf.GGMLQuantizationType[qtype_name]
@@ -346,9 +346,9 @@ def test_tiny_gguf_roundtrip(tmp_path, qtype_name):
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_str(weights.read_tokenizer(out)["json"])
-    # control token kept whole, merges "x 0" and "Ġ a" applied, no BOS added (add_bos_token unset)
-    assert tok.encode("<s>ab x0 a").ids == [0, 2, 3, 38, 39, 40]
-    assert tok.decode([0, 2, 3, 38, 39, 40], skip_special_tokens=False) == "<s>ab x0 a"
+    # control token kept whole, merges "a b" and "Ġ a" applied, no BOS added (add_bos_token unset)
+    assert tok.encode("<s>ab ba a").ids == [0, 39, 38, 3, 2, 40]
+    assert tok.decode([0, 39, 38, 3, 2, 40], skip_special_tokens=False) == "<s>ab ba a"
 
 
 def test_gguf_rejects_other_architectures(tmp_path):
