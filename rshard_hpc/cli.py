@@ -9,6 +9,7 @@ import click
 
 from rshard_hpc import __version__
 from rshard_hpc.errors import RshardError
+from rshard_hpc.jobfile import config_callback
 
 
 def _world_rank() -> int:
@@ -80,6 +81,9 @@ def convert(source, out):
 
 
 @main.command()
+@click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
+              callback=config_callback(strict=True),
+              help="Job file (TOML, or JSON if .json) of these options; command-line options override it.")
 @click.option("--task", type=click.Choice(["embed", "generate"]), default="embed", show_default=True)
 @click.option("--model", default="all-MiniLM-L6-v2", show_default=True,
               help="A weight file (.h5) or a bundled model name (all-MiniLM-L6-v2, SmolLM2-135M-Instruct).")
@@ -99,19 +103,53 @@ def convert(source, out):
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
 @click.option("--gpu-aware-mpi", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--max-new-tokens", type=int, default=32, show_default=True, help="generate: tokens to add at most.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="generate: 0 is greedy.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="generate: sample among the k likeliest (0: all).")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="generate: nucleus sampling mass.")
+@click.option("--sample-seed", type=int, default=0, show_default=True,
+              help="generate: sampling seed (each prompt draws from its own stream: runs are reproducible).")
+@click.option("--stop", multiple=True, help="generate: stop string (repeatable); cut from the text.")
+@click.option("--chat", is_flag=True, help="generate: wrap each prompt in the model's chat template.")
 @click.option("--quiet", is_flag=True, help="No progress lines (the summary is still printed).")
-def run(quiet, **kwargs):
+def run(quiet, max_new_tokens, temperature, top_k, top_p, sample_seed, stop, chat, **kwargs):
     """Run a batch job; launch with mpiexec -n (1 + alpha + beta^2)."""
     _tune_mpi_env()
     from rshard_hpc.jobs import RunOptions, run as run_job
 
     try:
-        run_job(RunOptions(progress=not quiet, **kwargs))
+        generate = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        seed=sample_seed, stop=stop, chat=chat)
+        run_job(RunOptions(progress=not quiet, generate=generate, **kwargs))
     except BaseException as exc:  # noqa: BLE001 - every failure must end every rank
         if isinstance(exc, SystemExit) and not exc.code:
             raise
         _fail(exc)
     _exit_hook(0)
+
+
+@main.command()
+@click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
+              callback=config_callback(strict=False), help="A `rshard run` job file: its alpha, beta and device.")
+@click.option("--alpha", type=int, default=None, help="Number of CompNodes (shows each rank's role).")
+@click.option("--beta", type=int, default=None, help="AttnNode grid side.")
+@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+              help="gpu: every CompNode and AttnNode must see a GPU.")
+def doctor(alpha, beta, device):
+    """Check a launch: per rank host, role, GPU, MPI library, CUDA-awareness, versions; then a verdict.
+
+    Launch it like the job (mpiexec -n W rshard doctor --alpha A --beta B, or under srun). Exit status 0 when
+    the job can run, 1 on a problem, 3 when the processes are not one MPI job."""
+    _tune_mpi_env()
+    from rshard_hpc.doctor import run_doctor
+
+    try:
+        status = run_doctor(alpha, beta, device, echo=click.echo)
+    except BaseException as exc:  # noqa: BLE001 - a failing rank must not leave the others waiting
+        if isinstance(exc, SystemExit) and not exc.code:
+            raise
+        _fail(exc)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from rshard_hpc import __version__, comm
+from rshard_hpc import __version__, comm, testhooks
 from rshard_hpc.errors import InputError, RshardError
+from rshard_hpc.generate import GenerateSettings, LmHead, generate_batch
 from rshard_hpc.plan import PlanSpec, make_plan, privacy_summary
 from rshard_hpc.progress import Progress, say
 from rshard_hpc.topology import Topology
@@ -62,6 +63,7 @@ def run(opts: RunOptions) -> None:
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD
+    testhooks.rank_started(world.Get_rank())
     topo = Topology.build(world, opts.alpha, opts.beta)  # a bad size raises on every rank alike
     spec = opts.plan_spec()
     job = _prepare_client(topo, opts, spec) if topo.is_client else None
@@ -155,6 +157,9 @@ class ClientJob:
         self.writer = ResultWriter(opts.out, attrs, opts.task, resume=opts.resume, overwrite=opts.overwrite)
         self.todo = [p for p in prompts if p.id not in self.writer.done_ids]
         self.skipped = len(prompts) - len(self.todo)
+        self.settings = GenerateSettings.from_dict(opts.generate)
+        if opts.task == "generate" and self.settings.max_new_tokens < 1:
+            raise InputError("--max-new-tokens must be at least 1")
         self.token_ids = [self._tokenize(p) for p in self.todo]
         self.model_path = model_path
         self.prepared = Prepared(str(model_path))
@@ -169,15 +174,23 @@ class ClientJob:
         limit = self.cfg.prompt_limit
         if self.opts.task == "generate":
             limit = self.cfg.max_positions - int(self.opts.generate.get("max_new_tokens", 0))
-        ids = self.codec.encode(prompt.text)
+        text = self._chat(prompt.text) if self.settings.chat else prompt.text
+        ids = self.codec.encode(text)
         if len(ids) > limit:
             if not self.opts.truncate:
                 raise InputError(f"prompt {prompt.id!r} ({self.opts.prompts}:{prompt.line}) has {len(ids)} tokens, "
                                  f"over the limit of {limit}; pass --truncate to cut it as sentence-transformers does")
-            ids = self.codec.encode_truncated(prompt.text, limit)
+            ids = self.codec.encode_truncated(text, limit)
         if not ids:
             raise InputError(f"prompt {prompt.id!r} ({self.opts.prompts}:{prompt.line}) has no tokens")
         return np.asarray(ids, dtype=np.int64)
+
+    def _chat(self, text: str) -> str:
+        from rshard_hpc.models.llama import apply_chat_template
+
+        if not self.cfg.chat_template:
+            raise InputError(f"model {self.opts.model} has no chat template: drop --chat")
+        return apply_chat_template(self.cfg, [{"role": "user", "content": text}])
 
     def batches(self):
         """Consecutive prompts whose tokens fit in --batch-tokens (at least one prompt a batch)."""
@@ -193,6 +206,8 @@ class ClientJob:
 
     def run(self, client) -> None:
         opts = self.opts
+        if opts.task == "generate":
+            self.head = LmHead(self.model_path, self.cfg)
         total_tokens = int(sum(len(x) for x in self.token_ids))
         if self.skipped:
             say(f"resume: {self.skipped} prompts already in {opts.out}, {len(self.todo)} to do")
@@ -208,12 +223,11 @@ class ClientJob:
                 rows = client.encode(seqs)
                 self.writer.append_embeddings(ids, np.stack([self._pool(r) for r in rows]))
             else:
-                from rshard_hpc.generate import generate_batch
-
-                token_ids, texts = generate_batch(client, self.codec, self.cfg, seqs, opts.generate)
+                token_ids, texts = generate_batch(client, self.codec, self.cfg, self.head, seqs, ids, self.settings)
                 self.writer.append_generated(ids, token_ids, texts)
             lens += [len(s) for s in seqs]
             progress.batch_done(len(batch), int(sum(len(s) for s in seqs)))
+            testhooks.batch_finished(progress.batches)  # off unless RSHARD_PID_DIR / RSHARD_TEST_SLOW_BATCH_S
         client.stop()
         elapsed = progress.finish()
         stats = comm.gather_objects(self.topo.world, _rank_stats(self.topo, client.timer.seconds, client.transport))

@@ -53,3 +53,12 @@ def minilm() -> Path:
     from rshard_hpc.defaults import resolve_model
 
     return resolve_model("all-MiniLM-L6-v2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    from rshard_hpc.models.random_init import tiny_config, write_random_model
+
+    path = tmp_path_factory.mktemp("models") / "tiny_llama.h5"
+    write_random_model(path, tiny_config("llama", n_layers=3, n_heads=6, n_kv_heads=2), seed=2)
+    return path

@@ -53,7 +53,7 @@ class Bert:
         """h: (n, d), attn: (n, H, D) merged attention -> next h: (n, d)."""
         c, w = self.cfg, lambda name: self._w(layer, name)
         n = h.shape[0]
-        h = layer_norm(h + linear(attn.reshape(n, -1), w("wo"), w("bo")),
+        h = layer_norm(h + linear(attn.reshape(n, c.n_heads * c.head_dim), w("wo"), w("bo")),
                        w("attn_norm_w"), w("attn_norm_b"), c.norm_eps)
         mlp = linear(gelu(linear(h, w("w_up"), w("b_up"))), w("w_down"), w("b_down"))
         return layer_norm(h + mlp, w("mlp_norm_w"), w("mlp_norm_b"), c.norm_eps)

@@ -1,0 +1,115 @@
+"""Client-side generation (DESIGN §5): final norm, LM head and sampling run on the client only; each new
+token id goes to the CompNode that owns its position, and every decode step moves only the new positions."""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+
+
+@dataclass(frozen=True)
+class GenerateSettings:
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: no top-k cut
+    top_p: float = 1.0  # 1: no nucleus cut
+    seed: int = 0  # sampling seed; each prompt draws from its own stream (seed, prompt id)
+    stop: tuple = ()  # stop strings (cut from the text)
+    chat: bool = False  # apply the model's chat template to each prompt
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "GenerateSettings":
+        known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
+        if "stop" in known:
+            known["stop"] = tuple(known["stop"] or ())
+        return cls(**known)
+
+
+class LmHead:
+    """Final RMSNorm and LM head, on the client only. rows: (n, d) -> logits (n, vocab) float32."""
+
+    def __init__(self, path, cfg):
+        from rshard_hpc.models.llama import load_head
+
+        self.cfg = cfg
+        self.tensors = load_head(path, cfg)
+
+    def logits(self, rows: np.ndarray) -> np.ndarray:
+        from rshard_hpc.models.llama import head_logits
+
+        return head_logits(self.cfg, self.tensors, rows)
+
+
+def sample(logits: np.ndarray, settings: GenerateSettings, rng: np.random.Generator) -> int:
+    """One token id from (vocab,) logits: greedy at temperature 0, else temperature, top-k, top-p."""
+    if settings.temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / settings.temperature
+    if 0 < settings.top_k < len(z):
+        kth = np.partition(z, -settings.top_k)[-settings.top_k]
+        z = np.where(z >= kth, z, -np.inf)
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
+    if settings.top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        cum = np.cumsum(probs[order])
+        keep = order[: int(np.searchsorted(cum, settings.top_p) + 1)]
+        mask = np.zeros_like(probs, dtype=bool)
+        mask[keep] = True
+        probs = np.where(mask, probs, 0.0)
+        probs /= probs.sum()
+    return int(rng.choice(len(probs), p=probs))
+
+
+def prompt_rng(settings: GenerateSettings, prompt_id: str) -> np.random.Generator:
+    """A reproducible stream per prompt, whatever batch the prompt lands in."""
+    return np.random.default_rng([settings.seed, zlib.crc32(prompt_id.encode())])
+
+
+class _Sequence:
+    def __init__(self, prompt_ids, rng):
+        self.prompt_len = len(prompt_ids)
+        self.new: list[int] = []
+        self.rng = rng
+        self.done = False
+        self.text = ""
+
+    @property
+    def length(self) -> int:
+        return self.prompt_len + len(self.new)
+
+
+def generate_batch(client, codec, cfg, head: LmHead, prompts, prompt_ids, settings: GenerateSettings):
+    """Decode a batch together; finished sequences drop out. Returns (token id lists, texts)."""
+    seqs = [_Sequence(p, prompt_rng(settings, pid)) for p, pid in zip(prompts, prompt_ids)]
+    client.begin_batch([s.prompt_len + settings.max_new_tokens for s in seqs])
+    rows = client.step([(0, s.prompt_len) for s in seqs], prompts, "last")  # (B, d)
+    live = list(range(len(seqs)))
+    while True:
+        logits = head.logits(rows)  # (len(live), vocab)
+        for row, b in enumerate(live):
+            _accept(seqs[b], sample(logits[row], settings, seqs[b].rng), codec, cfg, settings)
+        live = [b for b in live if not seqs[b].done]
+        if not live:
+            break
+        ranges = [(s.length - 1, s.length) if b in live else (s.length, s.length) for b, s in enumerate(seqs)]
+        ids = [[s.new[-1]] if b in live else [] for b, s in enumerate(seqs)]
+        rows = client.step(ranges, ids, "last")
+    client.end_batch()
+    return [s.new for s in seqs], [s.text for s in seqs]
+
+
+def _accept(seq: _Sequence, token: int, codec, cfg, settings: GenerateSettings) -> None:
+    seq.new.append(token)
+    seq.text = codec.decode(seq.new)
+    if token in cfg.eos_token_ids:
+        seq.done = True
+    for stop in settings.stop:
+        cut = seq.text.find(stop)
+        if stop and cut >= 0:
+            seq.text = seq.text[:cut]
+            seq.done = True
+    if len(seq.new) >= settings.max_new_tokens:
+        seq.done = True
