@@ -154,3 +154,55 @@ def doctor(alpha, beta, device):
 
 if __name__ == "__main__":
     main()
+
+
+@main.group()
+def bench():
+    """Benchmarks that print a table and write it to a file (speed goals live here, not in tests)."""
+
+
+@bench.command("kernel")
+@click.option("--out", default="bench_kernel.md", show_default=True, help="Write the table here.")
+@click.option("--lengths", default="1024,2048,4096,8192,16384,32768", show_default=True)
+@click.option("--head-dims", default="64,128", show_default=True)
+@click.option("--dtypes", default="bf16,fp32", show_default=True)
+def bench_kernel_cmd(out, lengths, head_dims, dtypes):
+    """The partial-attention kernel against torch SDPA on this GPU (needs CuPy, torch and a GPU)."""
+    from rshard_hpc.bench import bench_kernel
+
+    bench_kernel(out, lengths=[int(x) for x in lengths.split(",")],
+                 head_dims=[int(x) for x in head_dims.split(",")], dtypes=dtypes.split(","))
+
+
+@bench.command("job")
+@click.option("--alpha", type=int, default=2, show_default=True)
+@click.option("--beta", type=int, default=2, show_default=True)
+@click.option("--c", "c", type=int, default=1, show_default=True)
+@click.option("--c-a", "c_a", type=int, default=1, show_default=True)
+@click.option("--shape", type=click.Choice(["smollm2", "llama-1b", "tiny"]), default="smollm2", show_default=True,
+              help="Random-weight Llama shape.")
+@click.option("--layers", type=int, default=None, help="Override the shape's layer count.")
+@click.option("--tokens", default="4096,8192", show_default=True, help="Prompt lengths (comma-separated).")
+@click.option("--decode-steps", type=int, default=8, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
+@click.option("--gpu-aware-mpi", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--plaintext/--no-plaintext", default=True, show_default=True,
+              help="Also time transformers on one device with the same weights (needs torch + transformers).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", default="bench_job.md", show_default=True, help="Append the table here.")
+def bench_job_cmd(alpha, beta, tokens, **opts):
+    """The sharded job against plaintext single-device inference; run under mpiexec -n (1 + alpha + beta^2)."""
+    _tune_mpi_env()
+    from mpi4py import MPI
+
+    from rshard_hpc.bench_job import run_bench
+    from rshard_hpc.topology import Topology
+
+    try:
+        topo = Topology.build(MPI.COMM_WORLD, alpha, beta)
+        run_bench(topo, dict(opts, tokens=[int(x) for x in tokens.split(",")]))
+    except BaseException as exc:  # noqa: BLE001
+        if isinstance(exc, SystemExit) and not exc.code:
+            raise
+        _fail(exc)

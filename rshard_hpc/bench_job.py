@@ -1,0 +1,203 @@
+"""`rshard bench job`: the sharded job against plaintext single-device inference of the same model.
+
+Run under mpiexec (1 + alpha + beta^2 ranks). Every rank builds the same random-weight Llama of a named
+shape (seeded), the client times a long-prompt prefill and some decode steps through the engine, then
+runs the same weights as a plain transformers model on its own device, and prints a table (and writes it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+
+from rshard_hpc import comm
+from rshard_hpc.models.config import ModelConfig
+from rshard_hpc.models.random_init import random_tensors, tiny_config
+
+SHAPES = {  # name -> ModelConfig overrides for a Llama of that shape
+    "smollm2": dict(name="SmolLM2-135M-shaped", hidden=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
+                    intermediate=1536, vocab_size=49152, rope_theta=100000.0, tie_embeddings=True),
+    "llama-1b": dict(name="Llama-3.2-1B-shaped", hidden=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
+                     intermediate=8192, vocab_size=128256, rope_theta=500000.0, tie_embeddings=True),
+    "tiny": dict(name="tiny", hidden=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, intermediate=128,
+                 vocab_size=97),
+}
+
+
+def bench_config(shape: str, tokens: int, layers: int | None = None) -> ModelConfig:
+    over = dict(SHAPES[shape])
+    if layers:
+        over["n_layers"] = layers
+    return tiny_config("llama", max_positions=tokens + 1024, eos_token_ids=(), **over)
+
+
+def expected_bytes_per_layer(cfg: ModelConfig, n_tokens: int, beta: int) -> int:
+    """What the routing implies: q to beta AttnNodes, k and v to beta AttnNodes, beta (o, lse) partials back."""
+    per_token = cfg.n_heads * cfg.head_dim + 2 * cfg.n_kv_heads * cfg.head_dim + cfg.n_heads * (cfg.head_dim + 1)
+    return 4 * beta * n_tokens * per_token
+
+
+def run_bench(topo, opts: dict) -> None:
+    from rshard_hpc.comm import Transport
+    from rshard_hpc.engine import AttnWorker, Client, CompWorker
+    from rshard_hpc.models.llama import Llama, head_logits
+    from rshard_hpc.plan import PlanSpec
+
+    cfg = bench_config(opts["shape"], max(opts["tokens"]), opts.get("layers"))
+    spec = PlanSpec("strided", topo.alpha, topo.beta, opts["c"], opts["c_a"])
+    xp, gpu_aware = np, False
+    if opts["device"] == "gpu" and not topo.is_client:
+        from rshard_hpc import backend
+
+        xp = backend.use_gpu(topo)
+        gpu_aware = backend.choose_gpu_aware(opts["gpu_aware_mpi"])
+    transport = Transport(gpu_aware=gpu_aware)
+    tensors = random_tensors(cfg, seed=opts["seed"]) if topo.role != "attn" else None
+    if topo.role == "comp":
+        worker = CompWorker(topo, spec, Llama(cfg, tensors, xp, dtype=opts["dtype"]), transport, xp=xp)
+    elif topo.role == "attn":
+        worker = AttnWorker(topo, spec, cfg, transport, xp=xp)
+    if topo.role != "client":
+        while True:
+            more = comm.bcast(topo.world, None)
+            if not more:
+                break
+            worker.timer.seconds.clear()
+            transport.reset_stats()
+            worker.serve()
+            comm.gather_objects(topo.world, _stats(topo, worker.timer.seconds, transport))
+        return
+    head = {k: tensors[k] for k in Llama.head_keys(cfg)}
+    client = Client(topo, spec, cfg, transport)
+    rows = []
+    for n_tokens in opts["tokens"]:
+        rows.append(_client_one(topo, client, cfg, head, head_logits, n_tokens, opts, tensors))
+    comm.bcast(topo.world, False)
+    _report(rows, cfg, topo, opts)
+
+
+def _client_round(topo, client, prompt, decode_steps, head_fn):
+    """One batch of one sequence: prefill, then greedy decode steps. Returns (prefill s, step times, stats)."""
+    n_tokens = len(prompt)
+    comm.bcast(topo.world, True)
+    client.begin_batch([n_tokens + max(decode_steps, 1)])
+    t0 = time.perf_counter()
+    last = client.step([(0, n_tokens)], [prompt], "last")
+    prefill_s = time.perf_counter() - t0
+    logits = head_fn(last)
+    token, steps = int(np.argmax(logits[0])), []
+    for step in range(decode_steps):
+        t0 = time.perf_counter()
+        out = client.step([(n_tokens + step, n_tokens + step + 1)], [[token]], "last")
+        steps.append(time.perf_counter() - t0)
+        token = int(np.argmax(head_fn(out)[0]))
+    client.end_batch()
+    client.stop()
+    stats = comm.gather_objects(topo.world, _stats(topo, {}, client.transport))[1:]
+    return prefill_s, steps, stats, logits[0]
+
+
+def _client_one(topo, client, cfg, head, head_logits, n_tokens, opts, tensors) -> dict:
+    rng = np.random.default_rng(opts["seed"] + n_tokens)
+    prompt = rng.integers(3, cfg.vocab_size, n_tokens)
+    head_fn = lambda rows: head_logits(cfg, head, rows)  # noqa: E731
+    # round 1 warms up (kernel compilation, buffers) and times the decode steps
+    _, steps, stats_both, _ = _client_round(topo, client, prompt, opts["decode_steps"], head_fn)
+    # round 2 times the prefill alone
+    prefill_s, _, stats, logits = _client_round(topo, client, prompt, 0, head_fn)
+    sent = sum(s["bytes_sent"] for s in stats)
+    decode_bytes = (sum(s["bytes_sent"] for s in stats_both) - sent) / max(opts["decode_steps"], 1)
+    row = {"tokens": n_tokens, "prefill_s": prefill_s, "sharded_tok_s": n_tokens / prefill_s,
+           "decode_ms": 1e3 * float(np.median(steps)) if steps else float("nan"),
+           "decode_step_bytes": decode_bytes,
+           "layer_bytes": sent / cfg.n_layers,
+           "expected_layer_bytes": expected_bytes_per_layer(cfg, n_tokens, topo.beta)}
+    for key in ("prepass_s", "attention_s", "postpass_s", "mpi_s", "staging_s"):
+        row[key] = max(s[key] for s in stats)  # the slowest rank bounds the phase
+    if opts["plaintext"]:
+        plain = _plaintext(cfg, tensors, prompt, opts)
+        row["plain_tok_s"] = n_tokens / plain["seconds"]
+        row["ratio"] = row["sharded_tok_s"] / row["plain_tok_s"]
+        row["logit_diff"] = float(np.abs(plain["logits"] - logits).max())
+    return row
+
+
+def _stats(topo, seconds, transport) -> dict:
+    out = {"rank": topo.rank}
+    for phase in ("prepass", "attention", "postpass"):
+        out[f"{phase}_s"] = seconds.get(phase, 0.0)
+    out.update(transport.stats())
+    return out
+
+
+def _plaintext(cfg: ModelConfig, tensors: dict, prompt: np.ndarray, opts: dict) -> dict:
+    """The same weights as a transformers LlamaForCausalLM on one device (GPU if asked), same precision."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    device = "cuda" if opts["device"] == "gpu" and torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if opts["dtype"] == "bfloat16" else torch.float32
+    hf_cfg = LlamaConfig(hidden_size=cfg.hidden, intermediate_size=cfg.intermediate, num_hidden_layers=cfg.n_layers,
+                         num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+                         vocab_size=cfg.vocab_size, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps,
+                         max_position_embeddings=cfg.max_positions, tie_word_embeddings=cfg.tie_embeddings)
+    hf_cfg._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(hf_cfg)
+    model.load_state_dict(_hf_state_dict(cfg, tensors), strict=False)
+    model = model.to(device=device, dtype=dtype).eval()
+    ids = torch.tensor(prompt[None], device=device)
+    with torch.no_grad():
+        model(ids[:, :16])  # warm-up
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = model.model(ids)  # hidden states only: the LM head is timed on neither side
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        logits = model.lm_head(out.last_hidden_state[:, -1])  # last_hidden_state is already normed
+    return {"seconds": seconds, "logits": logits[0].float().cpu().numpy()}
+
+
+def _hf_state_dict(cfg: ModelConfig, tensors: dict) -> dict:
+    import torch
+
+    names = {"attn_norm_w": "input_layernorm.weight", "wq": "self_attn.q_proj.weight",
+             "wk": "self_attn.k_proj.weight", "wv": "self_attn.v_proj.weight", "wo": "self_attn.o_proj.weight",
+             "mlp_norm_w": "post_attention_layernorm.weight", "w_gate": "mlp.gate_proj.weight",
+             "w_up": "mlp.up_proj.weight", "w_down": "mlp.down_proj.weight"}
+    state = {"model.embed_tokens.weight": tensors["embed/word"], "model.norm.weight": tensors["final_norm/w"]}
+    state["lm_head.weight"] = tensors["embed/word"] if cfg.tie_embeddings else tensors["lm_head/w"]
+    for i in range(cfg.n_layers):
+        for ours, theirs in names.items():
+            state[f"model.layers.{i}.{theirs}"] = tensors[f"layers/{i:03d}/{ours}"]
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
+
+
+COLUMNS = [("tokens", "{:d}"), ("sharded_tok_s", "{:,.0f}"), ("plain_tok_s", "{:,.0f}"), ("ratio", "{:.2f}"),
+           ("prefill_s", "{:.3f}"), ("prepass_s", "{:.3f}"), ("attention_s", "{:.3f}"), ("postpass_s", "{:.3f}"),
+           ("mpi_s", "{:.3f}"), ("staging_s", "{:.3f}"), ("layer_bytes", "{:,.0f}"),
+           ("expected_layer_bytes", "{:,.0f}"), ("decode_ms", "{:.1f}"), ("decode_step_bytes", "{:,.0f}"),
+           ("logit_diff", "{:.1e}")]
+
+
+def _report(rows, cfg, topo, opts) -> None:
+    header = "| " + " | ".join(name for name, _ in COLUMNS) + " |"
+    lines = [f"sharded job vs plaintext: {cfg.name} ({cfg.n_layers} layers), alpha={topo.alpha} beta={topo.beta} "
+             f"({topo.world.Get_size()} ranks), device {opts['device']}, {opts['dtype']}, "
+             f"decode steps {opts['decode_steps']}", "", header, "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        cells = [fmt.format(row[name]) if name in row else "-" for name, fmt in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "phase times are the slowest rank's seconds for the prefill; layer_bytes = bytes sent by all "
+              "ranks per layer in the prefill; expected_layer_bytes is what the routing implies; decode_ms is the "
+              "median time of one decode step (one new token) and decode_step_bytes the bytes it moves (all layers); "
+              "logit_diff is the max abs difference of the last-position logits against the plaintext model."]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    if opts.get("out"):
+        Path(opts["out"]).parent.mkdir(parents=True, exist_ok=True)
+        with open(opts["out"], "a") as f:
+            f.write(text + "\n\n")

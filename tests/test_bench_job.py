@@ -1,0 +1,19 @@
+"""The job benchmark runs end to end on CPUs (tiny shape) and its byte counts match the routing."""
+import pytest
+
+from conftest import rshard
+
+
+def test_bench_job_tiny(tmp_path):
+    pytest.importorskip("transformers", reason="the plaintext side needs transformers")
+    out = tmp_path / "bench.md"
+    result = rshard(7, ["bench", "job", "--alpha", 2, "--beta", 2, "--shape", "tiny", "--tokens", "64,96",
+                        "--decode-steps", 2, "--out", out])
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| 64 ") or line.startswith("| 96 ")]
+    assert len(rows) == 2
+    header = [c.strip() for c in out.read_text().splitlines()[2].strip("|").split("|")]
+    for row in rows:
+        cells = dict(zip(header, (c.strip() for c in row.strip("|").split("|"))))
+        assert cells["layer_bytes"] == cells["expected_layer_bytes"]
+        assert float(cells["logit_diff"]) < 1e-4  # the sharded model is the plaintext model
