@@ -279,7 +279,7 @@ def test_unpermute_inverts_llama_cpp_permute():
     np.testing.assert_array_equal(unpermute_qk(permuted, 3), w)
 
 
-def _write_gguf(path, arch="llama", qtype_name="F32"):
+def _write_gguf(path, arch="llama", qtype_name="F32", add_bos=False):
     """A tiny GGUF of a random Llama, q/k permuted the way llama.cpp's converter does."""
     gguf = pytest.importorskip("gguf")
     from rshard_hpc.models.random_init import random_tensors, tiny_config
@@ -304,11 +304,13 @@ def _write_gguf(path, arch="llama", qtype_name="F32"):
     writer.add_token_merges(["a b", "\u0120 a"])
     writer.add_bos_token_id(0)
     writer.add_eos_token_id(1)
+    writer.add_add_bos_token(add_bos)
     qtype = gguf.GGMLQuantizationType[qtype_name]
 
     def put(name, w, permute_heads=0):
         if permute_heads:
-            w = w.reshape(permute_heads, 2, w.shape[0] // permute_heads // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
+            half = w.shape[0] // permute_heads // 2
+            w = w.reshape(permute_heads, 2, half, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
         if w.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
             writer.add_tensor(name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
         else:
@@ -334,7 +336,7 @@ def _write_gguf(path, arch="llama", qtype_name="F32"):
 def test_tiny_gguf_roundtrip(tmp_path, qtype_name):
     from rshard_hpc.convert import convert_any
 
-    cfg, t = _write_gguf(tmp_path / "tiny.gguf", qtype_name=qtype_name)
+    cfg, t = _write_gguf(tmp_path / "tiny.gguf", qtype_name=qtype_name, add_bos=qtype_name == "Q8_0")
     out = convert_any(tmp_path / "tiny.gguf", tmp_path / "tiny.h5")
     got_cfg = weights.read_config(out)
     assert (got_cfg.n_heads, got_cfg.n_kv_heads, got_cfg.head_dim, got_cfg.tie_embeddings) == (4, 2, 16, False)
@@ -346,8 +348,10 @@ def test_tiny_gguf_roundtrip(tmp_path, qtype_name):
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_str(weights.read_tokenizer(out)["json"])
-    # control token kept whole, merges "a b" and "Ġ a" applied, no BOS added (add_bos_token unset)
-    assert tok.encode("<s>ab ba a").ids == [0, 39, 38, 3, 2, 40]
+    # control token kept whole, merges "a b" and "Ġ a" applied; BOS only when add_bos_token is set
+    bos = [0] if qtype_name == "Q8_0" else []
+    assert tok.encode("<s>ab ba a").ids == bos + [0, 39, 38, 3, 2, 40]
+    assert tok.encode("<s>ab ba a", add_special_tokens=False).ids == [0, 39, 38, 3, 2, 40]
     assert tok.decode([0, 39, 38, 3, 2, 40], skip_special_tokens=False) == "<s>ab ba a"
 
 
@@ -395,15 +399,22 @@ def test_hf_safetensors_llama(tmp_path, case):
     model.to(getattr(torch, spec["dtype"])).save_pretrained(tmp_path / "hf")
     (tmp_path / "hf" / "tokenizer.json").write_text(json.dumps(_word_tokenizer(300)))
     (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps(
-        {"chat_template": "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}",
-         "bos_token": "t1", "eos_token": {"content": "t2"}}))
+        {"chat_template": "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                          "{% if add_generation_prompt %}<assistant>{% endif %}",
+         "bos_token": "t1", "eos_token": {"__type": "AddedToken", "content": "t2", "special": True}}))
     ref_model = LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
 
     out = convert_any(tmp_path / "hf", tmp_path / "model.h5")
     cfg = weights.read_config(out)
     assert cfg.tie_embeddings == spec["tie"] and cfg.n_kv_heads == 2 and cfg.head_dim == spec["head_dim"]
     assert cfg.bos_token_id == 1 and cfg.eos_token_ids == (2, 3)
-    assert apply_chat_template(cfg, [{"role": "user", "content": "x"}]) == "<user>x"
+    messages = [{"role": "user", "content": "x"}]
+    assert apply_chat_template(cfg, messages) == "t1<user>x<assistant>"
+    from transformers import AutoTokenizer
+
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert apply_chat_template(cfg, messages) == hf_tok.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True)
     model_ours, head = load_model(out), load_head(out, cfg)
     rng = np.random.default_rng(0)
     seqs = [rng.integers(0, 300, size=n) for n in (7, 1, 40)]  # positions past original_max_position_embeddings
@@ -435,3 +446,56 @@ def test_random_llama_model_runs(tmp_path):
         # token-sharding invariance: a prompt's rows do not depend on the other prompts of the batch
         alone = reference_forward(model, [np.arange(3) + 7])[0]
         np.testing.assert_allclose(alone, rows[1], rtol=1e-5, atol=1e-5)
+
+
+def test_empty_shard_and_dtype():
+    """A CompNode may hold no positions of a prompt: zero rows pass through every pass."""
+    from rshard_hpc.models.random_init import random_tensors, tiny_config
+
+    cfg = tiny_config("llama")
+    model = Llama(cfg, random_tensors(cfg))
+    ids, pos = np.zeros(0, np.int64), np.zeros(0, np.int32)
+    h = model.embed(ids, pos)
+    q, k, v = model.pre(0, h, pos)
+    assert q.shape == (0, cfg.n_heads, cfg.head_dim) and k.shape == v.shape == (0, cfg.n_kv_heads, cfg.head_dim)
+    assert model.post(0, h, q).shape == (0, cfg.hidden)
+    # position-wise: a row's result depends only on its own token and absolute position
+    ids, pos = np.array([5, 9, 11]), np.array([0, 17, 300], np.int32)
+    q_all, k_all, _ = model.pre(1, model.embed(ids, pos), pos)
+    q_one, k_one, _ = model.pre(1, model.embed(ids[1:2], pos[1:2]), pos[1:2])
+    np.testing.assert_allclose(q_all[1:2], q_one, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(k_all[1:2], k_one, rtol=1e-6, atol=1e-6)
+    half = Llama(cfg, random_tensors(cfg), dtype="float16")
+    q16, _, _ = half.pre(0, half.embed(ids, pos), pos)
+    q32, _, _ = model.pre(0, model.embed(ids, pos), pos)
+    assert q16.dtype == np.float16 and np.abs(q16.astype(np.float32) - q32).max() < 0.05
+
+
+def _cupy_or_skip():
+    try:
+        import cupy
+
+        cupy.cuda.runtime.getDeviceCount()
+        return cupy
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"no CuPy GPU ({type(exc).__name__})")
+
+
+def test_cupy_matches_numpy():
+    """The same passes and head with xp = cupy (GPU machines only)."""
+    cp = _cupy_or_skip()
+    from rshard_hpc.backend import to_host
+    from rshard_hpc.models.random_init import random_tensors, tiny_config
+
+    cfg = tiny_config("llama", tie_embeddings=False)
+    t = random_tensors(cfg)
+    cpu, gpu = Llama(cfg, t), Llama(cfg, t, xp=cp)
+    head_keys = Llama.head_keys(cfg)
+    head_cpu, head_gpu = {k: t[k] for k in head_keys}, {k: cp.asarray(t[k]) for k in head_keys}
+    seqs = [np.arange(6) % cfg.vocab_size, (np.arange(11) * 7) % cfg.vocab_size]
+    for r_cpu, r_gpu in zip(reference_forward(cpu, seqs), reference_forward(gpu, seqs)):
+        assert isinstance(r_gpu, cp.ndarray)
+        np.testing.assert_allclose(to_host(r_gpu), r_cpu, rtol=1e-4, atol=1e-4)
+        l_gpu = head_logits(cfg, head_gpu, r_gpu)
+        assert isinstance(l_gpu, cp.ndarray) and l_gpu.dtype == cp.float32
+        np.testing.assert_allclose(to_host(l_gpu), head_logits(cfg, head_cpu, r_cpu), rtol=1e-4, atol=1e-4)

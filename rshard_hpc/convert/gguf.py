@@ -9,7 +9,13 @@ The tokenizer (byte-level BPE, `tokenizer.ggml.model == "gpt2"`) is rebuilt as a
 tokenizer.json from the vocabulary, merges and token types in the file, with the pre-tokenizer that
 `tokenizer.ggml.pre` names (llama.cpp's table). Control tokens become special added tokens. A BOS
 token is prepended by the post-processor only when the file sets `tokenizer.ggml.add_bos_token`
-(SmolLM2 does not: `encode(text)` then equals `encode(text, add_special_tokens=False)`).
+(SmolLM2 does not: `encode(text)` then equals `encode(text, add_special_tokens=False)`, which is
+also what transformers' tokenizer for the GGUF gives).
+
+For `tokenizer.ggml.pre == "smollm"` we follow llama.cpp (and SmolLM2's own tokenizer.json): every
+digit is split off before the GPT-2 regex. transformers' GGUF loader has no "smollm" entry and uses
+the bare GPT-2 regex; the two differ only where a run of 2+ whitespace characters precedes a digit
+("a  1": ours "a" "ĠĠ" "1", transformers "a" "Ġ" "Ġ" "1").
 """
 from __future__ import annotations
 
@@ -92,15 +98,32 @@ def _tensor_key(name: str):
 
 # ---------------------------------------------------------------- metadata
 
+def _field_value(field):
+    """A GGUFReader field as a Python value (str, int, float, bool or list of those).
+
+    Decoded from `field.types/parts/data` directly, which every gguf-py version since 0.6 has."""
+    import gguf
+
+    types = list(field.types)
+    if not types:
+        return None
+
+    def one(kind, part):
+        if kind == gguf.GGUFValueType.STRING:
+            return bytes(part).decode("utf-8", errors="replace")
+        value = part.tolist()[0]
+        return bool(value) if kind == gguf.GGUFValueType.BOOL else value
+
+    if types[0] == gguf.GGUFValueType.ARRAY:
+        if len(types) != 2:  # nested arrays: not used by Llama files
+            return None
+        return [one(types[1], field.parts[i]) for i in field.data]
+    return one(types[0], field.parts[field.data[0]])
+
+
 def _fields(reader) -> dict:
-    """Scalar and string metadata (and short arrays) as Python values."""
-    out = {}
-    for key, field in reader.fields.items():
-        try:
-            out[key] = field.contents()
-        except Exception:  # noqa: BLE001  (unreadable/odd fields are simply left out)
-            continue
-    return out
+    """All metadata as Python values."""
+    return {key: _field_value(field) for key, field in reader.fields.items()}
 
 
 def _int_list(value) -> list:
@@ -209,6 +232,16 @@ def read_gguf(path):
     def get(key, default=None):
         return meta.get(f"llama.{key}", default)
 
+    lacking = [f"llama.{k}" for k in ("embedding_length", "block_count", "attention.head_count",
+                                      "feed_forward_length") if get(k) is None]
+    if lacking:
+        raise InputError(f"{path}: GGUF metadata lacks {', '.join(lacking)}")
+    for t in reader.tensors:  # fail before any slow work
+        if _tensor_key(t.name) is not None and gguf.GGMLQuantizationType(t.tensor_type).name not in SUPPORTED_QTYPES:
+            raise InputError(f"{path}: tensor {t.name} has type {gguf.GGMLQuantizationType(t.tensor_type).name}, "
+                             f"not supported ({', '.join(SUPPORTED_QTYPES)})")
+    tokenizer_json = build_tokenizer_json(meta)
+
     hidden, n_layers = int(get("embedding_length")), int(get("block_count"))
     n_heads = int(get("attention.head_count"))
     n_kv = int(get("attention.head_count_kv", n_heads))
@@ -235,13 +268,15 @@ def read_gguf(path):
         tensors[key] = w
 
     tokens = meta.get("tokenizer.ggml.tokens") or []
-    vocab_size = int(get("vocab_size", len(tokens) or tensors["embed/word"].shape[0]))
     tie = "lm_head/w" not in tensors
     expected = ["embed/word", "final_norm/w"] + [weights.layer_key(i, n) for i in range(n_layers)
                                                  for n in LAYER_NAMES.values()]
     missing = [k for k in expected if k not in tensors]
     if missing:
         raise InputError(f"{path}: GGUF lacks tensors for {', '.join(missing[:5])}")
+    vocab_size = int(tensors["embed/word"].shape[0])
+    if len(tokens) > vocab_size:
+        raise InputError(f"{path}: the tokenizer has {len(tokens)} tokens, the embedding {vocab_size} rows")
     bos = meta.get("tokenizer.ggml.bos_token_id")
     eos = _int_list(meta.get("tokenizer.ggml.eos_token_id"))
     for extra_eos in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
@@ -255,8 +290,10 @@ def read_gguf(path):
         if i is not None and int(i) < len(tokens):
             special[name] = tokens[int(i)]
     extra["special_tokens"] = special
+    if meta.get("general.name"):
+        extra["gguf_name"] = str(meta["general.name"])
     cfg = ModelConfig(
-        arch="llama", name=str(meta.get("general.name") or path.stem), hidden=hidden, n_layers=n_layers,
+        arch="llama", name=path.stem, hidden=hidden, n_layers=n_layers,
         n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim, intermediate=int(get("feed_forward_length")),
         vocab_size=vocab_size, max_positions=int(get("context_length", 2048)), norm="rmsnorm",
         norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)), act="silu", causal=True,
@@ -264,7 +301,9 @@ def read_gguf(path):
         max_seq_length=0, bos_token_id=int(bos) if bos is not None else -1, eos_token_ids=tuple(eos),
         chat_template=str(meta.get("tokenizer.chat_template") or ""), extra=extra,
     )
-    return cfg, tensors, build_tokenizer_json(meta)
+    if tensors["embed/word"].shape[1] != hidden:
+        raise InputError(f"{path}: token_embd has shape {tensors['embed/word'].shape}, hidden size {hidden}")
+    return cfg, tensors, tokenizer_json
 
 
 def convert_gguf(path, out) -> Path:

@@ -137,7 +137,7 @@ class Llama:
         """h: (n, d) residual stream, attn: (n, H, D) merged attention -> next h: (n, d)."""
         c, w = self.cfg, lambda name: self._w(layer, name)
         n = h.shape[0]
-        h = h + linear(attn.reshape(n, -1).astype(h.dtype), w("wo"))
+        h = h + linear(attn.reshape(n, c.n_heads * c.head_dim).astype(h.dtype), w("wo"))
         x = rms_norm(h, w("mlp_norm_w"), c.norm_eps)
         return h + linear(silu(linear(x, w("w_gate"))) * linear(x, w("w_up")), w("w_down"))
 
@@ -153,7 +153,6 @@ def render_chat(template: str, messages: list, add_generation_prompt: bool = Tru
     """Render a Jinja chat template like transformers does (sandboxed, trim_blocks, lstrip_blocks)."""
     import json
 
-    from jinja2 import StrictUndefined  # noqa: F401  (kept lenient like transformers: plain Undefined)
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -182,10 +181,14 @@ def render_chat(template: str, messages: list, add_generation_prompt: bool = Tru
 
 def apply_chat_template(cfg: ModelConfig, messages: list, add_generation_prompt: bool = True,
                         special_tokens: dict | None = None) -> str:
-    """The prompt text for `messages` ([{"role", "content"}, …]) under the model's chat template.
+    """The prompt text for `messages` ([{"role", "content"}, …]) under the model's chat template,
+    as transformers' `apply_chat_template(messages, tokenize=False, add_generation_prompt=...)` renders it.
 
     Tokenize the result without adding special tokens (the template writes them itself).
-    `special_tokens` (e.g. {"bos_token": "<s>", "eos_token": "</s>"}) is passed to templates that use them."""
+    The template sees bos_token, eos_token, … from `cfg.extra["special_tokens"]` (set by the
+    converters), overridden by `special_tokens`."""
     if not cfg.chat_template:
         raise InputError(f"model {cfg.name!r} has no chat template")
-    return render_chat(cfg.chat_template, messages, add_generation_prompt, **(special_tokens or {}))
+    context = dict((cfg.extra or {}).get("special_tokens") or {})
+    context.update(special_tokens or {})
+    return render_chat(cfg.chat_template, messages, add_generation_prompt, **context)
