@@ -30,7 +30,7 @@ extern "C" __global__ void merge_partials(
         }
         float wsum = 0.f, acc = 0.f;
         for (int p = 0; p < P; ++p) {
-            const float w = __expf(lse_parts[p * sl0 + row * sl1 + hh * sl2] - top);
+            const float w = expf(lse_parts[p * sl0 + row * sl1 + hh * sl2] - top);
             wsum += w;
             acc = fmaf(w, o_parts[p * so0 + row * so1 + hh * so2 + d * so3], acc);
         }

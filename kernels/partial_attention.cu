@@ -157,14 +157,23 @@ attn_fwd_simt(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_t
 
 // ---------------------------------------------------------------------------------------------
 // Tensor-core kernel (bf16 mma.sync m16n8k16, fp32 accumulate): bf16 inputs, HEAD_DIM % 16 == 0.
-// 4 warps, 16 query rows each (MMA_BM = 64); MMA_BN = 64 keys per tile, K/V double-buffered in
-// shared memory with cp.async (rows gathered through k_idx), rows padded by 8 elements so that
-// ldmatrix is free of bank conflicts. Scores stay in registers (online softmax in base 2).
+// 4 warps; each warp owns MMA_MT slabs of 16 query rows (MMA_BM = 64 * MMA_MT rows per block), so every
+// K/V fragment read from shared memory feeds MMA_MT matrix products. MMA_BN = 64 keys per tile, K/V
+// double-buffered in shared memory with cp.async (K, V pre-gathered per head in sorted order), rows padded by 8
+// elements so that ldmatrix is free of bank conflicts. Q fragments stay in registers (Q_IN_REGS) or are
+// re-read from shared memory per tile (large head dims). Scores stay in registers; online softmax in
+// base 2 on raw scores (the scale is folded into one FMA before ex2).
 // ---------------------------------------------------------------------------------------------
 #if IN_BF16 && (HEAD_DIM % 16 == 0) && (HEAD_DIM <= 256)
+#ifndef MMA_MT
+#define MMA_MT 1
+#endif
+#ifndef Q_IN_REGS
+#define Q_IN_REGS 1
+#endif
 #define MMA_WARPS 4
 #define MMA_THREADS (32 * MMA_WARPS)
-#define MMA_BM (16 * MMA_WARPS)
+#define MMA_BM (16 * MMA_MT * MMA_WARPS)
 #define MMA_BN 64
 #define DP (HEAD_DIM + 8)            // padded shared row, in bf16 elements
 #define CH (HEAD_DIM / 8)            // 16-byte chunks per row
@@ -176,6 +185,10 @@ __device__ __forceinline__ unsigned int smem_addr(const void* p) {
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool in_bounds) {
     const int n = in_bounds ? 16 : 0;   // 0: fill with zeros
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(smem_addr(dst)), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool in_bounds) {
+    const int n = in_bounds ? 4 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" :: "r"(smem_addr(dst)), "l"(src), "r"(n));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
@@ -205,10 +218,24 @@ __device__ __forceinline__ unsigned int pack_bf16(float lo, float hi) {
     return r;
 }
 
+__device__ __forceinline__ float fast_exp2(float x) {   // ex2.approx(-inf) = +0
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ int tile_kind4(int4 qi, int4 ki, int causal, int full_tile) {
+    if (ki.y < qi.x || ki.x > qi.y) return 0;
+    if (causal && ki.z > qi.w) return 0;
+    if (full_tile && qi.x == qi.y && ki.x == ki.y && qi.x == ki.x && (!causal || ki.w <= qi.z)) return 1;
+    return 2;
+}
+
+// k, v here are the gathered copies (Hkv, nk_pad, D) in sorted key order (attention_order.cu: gather_kv).
 extern "C" __global__ void __launch_bounds__(MMA_THREADS)
 attn_fwd_mma(const unsigned short* __restrict__ q, const unsigned short* __restrict__ k,
              const unsigned short* __restrict__ v,
-             const int* __restrict__ q_idx, const int* __restrict__ k_idx,
+             const int* __restrict__ q_idx, int nk_pad,
              const int* __restrict__ qs_pos, const int* __restrict__ qs_seq,
              const int* __restrict__ ks_pos, const int* __restrict__ ks_seq,
              const int* __restrict__ q_info, const int* __restrict__ k_info, const int* __restrict__ k_range,
@@ -227,7 +254,6 @@ attn_fwd_mma(const unsigned short* __restrict__ q, const unsigned short* __restr
     const int hk = h / (n_heads / n_kv_heads);
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const long long q_row_stride = (long long)n_heads * HEAD_DIM;
-    const long long kv_row_stride = (long long)n_kv_heads * HEAD_DIM;
 
     // Query tile -> shared memory (zeros past nq).
     for (int c = tid; c < MMA_BM * CH; c += MMA_THREADS) {
@@ -238,28 +264,36 @@ attn_fwd_mma(const unsigned short* __restrict__ q, const unsigned short* __restr
     }
     cp_async_commit();
 
-    const int* qi = q_info + 4 * qt;
+    const int4 qi = *(const int4*)(q_info + 4 * qt);
     const int lo = k_range[2 * qt], hi = k_range[2 * qt + 1];
     const int kt_end = (hi + MMA_BN - 1) / MMA_BN;
-    // first tile not skipped, then the next one after each
+    const int4* k_info4 = (const int4*)k_info;
     int kt = lo / MMA_BN;
-    while (kt < kt_end && tile_kind(qi, k_info + 4 * kt, causal, (kt + 1) * MMA_BN <= nk) == 0) ++kt;
+    while (kt < kt_end && tile_kind4(qi, k_info4[kt], causal, (kt + 1) * MMA_BN <= nk) == 0) ++kt;
 
+    // one key tile of head hk: a contiguous (MMA_BN, HEAD_DIM) block of the gathered K and V; no
+    // dependent global loads before the copies are issued
+    const unsigned short* k_head = k + (long long)hk * nk_pad * HEAD_DIM;
+    const unsigned short* v_head = v + (long long)hk * nk_pad * HEAD_DIM;
     auto load_kv = [&](int tile, int stage) {
         const int base = tile * MMA_BN;
         unsigned short* dk = sK + stage * MMA_BN * DP;
         unsigned short* dv = sV + stage * MMA_BN * DP;
+        const unsigned short* src_k = k_head + (long long)base * HEAD_DIM;
+        const unsigned short* src_v = v_head + (long long)base * HEAD_DIM;
+#pragma unroll
         for (int c = tid; c < MMA_BN * CH; c += MMA_THREADS) {
             const int j = c / CH, ch = c % CH;
-            const bool in = base + j < nk;
-            const long long off = in ? k_idx[base + j] * kv_row_stride + hk * HEAD_DIM + ch * 8 : 0;
-            cp_async16(dk + j * DP + ch * 8, k + off, in);
-            cp_async16(dv + j * DP + ch * 8, v + off, in);
+            cp_async16(dk + j * DP + ch * 8, src_k + c * 8, true);
+            cp_async16(dv + j * DP + ch * 8, src_v + c * 8, true);
         }
         if (tid < MMA_BN) {
             const bool in = base + tid < nk;
-            sPos[stage * MMA_BN + tid] = in ? ks_pos[base + tid] : 0;
-            sSeq[stage * MMA_BN + tid] = in ? ks_seq[base + tid] : 0;
+            cp_async4(sPos + stage * MMA_BN + tid, ks_pos + (in ? base + tid : 0), in);
+        } else if (tid < 2 * MMA_BN) {
+            const int t = tid - MMA_BN;
+            const bool in = base + t < nk;
+            cp_async4(sSeq + stage * MMA_BN + t, ks_seq + (in ? base + t : 0), in);
         }
         cp_async_commit();
     };
@@ -268,34 +302,44 @@ attn_fwd_mma(const unsigned short* __restrict__ q, const unsigned short* __restr
     cp_async_wait<0>();
     __syncthreads();
 
-    // Q fragments (A operand), one per 16-wide step of the head dimension.
-    unsigned int qf[HEAD_DIM / 16][4];
+    const int row_base = warp * 16 * MMA_MT;                   // this warp's first row in the tile
+#if Q_IN_REGS
+    unsigned int qf[MMA_MT][HEAD_DIM / 16][4];
 #pragma unroll
-    for (int ks = 0; ks < HEAD_DIM / 16; ++ks)
-        ldmatrix_x4(qf[ks], sQ + (warp * 16 + (lane % 16)) * DP + ks * 16 + (lane / 16) * 8);
+    for (int mt = 0; mt < MMA_MT; ++mt)
+#pragma unroll
+        for (int ks = 0; ks < HEAD_DIM / 16; ++ks)
+            ldmatrix_x4(qf[mt][ks], sQ + (row_base + mt * 16 + (lane % 16)) * DP + ks * 16 + (lane / 16) * 8);
+#endif
 
-    // This thread's two query rows (sorted slots): lane/4 and lane/4 + 8 of the warp's 16.
-    const int r0 = qt * MMA_BM + warp * 16 + lane / 4;
-    int my_pos[2], my_seq[2];
+    // This thread's rows (sorted slots): lane/4 and lane/4 + 8 of each 16-row slab.
+    int my_pos[MMA_MT][2], my_seq[MMA_MT][2];
 #pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-        const int slot = r0 + 8 * hh;
-        my_pos[hh] = slot < nq ? qs_pos[slot] : 0;
-        my_seq[hh] = slot < nq ? qs_seq[slot] : -1;
+    for (int mt = 0; mt < MMA_MT; ++mt)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            const int slot = qt * MMA_BM + row_base + mt * 16 + lane / 4 + 8 * hh;
+            my_pos[mt][hh] = slot < nq ? qs_pos[slot] : 0;
+            my_seq[mt][hh] = slot < nq ? qs_seq[slot] : -1;
+        }
+
+    float acc[MMA_MT][HEAD_DIM / 8][4];
+    float m[MMA_MT][2], l[MMA_MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MMA_MT; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < HEAD_DIM / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+        m[mt][0] = m[mt][1] = NEG_INF;
+        l[mt][0] = l[mt][1] = 0.f;
     }
-
-    float acc[HEAD_DIM / 8][4];
-#pragma unroll
-    for (int nt = 0; nt < HEAD_DIM / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
-    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
 
     int stage = 0;
     while (kt < kt_end) {
-        const int kind = tile_kind(qi, k_info + 4 * kt, causal, (kt + 1) * MMA_BN <= nk);
+        const int kind = tile_kind4(qi, k_info4[kt], causal, (kt + 1) * MMA_BN <= nk);
         int nxt = kt + 1;
-        while (nxt < kt_end && tile_kind(qi, k_info + 4 * nxt, causal, (nxt + 1) * MMA_BN <= nk) == 0) ++nxt;
+        while (nxt < kt_end && tile_kind4(qi, k_info4[nxt], causal, (nxt + 1) * MMA_BN <= nk) == 0) ++nxt;
         if (nxt < kt_end) {
             load_kv(nxt, stage ^ 1);
             cp_async_wait<1>();
@@ -307,68 +351,89 @@ attn_fwd_mma(const unsigned short* __restrict__ q, const unsigned short* __restr
         const unsigned short* cK = sK + stage * MMA_BN * DP;
         const unsigned short* cV = sV + stage * MMA_BN * DP;
 
-        // S = Q K^T (16 x MMA_BN per warp)
-        float s[MMA_BN / 8][4];
+        // S = Q K^T (16*MMA_MT x MMA_BN per warp), raw (unscaled) scores
+        float s[MMA_MT][MMA_BN / 8][4];
 #pragma unroll
-        for (int nt = 0; nt < MMA_BN / 8; ++nt)
+        for (int mt = 0; mt < MMA_MT; ++mt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
+            for (int nt = 0; nt < MMA_BN / 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[mt][nt][e] = 0.f;
 #pragma unroll
         for (int ks = 0; ks < HEAD_DIM / 16; ++ks) {
+#if Q_IN_REGS
+#define QF(mt) qf[mt][ks]
+#else
+            unsigned int qa[MMA_MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MMA_MT; ++mt)
+                ldmatrix_x4(qa[mt], sQ + (row_base + mt * 16 + (lane % 16)) * DP + ks * 16 + (lane / 16) * 8);
+#define QF(mt) qa[mt]
+#endif
 #pragma unroll
             for (int np = 0; np < MMA_BN / 16; ++np) {
                 unsigned int b[4];
                 ldmatrix_x4(b, cK + (np * 16 + (lane % 8) + (lane / 16) * 8) * DP + ks * 16 + ((lane / 8) % 2) * 8);
-                mma_bf16(s[2 * np], qf[ks], b[0], b[1]);
-                mma_bf16(s[2 * np + 1], qf[ks], b[2], b[3]);
+#pragma unroll
+                for (int mt = 0; mt < MMA_MT; ++mt) {
+                    mma_bf16(s[mt][2 * np], QF(mt), b[0], b[1]);
+                    mma_bf16(s[mt][2 * np + 1], QF(mt), b[2], b[3]);
+                }
             }
+#undef QF
         }
 
-        // scale (base 2), mask, online softmax
+        // mask, online softmax (base 2; the scale folded into the exponent's FMA)
         const int* cPos = sPos + stage * MMA_BN;
         const int* cSeq = sSeq + stage * MMA_BN;
-        float mx[2] = {NEG_INF, NEG_INF};
+        unsigned int pf[MMA_MT][MMA_BN / 16][4];
 #pragma unroll
-        for (int nt = 0; nt < MMA_BN / 8; ++nt) {
+        for (int mt = 0; mt < MMA_MT; ++mt) {
+            float mx[2] = {NEG_INF, NEG_INF};
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int hh = e / 2;
-                float x = s[nt][e] * scale_log2;
-                if (kind == 2) {
-                    const int j = nt * 8 + (lane % 4) * 2 + (e % 2);
-                    const bool vis = (kt * MMA_BN + j < nk) && cSeq[j] == my_seq[hh] &&
-                                     (!causal || cPos[j] <= my_pos[hh]);
-                    x = vis ? x : NEG_INF;
+            for (int nt = 0; nt < MMA_BN / 8; ++nt) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int hh = e / 2;
+                    float x = s[mt][nt][e];
+                    if (kind == 2) {
+                        const int j = nt * 8 + (lane % 4) * 2 + (e % 2);
+                        const bool vis = (kt * MMA_BN + j < nk) && cSeq[j] == my_seq[mt][hh] &&
+                                         (!causal || cPos[j] <= my_pos[mt][hh]);
+                        x = vis ? x : NEG_INF;
+                        s[mt][nt][e] = x;
+                    }
+                    mx[hh] = fmaxf(mx[hh], x);
                 }
-                s[nt][e] = x;
-                mx[hh] = fmaxf(mx[hh], x);
             }
-        }
-        float m_use[2];
+            float neg_ms[2];
 #pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-            mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffff, mx[hh], 1));
-            mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffff, mx[hh], 2));
-            const float m_new = fmaxf(m[hh], mx[hh]);
-            m_use[hh] = (m_new == NEG_INF) ? 0.f : m_new;
-            const float corr = exp2f(m[hh] - m_use[hh]);
-            l[hh] *= corr;
+            for (int hh = 0; hh < 2; ++hh) {
+                mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffff, mx[hh], 1));
+                mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffff, mx[hh], 2));
+                const float m_new = fmaxf(m[mt][hh], mx[hh]);
+                const float m_use = (m_new == NEG_INF) ? 0.f : m_new;
+                const float corr = fast_exp2((m[mt][hh] - m_use) * scale_log2);
+                l[mt][hh] *= corr;
 #pragma unroll
-            for (int nt = 0; nt < HEAD_DIM / 8; ++nt) {
-                acc[nt][2 * hh] *= corr;
-                acc[nt][2 * hh + 1] *= corr;
+                for (int nt = 0; nt < HEAD_DIM / 8; ++nt) {
+                    acc[mt][nt][2 * hh] *= corr;
+                    acc[mt][nt][2 * hh + 1] *= corr;
+                }
+                m[mt][hh] = m_new;
+                neg_ms[hh] = -m_use * scale_log2;
             }
-            m[hh] = m_new;
-        }
-        unsigned int pf[MMA_BN / 16][4];
 #pragma unroll
-        for (int nt = 0; nt < MMA_BN / 8; ++nt) {
-            const float p0 = exp2f(s[nt][0] - m_use[0]), p1 = exp2f(s[nt][1] - m_use[0]);
-            const float p2 = exp2f(s[nt][2] - m_use[1]), p3 = exp2f(s[nt][3] - m_use[1]);
-            l[0] += p0 + p1;
-            l[1] += p2 + p3;
-            pf[nt / 2][(nt % 2) * 2 + 0] = pack_bf16(p0, p1);
-            pf[nt / 2][(nt % 2) * 2 + 1] = pack_bf16(p2, p3);
+            for (int nt = 0; nt < MMA_BN / 8; ++nt) {
+                const float p0 = fast_exp2(fmaf(s[mt][nt][0], scale_log2, neg_ms[0]));
+                const float p1 = fast_exp2(fmaf(s[mt][nt][1], scale_log2, neg_ms[0]));
+                const float p2 = fast_exp2(fmaf(s[mt][nt][2], scale_log2, neg_ms[1]));
+                const float p3 = fast_exp2(fmaf(s[mt][nt][3], scale_log2, neg_ms[1]));
+                l[mt][0] += p0 + p1;
+                l[mt][1] += p2 + p3;
+                pf[mt][nt / 2][(nt % 2) * 2 + 0] = pack_bf16(p0, p1);
+                pf[mt][nt / 2][(nt % 2) * 2 + 1] = pack_bf16(p2, p3);
+            }
         }
 
         // O += P V
@@ -378,8 +443,11 @@ attn_fwd_mma(const unsigned short* __restrict__ q, const unsigned short* __restr
             for (int np = 0; np < HEAD_DIM / 16; ++np) {
                 unsigned int b[4];
                 ldmatrix_x4_trans(b, cV + (ks * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * DP + np * 16 + (lane / 16) * 8);
-                mma_bf16(acc[2 * np], pf[ks], b[0], b[1]);
-                mma_bf16(acc[2 * np + 1], pf[ks], b[2], b[3]);
+#pragma unroll
+                for (int mt = 0; mt < MMA_MT; ++mt) {
+                    mma_bf16(acc[mt][2 * np], pf[mt][ks], b[0], b[1]);
+                    mma_bf16(acc[mt][2 * np + 1], pf[mt][ks], b[2], b[3]);
+                }
             }
         }
         __syncthreads();   // this stage is overwritten by the load two tiles on
@@ -389,21 +457,22 @@ attn_fwd_mma(const unsigned short* __restrict__ q, const unsigned short* __restr
 
     // Finish: reduce l over the quad, normalize, write to the original rows.
 #pragma unroll
+    for (int mt = 0; mt < MMA_MT; ++mt)
+#pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
-        l[hh] += __shfl_xor_sync(0xffffffff, l[hh], 1);
-        l[hh] += __shfl_xor_sync(0xffffffff, l[hh], 2);
-        const int slot = r0 + 8 * hh;
+        float lt = l[mt][hh];
+        lt += __shfl_xor_sync(0xffffffff, lt, 1);
+        lt += __shfl_xor_sync(0xffffffff, lt, 2);
+        const int slot = qt * MMA_BM + row_base + mt * 16 + lane / 4 + 8 * hh;
         if (slot >= nq) continue;
         const int row = q_idx[slot];
-        const float inv = l[hh] > 0.f ? 1.f / l[hh] : 0.f;
+        const float inv = lt > 0.f ? 1.f / lt : 0.f;
         float* op = o + ((long long)row * n_heads + h) * HEAD_DIM + (lane % 4) * 2;
 #pragma unroll
-        for (int nt = 0; nt < HEAD_DIM / 8; ++nt) {
-            float2 val = make_float2(acc[nt][2 * hh] * inv, acc[nt][2 * hh + 1] * inv);
-            *(float2*)(op + nt * 8) = val;
-        }
+        for (int nt = 0; nt < HEAD_DIM / 8; ++nt)
+            *(float2*)(op + nt * 8) = make_float2(acc[mt][nt][2 * hh] * inv, acc[mt][nt][2 * hh + 1] * inv);
         if (lane % 4 == 0)
-            lse[(long long)row * n_heads + h] = l[hh] > 0.f ? (m[hh] + log2f(l[hh])) * LN2 : NEG_INF;
+            lse[(long long)row * n_heads + h] = lt > 0.f ? (m[mt][hh] * scale_log2 + log2f(lt)) * LN2 : NEG_INF;
     }
 }
 #endif

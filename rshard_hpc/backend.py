@@ -81,3 +81,16 @@ def select_device(local_rank_hint=None, comm=None) -> int:
     device_id = int(local) % count
     cupy.cuda.Device(device_id).use()
     return device_id
+
+
+def use_gpu(topo):
+    """Bind this rank to a GPU of its node (see select_device) and return cupy."""
+    select_device(comm=topo.world)
+    return array_module("gpu")
+
+
+def choose_gpu_aware(mode: str) -> bool:
+    """--gpu-aware-mpi auto|on|off -> whether MPI gets device buffers (auto: only on evidence)."""
+    from rshard_hpc import comm as comm_mod
+
+    return comm_mod.resolve_gpu_aware(mode)[0]

@@ -9,6 +9,7 @@ import click
 
 from rshard_hpc import __version__
 from rshard_hpc.errors import RshardError
+from rshard_hpc.plan import DEFAULT_DELTA
 from rshard_hpc.jobfile import config_callback
 
 
@@ -22,9 +23,20 @@ def _world_rank() -> int:
 def _tune_mpi_env() -> None:
     """Before MPI starts: when more ranks than cores share this node, let MPICH yield instead of spinning
     (busy-polling ranks otherwise starve each other). Set MPIR_CVAR_ENABLE_HEAVY_YIELD yourself to override."""
-    local = os.environ.get("MPI_LOCALNRANKS") or os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE") or ""
+    local = os.environ.get("MPI_LOCALNRANKS") or os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE") or _slurm_local_tasks()
     if local.isdigit() and int(local) > (os.cpu_count() or 1):
         os.environ.setdefault("MPIR_CVAR_ENABLE_HEAVY_YIELD", "1")
+
+
+def _slurm_local_tasks() -> str:
+    """Tasks of this srun step on this node, from SLURM_STEP_TASKS_PER_NODE ("4(x2),3") and SLURM_NODEID."""
+    counts = []
+    for part in os.environ.get("SLURM_STEP_TASKS_PER_NODE", "").split(","):
+        number, _, times = part.partition("(x")
+        if number.isdigit():
+            counts += [number] * (int(times.rstrip(")")) if times.rstrip(")").isdigit() else 1)
+    node = os.environ.get("SLURM_NODEID", "0")
+    return counts[int(node)] if node.isdigit() and int(node) < len(counts) else ""
 
 
 def _fail(exc: BaseException) -> None:
@@ -96,6 +108,12 @@ def convert(source, out):
 @click.option("--c-a", "c_a", type=int, default=1, show_default=True, help="Index-group chunk length.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random plan scheme.")
 @click.option("--plan-file", default=None, help="JSON {\"comp\": [...], \"group\": [...]} for --scheme explicit.")
+@click.option("--min-delta", type=int, default=DEFAULT_DELTA, show_default=True,
+              help="Refuse a plan whose delta (smallest unseen gap before a node's later run) is below this; "
+                   "see docs/privacy.md. 0: no check.")
+@click.option("--allow-weak-plan", is_flag=True, help="Run a plan below --min-delta anyway (with a warning).")
+@click.option("--public-prefix", type=int, default=-1,
+              help="Leading positions known to everyone (BOS, [CLS], a template). Default: what the tokenizer adds.")
 @click.option("--batch-tokens", type=int, default=8192, show_default=True, help="Tokens per batch (at least one prompt).")
 @click.option("--resume", is_flag=True, help="Skip prompt ids already in --out and append the rest.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
@@ -139,7 +157,7 @@ def doctor(alpha, beta, device):
     """Check a launch: per rank host, role, GPU, MPI library, CUDA-awareness, versions; then a verdict.
 
     Launch it like the job (mpiexec -n W rshard doctor --alpha A --beta B, or under srun). Exit status 0 when
-    the job can run, 1 on a problem, 3 when the processes are not one MPI job."""
+    the job can run, 2 on a problem, 3 when the processes are not one MPI job."""
     _tune_mpi_env()
     from rshard_hpc.doctor import run_doctor
 
@@ -150,6 +168,52 @@ def doctor(alpha, beta, device):
             raise
         _fail(exc)
     sys.exit(status)
+
+
+@main.command("plan")
+@click.option("--alpha", type=int, default=1, show_default=True, help="Number of CompNodes.")
+@click.option("--beta", type=int, default=1, show_default=True, help="AttnNode grid side (beta^2 AttnNodes).")
+@click.option("--scheme", type=click.Choice(["strided", "random", "explicit"]), default="strided", show_default=True)
+@click.option("--c", "c", type=int, default=1, show_default=True, help="CompNode chunk length.")
+@click.option("--c-a", "c_a", type=int, default=1, show_default=True, help="Index-group chunk length.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random plan scheme.")
+@click.option("--plan-file", default=None, help="JSON {\"comp\": [...], \"group\": [...]} for --scheme explicit.")
+@click.option("--length", "n", type=int, default=64, show_default=True,
+              help="Sequence length (a prompt, plus the new tokens when generating).")
+@click.option("--public-prefix", type=int, default=None,
+              help="Leading positions known to everyone. Default: what --model's tokenizer adds, else 0.")
+@click.option("--model", default=None, help="A weight file (.h5) or bundled name: vocabulary size, mask and public "
+                                            "prefix from it.")
+@click.option("--vocab", type=int, default=None, help="Vocabulary size V for the cost exponents (default: the "
+                                                      "model's, else 49152).")
+@click.option("--causal/--bidirectional", default=None,
+              help="Attention mask for the partial counts (default: the model's, else causal).")
+@click.option("--delta", type=int, default=DEFAULT_DELTA, show_default=True,
+              help="Report the smallest alpha, beta reaching this delta at this length.")
+@click.option("--search-max", type=int, default=8, show_default=True, help="Largest alpha and beta searched.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plan_cmd(alpha, beta, scheme, c, c_a, seed, plan_file, n, public_prefix, model, vocab, causal, delta, search_max,
+             as_json):
+    """Show a plan's privacy without MPI: rank layout, every node's view, runs, gaps, cost exponents,
+    first-run exposure, partials over few keys, and the smallest layout reaching --delta (docs/privacy.md)."""
+    import json
+
+    from rshard_hpc.jobs import RunOptions
+    from rshard_hpc.privacy import DEFAULT_VOCAB, jsonable, model_facts, plan_document, render_plan
+
+    try:
+        if alpha < 1 or beta < 1 or n < 0:
+            raise click.UsageError("--alpha and --beta must be >= 1 and --length >= 0")
+        spec = RunOptions(alpha=alpha, beta=beta, scheme=scheme, c=c, c_a=c_a, seed=seed, plan_file=plan_file,
+                          min_delta=delta).plan_spec()
+        facts = model_facts(model) if model else {}
+        doc = plan_document(spec, n,
+                            public_prefix if public_prefix is not None else facts.get("public_prefix", 0),
+                            vocab or facts.get("vocab", DEFAULT_VOCAB),
+                            causal if causal is not None else facts.get("causal", True), delta, search_max)
+    except RshardError as exc:
+        raise click.ClickException(str(exc))
+    click.echo(json.dumps(jsonable(doc), indent=1) if as_json else render_plan(doc))
 
 
 if __name__ == "__main__":
@@ -206,3 +270,47 @@ def bench_job_cmd(alpha, beta, tokens, **opts):
         if isinstance(exc, SystemExit) and not exc.code:
             raise
         _fail(exc)
+
+
+@main.command()
+@click.option("--model", default="SmolLM2-135M-Instruct", show_default=True,
+              help="A Llama weight file (.h5) or a bundled decoder name.")
+@click.option("--prompts", required=True, help="Plain text (a prompt a line) or JSONL ({\"text\"} a line).")
+@click.option("--alpha", type=int, default=3, show_default=True, help="Number of CompNodes.")
+@click.option("--beta", type=int, default=3, show_default=True, help="AttnNode grid side.")
+@click.option("--scheme", type=click.Choice(["strided", "random"]), default="strided", show_default=True)
+@click.option("--c", "c", type=int, default=1, show_default=True, help="CompNode chunk length.")
+@click.option("--c-a", "c_a", type=int, default=2, show_default=True, help="Index-group chunk length.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random plan scheme.")
+@click.option("--layer", type=int, default=1, show_default=True, help="Attack the rows of this layer (0 = context-free).")
+@click.option("--top-k", type=int, default=8, show_default=True, help="Candidates per position from the model's ranking.")
+@click.option("--budget", type=int, default=4096, show_default=True,
+              help="Forward passes (candidate rows) per unknown group; >= vocab size makes the last position exhaustive.")
+@click.option("--beam", type=int, default=8, show_default=True, help="Gap fillings kept at most.")
+@click.option("--tol", type=float, default=1e-3, show_default=True, help="Relative row distance accepted as a match.")
+@click.option("--max-tokens", type=int, default=32, show_default=True, help="Audit the first N tokens of each prompt.")
+@click.option("--node", "nodes", multiple=True, help="Node to audit (attnI_J or compK; repeatable).")
+@click.option("--all-nodes", is_flag=True, help="Every AttnNode and CompNode (default: every AttnNode).")
+@click.option("--assist-layer0", is_flag=True,
+              help="Recover the view's tokens from layer-0 rows first, then attack the gaps at --layer.")
+@click.option("--no-control", is_flag=True, help="Skip the control (the attack on every position).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--out", default=None, help="Also append the table (or JSON with --json) to this file.")
+def audit(model, prompts, alpha, beta, scheme, c, c_a, seed, nodes, all_nodes, no_control, as_json, out, **opts):
+    """Vocab-matching attack with the real model on what each node sees (no MPI; docs/audit.md)."""
+    import json
+
+    from rshard_hpc.audit import _load_prompts, format_report, run_audit
+    from rshard_hpc.plan import PlanSpec
+
+    try:
+        spec = PlanSpec(scheme=scheme, alpha=alpha, beta=beta, c=c, c_a=c_a, seed=seed)
+        rep = run_audit(model, _load_prompts(prompts), spec, nodes=list(nodes) or None, all_nodes=all_nodes,
+                        control=not no_control, echo=lambda line: click.echo(line, err=True), **opts)
+    except RshardError as exc:
+        raise click.ClickException(str(exc))
+    text = json.dumps(rep, indent=1) if as_json else format_report(rep)
+    click.echo(text if as_json else "\n" + text)
+    if out:
+        with open(out, "a", encoding="utf-8") as f:
+            f.write(text + "\n\n")

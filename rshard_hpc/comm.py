@@ -139,6 +139,10 @@ class Transport:
         bounds = np.concatenate([[0], np.cumsum(counts)])
         return [recv[a:b].reshape(-1, width) for a, b in zip(bounds[:-1], bounds[1:])]
 
+    def reset_stats(self) -> None:
+        self.mpi_seconds = self.staging_seconds = 0.0
+        self.bytes_sent = self.bytes_received = 0
+
     def stats(self) -> dict:
         return {"mpi_s": self.mpi_seconds, "staging_s": self.staging_seconds,
                 "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received}
@@ -157,6 +161,12 @@ def _pinned_empty(size: int, dtype):
 
 def gather_objects(comm, obj, root: int = 0):
     return comm.gather(obj, root=root)
+
+
+def gather_ledger(comm, ledger, root: int = 0):
+    """Every rank's visibility ledger (a small dict of position ranges, no token content) to the client;
+    the root gets the list by rank, the others None."""
+    return comm.gather(ledger, root=root)
 
 
 # ------------------------------------------------------------------------------------------ GPU binding
@@ -275,3 +285,8 @@ def _ompi_info_cuda():
         if "built_with_cuda_support:value:" in line:
             return line.rsplit(":", 1)[-1].strip() == "true"
     return None
+
+
+def mpi_library_version() -> str:
+    """The loaded MPI library's own version text (MPI_Get_library_version); "" when MPI cannot be loaded."""
+    return _library_version()

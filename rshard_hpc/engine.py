@@ -4,7 +4,8 @@ Control flow is driven by the client with small broadcast headers (no token cont
   {"op": "batch", "lens": [...]}        a new batch; plans are made for these total lengths
   {"op": "step", "ranges": [(a, b)...], "want": "all" | "last"}
                                          compute positions a … b-1 of each sequence
-  {"op": "end"}                          the batch is done: AttnNodes drop their KV cache
+  {"op": "end"}                          the batch is done: AttnNodes drop their KV cache; every rank's
+                                         visibility ledger of the batch is gathered to the client
   {"op": "stop"}                         the job is done
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 from rshard_hpc import comm
 from rshard_hpc.attention import merge_partials, partial_attention
 from rshard_hpc.plan import PlanSpec, Routing, StepTokens, make_plan
+from rshard_hpc.privacy import compact_ledger, node_of, visible_key_counts
 
 
 class PhaseTimer:
@@ -71,6 +73,9 @@ class _Worker:
                 self.step(tokens, Routing(tokens, self.topo.alpha, self.topo.beta), header["want"])
             elif op == "end":
                 self.end_batch()
+                # the batch's visibility ledger goes to the client (DESIGN §4); token content never does
+                comm.gather_ledger(self.topo.world, {"node": node_of(self.topo), "records": compact_ledger(self.ledger)})
+                self.ledger = []
 
     def begin_batch(self):
         pass
@@ -108,8 +113,21 @@ class CompWorker(_Worker):
             with self.timer("postpass"):
                 o, _ = merge_partials(o_parts, lse_parts)  # (n_k, H, D)
                 h = self.model.post(layer, h, o)
+        self.record_partials(tokens, mine)
         rows = self.model.final_rows(h)[xp.asarray(wanted_local_rows(tokens, routing, k, want))]
         self.transport.gather_rows(self.topo.client_comm, rows, cfg.hidden)
+
+    def record_partials(self, tokens: StepTokens, mine: np.ndarray) -> None:
+        """Ledger: for each of my queries, the key count of the partial from each AttnNode of its row (every
+        layer alike), from the plan: keys of group j computed so far, pos_k <= p when causal."""
+        for s in np.unique(tokens.seq[mine]):
+            sel = mine[tokens.seq[mine] == s]
+            upto = int(tokens.pos[tokens.seq == s].max()) + 1  # the AttnNodes hold keys 0 … upto-1 of s
+            pos = tokens.pos[sel]
+            counts = visible_key_counts(self.plans[s][1], pos, self.topo.beta, self.cfg.causal, upto=upto)
+            for j in range(self.topo.beta):
+                self.ledger.append({"form": "partial", "seq": int(s), "pos": pos.tolist(), "key_group": j,
+                                    "keys": counts[j].tolist()})
 
     def _pack_qkv(self, routing: Routing, q, key, val):
         """Flat send buffer: for AttnNode (i, j) in work order, q of group i then k, v of group j."""
@@ -170,7 +188,8 @@ class AttnWorker(_Worker):
         i, j = topo.attn_coords
         q_tok, kv_tok = routing.attn_q_tokens(i), routing.attn_kv_tokens(j)
         self.record("q", tokens, q_tok)
-        self.record("kv", tokens, kv_tok)
+        self.record("k", tokens, kv_tok)
+        self.record("v", tokens, kv_tok)
         q_pos, q_seq = xp.asarray(tokens.pos[q_tok]), xp.asarray(tokens.seq[q_tok])
         qw = cfg.n_heads * cfg.head_dim
         kvw = cfg.n_kv_heads * cfg.head_dim
@@ -224,6 +243,7 @@ class Client:
         self.topo, self.spec, self.cfg, self.transport = topo, spec, cfg, transport
         self.plans = []
         self.timer = PhaseTimer()
+        self.ledgers = []  # per finished batch: the gathered ledgers, by world rank (None for the client)
 
     def begin_batch(self, lens) -> None:
         lens = [int(n) for n in lens]
@@ -256,6 +276,12 @@ class Client:
 
     def end_batch(self) -> None:
         comm.bcast(self.topo.world, {"op": "end"})
+        self.ledgers.append(comm.gather_ledger(self.topo.world, None))
+
+    def take_ledgers(self) -> list:
+        """The ledgers of the batches finished since the last call (and forget them)."""
+        out, self.ledgers = self.ledgers, []
+        return out
 
     def stop(self) -> None:
         comm.bcast(self.topo.world, {"op": "stop"})

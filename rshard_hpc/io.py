@@ -154,6 +154,18 @@ class ResultWriter:
                 del group["json"]
             group.create_dataset("json", data=json.dumps(payload, default=_json_default), dtype=STR)
 
+    def append_json(self, name: str, dataset: str, payload) -> None:
+        """One more JSON document in the growing string dataset /name/dataset (a row per batch, kept on
+        --resume), e.g. /privacy/ledger."""
+        with h5py.File(self.path, "a") as f:
+            group = f.require_group(name)
+            ds = group.get(dataset)
+            if ds is None:
+                ds = group.create_dataset(dataset, shape=(0,), maxshape=(None,), dtype=STR, chunks=(64,))
+            ds.resize(ds.shape[0] + 1, axis=0)
+            ds[-1] = json.dumps(payload, default=_json_default)
+            f.flush()
+
     def write_table(self, name: str, columns: dict) -> None:
         """Columns of equal length as datasets under /name (replaced each run)."""
         with h5py.File(self.path, "a") as f:

@@ -11,7 +11,7 @@ import numpy as np
 from rshard_hpc import __version__, comm, testhooks
 from rshard_hpc.errors import InputError, RshardError
 from rshard_hpc.generate import GenerateSettings, LmHead, generate_batch
-from rshard_hpc.plan import PlanSpec, make_plan, privacy_summary
+from rshard_hpc.plan import DEFAULT_DELTA, PlanSpec
 from rshard_hpc.progress import Progress, say
 from rshard_hpc.topology import Topology
 
@@ -38,6 +38,9 @@ class RunOptions:
     dtype: str = "float32"
     progress: bool = True
     generate: dict = field(default_factory=dict)  # generation settings (task "generate")
+    min_delta: int = DEFAULT_DELTA  # refuse a plan whose δ is below this (DESIGN §4, docs/privacy.md)
+    allow_weak_plan: bool = False  # run a plan below min_delta anyway (with a warning)
+    public_prefix: int = -1  # positions known to all (BOS, [CLS], a template); -1: what the tokenizer adds
 
     def plan_spec(self) -> PlanSpec:
         explicit = None
@@ -46,7 +49,8 @@ class RunOptions:
                 explicit = json.loads(Path(self.plan_file).read_text())
             except (OSError, ValueError) as exc:
                 raise InputError(f"cannot read plan file {self.plan_file}: {exc}") from exc
-        spec = PlanSpec(self.scheme, self.alpha, self.beta, self.c, self.c_a, self.seed, explicit)
+        spec = PlanSpec(self.scheme, self.alpha, self.beta, self.c, self.c_a, self.seed, explicit,
+                        target_delta=max(1, self.min_delta))
         spec.check()
         return spec
 
@@ -63,8 +67,8 @@ def run(opts: RunOptions) -> None:
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD
-    testhooks.rank_started(world.Get_rank())
     topo = Topology.build(world, opts.alpha, opts.beta)  # a bad size raises on every rank alike
+    testhooks.rank_started(topo.rank)  # off unless RSHARD_PID_DIR / RSHARD_TEST_FAIL_RANK
     spec = opts.plan_spec()
     job = _prepare_client(topo, opts, spec) if topo.is_client else None
     prepared = comm.bcast(world, job.prepared if job else None)
@@ -150,6 +154,11 @@ class ClientJob:
         self._check_task()
         prompts = read_prompts(opts.prompts)
         self.codec = TextCodec(model_path, self.cfg)
+        self.settings = GenerateSettings.from_dict(opts.generate)
+        if opts.task == "generate" and self.settings.max_new_tokens < 1:
+            raise InputError("--max-new-tokens must be at least 1")
+        tokenized = {p.id: self._tokenize(p) for p in prompts}
+        self.privacy = self._check_privacy(prompts, tokenized)  # a weak plan is refused before any file is written
         attrs = {"model": str(opts.model), "model_name": self.cfg.name, "task": opts.task, "alpha": opts.alpha,
                  "beta": opts.beta, "plan_scheme": spec.scheme, "plan_params": json.dumps(spec.params()),
                  "backend": opts.device, "precision": opts.dtype, "world_size": topo.world.Get_size(),
@@ -157,12 +166,46 @@ class ClientJob:
         self.writer = ResultWriter(opts.out, attrs, opts.task, resume=opts.resume, overwrite=opts.overwrite)
         self.todo = [p for p in prompts if p.id not in self.writer.done_ids]
         self.skipped = len(prompts) - len(self.todo)
-        self.settings = GenerateSettings.from_dict(opts.generate)
-        if opts.task == "generate" and self.settings.max_new_tokens < 1:
-            raise InputError("--max-new-tokens must be at least 1")
-        self.token_ids = [self._tokenize(p) for p in self.todo]
+        self.token_ids = [tokenized[p.id] for p in self.todo]
+        self.ledger_docs = []  # this run's visibility ledgers, one per batch (also in /privacy/ledger)
         self.model_path = model_path
         self.prepared = Prepared(str(model_path))
+
+    def _plan_length(self, n_tokens: int) -> int:
+        """The length plans are made for: the prompt, plus the new tokens when generating (DESIGN §5)."""
+        return n_tokens + (self.settings.max_new_tokens if self.opts.task == "generate" else 0)
+
+    def _check_privacy(self, prompts, tokenized) -> dict:
+        """Refuse a plan below --min-delta (DESIGN §4) unless --allow-weak-plan; the verdict for the report."""
+        from rshard_hpc.privacy import check_job, tokenizer_public_prefix
+
+        opts = self.opts
+        self.public_prefix = opts.public_prefix
+        if self.public_prefix < 0:
+            self.public_prefix = tokenizer_public_prefix(self.codec, self._chat if self.settings.chat else None)
+        lengths = {p.id: self._plan_length(len(tokenized[p.id])) for p in prompts}
+        verdict = check_job(self.spec, lengths.values(), opts.min_delta, self.public_prefix)
+        if not verdict["ok"] and not opts.allow_weak_plan:
+            raise InputError(verdict["message"])
+        verdict["exposed_prompts"] = {pid: {"length": len(tokenized[pid]), "seen_whole_by": verdict["exposed"][n]}
+                                      for pid, n in lengths.items() if n in verdict["exposed"]}
+        return verdict
+
+    def _say_privacy(self) -> None:
+        from rshard_hpc.privacy import node_label
+
+        v = self.privacy
+        say(f"privacy: plan delta={v['delta']:g} (required --min-delta {v['required']:g}, public prefix "
+            f"{v['public_prefix']}); report and ledger in {self.opts.out}:/privacy")
+        if not v["ok"]:
+            say(f"warning: running a plan below the required delta (--allow-weak-plan): {v['message']}")
+        exposed = v["exposed_prompts"]
+        if exposed:
+            shown = ", ".join(f"{pid} ({e['length']} tokens; {node_label(e['seen_whole_by'][0])})"
+                              for pid, e in list(exposed.items())[:5])
+            more = f" and {len(exposed) - 5} more" if len(exposed) > 5 else ""
+            say(f"warning: {len(exposed)} prompt{'s are' if len(exposed) > 1 else ' is'} too short for this plan "
+                f"to split: a node sees {'them' if len(exposed) > 1 else 'it'} whole: {shown}{more}")
 
     def _check_task(self) -> None:
         if self.opts.task == "embed" and self.cfg.pooling == "none":
@@ -214,6 +257,7 @@ class ClientJob:
         say(f"{opts.task} with {self.cfg.name}: {len(self.todo)} prompts, {total_tokens} tokens, "
             f"alpha={opts.alpha} beta={opts.beta} ({self.topo.world.Get_size()} ranks), plan {self.spec.scheme} "
             f"c={self.spec.c} c_a={self.spec.c_a}, device {opts.device}")
+        self._say_privacy()
         progress = Progress(len(self.todo), total_tokens, enabled=opts.progress)
         lens = []
         for batch in self.batches():
@@ -225,6 +269,7 @@ class ClientJob:
             else:
                 token_ids, texts = generate_batch(client, self.codec, self.cfg, self.head, seqs, ids, self.settings)
                 self.writer.append_generated(ids, token_ids, texts)
+            self._append_ledger(client, ids, seqs)
             lens += [len(s) for s in seqs]
             progress.batch_done(len(batch), int(sum(len(s) for s in seqs)))
             testhooks.batch_finished(progress.batches)  # off unless RSHARD_PID_DIR / RSHARD_TEST_SLOW_BATCH_S
@@ -244,14 +289,29 @@ class ClientJob:
             vec = vec / max(np.linalg.norm(vec), 1e-12)
         return vec.astype(np.float32)
 
+    def _append_ledger(self, client, ids, seqs) -> None:
+        """The batch's gathered ledgers, sequence indices mapped to prompt ids, to /privacy/ledger."""
+        from rshard_hpc.privacy import ledger_document
+
+        for gathered in client.take_ledgers():
+            doc = ledger_document(gathered, ids, [len(s) for s in seqs], [self._plan_length(len(s)) for s in seqs])
+            self.writer.append_json("privacy", "ledger", doc)
+            self.ledger_docs.append(doc)
+
     def _write_reports(self, lens, stats) -> None:
-        a, b = self.opts.alpha, self.opts.beta
-        reports = {}
-        for n in sorted(set(lens)):
-            comp, group = make_plan(self.spec, n)
-            reports[str(n)] = privacy_summary(comp, group, a, b)
-        deltas = [r["delta"] for r in reports.values()]
-        self.writer.write_json("privacy", {"plan": self.spec.params(), "by_length": reports,
-                                           "delta": min(deltas) if deltas else None})
+        from rshard_hpc.privacy import check_ledger, jsonable, plan_report, rank_layout, report_lengths
+
+        pp, vocab, causal = self.public_prefix, self.cfg.vocab_size, self.cfg.causal
+        plan_lens = [self._plan_length(n) for n in lens]
+        verdict = self.privacy
+        self.writer.write_json("privacy", jsonable({
+            "plan": self.spec.params(), "layout": rank_layout(self.opts.alpha, self.opts.beta),
+            "public_prefix": pp, "vocab": vocab, "causal": causal,
+            "min_delta": self.opts.min_delta, "allow_weak_plan": self.opts.allow_weak_plan,
+            "delta": verdict["delta"], "meets_min_delta": verdict["ok"], "suggestion": verdict["suggestion"],
+            "exposed_prompts": verdict["exposed_prompts"],
+            "ledger_check": check_ledger(self.ledger_docs, self.spec, pp, causal),
+            "by_length": {str(n): plan_report(self.spec, n, pp, vocab, causal) for n in report_lengths(plan_lens)},
+        }))
         columns = {key: [s[key] for s in stats] for key in stats[0]}
         self.writer.write_table("stats", columns)

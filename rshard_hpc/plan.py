@@ -13,6 +13,7 @@ import numpy as np
 from rshard_hpc.errors import InputError
 
 SCHEMES = ("strided", "random", "explicit")
+DEFAULT_DELTA = 2  # the δ `rshard run` requires unless told otherwise (docs/privacy.md says why)
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class PlanSpec:
     c_a: int = 1  # index-group chunk length
     seed: int = 0  # for scheme "random"
     explicit: dict = field(default=None, compare=False, hash=False)  # {"comp": [...], "group": [...]}
+    target_delta: int = DEFAULT_DELTA  # scheme "random": the CompNode gap its choices keep (DESIGN §4)
 
     def check(self) -> None:
         if self.scheme not in SCHEMES:
@@ -46,24 +48,31 @@ def make_plan(spec: PlanSpec, n: int) -> tuple[np.ndarray, np.ndarray]:
         group = (p // spec.c_a) % spec.beta
     elif spec.scheme == "random":
         rng = np.random.default_rng([spec.seed, n])
-        comp = _random_chunks(rng, n, spec.c, spec.alpha)
-        group = _random_chunks(rng, n, spec.c_a, spec.beta)
+        # CompNode k's next chunk comes at least ceil(δ/c) chunks after its last one (when alpha allows it)
+        comp_window = min(spec.alpha - 1, max(1, -(-spec.target_delta // spec.c)))
+        comp = _random_chunks(rng, n, spec.c, spec.alpha, comp_window)
+        group = _random_chunks(rng, n, spec.c_a, spec.beta, 1, third_distinct=True)
     else:
         comp, group = _explicit(spec, n)
     return comp.astype(np.int32), group.astype(np.int32)
 
 
-def _random_chunks(rng, n: int, chunk: int, parts: int) -> np.ndarray:
-    """Chunks of `chunk` positions, each given a random part unlike its predecessor's."""
+def _random_chunks(rng, n: int, chunk: int, parts: int, window: int, third_distinct: bool = False) -> np.ndarray:
+    """Chunks of `chunk` positions; each chunk's part is drawn uniformly among the parts not used by the
+    `window` chunks before it (so a part's chunks are >= window * chunk positions apart). With
+    `third_distinct` the third chunk also avoids the first two parts (3 parts in the first 3 chunks: no
+    pair of index groups covers a sequence longer than 2 chunks)."""
     n_chunks = -(-n // chunk) if n else 0
     labels = np.zeros(n_chunks, dtype=np.int64)
-    for t in range(1, n_chunks):
-        if parts == 1:
-            break
-        step = rng.integers(1, parts)  # never 0: a neighbour chunk goes elsewhere
-        labels[t] = (labels[t - 1] + step) % parts
-    if n_chunks:
-        labels = (labels + rng.integers(0, parts)) % parts
+    draws = rng.random(n_chunks)
+    for t in range(n_chunks):
+        allowed = list(range(parts))
+        for back in range(2 if (third_distinct and t == 2) else window, 0, -1):  # widest window that leaves a part
+            recent = set(labels[max(0, t - back):t].tolist())
+            if len(recent) < parts:
+                allowed = [x for x in range(parts) if x not in recent]
+                break
+        labels[t] = allowed[int(draws[t] * len(allowed))]
     return np.repeat(labels, chunk)[:n]
 
 

@@ -1,17 +1,28 @@
-"""Progress and summary lines, printed by rank 0 only (stderr)."""
+"""Progress and summary lines, printed by rank 0 only (stderr).
+
+On a terminal the progress line is redrawn after every batch; otherwise (a batch log) at most one line is
+printed every `interval` seconds (30 by default, `RSHARD_PROGRESS_INTERVAL_S` to change it)."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 
+LOG_INTERVAL_S = 30.0  # seconds between progress lines when stderr is not a terminal
+
 
 class Progress:
-    def __init__(self, total_prompts: int, total_tokens: int, enabled: bool = True, stream=None):
+    def __init__(self, total_prompts: int, total_tokens: int, enabled: bool = True, stream=None,
+                 interval: float | None = None):
         self.total_prompts, self.total_tokens = total_prompts, total_tokens
         self.enabled = enabled
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
+        if interval is None:
+            interval = float(os.environ.get("RSHARD_PROGRESS_INTERVAL_S") or LOG_INTERVAL_S)
+        self.interval = interval
         self.start = time.perf_counter()
+        self.last_line = self.start  # when the last progress line was printed (not a terminal)
         self.prompts = self.tokens = self.batches = 0
 
     def batch_done(self, n_prompts: int, n_tokens: int) -> None:
@@ -28,7 +39,8 @@ class Progress:
                 f"{self.tokens}/{self.total_tokens} tokens, {rate:,.0f} tokens/s, ETA {eta:,.0f} s")
         if self.tty:
             print("\r" + line, end="", file=self.stream, flush=True)
-        else:
+        elif self.start + elapsed - self.last_line >= self.interval:  # a log: one line per interval at most
+            self.last_line = self.start + elapsed
             print(line, file=self.stream, flush=True)
 
     def finish(self) -> float:

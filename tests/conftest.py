@@ -18,13 +18,17 @@ def mpi_env(extra=None) -> dict:
     env["MPIR_CVAR_ENABLE_HEAVY_YIELD"] = "1"  # MPICH: yield when oversubscribed (more ranks than cores)
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("HF_HUB_OFFLINE", "1")
+    # Open MPI (the GPU machine's launcher): root and more ranks than cores are fine for tests
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    env.setdefault("OMPI_MCA_rmaps_base_oversubscribe", "1")
     env.update(extra or {})
     return env
 
 
 def mpiexec(n: int, args: list, timeout: float = MPI_TIMEOUT, env=None, cwd=None) -> subprocess.CompletedProcess:
     """Run `args` on n ranks through the real mpiexec; a timeout fails the test (a hang)."""
-    launcher = shutil.which("mpiexec")
+    launcher = shutil.which("mpiexec") or shutil.which("mpirun")
     if launcher is None:
         pytest.skip("mpiexec not found (pip install mpich)")
     cmd = [launcher, "-n", str(n)] + [str(a) for a in args]

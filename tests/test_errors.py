@@ -12,7 +12,7 @@ WORLD = 7  # alpha = 2, beta = 2
 def run_and_collect(tmp_path, args, world=WORLD, alpha=2, beta=2):
     exits = tmp_path / "exits"
     exits.mkdir(exist_ok=True)
-    base = ["run", "--alpha", alpha, "--beta", beta, "--quiet"]
+    base = ["run", "--alpha", alpha, "--beta", beta, "--quiet", "--allow-weak-plan"]  # alpha=2, beta=2: not private
     result = rshard(world, base + args, env={"RSHARD_EXIT_DIR": str(exits)})
     codes = {p.stem: int(p.read_text()) for p in exits.glob("*.exit")}
     return result, codes

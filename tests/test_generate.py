@@ -66,7 +66,7 @@ def test_sampling_is_reproducible_and_stops(tmp_path, tiny_llama):
     prompts.write_text("t5 t6 t7\nt8\nt9 t10 t11 t12 t13\nt3 t4\n")
     common = ["run", "--task", "generate", "--model", tiny_llama, "--prompts", prompts, "--alpha", 2, "--beta", 2,
               "--max-new-tokens", 12, "--temperature", 1.3, "--top-k", 20, "--top-p", 0.9, "--sample-seed", 7,
-              "--quiet"]
+              "--quiet", "--allow-weak-plan"]  # alpha=2, beta=2: not private
     outs = []
     for name, batch in (("a.h5", 4096), ("b.h5", 3)):  # different batching, same streams per prompt
         result = rshard(7, common + ["--out", tmp_path / name, "--batch-tokens", batch])
@@ -157,9 +157,30 @@ def test_smollm2_cli_generate_chat(smollm2, tmp_path):
     prompts.write_text(json.dumps({"id": "hi", "text": "What is 2+2?"}) + "\n")
     out = tmp_path / "g.h5"
     result = rshard(4, ["run", "--task", "generate", "--model", "SmolLM2-135M-Instruct", "--prompts", prompts,
-                        "--out", out, "--alpha", 2, "--beta", 1, "--chat", "--max-new-tokens", 16], timeout=600)
+                        "--out", out, "--alpha", 2, "--beta", 1, "--chat", "--max-new-tokens", 16, "--allow-weak-plan"],
+                    timeout=600)
     assert result.returncode == 0, result.stderr
     with h5py.File(out) as f:
         text = f["generated/text"][0].decode()
         assert len(f["generated/token_ids"][0]) >= 1
     assert "4" in text, text
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    cupy = pytest.importorskip("cupy", reason="CuPy is not installed (GPU tests run on the GPU machine)")
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            pytest.skip("no GPU")
+    except Exception as exc:  # no driver
+        pytest.skip(f"no GPU ({exc})")
+
+
+@pytest.mark.parametrize("alpha,beta,c,c_a", [(2, 2, 1, 1), (2, 3, 2, 3)])
+def test_smollm2_gpu_generation_matches_transformers(gpu, smollm2, smollm2_reference, alpha, beta, c, c_a):
+    """The same check on the GPU path: CompNode math on CuPy, the partial-attention kernel, staged MPI."""
+    _, weights_path = smollm2
+    result = mpiexec(1 + alpha + beta * beta,
+                     [sys.executable, SCRIPT, weights_path, smollm2_reference, alpha, beta, c, c_a, "gpu"], timeout=600)
+    print(result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -15,7 +15,8 @@ def test_resume_completes_a_partial_run(tmp_path, tiny_bert):
     full.write_text("\n".join(lines) + "\n")
     half = tmp_path / "half.jsonl"
     half.write_text("\n".join(lines[:4]) + "\n")
-    base = ["run", "--model", tiny_bert, "--alpha", 2, "--beta", 1, "--batch-tokens", 50, "--quiet"]
+    base = ["run", "--model", tiny_bert, "--alpha", 2, "--beta", 1, "--batch-tokens", 50, "--quiet",
+            "--allow-weak-plan"]  # beta = 1: not private, small and fast
     assert rshard(4, base + ["--prompts", full, "--out", tmp_path / "a.h5"]).returncode == 0
     assert rshard(4, base + ["--prompts", half, "--out", tmp_path / "b.h5"]).returncode == 0
     resumed = rshard(4, base + ["--prompts", full, "--out", tmp_path / "b.h5", "--resume"])

@@ -1,6 +1,6 @@
 """Run under mpiexec: sharded prefill logits and greedy generation against a reference saved in an .npz.
 
-usage: mpiexec -n W python tests/mpi/generate_check.py MODEL.h5 REF.npz ALPHA BETA C C_A
+usage: mpiexec -n W python tests/mpi/generate_check.py MODEL.h5 REF.npz ALPHA BETA C C_A [cpu|gpu]
 REF.npz holds prompts (object array of id lists), logits (n, vocab) at each prompt's last position,
 greedy ids (n, T) and margins (n, T) (top-2 logit gap of the reference at each step).
 Every rank exits 0 only if all checks pass (a collective verdict); rank 0 prints the measured numbers.
@@ -53,7 +53,7 @@ def client_checks(topo, spec, cfg, path, ref) -> bool:
     client.stop()
     same = [agreeing_prefix_ok(g, list(w), m) for g, w, m in zip(got, ref["greedy"], ref["margins"])]
     exact = sum(int(list(g) == list(w)) for g, w in zip(got, ref["greedy"]))
-    print(f"alpha={topo.alpha} beta={topo.beta} c={spec.c} c_a={spec.c_a}: last-position logits max abs diff "
+    print(f"alpha={topo.alpha} beta={topo.beta} c={spec.c} c_a={spec.c_a} {sys.argv[7] if len(sys.argv) > 7 else 'cpu'}: last-position logits max abs diff "
           f"{logit_err:.2e}; greedy ids identical for {exact}/{len(prompts)} prompts x {steps} tokens; "
           f"agree up to the first low-margin step: {sum(same)}/{len(prompts)}", flush=True)
     for g, w in zip(got, ref["greedy"]):
@@ -65,18 +65,25 @@ def client_checks(topo, spec, cfg, path, ref) -> bool:
 def main():
     path, ref_path = sys.argv[1], sys.argv[2]
     alpha, beta, c, c_a = map(int, sys.argv[3:7])
+    device = sys.argv[7] if len(sys.argv) > 7 else "cpu"
     world = MPI.COMM_WORLD
     topo = Topology.build(world, alpha, beta)
     spec = PlanSpec("strided", alpha, beta, c, c_a)
     cfg = weights.read_config(path)
+    xp, transport = np, Transport()
+    if device == "gpu" and not topo.is_client:
+        from rshard_hpc import backend
+
+        xp = backend.use_gpu(topo)
+        transport = Transport(gpu_aware=backend.choose_gpu_aware("auto"))
     ok = True
     if topo.role == "client":
         ref = np.load(ref_path, allow_pickle=True)
         ok = client_checks(topo, spec, cfg, path, ref)
     elif topo.role == "comp":
-        CompWorker(topo, spec, load_model(path), Transport()).serve()
+        CompWorker(topo, spec, load_model(path, xp=xp), transport, xp=xp).serve()
     else:
-        AttnWorker(topo, spec, cfg, Transport()).serve()
+        AttnWorker(topo, spec, cfg, transport, xp=xp).serve()
     verdict = world.allreduce(int(ok), op=MPI.MIN)
     sys.exit(0 if verdict else 1)
 

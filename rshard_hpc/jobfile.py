@@ -1,0 +1,123 @@
+"""Job description files: one TOML (or JSON) file of `rshard run` options, shared by every launch of a job.
+
+A key is an option name with dashes or underscores (`c-a` or `c_a`); values become click's defaults, so an
+option on the command line overrides the file. Relative paths stay relative to the working directory of the
+launch (for `sbatch`, the submit directory), exactly as on the command line. TOML needs Python 3.11+
+(`tomllib`) or the `tomli` package; JSON (`.json`) always works.
+
+    # slurm/job.toml
+    task = "embed"
+    prompts = "inputs/sample.jsonl"
+    alpha = 3
+    beta = 3
+    c_a = 2
+
+`python -m rshard_hpc.jobfile FILE [rshard run options]` prints "W ALPHA BETA", the job's world size
+W = 1 + alpha + beta^2 and its layout (an --alpha/--beta among the options wins, as in `rshard run`);
+`slurm/run.sh` uses it to ask Slurm for the right number of tasks.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from rshard_hpc.errors import InputError
+
+
+def _toml_loads(text: str) -> dict:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ImportError as exc:
+            raise InputError("TOML job files need Python 3.11+ or `pip install tomli`; "
+                             "or write the job file as JSON (.json)") from exc
+    return tomllib.loads(text)
+
+
+def load(path) -> dict:
+    """The job file as {option name with underscores: value}; an InputError names the file on any problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read job file {path}: {exc}") from exc
+    try:
+        data = json.loads(text) if path.suffix == ".json" else _toml_loads(text)
+    except ValueError as exc:  # json.JSONDecodeError and tomllib.TOMLDecodeError are ValueErrors
+        raise InputError(f"job file {path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise InputError(f"job file {path} must hold a table of options")
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            raise InputError(f"job file {path}: [{key}] tables are not options; write `key = value` lines only")
+        out[str(key).replace("-", "_")] = value
+    return out
+
+
+def config_callback(strict: bool = True):
+    """A click callback for an eager `--config FILE` option: the file's values become the command's defaults.
+
+    strict: a key that is no option of the command is an error (naming the valid keys); otherwise such keys
+    are ignored (`rshard doctor` reads only the layout from a `rshard run` job file)."""
+    import click
+
+    def callback(ctx, param, value):
+        if not value:
+            return value
+        try:
+            data = load(value)
+        except InputError as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=param)
+        names = {p.name for p in ctx.command.params if p.name != param.name}
+        unknown = sorted(set(data) - names)
+        if unknown and strict:
+            raise click.BadParameter(f"job file {value}: unknown option(s) {', '.join(unknown)} "
+                                     f"(valid: {', '.join(sorted(names))})", ctx=ctx, param=param)
+        defaults = dict(ctx.default_map or {})
+        defaults.update({k: v for k, v in data.items() if k in names})
+        ctx.default_map = defaults
+        return value
+
+    return callback
+
+
+def layout(path, argv=()) -> tuple[int, int]:
+    """(alpha, beta) of the job file at `path`, with --alpha/--beta in argv taking precedence."""
+    data = load(path)
+    values = {"alpha": data.get("alpha", 1), "beta": data.get("beta", 1)}
+    args = list(argv)
+    for n, arg in enumerate(args):
+        for key in values:
+            if arg == f"--{key}" and n + 1 < len(args):
+                values[key] = args[n + 1]
+            elif arg.startswith(f"--{key}="):
+                values[key] = arg.split("=", 1)[1]
+    try:
+        alpha, beta = int(values["alpha"]), int(values["beta"])
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"job file {path}: alpha and beta must be integers ({exc})") from exc
+    if alpha < 1 or beta < 1:
+        raise InputError(f"job file {path}: alpha and beta must be >= 1 (got alpha={alpha}, beta={beta})")
+    return alpha, beta
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m rshard_hpc.jobfile JOB_FILE [rshard run options]  (prints: 1+alpha+beta^2 alpha beta)")
+        return 0 if argv else 2
+    try:
+        alpha, beta = layout(argv[0], argv[1:])
+        print(1 + alpha + beta * beta, alpha, beta)
+    except InputError as exc:
+        print(f"rshard: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

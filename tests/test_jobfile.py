@@ -1,0 +1,74 @@
+"""Job files (`rshard run --config FILE`): TOML or JSON options as defaults, the command line overrides them."""
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import REPO
+from rshard_hpc import cli, jobfile, jobs
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """The RunOptions `rshard run` would run with (no MPI job is started)."""
+    seen = []
+    monkeypatch.setattr(jobs, "run", seen.append)
+    return seen
+
+
+def invoke(args):
+    return CliRunner().invoke(cli.main, ["run"] + [str(a) for a in args], catch_exceptions=False)
+
+
+def test_sample_job_file(captured):
+    result = invoke(["--config", REPO / "slurm/job.toml"])
+    assert result.exit_code == 0, result.output
+    opts = captured[0]
+    assert (opts.task, opts.model, opts.prompts, opts.alpha, opts.beta, opts.c, opts.c_a) == \
+        ("embed", "all-MiniLM-L6-v2", "inputs/sample.jsonl", 3, 3, 1, 2)
+    assert jobfile.main([str(REPO / "slurm/job.toml")]) == 0
+
+
+def test_command_line_overrides_the_file(tmp_path, captured):
+    job = tmp_path / "job.toml"
+    job.write_text('prompts = "a.jsonl"\nout = "a.h5"\nalpha = 3\nbeta = 3\nc-a = 2\nquiet = true\n')
+    result = invoke(["--alpha", 2, "--config", job, "--out", "b.h5"])  # --config's place does not matter
+    assert result.exit_code == 0, result.output
+    opts = captured[0]
+    assert (opts.prompts, opts.out, opts.alpha, opts.beta, opts.c_a, opts.progress) == ("a.jsonl", "b.h5", 2, 3, 2, False)
+
+
+def test_json_job_file(tmp_path, captured):
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"prompts": "p.txt", "out": "o.h5", "batch_tokens": 64, "scheme": "random"}))
+    assert invoke(["--config", job]).exit_code == 0
+    assert (captured[0].batch_tokens, captured[0].scheme) == (64, "random")
+
+
+@pytest.mark.parametrize("text,message", [
+    ('prompts = "a"\nalhpa = 3\n', "unknown option(s) alhpa"),
+    ('prompts = "a"\nalpha = \n', "not valid TOML"),
+    ('[slurm]\nntasks = 3\n', "[slurm] tables are not options"),
+    ('prompts = "a"\nout = "o"\nalpha = "three"\n', "'three' is not a valid integer"),
+    ('prompts = "a"\nout = "o"\nscheme = "zigzag"\n', "'zigzag' is not one of"),
+])
+def test_bad_job_files_are_clear_errors(tmp_path, captured, text, message):
+    job = tmp_path / "job.toml"
+    job.write_text(text)
+    result = invoke(["--config", job])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not captured
+
+
+def test_missing_job_file(tmp_path, captured):
+    result = invoke(["--config", tmp_path / "nope.toml"])
+    assert result.exit_code == 2 and "cannot read job file" in result.output
+
+
+def test_world_size_for_run_sh(tmp_path, capsys):
+    job = tmp_path / "job.toml"
+    job.write_text("alpha = 3\nbeta = 3\n")
+    assert jobfile.main([str(job)]) == 0 and capsys.readouterr().out.split() == ["13", "3", "3"]
+    assert jobfile.main([str(job), "--out", "x.h5", "--alpha", "2", "--beta=1"]) == 0
+    assert capsys.readouterr().out.split() == ["4", "2", "1"]
+    assert jobfile.main([str(tmp_path / "nope.toml")]) == 2
