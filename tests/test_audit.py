@@ -114,32 +114,54 @@ def smol():
     return str(path)
 
 
-PROMPT = "The meeting with the board about the merger has been moved"
+PROMPT = "The meeting with the board about the merger has been moved"  # 8 tokens audited: ranks <= 1006
 
 
-def test_real_control_recovers_the_prompt(smol):
+@pytest.fixture(scope="module")
+def control(smol):
+    """The control (every position's layer-1 k, v rows) with a budget that covers this prompt's ranks."""
     spec = PlanSpec(alpha=3, beta=3, c=1, c_a=2)
-    rep = run_audit(smol, [PROMPT], spec, layer=1, top_k=8, budget=2048, beam=4, nodes=[], max_tokens=10)
-    ctl = rep["nodes"]["control"]
-    assert ctl["seen"] == 10
+    return run_audit(smol, [PROMPT], spec, layer=1, top_k=8, budget=1024, beam=2, nodes=[], max_tokens=8)
+
+
+def test_real_control_recovers_the_prompt(control):
+    ctl = control["nodes"]["control"]
+    assert ctl["seen"] == 8 and ctl["false_matches"] == 0
     assert ctl["recovered"] >= 0.95 * ctl["seen"], ctl
 
 
 def test_real_layer0_rows_give_the_view_whatever_delta(smol):
     """Layer-0 rows are context-free: an AttnNode of a δ = 2 plan inverts every token it sees."""
     spec = PlanSpec(alpha=3, beta=3, c=1, c_a=2)
-    rep = run_audit(smol, [PROMPT], spec, layer=0, top_k=8, budget=49152, beam=4, nodes=["attn0_1"],
-                    max_tokens=10, control=False)
+    rep = run_audit(smol, [PROMPT], spec, layer=0, top_k=8, budget=49152, beam=2, nodes=["attn0_1"],
+                    max_tokens=8, control=False)
     node = rep["nodes"]["attn0_1"]
-    assert node["seen"] > 0 and node["interior_seen"] > 0
+    assert rep["delta"] >= 2 and node["seen"] > 0 and node["interior_seen"] > 0
     assert node["recovered"] == node["seen"] and node["false_matches"] == 0
 
 
-def test_real_delta2_layer1_hides_interior_runs(smol):
+def test_real_delta2_layer1_hides_interior_runs(smol, control):
     """At layer 1, with a small budget, a δ = 2 AttnNode recovers fewer interior-run tokens than the control."""
     spec = PlanSpec(alpha=3, beta=3, c=1, c_a=2)
-    rep = run_audit(smol, [PROMPT], spec, layer=1, top_k=4, budget=64, beam=4, nodes=["attn0_1"], max_tokens=10)
-    node, ctl = rep["nodes"]["attn0_1"], rep["nodes"]["control"]
+    rep = run_audit(smol, [PROMPT], spec, layer=1, top_k=4, budget=64, beam=4, nodes=["attn0_1"], max_tokens=8,
+                    control=False)
+    node, ctl = rep["nodes"]["attn0_1"], control["nodes"]["control"]
     assert rep["delta"] >= 2 and node["interior_seen"] > 0
     assert node["interior_recovered"] / node["interior_seen"] < ctl["recovered"] / ctl["seen"]
     assert node["false_matches"] == 0
+
+
+def test_cli_audit_tiny(tiny, tmp_path):
+    from click.testing import CliRunner
+
+    from rshard_hpc.cli import main
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("t5 t17 t3 t88 t41 t9 t60 t22\n")
+    out = tmp_path / "audit.md"
+    res = CliRunner().invoke(main, ["audit", "--model", str(tiny), "--prompts", str(prompts), "--alpha", "3",
+                                    "--beta", "3", "--c-a", "2", "--layer", "1", "--budget", "97", "--top-k", "4",
+                                    "--node", "attn0_1", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "| attn0_1 |" in res.output and "control: 100.0% recovered" in res.output
+    assert "| control |" in out.read_text()
