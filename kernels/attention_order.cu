@@ -67,7 +67,8 @@ extern "C" __global__ void key_ranges(const long long* __restrict__ q_key, int n
     const long long last = q_key[min((t + 1) * tile, nq) - 1];
     const long long seq_first = first >> 32, seq_last = last >> 32;
     range[2 * t] = lower_bound(k_key, nk, seq_first * 4294967296LL);
-    range[2 * t + 1] = causal ? lower_bound(k_key, nk, last + 1) : lower_bound(k_key, nk, (seq_last + 1) * 4294967296LL);
+    range[2 * t + 1] = causal ? lower_bound(k_key, nk, last + 1)
+                              : lower_bound(k_key, nk, (seq_last + 1) * 4294967296LL);
 }
 
 // K and V (n, Hkv, D) bf16 -> (Hkv, n_pad, D) in sorted row order, zero rows from n to n_pad: a key tile of

@@ -6,7 +6,9 @@
 // and compiles it with NVRTC for the running GPU.
 //
 // Rows are visited in an order sorted by (sequence, position), given by q_idx / k_idx (sorted slot ->
-// original row); outputs are written back to the original rows. Per tile the host gives
+// original row); outputs are written back to the original rows. The tensor-core kernel takes K and V
+// already gathered into that order, per KV head (kernels/attention_order.cu: gather_kv), and nk_pad in
+// place of k_idx. Per tile the host gives
 //   q_info[t] = {seq_min, seq_max, pos_min, pos_max} of query tile t (sorted order),
 //   k_info[t] = the same for key tile t (tiles of the kernel's key-tile size, aligned to 0),
 //   k_range[t] = {lo, hi}: the sorted keys that any query of tile t may see lie in [lo, hi).
@@ -442,7 +444,8 @@ attn_fwd_mma(const unsigned short* __restrict__ q, const unsigned short* __restr
 #pragma unroll
             for (int np = 0; np < HEAD_DIM / 16; ++np) {
                 unsigned int b[4];
-                ldmatrix_x4_trans(b, cV + (ks * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * DP + np * 16 + (lane / 16) * 8);
+                ldmatrix_x4_trans(b, cV + (ks * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * DP
+                                         + np * 16 + (lane / 16) * 8);
 #pragma unroll
                 for (int mt = 0; mt < MMA_MT; ++mt) {
                     mma_bf16(acc[mt][2 * np], pf[mt][ks], b[0], b[1]);

@@ -72,10 +72,6 @@ def _simt_tpr(head_dim: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- dtypes
-def is_bf16(a) -> bool:
-    return a.dtype.name == "bfloat16" or a.dtype == np.uint16
-
-
 def to_bf16_bits(x):
     """float array (NumPy or CuPy) -> uint16 bf16 bit patterns, round to nearest even (same module)."""
     xp = np if isinstance(x, np.ndarray) else _cupy()

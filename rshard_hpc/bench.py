@@ -8,8 +8,9 @@ head dim 128 with 32 / 8; causal and bidirectional; bf16 and fp32. torch gets th
 backend is named in the table. "block" rows time what one AttnNode of a beta = 2, c_a = 1 plan does:
 queries of the even positions against keys of the odd ones (causal), torch with an explicit mask.
 FLOPs count visible (query, key) pairs only: 4 · D · Hq per pair, for both.
-Two kernel columns: "kernel" is the CUDA launch alone; "call" is the whole attention_gpu.partial_attention
-(sorting rows, tile summaries and the launch), which the engine pays every layer.
+Two kernel columns: "kernel" is AttentionLaunch.__call__ (for bf16 the K/V gather into sorted per-head blocks
+and the tensor-core kernel; for fp32 the CUDA-core kernel); "call" is the whole attention_gpu.partial_attention
+(sorting rows, tile summaries, then the same), which the engine pays every layer.
 """
 from __future__ import annotations
 
