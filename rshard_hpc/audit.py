@@ -493,7 +493,9 @@ def run_audit(model, prompts, spec: PlanSpec, layer: int = 1, top_k: int = 8, bu
         seqs.append(np.asarray(ids[:max_tokens], dtype=np.int64))
     prior = tuple(rank_context(path, cfg)) if rank_with_template else ()
     attack = Attack(tm, layer=layer, top_k=top_k, budget=budget, beam=beam, tol=tol, rank_ids=prior)
-    attack0 = Attack(tm, layer=0, top_k=top_k, budget=budget, beam=beam, tol=tol, rank_ids=prior) \
+    # layer-0 candidates are table lookups: the assist always affords the whole vocabulary
+    attack0 = Attack(tm, layer=0, top_k=top_k, budget=max(budget, cfg.vocab_size + top_k), beam=beam, tol=tol,
+                     rank_ids=prior) \
         if assist_layer0 and layer > 0 else None
 
     n_max = max(len(s) for s in seqs)
