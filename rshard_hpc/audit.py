@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -174,7 +174,8 @@ class TorchLlama:
 
 def cat_cache(cache, new, b: int = 0, upto=None):
     """The shared prefix cache extended by candidate b's new rows (layers < upto, or all)."""
-    torch = __import__("torch")
+    import torch
+
     n_layers = len(new) if upto is None else min(upto, len(new))
     out = []
     for layer in range(len(cache)):
@@ -236,8 +237,8 @@ class Attack:
     tm: TorchLlama
     layer: int = 1
     top_k: int = 8
-    budget: int = 65536  # candidate evaluations per unknown group
-    beam: int = 16  # gap fillings kept at most
+    budget: int = 4096  # candidate evaluations per unknown group
+    beam: int = 8  # gap fillings kept at most
     tol: float = DEFAULT_TOL
     rank_ids: tuple = ()  # public context the ranking model reads first (e.g. the chat template's user turn)
 
@@ -267,8 +268,8 @@ class Attack:
         off = len(self.rank_ids)
         with torch.no_grad():
             cache = self.tm.empty_cache()  # the hypothesis's rows, layers < L, true positions
-            rank = {"cache": None, "logits": None}
-            rank["cache"], rank["logits"] = self._rank_start()
+            rank_cache, rank_logits = self._rank_start()  # the ranking model over the public context + hypothesis
+            rank = {"cache": rank_cache, "logits": rank_logits}
             hyp = []
             cursor = 0
             for r, (start, length) in enumerate(runs):
@@ -434,7 +435,7 @@ class NodeResult:
         self.rank_passes += st["rank_passes"]
 
 
-def _load_prompts(path) -> list:
+def load_prompts(path) -> list:
     texts = []
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -463,8 +464,8 @@ def rank_context(path, cfg) -> list:
     return [cfg.bos_token_id] if cfg.bos_token_id is not None and cfg.bos_token_id >= 0 else []
 
 
-def run_audit(model, prompts, spec: PlanSpec, layer: int = 1, top_k: int = 8, budget: int = 65536,
-              beam: int = 16, nodes=None, all_nodes: bool = False, max_tokens: int = 32, tol: float = DEFAULT_TOL,
+def run_audit(model, prompts, spec: PlanSpec, layer: int = 1, top_k: int = 8, budget: int = 4096,
+              beam: int = 8, nodes=None, all_nodes: bool = False, max_tokens: int = 32, tol: float = DEFAULT_TOL,
               control: bool = True, assist_layer0: bool = False, rank_with_template: bool = True,
               echo=None) -> dict:
     """The audit over `prompts` (texts or id lists) for one plan; returns a JSON-able report."""
@@ -570,8 +571,8 @@ def _row(r: NodeResult) -> str:
 def format_report(rep: dict) -> str:
     p = rep["plan"]
     delta = rep["delta"]
-    head = (f"plan {p['scheme']} α={p['alpha']} β={p['beta']} c={p['c']} c_a={p['c_a']} δ={delta:g}, layer {rep['layer']}, "
-            f"top-k {rep['top_k']}, budget {rep['budget']}/group, beam {rep['beam']}"
+    head = (f"plan {p['scheme']} α={p['alpha']} β={p['beta']} c={p['c']} c_a={p['c_a']} δ={delta:g}, "
+            f"layer {rep['layer']}, top-k {rep['top_k']}, budget {rep['budget']}/group, beam {rep['beam']}"
             f"{', layer-0 assist' if rep['assist_layer0'] else ''}; {rep['prompts']} prompts, {rep['tokens']} tokens")
     lines = [head, "", HEADER]
     for d in rep["nodes"].values():

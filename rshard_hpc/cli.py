@@ -303,12 +303,12 @@ def audit(model, prompts, alpha, beta, scheme, c, c_a, seed, nodes, all_nodes, n
     """Vocab-matching attack with the real model on what each node sees (no MPI; docs/audit.md)."""
     import json
 
-    from rshard_hpc.audit import _load_prompts, format_report, run_audit
+    from rshard_hpc.audit import format_report, load_prompts, run_audit
     from rshard_hpc.plan import PlanSpec
 
     try:
         spec = PlanSpec(scheme=scheme, alpha=alpha, beta=beta, c=c, c_a=c_a, seed=seed)
-        rep = run_audit(model, _load_prompts(prompts), spec, nodes=list(nodes) or None, all_nodes=all_nodes,
+        rep = run_audit(model, load_prompts(prompts), spec, nodes=list(nodes) or None, all_nodes=all_nodes,
                         control=not no_control, echo=lambda line: click.echo(line, err=True), **opts)
     except RshardError as exc:
         raise click.ClickException(str(exc))

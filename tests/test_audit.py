@@ -15,7 +15,7 @@ from rshard_hpc.plan import PlanSpec, make_plan
 
 torch = pytest.importorskip("torch", reason="the audit's candidate search runs on PyTorch (CPU)")
 
-from rshard_hpc.audit import Attack, TorchLlama, node_parts, observed_rows, run_audit  # noqa: E402
+from rshard_hpc.audit import TorchLlama, node_parts, observed_rows, run_audit  # noqa: E402
 
 
 # ------------------------------------------------------------------ tiny random Llama: the mechanics
