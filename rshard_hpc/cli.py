@@ -72,6 +72,24 @@ def _exit_hook(code: int) -> None:
             f.write(str(code))
 
 
+def plan_options(command):
+    """The layout and plan options shared by `run` and `plan` (DESIGN §2, §3)."""
+    options = [
+        click.option("--alpha", type=int, default=1, show_default=True, help="Number of CompNodes."),
+        click.option("--beta", type=int, default=1, show_default=True, help="AttnNode grid side (beta^2 AttnNodes)."),
+        click.option("--scheme", type=click.Choice(["strided", "random", "explicit"]), default="strided",
+                     show_default=True),
+        click.option("--c", "c", type=int, default=1, show_default=True, help="CompNode chunk length."),
+        click.option("--c-a", "c_a", type=int, default=1, show_default=True, help="Index-group chunk length."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random plan scheme."),
+        click.option("--plan-file", default=None,
+                     help="JSON {\"comp\": [...], \"group\": [...]} for --scheme explicit."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @click.group()
 @click.version_option(__version__, prog_name="rshard")
 def main():
@@ -101,13 +119,7 @@ def convert(source, out):
               help="A weight file (.h5) or a bundled model name (all-MiniLM-L6-v2, SmolLM2-135M-Instruct).")
 @click.option("--prompts", required=True, help="JSONL ({\"text\", \"id\"} a line) or plain text (a prompt a line).")
 @click.option("--out", required=True, help="Results HDF5 file (appended after every batch).")
-@click.option("--alpha", type=int, default=1, show_default=True, help="Number of CompNodes.")
-@click.option("--beta", type=int, default=1, show_default=True, help="AttnNode grid side (beta^2 AttnNodes).")
-@click.option("--scheme", type=click.Choice(["strided", "random", "explicit"]), default="strided", show_default=True)
-@click.option("--c", "c", type=int, default=1, show_default=True, help="CompNode chunk length.")
-@click.option("--c-a", "c_a", type=int, default=1, show_default=True, help="Index-group chunk length.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random plan scheme.")
-@click.option("--plan-file", default=None, help="JSON {\"comp\": [...], \"group\": [...]} for --scheme explicit.")
+@plan_options
 @click.option("--min-delta", type=int, default=DEFAULT_DELTA, show_default=True,
               help="Refuse a plan whose delta (smallest unseen gap before a node's later run) is below this; "
                    "see docs/privacy.md. 0: no check.")
@@ -173,13 +185,7 @@ def doctor(alpha, beta, device):
 
 
 @main.command("plan")
-@click.option("--alpha", type=int, default=1, show_default=True, help="Number of CompNodes.")
-@click.option("--beta", type=int, default=1, show_default=True, help="AttnNode grid side (beta^2 AttnNodes).")
-@click.option("--scheme", type=click.Choice(["strided", "random", "explicit"]), default="strided", show_default=True)
-@click.option("--c", "c", type=int, default=1, show_default=True, help="CompNode chunk length.")
-@click.option("--c-a", "c_a", type=int, default=1, show_default=True, help="Index-group chunk length.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random plan scheme.")
-@click.option("--plan-file", default=None, help="JSON {\"comp\": [...], \"group\": [...]} for --scheme explicit.")
+@plan_options
 @click.option("--length", "n", type=int, default=64, show_default=True,
               help="Sequence length (a prompt, plus the new tokens when generating).")
 @click.option("--public-prefix", type=int, default=None,

@@ -66,3 +66,15 @@ def tiny_llama(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("models") / "tiny_llama.h5"
     write_random_model(path, tiny_config("llama", n_layers=3, n_heads=6, n_kv_heads=2), seed=2)
     return path
+
+
+def require_gpu():
+    """Skip the calling module (or test) unless CuPy sees a GPU; returns the cupy module."""
+    cupy = pytest.importorskip("cupy", reason="CuPy is not installed (GPU tests run on the GPU machine)")
+    try:
+        n_gpus = cupy.cuda.runtime.getDeviceCount()
+    except Exception:  # no driver / no device
+        n_gpus = 0
+    if n_gpus < 1:
+        pytest.skip("no usable GPU", allow_module_level=True)
+    return cupy

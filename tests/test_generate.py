@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import REPO, mpiexec, rshard
+from conftest import REPO, mpiexec, require_gpu, rshard
 
 LAYOUTS = [(1, 1, 1, 1), (2, 2, 1, 1), (2, 3, 2, 3)]  # (alpha, beta, c, c_a): the last has c > 1
 SCRIPT = REPO / "tests" / "mpi" / "generate_check.py"
@@ -168,12 +168,7 @@ def test_smollm2_cli_generate_chat(smollm2, tmp_path):
 
 @pytest.fixture(scope="module")
 def gpu():
-    cupy = pytest.importorskip("cupy", reason="CuPy is not installed (GPU tests run on the GPU machine)")
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            pytest.skip("no GPU")
-    except Exception as exc:  # no driver
-        pytest.skip(f"no GPU ({exc})")
+    return require_gpu()
 
 
 @pytest.mark.parametrize("alpha,beta,c,c_a", [(2, 2, 1, 1), (2, 3, 2, 3)])

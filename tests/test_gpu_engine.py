@@ -10,13 +10,9 @@ from pathlib import Path
 
 import pytest
 
-cupy = pytest.importorskip("cupy", reason="CuPy is not installed (GPU tests run on the GPU machine)")
-try:
-    _N_GPUS = cupy.cuda.runtime.getDeviceCount()
-except Exception:  # no driver / no device
-    _N_GPUS = 0
-if _N_GPUS < 1:
-    pytest.skip("no usable GPU", allow_module_level=True)
+from conftest import require_gpu
+
+cupy = require_gpu()
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,15 +10,9 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import REPO, rshard
+from conftest import REPO, require_gpu, rshard
 
-cupy = pytest.importorskip("cupy", reason="CuPy is not installed (GPU tests run on the GPU machine)")
-try:
-    _N_GPUS = cupy.cuda.runtime.getDeviceCount()
-except Exception:  # no driver / no device
-    _N_GPUS = 0
-if _N_GPUS < 1:
-    pytest.skip("no usable GPU", allow_module_level=True)
+cupy = require_gpu()
 
 
 @pytest.fixture(scope="module")
