@@ -107,5 +107,6 @@ def test_exception_on_one_rank_aborts_the_job(tmp_path, tiny_bert):
     assert result.returncode != 0
     assert result.stderr.count("failed: RuntimeError") == 1, result.stderr
     assert "rshard: rank 5 (AttnNode (1, 0)) failed: RuntimeError: RSHARD_TEST_FAIL_RANK=5" in result.stderr
-    assert "MPI_Abort" in result.stderr
+    # MPICH usually adds its own "application called MPI_Abort" line, but the launcher may tear the job down
+    # before that line is flushed: the single message above, the status and the time are what is promised
     assert time.monotonic() - started < END_WITHIN_S
