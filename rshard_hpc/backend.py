@@ -12,8 +12,9 @@ import numpy as np
 from rshard_hpc.errors import RshardError
 
 DEVICES = ("cpu", "gpu")
-# Launcher variables holding a rank's index among the ranks of its node, most specific first.
-LOCAL_RANK_VARS = ("SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK")
+# Launcher variables holding a rank's index among the ranks of its node, most specific first: the MPI
+# launcher's own before Slurm's, since `mpiexec` inside an allocation inherits SLURM_LOCALID=0 on every rank.
+LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK", "SLURM_LOCALID")
 
 
 def xp_of(array):
