@@ -32,7 +32,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from rshard_hpc.errors import InputError
-from rshard_hpc.plan import PlanSpec, make_plan, plan_views, privacy_summary, runs_of
+from rshard_hpc.plan import PlanSpec, make_plan, plan_views, runs_of
+from rshard_hpc.privacy import plan_report
 
 PARTS = ("q", "k", "v")
 DEFAULT_TOL = 1e-3
@@ -501,7 +502,7 @@ def run_audit(model, prompts, spec: PlanSpec, layer: int = 1, top_k: int = 8, bu
 
     n_max = max(len(s) for s in seqs)
     comp_max, group_max = make_plan(spec, n_max)
-    summary = privacy_summary(comp_max, group_max, spec.alpha, spec.beta)
+    summary = plan_report(spec, n_max)
     names = list(plan_views(comp_max, group_max, spec.alpha, spec.beta))
     if nodes:
         unknown = [x for x in nodes if x not in names]

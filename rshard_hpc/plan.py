@@ -145,25 +145,57 @@ class Routing:
         return self.attn_q_tokens(j)
 
 
-# ---------------------------------------------------------------- privacy accounting (§4)
+# ---------------------------------------------------------------- views, runs and gaps (§4)
+# The rest of the privacy accounting (reports, δ of a job, layout search, ledgers) is in privacy.py.
+
+def comp_name(k: int) -> str:
+    return f"comp{k}"
+
+
+def attn_name(i: int, j: int) -> str:
+    return f"attn{i}_{j}"
+
+
+def run_bounds(sorted_positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, lengths) int64 of the maximal runs of consecutive positions in a sorted unique array."""
+    sorted_positions = np.asarray(sorted_positions, dtype=np.int64)
+    if len(sorted_positions) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    breaks = np.flatnonzero(np.diff(sorted_positions) != 1) + 1
+    first = np.concatenate([[0], breaks])
+    last = np.concatenate([breaks, [len(sorted_positions)]])
+    return sorted_positions[first], (last - first).astype(np.int64)
+
 
 def runs_of(positions: np.ndarray) -> list[tuple[int, int]]:
     """Maximal runs of consecutive positions in a sorted array, as (start, length)."""
-    if len(positions) == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(positions) != 1) + 1
-    starts = np.concatenate([[0], breaks])
-    ends = np.concatenate([breaks, [len(positions)]])
-    return [(int(positions[s]), int(e - s)) for s, e in zip(starts, ends)]
+    starts, lengths = run_bounds(positions)
+    return list(zip(starts.tolist(), lengths.tolist()))
 
 
 def plan_views(comp: np.ndarray, group: np.ndarray, alpha: int, beta: int) -> dict:
     """Positions seen by every node: CompNode k -> comp == k; AttnNode (i, j) -> group i ∪ group j."""
-    views = {f"comp{k}": np.flatnonzero(comp == k) for k in range(alpha)}
+    views = {comp_name(k): np.flatnonzero(comp == k) for k in range(alpha)}
     for i in range(beta):
         for j in range(beta):
-            views[f"attn{i}_{j}"] = np.flatnonzero((group == i) | (group == j))
+            views[attn_name(i, j)] = np.flatnonzero((group == i) | (group == j))
     return views
+
+
+def view_runs(view, public_prefix: int = 0):
+    """(starts, lengths, gaps) of a node's runs, public positions counted as seen.
+
+    gaps[r] is the number of unseen positions just before run r (for the first run: from position 0, or from
+    the end of the public prefix). A run of public positions alone is not the node's run."""
+    view = np.asarray(view, dtype=np.int64)
+    known = np.union1d(view, np.arange(public_prefix)) if public_prefix else np.unique(view)
+    starts, lengths = run_bounds(known)
+    origin = 0
+    if len(starts) and starts[0] + lengths[0] <= public_prefix:  # public positions only
+        starts, lengths, origin = starts[1:], lengths[1:], int(public_prefix)
+    ends = starts + lengths
+    gaps = starts - np.concatenate([[origin], ends[:-1]]).astype(np.int64)
+    return starts, lengths, gaps
 
 
 def min_interior_gap(view: np.ndarray, public_prefix: int = 0) -> float:
@@ -171,26 +203,5 @@ def min_interior_gap(view: np.ndarray, public_prefix: int = 0) -> float:
 
     The first run of a view is reported apart (first-run exposure, DESIGN §4): whoever holds it can
     recover it. Public positions (a BOS or template prefix) count as seen."""
-    view = np.asarray(view)
-    known = np.union1d(view, np.arange(public_prefix)) if public_prefix else view
-    runs = runs_of(np.asarray(known))
-    while len(runs) > 1 and runs[0][0] + runs[0][1] <= public_prefix:
-        runs = runs[1:]  # a run of public positions alone is not the node's first run
-    gaps = [start - (prev_start + prev_len) for (prev_start, prev_len), (start, _) in zip(runs, runs[1:])]
-    return float(min(gaps)) if gaps else float("inf")
-
-
-def privacy_summary(comp: np.ndarray, group: np.ndarray, alpha: int, beta: int, public_prefix: int = 0) -> dict:
-    """Per-node fraction seen and smallest interior gap for one sequence's plan; the plan's delta."""
-    n = len(comp)
-    nodes = {}
-    for name, view in plan_views(comp, group, alpha, beta).items():
-        nodes[name] = {
-            "fraction_seen": (len(view) / n) if n else 0.0,
-            "min_gap": min_interior_gap(view, public_prefix),
-            "sees_all": bool(n and len(view) == n),
-        }
-    delta = min((v["min_gap"] for v in nodes.values()), default=float("inf"))
-    if n > 1 and any(v["sees_all"] for v in nodes.values()):
-        delta = 0.0  # a node that sees every position reads the whole prompt
-    return {"n": n, "delta": delta, "nodes": nodes}
+    later = view_runs(view, public_prefix)[2][1:]
+    return float(later.min()) if len(later) else float("inf")

@@ -17,7 +17,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from rshard_hpc.plan import DEFAULT_DELTA, PlanSpec, make_plan, plan_views
+from rshard_hpc.plan import (DEFAULT_DELTA, PlanSpec, attn_name, comp_name, make_plan, plan_views, run_bounds,
+                              view_runs)
 from rshard_hpc.topology import world_size_for
 
 DEFAULT_VOCAB = 49152  # SmolLM2's vocabulary; `--model` replaces it with the model's own
@@ -26,14 +27,6 @@ INF = float("inf")
 
 
 # ------------------------------------------------------------------------------------------ names and layout
-def comp_name(k: int) -> str:
-    return f"comp{k}"
-
-
-def attn_name(i: int, j: int) -> str:
-    return f"attn{i}_{j}"
-
-
 def node_label(name: str) -> str:
     """'comp1' -> 'CompNode 1', 'attn0_2' -> 'AttnNode (0, 2)'."""
     if name.startswith("comp"):
@@ -68,7 +61,7 @@ def rank_layout(alpha: int, beta: int) -> list[dict]:
 def blocks_of(positions) -> list[list[int]]:
     """Sorted unique positions as blocks [start, length, period, count]: `count` runs of `length` positions
     starting at start, start + period, … (period 0 when count is 1). A strided view is one or two blocks."""
-    runs = _runs(np.unique(np.asarray(positions, dtype=np.int64)))
+    runs = run_bounds(np.unique(np.asarray(positions, dtype=np.int64)))
     blocks: list[list[int]] = []
     for start, length in zip(*runs):
         start, length = int(start), int(length)
@@ -122,33 +115,6 @@ def unrle(pairs) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ runs, gaps, views
-def _runs(sorted_positions: np.ndarray):
-    """(starts, lengths) of the maximal runs of a sorted unique int array."""
-    if len(sorted_positions) == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    breaks = np.flatnonzero(np.diff(sorted_positions) != 1) + 1
-    first = np.concatenate([[0], breaks])
-    last = np.concatenate([breaks, [len(sorted_positions)]])
-    return sorted_positions[first].astype(np.int64), (last - first).astype(np.int64)
-
-
-def view_runs(view, public_prefix: int = 0):
-    """(starts, lengths, gaps) of a node's runs, public positions counted as seen.
-
-    gaps[r] is the number of unseen positions just before run r (for the first run: from position 0, or from
-    the end of the public prefix). A run of public positions alone is not the node's run (as
-    plan.min_interior_gap decides)."""
-    view = np.asarray(view, dtype=np.int64)
-    known = np.union1d(view, np.arange(public_prefix)) if public_prefix else np.unique(view)
-    starts, lengths = _runs(known)
-    origin = 0
-    if len(starts) and starts[0] + lengths[0] <= public_prefix:  # public positions only
-        starts, lengths, origin = starts[1:], lengths[1:], int(public_prefix)
-    ends = starts + lengths
-    gaps = starts - np.concatenate([[origin], ends[:-1]]).astype(np.int64)
-    return starts, lengths, gaps
-
-
 def _first_unknown(view, n: int, public_prefix: int) -> int:
     """The first position in [0, n) that a node neither sees nor knows (n when it knows them all)."""
     known = np.zeros(n, dtype=bool)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from rshard_hpc.errors import InputError
-from rshard_hpc.plan import PlanSpec, Routing, StepTokens, make_plan, min_interior_gap, privacy_summary, runs_of
+from rshard_hpc.plan import PlanSpec, Routing, StepTokens, make_plan, min_interior_gap, runs_of
+from rshard_hpc.privacy import plan_report
 
 LAYOUTS = [(1, 1), (2, 2), (3, 2), (2, 3), (4, 3), (5, 1), (1, 4)]
 SIZES = [0, 1, 2, 3, 7, 16, 61]
@@ -97,13 +98,12 @@ def test_runs_and_gaps():
 def test_privacy_of_strided_layouts():
     n = 240
     # beta = 2: the off-diagonal AttnNodes see every position, so no privacy at all
-    c, g = make_plan(PlanSpec("strided", 2, 2, 1, 1), n)
-    report = privacy_summary(c, g, 2, 2)
+    report = plan_report(PlanSpec("strided", 2, 2, 1, 1), n)
     assert report["delta"] == 0 and report["nodes"]["attn0_1"]["sees_all"]
     # DESIGN §4: alpha = 3, c = 1, beta = 3, c_a = 2 gives delta = 2 (interior gaps (alpha-1)c and c_a)
-    c, g = make_plan(PlanSpec("strided", 3, 3, 1, 2), n)
-    report = privacy_summary(c, g, 3, 3)
+    spec = PlanSpec("strided", 3, 3, 1, 2)
+    report = plan_report(spec, n)
     assert report["delta"] == 2
-    assert privacy_summary(c, g, 3, 3, public_prefix=1)["delta"] == 2
+    assert plan_report(spec, n, public_prefix=1)["delta"] == 2
     assert all(not v["sees_all"] for v in report["nodes"].values())
     assert report["nodes"]["comp0"]["fraction_seen"] == pytest.approx(1 / 3)
