@@ -43,11 +43,14 @@ def wanted_local_rows(tokens: StepTokens, routing: Routing, k: int, want: str) -
     mine = routing.comp_tokens[k]
     if want == "all":
         return np.arange(len(mine))
-    # "last": the highest position of each sequence in this step
     last = np.zeros(len(tokens), dtype=bool)
-    ends = np.flatnonzero(np.diff(np.append(tokens.seq, -1)) != 0)
-    last[ends] = True
+    last[last_of_each_sequence(tokens)] = True
     return np.flatnonzero(last[mine])
+
+
+def last_of_each_sequence(tokens: StepTokens) -> np.ndarray:
+    """Step indices of the highest position of each sequence in the step (tokens are in global order)."""
+    return np.flatnonzero(np.diff(np.append(tokens.seq, -1)) != 0)
 
 
 class _Worker:
@@ -102,14 +105,16 @@ class CompWorker(_Worker):
         ids = self.transport.scatter_ids(self.topo.client_comm, None)
         self.record("token_id", tokens, mine)
         pos = xp.asarray(tokens.pos[mine])
+        rows_of_group = [xp.asarray(ix) for ix in routing.by_group[k]]  # on the device once a step, not a layer
+        back_counts = self._back_counts(routing)
         with self.timer("prepass"):
             h = self.model.embed(xp.asarray(ids), pos)  # (n_k, d)
         for layer in range(cfg.n_layers):
             with self.timer("prepass"):
                 q, key, val = self.model.pre(layer, h, pos)
-                send, counts = self._pack_qkv(routing, q, key, val)
+                send, counts = self._pack_qkv(rows_of_group, q, key, val)
             self.transport.alltoallv(self.topo.work_comm, send, counts, np.zeros_like(counts))  # q/k/v out
-            o_parts, lse_parts = self._exchange_back(routing, len(mine))
+            o_parts, lse_parts = self._exchange_back(routing, rows_of_group, back_counts, len(mine))
             with self.timer("postpass"):
                 o, _ = merge_partials(o_parts, lse_parts)  # (n_k, H, D)
                 h = self.model.post(layer, h, o)
@@ -129,42 +134,46 @@ class CompWorker(_Worker):
                 self.ledger.append({"form": "partial", "seq": int(s), "pos": pos.tolist(), "key_group": j,
                                     "keys": counts[j].tolist()})
 
-    def _pack_qkv(self, routing: Routing, q, key, val):
-        """Flat send buffer: for AttnNode (i, j) in work order, q of group i then k, v of group j."""
+    def _pack_qkv(self, rows_of_group, q, key, val):
+        """Flat send buffer: for AttnNode (i, j) in work order, q of group i then k, v of group j.
+        rows_of_group[g]: (device) indices of my rows in group g."""
         xp, topo, beta = self.xp, self.topo, self.topo.beta
-        k = topo.comp_index
         pieces = []
         counts = np.zeros(topo.work_comm.Get_size(), dtype=np.int64)
         for i in range(beta):
             for j in range(beta):
-                q_rows = xp.asarray(routing.by_group[k][i])
-                kv_rows = xp.asarray(routing.by_group[k][j])
-                part = [q[q_rows].ravel(), key[kv_rows].ravel(), val[kv_rows].ravel()]
+                part = [q[rows_of_group[i]].ravel(), key[rows_of_group[j]].ravel(), val[rows_of_group[j]].ravel()]
                 pieces += part
                 counts[topo.attn_work_rank(i, j)] = sum(int(p.size) for p in part)
         send = xp.concatenate(pieces).astype(xp.float32) if pieces else xp.zeros(0, xp.float32)
         return send, counts
 
-    def _exchange_back(self, routing: Routing, n_local: int):
+    def _back_counts(self, routing: Routing) -> np.ndarray:
+        """Elements each AttnNode (i, j) returns to me: an (o, lse) row per query of mine in group i."""
+        topo, cfg = self.topo, self.cfg
+        k = topo.comp_index
+        width = cfg.n_heads * (cfg.head_dim + 1)
+        counts = np.zeros(topo.work_comm.Get_size(), dtype=np.int64)
+        for i in range(topo.beta):
+            for j in range(topo.beta):
+                counts[topo.attn_work_rank(i, j)] = routing.counts[k, i] * width
+        return counts
+
+    def _exchange_back(self, routing: Routing, rows_of_group, recv_counts, n_local: int):
         """Receive (o, lse) partials from every AttnNode of each of my tokens' rows; (β, n, H, D), (β, n, H)."""
         xp, topo, cfg, beta = self.xp, self.topo, self.cfg, self.topo.beta
         k = topo.comp_index
         width = cfg.n_heads * (cfg.head_dim + 1)
-        recv_counts = np.zeros(topo.work_comm.Get_size(), dtype=np.int64)
-        for i in range(beta):
-            for j in range(beta):
-                recv_counts[topo.attn_work_rank(i, j)] = routing.counts[k, i] * width
         recv = self.transport.alltoallv(topo.work_comm, xp.zeros(0, xp.float32),
                                         np.zeros_like(recv_counts), recv_counts)
         with self.timer("postpass"):
             packed = xp.zeros((beta, n_local, cfg.n_heads, cfg.head_dim + 1), dtype=xp.float32)
             offset = 0
             for i in range(beta):
-                rows = xp.asarray(routing.by_group[k][i])
                 n_rows = int(routing.counts[k, i])
                 for j in range(beta):
                     seg = recv[offset:offset + n_rows * width]
-                    packed[j, rows] = seg.reshape(n_rows, cfg.n_heads, cfg.head_dim + 1)
+                    packed[j, rows_of_group[i]] = seg.reshape(n_rows, cfg.n_heads, cfg.head_dim + 1)
                     offset += n_rows * width
         return packed[..., :cfg.head_dim], packed[..., cfg.head_dim]
 
@@ -262,17 +271,12 @@ class Client:
         self.transport.scatter_ids(self.topo.client_comm, per_rank)
         parts = self.transport.gather_rows(self.topo.client_comm, np.zeros((0, self.cfg.hidden), np.float32),
                                            self.cfg.hidden)
-        if want == "all":
-            rows = np.empty((len(tokens), self.cfg.hidden), dtype=np.float32)
-            for k in range(self.topo.alpha):
-                rows[routing.comp_tokens[k]] = parts[k + 1]
-            return rows
-        ends = np.flatnonzero(np.diff(np.append(tokens.seq, -1)) != 0)
         rows = np.empty((len(tokens), self.cfg.hidden), dtype=np.float32)
         for k in range(self.topo.alpha):
-            sel = wanted_local_rows(tokens, routing, k, want)
-            rows[routing.comp_tokens[k][sel]] = parts[k + 1]
-        return rows[ends]
+            rows[routing.comp_tokens[k][wanted_local_rows(tokens, routing, k, want)]] = parts[k + 1]
+        if want == "all":
+            return rows
+        return rows[last_of_each_sequence(tokens)]
 
     def end_batch(self) -> None:
         comm.bcast(self.topo.world, {"op": "end"})
