@@ -90,6 +90,16 @@ def use_gpu(topo):
     return array_module("gpu")
 
 
+def rank_backend(topo, device: str, gpu_aware_mode: str = "auto"):
+    """(array module, comm.Transport) for this rank: the client stays on NumPy; CompNodes and AttnNodes go
+    to a GPU of their node for --device gpu, with MPI given device buffers only on evidence (see comm)."""
+    from rshard_hpc.comm import Transport
+
+    if device == "gpu" and not topo.is_client:
+        return use_gpu(topo), Transport(gpu_aware=choose_gpu_aware(gpu_aware_mode))
+    return np, Transport()
+
+
 def choose_gpu_aware(mode: str) -> bool:
     """--gpu-aware-mpi auto|on|off -> whether MPI gets device buffers (auto: only on evidence)."""
     from rshard_hpc import comm as comm_mod

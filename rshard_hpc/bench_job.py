@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from rshard_hpc import comm
+from rshard_hpc.engine import rank_stats
 from rshard_hpc.models.config import ModelConfig
 from rshard_hpc.models.random_init import random_tensors, tiny_config
 
@@ -40,20 +41,14 @@ def expected_bytes_per_layer(cfg: ModelConfig, n_tokens: int, beta: int) -> int:
 
 
 def run_bench(topo, opts: dict) -> None:
-    from rshard_hpc.comm import Transport
+    from rshard_hpc.backend import rank_backend
     from rshard_hpc.engine import AttnWorker, Client, CompWorker
     from rshard_hpc.models.llama import Llama, head_logits
     from rshard_hpc.plan import PlanSpec
 
     cfg = bench_config(opts["shape"], max(opts["tokens"]), opts.get("layers"))
     spec = PlanSpec("strided", topo.alpha, topo.beta, opts["c"], opts["c_a"])
-    xp, gpu_aware = np, False
-    if opts["device"] == "gpu" and not topo.is_client:
-        from rshard_hpc import backend
-
-        xp = backend.use_gpu(topo)
-        gpu_aware = backend.choose_gpu_aware(opts["gpu_aware_mpi"])
-    transport = Transport(gpu_aware=gpu_aware)
+    xp, transport = rank_backend(topo, opts["device"], opts["gpu_aware_mpi"])
     tensors = random_tensors(cfg, seed=opts["seed"]) if topo.role != "attn" else None
     if topo.role == "comp":
         worker = CompWorker(topo, spec, Llama(cfg, tensors, xp, dtype=opts["dtype"]), transport, xp=xp)
@@ -67,7 +62,7 @@ def run_bench(topo, opts: dict) -> None:
             worker.timer.seconds.clear()
             transport.reset_stats()
             worker.serve()
-            comm.gather_objects(topo.world, _stats(topo, worker.timer.seconds, transport))
+            comm.gather_objects(topo.world, rank_stats(topo, worker.timer.seconds, transport))
         return
     head = {k: tensors[k] for k in Llama.head_keys(cfg)}
     client = Client(topo, spec, cfg, transport)
@@ -95,7 +90,7 @@ def _client_round(topo, client, prompt, decode_steps, head_fn):
         token = int(np.argmax(head_fn(out)[0]))
     client.end_batch()
     client.stop()
-    stats = comm.gather_objects(topo.world, _stats(topo, {}, client.transport))[1:]
+    stats = comm.gather_objects(topo.world, rank_stats(topo, {}, client.transport))[1:]
     return prefill_s, steps, stats, logits[0]
 
 
@@ -122,14 +117,6 @@ def _client_one(topo, client, cfg, head, head_logits, n_tokens, opts, tensors) -
         row["ratio"] = row["sharded_tok_s"] / row["plain_tok_s"]
         row["logit_diff"] = float(np.abs(plain["logits"] - logits).max())
     return row
-
-
-def _stats(topo, seconds, transport) -> dict:
-    out = {"rank": topo.rank}
-    for phase in ("prepass", "attention", "postpass"):
-        out[f"{phase}_s"] = seconds.get(phase, 0.0)
-    out.update(transport.stats())
-    return out
 
 
 def _plaintext(cfg: ModelConfig, tensors: dict, prompt: np.ndarray, opts: dict) -> dict:

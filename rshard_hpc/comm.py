@@ -83,17 +83,15 @@ class Transport:
         staged = on_gpu and not self.gpu_aware
         t0 = time.perf_counter()
         send = xp.ascontiguousarray(send, dtype=xp.float32).ravel()
-        if on_gpu:
-            xp.cuda.get_current_stream().synchronize()  # the stream must be idle before MPI touches memory
         if staged:
             host_send = self._host_buffer("send", send.size)
             if send.size:
-                send.get(out=host_send)  # blocking device -> pinned host copy (after the stream's work)
+                send.get(out=host_send)  # device -> pinned host copy, after the stream's work
             host_recv = self._host_buffer("recv", n_recv)
         else:
             host_send, host_recv = send, xp.empty(n_recv, dtype=xp.float32)
-            if on_gpu:
-                xp.cuda.get_current_stream().synchronize()  # ... including the allocation above
+        if on_gpu:
+            xp.cuda.get_current_stream().synchronize()  # the stream must be idle before MPI touches memory
         t1 = time.perf_counter()
         comm.Alltoallv([host_send, (send_counts, _displs(send_counts)), MPI.FLOAT],
                        [host_recv, (recv_counts, _displs(recv_counts)), MPI.FLOAT])

@@ -34,6 +34,15 @@ class PhaseTimer:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
 
 
+def rank_stats(topo, seconds: dict, transport) -> dict:
+    """One rank's time per phase and its transport's MPI/staging time and bytes (for /stats and benchmarks)."""
+    out = {"rank": topo.rank, "role": topo.describe()}
+    for phase in ("prepass", "attention", "postpass"):
+        out[f"{phase}_s"] = seconds.get(phase, 0.0)
+    out.update(transport.stats())
+    return out
+
+
 def step_tokens(plans, ranges) -> StepTokens:
     return StepTokens.from_plans(plans, [np.arange(a, b) for a, b in ranges])
 

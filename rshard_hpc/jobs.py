@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from rshard_hpc import __version__, comm, testhooks
+from rshard_hpc.backend import rank_backend
+from rshard_hpc.engine import rank_stats
 from rshard_hpc.errors import InputError, RshardError
 from rshard_hpc.generate import GenerateSettings, LmHead, generate_batch
 from rshard_hpc.plan import DEFAULT_DELTA, PlanSpec
@@ -74,10 +76,10 @@ def run(opts: RunOptions) -> None:
     prepared = comm.bcast(world, job.prepared if job else None)
     if prepared.error:
         raise RshardError(prepared.error)
-    backend = _Backend(opts, topo)
+    xp, transport = rank_backend(topo, opts.device, opts.gpu_aware_mpi)
     worker, error = None, None
     try:
-        worker = _make_worker(topo, opts, spec, prepared.model_path, backend, job)
+        worker = _make_worker(topo, spec, prepared.model_path, xp, transport)
     except RshardError as exc:
         error = str(exc)
     comm.agree(world, error)
@@ -86,47 +88,21 @@ def run(opts: RunOptions) -> None:
             job.run(worker)
         else:
             worker.serve()
-            _send_stats(topo, worker, backend)
+            comm.gather_objects(world, rank_stats(topo, worker.timer.seconds, worker.transport))
     except RshardError as exc:  # past the agreement no error is collective: abort every rank
         raise RuntimeError(str(exc)) from exc
 
 
-class _Backend:
-    def __init__(self, opts: RunOptions, topo):
-        from rshard_hpc.comm import Transport
-
-        self.xp = np
-        gpu_aware = False
-        if opts.device == "gpu" and not topo.is_client:
-            from rshard_hpc import backend
-
-            self.xp = backend.use_gpu(topo)
-            gpu_aware = backend.choose_gpu_aware(opts.gpu_aware_mpi)
-        self.transport = Transport(gpu_aware=gpu_aware)
-
-
-def _make_worker(topo, opts, spec, model_path, backend, job):
+def _make_worker(topo, spec, model_path, xp, transport):
     from rshard_hpc.engine import AttnWorker, Client, CompWorker
     from rshard_hpc.models import load_model, weights
 
     if topo.role == "comp":
-        return CompWorker(topo, spec, load_model(model_path, xp=backend.xp), backend.transport, xp=backend.xp)
+        return CompWorker(topo, spec, load_model(model_path, xp=xp), transport, xp=xp)
     cfg = weights.read_config(model_path)
     if topo.role == "attn":
-        return AttnWorker(topo, spec, cfg, backend.transport, xp=backend.xp)
-    return Client(topo, spec, cfg, backend.transport)
-
-
-def _send_stats(topo, worker, backend) -> None:
-    comm.gather_objects(topo.world, _rank_stats(topo, worker.timer.seconds, backend.transport))
-
-
-def _rank_stats(topo, seconds: dict, transport) -> dict:
-    out = {"rank": topo.rank, "role": topo.describe()}
-    for phase in ("prepass", "attention", "postpass"):
-        out[f"{phase}_s"] = seconds.get(phase, 0.0)
-    out.update(transport.stats())
-    return out
+        return AttnWorker(topo, spec, cfg, transport, xp=xp)
+    return Client(topo, spec, cfg, transport)
 
 
 def _prepare_client(topo, opts: RunOptions, spec: PlanSpec):
@@ -216,7 +192,7 @@ class ClientJob:
     def _tokenize(self, prompt) -> np.ndarray:
         limit = self.cfg.prompt_limit
         if self.opts.task == "generate":
-            limit = self.cfg.max_positions - int(self.opts.generate.get("max_new_tokens", 0))
+            limit = self.cfg.max_positions - self.settings.max_new_tokens
         text = self._chat(prompt.text) if self.settings.chat else prompt.text
         ids = self.codec.encode(text)
         if len(ids) > limit:
@@ -275,7 +251,7 @@ class ClientJob:
             testhooks.batch_finished(progress.batches)  # off unless RSHARD_PID_DIR / RSHARD_TEST_SLOW_BATCH_S
         client.stop()
         elapsed = progress.finish()
-        stats = comm.gather_objects(self.topo.world, _rank_stats(self.topo, client.timer.seconds, client.transport))
+        stats = comm.gather_objects(self.topo.world, rank_stats(self.topo, client.timer.seconds, client.transport))
         self._write_reports(lens, stats)
         moved = sum(s["bytes_sent"] for s in stats)
         say(f"done: {len(self.todo)} prompts, {total_tokens} tokens in {elapsed:.2f} s "

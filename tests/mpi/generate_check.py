@@ -11,6 +11,7 @@ import sys
 import numpy as np
 from mpi4py import MPI
 
+from rshard_hpc.backend import rank_backend
 from rshard_hpc.comm import Transport
 from rshard_hpc.engine import AttnWorker, Client, CompWorker
 from rshard_hpc.generate import GenerateSettings, LmHead, generate_batch
@@ -70,12 +71,7 @@ def main():
     topo = Topology.build(world, alpha, beta)
     spec = PlanSpec("strided", alpha, beta, c, c_a)
     cfg = weights.read_config(path)
-    xp, transport = np, Transport()
-    if device == "gpu" and not topo.is_client:
-        from rshard_hpc import backend
-
-        xp = backend.use_gpu(topo)
-        transport = Transport(gpu_aware=backend.choose_gpu_aware("auto"))
+    xp, transport = rank_backend(topo, device)
     ok = True
     if topo.role == "client":
         ref = np.load(ref_path, allow_pickle=True)
