@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from rshard_hpc.backend import xp_of
+from rshard_hpc.precision import bf16_bits_to_float
 
 Q_BLOCK = 1024  # queries per block on the NumPy path: bounds the (heads, block, keys) score array
 
@@ -22,7 +23,7 @@ def visible(q_pos, q_seq, k_pos, k_seq, causal: bool):
 
 
 def partial_attention(q, q_pos, q_seq, k, v, k_pos, k_seq, causal: bool, scale: float):
-    """q: (nq, Hq, D); k, v: (nk, Hkv, D); positions/seqs: (nq,), (nk,) ints.
+    """q: (nq, Hq, D); k, v: (nk, Hkv, D), float or uint16 bf16 bits; positions/seqs: (nq,), (nk,) ints.
 
     Returns o: (nq, Hq, D) float32 and lse: (nq, Hq) float32.
     """
@@ -31,6 +32,8 @@ def partial_attention(q, q_pos, q_seq, k, v, k_pos, k_seq, causal: bool, scale: 
         from rshard_hpc import attention_gpu
 
         return attention_gpu.partial_attention(q, q_pos, q_seq, k, v, k_pos, k_seq, causal, scale)
+    if q.dtype == np.uint16:  # bf16 bit patterns: their exact float32 values
+        q, k, v = (bf16_bits_to_float(a) for a in (q, k, v))
     nq, n_heads, head_dim = q.shape
     n_kv = k.shape[1]
     o = np.zeros((nq, n_heads, head_dim), dtype=np.float32)

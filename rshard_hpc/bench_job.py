@@ -34,10 +34,14 @@ def bench_config(shape: str, tokens: int, layers: int | None = None) -> ModelCon
     return tiny_config("llama", max_positions=tokens + 1024, eos_token_ids=(), **over)
 
 
-def expected_bytes_per_layer(cfg: ModelConfig, n_tokens: int, beta: int) -> int:
-    """What the routing implies: q to beta AttnNodes, k and v to beta AttnNodes, beta (o, lse) partials back."""
-    per_token = cfg.n_heads * cfg.head_dim + 2 * cfg.n_kv_heads * cfg.head_dim + cfg.n_heads * (cfg.head_dim + 1)
-    return 4 * beta * n_tokens * per_token
+def expected_bytes_per_layer(cfg: ModelConfig, n_tokens: int, beta: int, dtype: str = "float32") -> int:
+    """What the routing implies: q to beta AttnNodes, k and v to beta AttnNodes (in the wire dtype: 4 or 2
+    bytes an element), beta (o, lse) partials back (fp32)."""
+    from rshard_hpc.precision import wire_dtype
+
+    out = cfg.n_heads * cfg.head_dim + 2 * cfg.n_kv_heads * cfg.head_dim
+    back = cfg.n_heads * (cfg.head_dim + 1)
+    return beta * n_tokens * (np.dtype(wire_dtype(dtype)).itemsize * out + 4 * back)
 
 
 def run_bench(topo, opts: dict) -> None:
@@ -53,7 +57,7 @@ def run_bench(topo, opts: dict) -> None:
     if topo.role == "comp":
         worker = CompWorker(topo, spec, Llama(cfg, tensors, xp, dtype=opts["dtype"]), transport, xp=xp)
     elif topo.role == "attn":
-        worker = AttnWorker(topo, spec, cfg, transport, xp=xp)
+        worker = AttnWorker(topo, spec, cfg, transport, xp=xp, dtype=opts["dtype"])
     if topo.role != "client":
         while True:
             more = comm.bcast(topo.world, None)
@@ -108,7 +112,7 @@ def _client_one(topo, client, cfg, head, head_logits, n_tokens, opts, tensors) -
            "decode_ms": 1e3 * float(np.median(steps)) if steps else float("nan"),
            "decode_step_bytes": decode_bytes,
            "layer_bytes": sent / cfg.n_layers,
-           "expected_layer_bytes": expected_bytes_per_layer(cfg, n_tokens, topo.beta)}
+           "expected_layer_bytes": expected_bytes_per_layer(cfg, n_tokens, topo.beta, opts["dtype"])}
     for key in ("prepass_s", "attention_s", "postpass_s", "mpi_s", "staging_s"):
         row[key] = max(s[key] for s in stats)  # the slowest rank bounds the phase
     if opts["plaintext"]:

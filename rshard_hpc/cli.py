@@ -132,9 +132,9 @@ def convert(source, out):
 @click.option("--truncate", is_flag=True, help="Cut over-long prompts to the model's limit instead of failing.")
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
 @click.option("--gpu-aware-mpi", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True)
-@click.option("--dtype", type=click.Choice(["float32"]), default="float32", show_default=True,
-              help="Engine precision. Only float32 today: the bf16 attention kernel exists (rshard bench kernel), "
-                   "a bf16 engine path does not yet.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="Engine precision. bfloat16: bf16 GEMM inputs and q/k/v (fp32 accumulation, norms, "
+                   "residuals and merge); on GPUs the tensor-core attention kernel. See README.")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True, help="generate: tokens to add at most.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="generate: 0 is greedy.")
 @click.option("--top-k", type=int, default=0, show_default=True, help="generate: sample among the k likeliest (0: all).")
@@ -258,8 +258,8 @@ def bench_kernel_cmd(out, lengths, head_dims, dtypes):
 @click.option("--decode-steps", type=int, default=8, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
 @click.option("--gpu-aware-mpi", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True)
-@click.option("--dtype", type=click.Choice(["float32"]), default="float32", show_default=True,
-              help="Only float32: the engine has no bf16 path yet.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="Engine precision (the plaintext side runs the same precision in torch).")
 @click.option("--plaintext/--no-plaintext", default=True, show_default=True,
               help="Also time transformers on one device with the same weights (needs torch + transformers).")
 @click.option("--seed", type=int, default=0, show_default=True)

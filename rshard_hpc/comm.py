@@ -48,56 +48,72 @@ def _displs(counts: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
 
 
+def _mpi_type(dtype):
+    """The MPI datatype of a payload element: float32 activations, or uint16 bf16 bit patterns."""
+    MPI = _mpi()
+    types = {np.dtype(np.float32): MPI.FLOAT, np.dtype(np.uint16): MPI.UINT16_T}
+    try:
+        return types[np.dtype(dtype)]
+    except KeyError:
+        raise TypeError(f"Transport moves float32 or uint16 (bf16) payloads, not {np.dtype(dtype)}") from None
+
+
 class Transport:
-    """Moves flat float32 buffers over work_comm. Counts are in elements; stats record bytes and time.
+    """Moves flat float32 (or uint16 bf16-bit) buffers over work_comm. Counts are in elements; stats
+    record bytes and time.
 
     CuPy buffers go to MPI directly when `gpu_aware` (a CUDA-aware MPI library), otherwise they are staged
-    through pinned host buffers that are grown on demand and reused. Either way the current CUDA stream is
-    synchronized before every MPI call, so MPI never reads a buffer a kernel is still writing.
+    through pinned host buffers that are grown on demand and reused (one per direction and element type).
+    Either way the current CUDA stream is synchronized before every MPI call, so MPI never reads a buffer
+    a kernel is still writing.
     """
 
     def __init__(self, gpu_aware: bool = False):
         self.gpu_aware = gpu_aware
-        self._pinned = {}  # name -> pinned host array, grown on demand and reused
+        self._pinned = {}  # (direction, dtype) -> pinned host array, grown on demand and reused
         self.mpi_seconds = 0.0
         self.staging_seconds = 0.0
         self.bytes_sent = 0
         self.bytes_received = 0
 
     def _host_buffer(self, name: str, size: int, dtype=np.float32):
-        buf = self._pinned.get(name)
-        if buf is None or buf.size < size or buf.dtype != dtype:
+        key = (name, np.dtype(dtype).str)
+        buf = self._pinned.get(key)
+        if buf is None or buf.size < size:
             grown = max(size, int(1.25 * buf.size) if buf is not None else 0, 1)  # fewer re-allocations
             buf = _pinned_empty(grown, dtype)
-            self._pinned[name] = buf
+            self._pinned[key] = buf
         return buf[:size]
 
     def alltoallv(self, comm, send, send_counts, recv_counts):
-        """send: flat float32 (NumPy or CuPy); returns the flat receive buffer in the same array module."""
+        """send: flat float32 or uint16 (NumPy or CuPy); the receive buffer has send's element type and
+        array module (a receive-only call passes an empty array of the type it expects)."""
         MPI = _mpi()
         xp = xp_of(send)
+        dtype = np.dtype(send.dtype)
+        mpi_type = _mpi_type(dtype)
         send_counts = np.asarray(send_counts, dtype=np.int64)
         recv_counts = np.asarray(recv_counts, dtype=np.int64)
         n_recv = int(recv_counts.sum())
         on_gpu = xp is not np
         staged = on_gpu and not self.gpu_aware
         t0 = time.perf_counter()
-        send = xp.ascontiguousarray(send, dtype=xp.float32).ravel()
+        send = xp.ascontiguousarray(send).ravel()
         if staged:
-            host_send = self._host_buffer("send", send.size)
+            host_send = self._host_buffer("send", send.size, dtype)
             if send.size:
                 send.get(out=host_send)  # device -> pinned host copy, after the stream's work
-            host_recv = self._host_buffer("recv", n_recv)
+            host_recv = self._host_buffer("recv", n_recv, dtype)
         else:
-            host_send, host_recv = send, xp.empty(n_recv, dtype=xp.float32)
+            host_send, host_recv = send, xp.empty(n_recv, dtype=dtype)
         if on_gpu:
             xp.cuda.get_current_stream().synchronize()  # the stream must be idle before MPI touches memory
         t1 = time.perf_counter()
-        comm.Alltoallv([host_send, (send_counts, _displs(send_counts)), MPI.FLOAT],
-                       [host_recv, (recv_counts, _displs(recv_counts)), MPI.FLOAT])
+        comm.Alltoallv([host_send, (send_counts, _displs(send_counts)), mpi_type],
+                       [host_recv, (recv_counts, _displs(recv_counts)), mpi_type])
         t2 = time.perf_counter()
         if staged:
-            recv = xp.empty(n_recv, dtype=xp.float32)
+            recv = xp.empty(n_recv, dtype=dtype)
             if n_recv:
                 recv.set(host_recv)  # pinned host -> device; the next call synchronizes before reusing host_recv
         else:
@@ -105,8 +121,8 @@ class Transport:
         t3 = time.perf_counter()
         self.staging_seconds += (t1 - t0) + (t3 - t2)
         self.mpi_seconds += t2 - t1
-        self.bytes_sent += int(send_counts.sum()) * 4
-        self.bytes_received += n_recv * 4
+        self.bytes_sent += int(send_counts.sum()) * dtype.itemsize
+        self.bytes_received += n_recv * dtype.itemsize
         return recv
 
     def scatter_ids(self, comm, per_rank):

@@ -18,6 +18,7 @@ import numpy as np
 from rshard_hpc import comm
 from rshard_hpc.attention import merge_partials, partial_attention
 from rshard_hpc.plan import PlanSpec, Routing, StepTokens, make_plan
+from rshard_hpc.precision import to_bf16_bits, wire_dtype
 from rshard_hpc.privacy import compact_ledger, node_of, visible_key_counts
 
 
@@ -107,6 +108,7 @@ class CompWorker(_Worker):
     def __init__(self, topo, spec, model, transport, xp=np):
         super().__init__(topo, spec, model.cfg, transport)
         self.model, self.xp = model, xp
+        self.wire = wire_dtype(getattr(model, "dtype", "float32"))  # q/k/v element type on the wire
 
     def step(self, tokens: StepTokens, routing: Routing, want: str) -> None:
         k, xp, cfg = self.topo.comp_index, self.xp, self.cfg
@@ -144,9 +146,10 @@ class CompWorker(_Worker):
                                     "keys": counts[j].tolist()})
 
     def _pack_qkv(self, rows_of_group, q, key, val):
-        """Flat send buffer: for AttnNode (i, j) in work order, q of group i then k, v of group j.
+        """Flat send buffer (wire dtype): for AttnNode (i, j) in work order, q of group i then k, v of group j.
         rows_of_group[g]: (device) indices of my rows in group g."""
         xp, topo, beta = self.xp, self.topo, self.topo.beta
+        q, key, val = (self._to_wire(a) for a in (q, key, val))
         pieces = []
         counts = np.zeros(topo.work_comm.Get_size(), dtype=np.int64)
         for i in range(beta):
@@ -154,8 +157,14 @@ class CompWorker(_Worker):
                 part = [q[rows_of_group[i]].ravel(), key[rows_of_group[j]].ravel(), val[rows_of_group[j]].ravel()]
                 pieces += part
                 counts[topo.attn_work_rank(i, j)] = sum(int(p.size) for p in part)
-        send = xp.concatenate(pieces).astype(xp.float32) if pieces else xp.zeros(0, xp.float32)
+        send = xp.concatenate(pieces) if pieces else xp.zeros(0, self.wire)
         return send, counts
+
+    def _to_wire(self, x):
+        """(n, heads, D) float -> the wire's element type (bf16 bits are rounded to nearest even once here)."""
+        if self.wire == np.uint16:
+            return to_bf16_bits(x)
+        return x.astype(self.xp.float32, copy=False)
 
     def _back_counts(self, routing: Routing) -> np.ndarray:
         """Elements each AttnNode (i, j) returns to me: an (o, lse) row per query of mine in group i."""
@@ -190,9 +199,10 @@ class CompWorker(_Worker):
 class AttnWorker(_Worker):
     """AttnNode (i, j): queries of group i against keys/values of group j (kept as the KV cache)."""
 
-    def __init__(self, topo, spec, cfg, transport, xp=np):
+    def __init__(self, topo, spec, cfg, transport, xp=np, dtype="float32"):
         super().__init__(topo, spec, cfg, transport)
         self.xp = xp
+        self.wire = wire_dtype(dtype)  # q/k/v arrive (and stay in the KV cache) as float32 or bf16 bits
         self.cache = {}  # layer -> (k (n, Hkv, D), v, pos (n,), seq (n,))
 
     def begin_batch(self):
@@ -221,7 +231,7 @@ class AttnWorker(_Worker):
             back_counts[topo.comp_work_rank(k)] = routing.counts[k, i] * width
         scale = 1.0 / np.sqrt(cfg.head_dim)
         for layer in range(cfg.n_layers):
-            recv = self.transport.alltoallv(topo.work_comm, xp.zeros(0, xp.float32),
+            recv = self.transport.alltoallv(topo.work_comm, xp.zeros(0, self.wire),
                                             np.zeros(n_work, dtype=np.int64), recv_counts)
             with self.timer("attention"):
                 q, key, val = self._unpack(routing, recv, i, j)

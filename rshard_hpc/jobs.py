@@ -79,7 +79,7 @@ def run(opts: RunOptions) -> None:
     xp, transport = rank_backend(topo, opts.device, opts.gpu_aware_mpi)
     worker, error = None, None
     try:
-        worker = _make_worker(topo, spec, prepared.model_path, xp, transport)
+        worker = _make_worker(topo, spec, prepared.model_path, xp, transport, opts.dtype)
     except RshardError as exc:
         error = str(exc)
     comm.agree(world, error)
@@ -93,15 +93,15 @@ def run(opts: RunOptions) -> None:
         raise RuntimeError(str(exc)) from exc
 
 
-def _make_worker(topo, spec, model_path, xp, transport):
+def _make_worker(topo, spec, model_path, xp, transport, dtype="float32"):
     from rshard_hpc.engine import AttnWorker, Client, CompWorker
     from rshard_hpc.models import load_model, weights
 
     if topo.role == "comp":
-        return CompWorker(topo, spec, load_model(model_path, xp=xp), transport, xp=xp)
+        return CompWorker(topo, spec, load_model(model_path, dtype=dtype, xp=xp), transport, xp=xp)
     cfg = weights.read_config(model_path)
     if topo.role == "attn":
-        return AttnWorker(topo, spec, cfg, transport, xp=xp)
+        return AttnWorker(topo, spec, cfg, transport, xp=xp, dtype=dtype)
     return Client(topo, spec, cfg, transport)
 
 

@@ -38,12 +38,14 @@ def models(tmp_path_factory):
     return out
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("arch,alpha,beta,c,c_a", [("llama", 2, 2, 1, 1), ("bert", 2, 3, 1, 2)])
-def test_sharded_gpu_equals_numpy(models, arch, alpha, beta, c, c_a):
+def test_sharded_gpu_equals_numpy(models, arch, alpha, beta, c, c_a, dtype):
+    """GPU job vs the NumPy float32 forward: <= 1e-4 relative in float32, <= 2e-2 in bfloat16."""
     n = 1 + alpha + beta * beta
     cmd = launcher(n) + [str(ROOT / "tests" / "mpi" / "gpu_equivalence.py"), "--model", str(models / f"{arch}.h5"),
                          "--alpha", str(alpha), "--beta", str(beta), "--c", str(c), "--c-a", str(c_a),
-                         "--device", "gpu", "--case", "short"]
+                         "--device", "gpu", "--case", "short", "--dtype", dtype]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
     print(res.stdout[-4000:], res.stderr[-4000:])
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]

@@ -26,7 +26,7 @@ def minilm_weights():
 
 
 def embed(tmp_path, weights, device, alpha, beta, extra=()):
-    out = tmp_path / f"{device}.h5"
+    out = tmp_path / f"{device}{'-'.join(map(str, extra))}.h5"
     result = rshard(1 + alpha + beta * beta,
                     ["run", "--model", weights, "--prompts", REPO / "inputs" / "sample.jsonl", "--out", out,
                      "--alpha", alpha, "--beta", beta, "--device", device, "--overwrite", "--quiet",
@@ -44,3 +44,16 @@ def test_minilm_gpu_job_equals_cpu_job(tmp_path, minilm_weights, alpha, beta, ex
     rel = np.abs(gpu - cpu).max() / np.abs(cpu).max()
     print(f"MiniLM alpha={alpha} beta={beta}: GPU vs CPU max relative error {rel:.2e}")
     assert rel <= 1e-4
+
+
+def test_minilm_gpu_bf16_job_near_cpu_fp32_job(tmp_path, minilm_weights):
+    """--dtype bfloat16 on the GPU (bf16 GEMMs, tensor-core attention) against the float32 CPU job: relative
+    error <= 2e-2, and visibly bf16 (> 1e-5); the CPU's bf16 emulation lands as close."""
+    cpu32 = embed(tmp_path, minilm_weights, "cpu", 3, 3, ("--c-a", "2"))
+    cpu16 = embed(tmp_path, minilm_weights, "cpu", 3, 3, ("--c-a", "2", "--dtype", "bfloat16"))
+    gpu16 = embed(tmp_path, minilm_weights, "gpu", 3, 3, ("--c-a", "2", "--dtype", "bfloat16"))
+    rel = lambda a, b: float(np.abs(a - b).max() / np.abs(b).max())  # noqa: E731
+    print(f"MiniLM bf16: GPU vs CPU fp32 {rel(gpu16, cpu32):.2e}; CPU bf16 vs CPU fp32 {rel(cpu16, cpu32):.2e}; "
+          f"GPU bf16 vs CPU bf16 {rel(gpu16, cpu16):.2e}")
+    assert 1e-5 < rel(gpu16, cpu32) <= 2e-2
+    assert rel(cpu16, cpu32) <= 2e-2

@@ -64,3 +64,24 @@ def test_sharded_cli_matches_sentence_transformers(minilm, st_model, tmp_path, a
     print("min cosine", cos.min(), "max abs", np.abs(emb - ref).max())
     assert cos.min() >= 0.99999, cos
     assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+
+
+def test_sharded_cli_bf16_matches_sentence_transformers(minilm, st_model, tmp_path):
+    """--dtype bfloat16 (CPU emulation of the GPU's bf16 path) stays close to sentence-transformers in fp32,
+    moves fewer bytes than float32, and records its precision."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "text": t}) + "\n" for i, t in enumerate(TEXTS)))
+    emb, moved = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / f"{dtype}.h5"
+        result = rshard(7, ["run", "--model", minilm, "--prompts", prompts, "--out", out, "--alpha", 2, "--beta", 2,
+                            "--allow-weak-plan", "--dtype", dtype])
+        assert result.returncode == 0, result.stderr
+        with h5py.File(out) as f:
+            assert f.attrs["precision"] == dtype
+            emb[dtype] = f["embeddings"][()]
+            moved[dtype] = int(f["stats"]["bytes_sent"][()].sum())
+    cos = cosines(emb["bfloat16"], st_model.encode(TEXTS))
+    print("bf16 min cosine", cos.min(), "bytes", moved)
+    assert 0.999 <= cos.min() < 0.9999999  # close, and not float32 in disguise
+    assert moved["bfloat16"] < 0.8 * moved["float32"]  # q, k, v travel as 2-byte bf16

@@ -4,21 +4,22 @@ from __future__ import annotations
 import numpy as np
 
 from rshard_hpc.models import weights
-from rshard_hpc.models.common import gelu, layer_norm, linear
+from rshard_hpc.models.common import gelu, layer_norm, linear, place_tensors
 from rshard_hpc.models.config import ModelConfig
 
 EMBED_KEYS = ("embed/word", "embed/position", "embed/token_type", "embed/norm_w", "embed/norm_b")
 LAYER_KEYS = ("wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "attn_norm_w", "attn_norm_b",
               "w_up", "b_up", "w_down", "b_down", "mlp_norm_w", "mlp_norm_b")
+MATRIX_KEYS = ("wq", "wk", "wv", "wo", "w_up", "w_down")  # bf16 under --dtype bfloat16
 
 
 class Bert:
     """Every function here is per token: rows never mix, so any shard of positions can run it."""
 
-    def __init__(self, cfg: ModelConfig, tensors: dict, xp=np):
-        self.cfg = cfg
-        self.t = {k: xp.asarray(v) for k, v in tensors.items()}
-        self.xp = xp
+    def __init__(self, cfg: ModelConfig, tensors: dict, xp=np, dtype="float32"):
+        self.cfg, self.xp, self.dtype = cfg, xp, dtype
+        matrices = [weights.layer_key(i, name) for i in range(cfg.n_layers) for name in MATRIX_KEYS]
+        self.t = place_tensors(tensors, xp, dtype, matrices)
 
     @staticmethod
     def tensor_keys(cfg: ModelConfig) -> list:
@@ -29,7 +30,7 @@ class Bert:
 
     @classmethod
     def from_file(cls, path, cfg: ModelConfig, dtype="float32", xp=None):
-        return cls(cfg, weights.read_tensors(path, cls.tensor_keys(cfg)), xp or np)
+        return cls(cfg, weights.read_tensors(path, cls.tensor_keys(cfg)), xp or np, dtype=dtype)
 
     def _w(self, layer: int, name: str):
         return self.t[weights.layer_key(layer, name)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from rshard_hpc.backend import xp_of
+from rshard_hpc.precision import bf16_weights, check_dtype, matmul_t
 
 
 def layer_norm(x, weight, bias, eps: float):
@@ -39,6 +40,19 @@ def silu(x):
 
 
 def linear(x, weight, bias=None):
-    """x: (n, in); weight: (out, in) as stored; -> (n, out)."""
-    y = x @ weight.T
+    """x: (n, in); weight: (out, in) as stored, an array or a precision.Bf16Matrix; -> (n, out)."""
+    y = matmul_t(x, weight)
     return y if bias is None else y + bias
+
+
+def place_tensors(tensors: dict, xp, dtype: str, matrix_keys) -> dict:
+    """The model's tensors on `xp`: float32 arrays, except that for dtype "bfloat16" the weights named in
+    `matrix_keys` become bf16 matrices (precision.Bf16Matrix: bf16 inputs, fp32 accumulation).
+    dtype "float64" (test references) keeps everything in float64."""
+    if dtype == "float64":
+        return {k: xp.asarray(v, dtype=xp.float64) for k, v in tensors.items()}
+    check_dtype(dtype)
+    placed = {k: xp.asarray(v, dtype=xp.float32) for k, v in tensors.items()}
+    if dtype == "bfloat16":
+        placed = bf16_weights(placed, [k for k in matrix_keys if k in placed], xp)
+    return placed

@@ -15,10 +15,11 @@ import numpy as np
 from rshard_hpc.backend import xp_of
 from rshard_hpc.errors import InputError
 from rshard_hpc.models import weights
-from rshard_hpc.models.common import linear, rms_norm, silu
+from rshard_hpc.models.common import linear, place_tensors, rms_norm, silu
 from rshard_hpc.models.config import ModelConfig
 
 LAYER_KEYS = ("attn_norm_w", "wq", "wk", "wv", "wo", "mlp_norm_w", "w_gate", "w_up", "w_down")
+MATRIX_KEYS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")  # bf16 under --dtype bfloat16
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -92,9 +93,9 @@ class Llama:
     """Every function here is per token: rows never mix, so any shard of positions can run it."""
 
     def __init__(self, cfg: ModelConfig, tensors: dict, xp=np, dtype="float32"):
-        self.cfg = cfg
-        self.xp = xp
-        self.t = {k: xp.asarray(v, dtype=dtype) for k, v in tensors.items()}
+        self.cfg, self.xp, self.dtype = cfg, xp, dtype
+        matrices = [weights.layer_key(i, name) for i in range(cfg.n_layers) for name in MATRIX_KEYS]
+        self.t = place_tensors(tensors, xp, dtype, matrices)
         self.inv_freq = xp.asarray(rope_inv_freq(cfg))
 
     @staticmethod

@@ -4,10 +4,14 @@ from __future__ import annotations
 import numpy as np
 
 from rshard_hpc.attention import partial_attention
+from rshard_hpc.precision import to_bf16_bits
 
 
 def reference_forward(model, sequences):
-    """sequences: list of (n_b,) token-id arrays -> list of final hidden rows (n_b, d)."""
+    """sequences: list of (n_b,) token-id arrays -> list of final hidden rows (n_b, d).
+
+    A bfloat16 model's q, k, v are rounded to bf16 as the engine's wire rounds them, so the sharded job
+    and this forward compute the same function in either precision."""
     xp = model.xp
     cfg = model.cfg
     lens = [len(s) for s in sequences]
@@ -19,6 +23,8 @@ def reference_forward(model, sequences):
     scale = 1.0 / np.sqrt(cfg.head_dim)
     for layer in range(cfg.n_layers):
         q, k, v = model.pre(layer, h, pos)
+        if getattr(model, "dtype", None) == "bfloat16":
+            q, k, v = (to_bf16_bits(a) for a in (q, k, v))
         o, _ = partial_attention(q, pos, seq, k, v, pos, seq, cfg.causal, scale)
         h = model.post(layer, h, o)
     rows = model.final_rows(h)

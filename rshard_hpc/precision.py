@@ -1,0 +1,138 @@
+"""Engine precision (`--dtype float32|bfloat16`) and the bf16 pieces it needs, on NumPy and CuPy alike.
+
+bfloat16 here means: every matrix product of a layer (Q/K/V, O-projection, MLP) takes bf16 inputs and
+accumulates in fp32; q, k and v travel to the AttnNodes as bf16 (half the bytes) and the attention kernel
+multiplies in bf16 with fp32 softmax and accumulation. Norms, residuals, RoPE, biases, embeddings, the
+returned partials (o, lse) and the merge stay fp32. The NumPy path computes the same function: it rounds
+the same operands to bf16 and multiplies the rounded values in fp32.
+
+bf16 arrays are held as uint16 bit patterns (CuPy has no bfloat16 dtype).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from rshard_hpc.backend import xp_of
+
+DTYPES = ("float32", "bfloat16")
+BF16_NAN = 0x7FC0
+
+_CUDA_R_32F, _CUDA_R_16BF = 0, 14  # cudaDataType_t
+_CUBLAS_COMPUTE_32F = 68  # cublasComputeType_t
+_CUBLAS_OP_N, _CUBLAS_OP_T = 0, 1
+_CUBLAS_GEMM_DEFAULT = -1
+
+
+def check_dtype(name: str) -> str:
+    if name not in DTYPES:
+        raise ValueError(f"unknown engine dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return name
+
+
+def wire_dtype(name: str):
+    """The element type of q/k/v on the wire: float32, or uint16 bf16 bits."""
+    return np.uint16 if check_dtype(name) == "bfloat16" else np.float32
+
+
+# ---------------------------------------------------------------------------------------------- rounding
+_to_bits_gpu = None
+
+
+def to_bf16_bits(x):
+    """float array (NumPy or CuPy) -> uint16 bf16 bit patterns, rounded to nearest even; NaN stays NaN."""
+    xp = xp_of(x)
+    if xp is not np:
+        return _gpu_to_bits(x)
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))
+    out = (rounded >> 16).astype(np.uint16)
+    return np.where(np.isnan(x), np.uint16(BF16_NAN), out)
+
+
+def _gpu_to_bits(x):
+    global _to_bits_gpu
+    import cupy
+
+    if _to_bits_gpu is None:
+        _to_bits_gpu = cupy.ElementwiseKernel(
+            "float32 x", "uint16 y",
+            "unsigned int b = __float_as_uint(x);"
+            f"y = isnan(x) ? {BF16_NAN} : (unsigned short)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);",
+            "rshard_to_bf16_bits")
+    return _to_bits_gpu(cupy.ascontiguousarray(x, dtype=cupy.float32))
+
+
+def bf16_bits_to_float(bits):
+    """uint16 bf16 bit patterns -> float32 values (exact)."""
+    xp = xp_of(bits)
+    return (xp.ascontiguousarray(bits).astype(xp.uint32) << 16).view(xp.float32)
+
+
+def round_bf16(x):
+    """float32 values rounded to the nearest bf16 (as float32)."""
+    return bf16_bits_to_float(to_bf16_bits(x))
+
+
+# ---------------------------------------------------------------------------------------------- GEMM
+class Bf16Matrix:
+    """A weight (out, in) held in bf16. `rmatmul_t(x)` gives x @ Wᵀ: bf16 inputs, fp32 accumulation and
+    output. On CuPy one cuBLAS gemmEx; on NumPy the rounded values multiplied in fp32."""
+
+    def __init__(self, weight, xp=np):
+        weight = xp.asarray(weight, dtype=xp.float32)
+        if weight.ndim != 2:
+            raise ValueError(f"Bf16Matrix needs a 2-D weight, got shape {weight.shape}")
+        self.xp = xp
+        self.shape = weight.shape
+        self.bits = to_bf16_bits(weight)  # (out, in) uint16
+        self.values = bf16_bits_to_float(self.bits) if xp is np else None  # NumPy path multiplies these
+
+    def rmatmul_t(self, x):
+        """x: (n, in) float -> (n, out) float32."""
+        if x.shape[-1] != self.shape[1]:
+            raise ValueError(f"shape mismatch: x {x.shape} against weight {self.shape}")
+        if self.xp is np:
+            return round_bf16(x) @ self.values.T
+        return _gemm_bf16(x, self.bits)
+
+
+def matmul_t(x, weight):
+    """x @ weightᵀ for a plain array or a Bf16Matrix (the one place model math multiplies by a weight)."""
+    if isinstance(weight, Bf16Matrix):
+        return weight.rmatmul_t(x)
+    return x @ weight.T
+
+
+def _gemm_bf16(x, w_bits):
+    """CuPy: x (n, in) float32 -> bf16 bits; y (n, out) = x @ Wᵀ by cublasGemmEx (bf16 in, fp32 compute/out)."""
+    import cupy
+    from cupy_backends.cuda.libs import cublas
+
+    n, k = x.shape
+    m = w_bits.shape[0]
+    y = cupy.empty((n, m), dtype=cupy.float32)
+    if n == 0 or m == 0:
+        return y
+    if k == 0:
+        y.fill(0)
+        return y
+    x_bits = _gpu_to_bits(x)
+    handle = cupy.cuda.device.get_cublas_handle()
+    cublas.setStream(handle, cupy.cuda.get_current_stream().ptr)
+    cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+    one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
+    # column-major view: yᵀ (m, n) = W (m, k) · xᵀ (k, n); W row-major (m, k) is column-major Wᵀ, ld k
+    cublas.gemmEx(handle, _CUBLAS_OP_T, _CUBLAS_OP_N, m, n, k,
+                  one.ctypes.data, w_bits.data.ptr, _CUDA_R_16BF, k,
+                  x_bits.data.ptr, _CUDA_R_16BF, k,
+                  zero.ctypes.data, y.data.ptr, _CUDA_R_32F, m,
+                  _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT)
+    return y
+
+
+def bf16_weights(tensors: dict, names, xp=np) -> dict:
+    """tensors with every key in `names` (2-D weights) replaced by a Bf16Matrix on `xp`."""
+    out = dict(tensors)
+    for key in names:
+        out[key] = Bf16Matrix(tensors[key], xp)
+    return out

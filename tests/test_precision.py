@@ -1,0 +1,66 @@
+"""bf16 rounding and bf16 matrix products (precision.py) against torch, on NumPy and (when present) CuPy."""
+import numpy as np
+import pytest
+
+from rshard_hpc.precision import Bf16Matrix, bf16_bits_to_float, matmul_t, round_bf16, to_bf16_bits, wire_dtype
+
+torch = pytest.importorskip("torch", reason="torch is the independent bf16 reference")
+
+
+def special_values(rng):
+    """Random normals of many scales, exact ties (odd and even), infinities, NaN, signed zeros, subnormals."""
+    x = (rng.standard_normal(4096) * 10.0 ** rng.integers(-30, 30, 4096)).astype(np.float32)
+    ties = (np.arange(1, 257, dtype=np.uint32) << 16 | 0x8000).view(np.float32)  # halfway between two bf16
+    extra = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-40, -1e-40, 3.4e38, 65504.0], np.float32)
+    return np.concatenate([x, ties, -ties, extra])
+
+
+def test_rounding_matches_torch():
+    x = special_values(np.random.default_rng(1))
+    ours = bf16_bits_to_float(to_bf16_bits(x))
+    theirs = torch.from_numpy(x).to(torch.bfloat16).float().numpy()
+    np.testing.assert_array_equal(np.isnan(ours), np.isnan(theirs))
+    fin = ~np.isnan(theirs)
+    np.testing.assert_array_equal(ours[fin].view(np.uint32), theirs[fin].view(np.uint32))  # bit for bit
+
+
+def test_bf16_matrix_is_rounded_operands_in_fp32():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((37, 96)).astype(np.float32)
+    w = rng.standard_normal((50, 96)).astype(np.float32)
+    got = matmul_t(x, Bf16Matrix(w))
+    ref = round_bf16(x).astype(np.float64) @ round_bf16(w).astype(np.float64).T
+    assert got.dtype == np.float32 and got.shape == (37, 50)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
+    exact = x.astype(np.float64) @ w.astype(np.float64).T
+    rel = np.linalg.norm(got - exact) / np.linalg.norm(exact)
+    assert 1e-4 < rel < 1e-2  # bf16 inputs: visibly rounded, still close
+    assert matmul_t(np.zeros((0, 96), np.float32), Bf16Matrix(w)).shape == (0, 50)
+    with pytest.raises(ValueError):
+        matmul_t(x[:, :95], Bf16Matrix(w))
+
+
+def test_wire_dtype():
+    assert wire_dtype("float32") == np.float32 and wire_dtype("bfloat16") == np.uint16
+    with pytest.raises(ValueError, match="float16"):
+        wire_dtype("float16")
+
+
+def test_gpu_rounding_and_gemm_match_numpy():
+    from conftest import require_gpu
+
+    cupy = require_gpu()
+    x = special_values(np.random.default_rng(3))
+    gpu_bits = cupy.asnumpy(to_bf16_bits(cupy.asarray(x)))
+    cpu_bits = to_bf16_bits(x)
+    nan = np.isnan(x)
+    np.testing.assert_array_equal(gpu_bits[~nan], cpu_bits[~nan])
+    assert (gpu_bits[nan] & 0x7F80 == 0x7F80).all() and (gpu_bits[nan] & 0x7F).any()
+    rng = np.random.default_rng(4)
+    for n, k, m in [(1, 64, 64), (37, 576, 192), (1000, 576, 1536), (5, 1536, 576)]:
+        xs = rng.standard_normal((n, k)).astype(np.float32)
+        w = rng.standard_normal((m, k)).astype(np.float32)
+        out = matmul_t(cupy.asarray(xs), Bf16Matrix(w, cupy))
+        ref = round_bf16(xs).astype(np.float64) @ round_bf16(w).astype(np.float64).T
+        np.testing.assert_allclose(cupy.asnumpy(out), ref, rtol=1e-4, atol=1e-3)
+    assert matmul_t(cupy.zeros((0, 64), cupy.float32), Bf16Matrix(w[:, :64], cupy)).shape == (0, w.shape[0])
