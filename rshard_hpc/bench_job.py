@@ -35,13 +35,14 @@ def bench_config(shape: str, tokens: int, layers: int | None = None) -> ModelCon
 
 
 def expected_bytes_per_layer(cfg: ModelConfig, n_tokens: int, beta: int, dtype: str = "float32") -> int:
-    """What the routing implies: q to beta AttnNodes, k and v to beta AttnNodes (in the wire dtype: 4 or 2
-    bytes an element), beta (o, lse) partials back (fp32)."""
-    from rshard_hpc.precision import wire_dtype
+    """What the routing implies: q to beta AttnNodes, k and v to beta AttnNodes, beta (o, lse) partials back,
+    in the wire's element type (float32, or bf16 with each lse as two 2-byte halves)."""
+    from rshard_hpc.precision import partial_slots, wire_dtype
 
+    wire = wire_dtype(dtype)
     out = cfg.n_heads * cfg.head_dim + 2 * cfg.n_kv_heads * cfg.head_dim
-    back = cfg.n_heads * (cfg.head_dim + 1)
-    return beta * n_tokens * (np.dtype(wire_dtype(dtype)).itemsize * out + 4 * back)
+    back = cfg.n_heads * partial_slots(cfg.head_dim, wire)
+    return beta * n_tokens * np.dtype(wire).itemsize * (out + back)
 
 
 def run_bench(topo, opts: dict) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 from rshard_hpc import comm
 from rshard_hpc.attention import merge_partials, partial_attention
 from rshard_hpc.plan import PlanSpec, Routing, StepTokens, make_plan
-from rshard_hpc.precision import to_bf16_bits, wire_dtype
+from rshard_hpc.precision import pack_partial, partial_slots, to_bf16_bits, unpack_partial, wire_dtype
 from rshard_hpc.privacy import compact_ledger, node_of, visible_key_counts
 
 
@@ -170,7 +170,7 @@ class CompWorker(_Worker):
         """Elements each AttnNode (i, j) returns to me: an (o, lse) row per query of mine in group i."""
         topo, cfg = self.topo, self.cfg
         k = topo.comp_index
-        width = cfg.n_heads * (cfg.head_dim + 1)
+        width = cfg.n_heads * partial_slots(cfg.head_dim, self.wire)
         counts = np.zeros(topo.work_comm.Get_size(), dtype=np.int64)
         for i in range(topo.beta):
             for j in range(topo.beta):
@@ -178,22 +178,24 @@ class CompWorker(_Worker):
         return counts
 
     def _exchange_back(self, routing: Routing, rows_of_group, recv_counts, n_local: int):
-        """Receive (o, lse) partials from every AttnNode of each of my tokens' rows; (β, n, H, D), (β, n, H)."""
+        """Receive (o, lse) partials from every AttnNode of each of my tokens' rows; (β, n, H, D), (β, n, H)
+        float32 (bf16 o widened exactly)."""
         xp, topo, cfg, beta = self.xp, self.topo, self.cfg, self.topo.beta
         k = topo.comp_index
-        width = cfg.n_heads * (cfg.head_dim + 1)
-        recv = self.transport.alltoallv(topo.work_comm, xp.zeros(0, xp.float32),
+        slots = partial_slots(cfg.head_dim, self.wire)
+        width = cfg.n_heads * slots
+        recv = self.transport.alltoallv(topo.work_comm, xp.zeros(0, self.wire),
                                         np.zeros_like(recv_counts), recv_counts)
         with self.timer("postpass"):
-            packed = xp.zeros((beta, n_local, cfg.n_heads, cfg.head_dim + 1), dtype=xp.float32)
+            packed = xp.zeros((beta, n_local, cfg.n_heads, slots), dtype=self.wire)
             offset = 0
             for i in range(beta):
                 n_rows = int(routing.counts[k, i])
                 for j in range(beta):
                     seg = recv[offset:offset + n_rows * width]
-                    packed[j, rows_of_group[i]] = seg.reshape(n_rows, cfg.n_heads, cfg.head_dim + 1)
+                    packed[j, rows_of_group[i]] = seg.reshape(n_rows, cfg.n_heads, slots)
                     offset += n_rows * width
-        return packed[..., :cfg.head_dim], packed[..., cfg.head_dim]
+            return unpack_partial(packed, self.wire)  # (β, n, H, D), (β, n, H) float32
 
 
 class AttnWorker(_Worker):
@@ -226,7 +228,7 @@ class AttnWorker(_Worker):
         for k in range(topo.alpha):
             recv_counts[topo.comp_work_rank(k)] = routing.counts[k, i] * qw + 2 * routing.counts[k, j] * kvw
         back_counts = np.zeros(n_work, dtype=np.int64)
-        width = cfg.n_heads * (cfg.head_dim + 1)
+        width = cfg.n_heads * partial_slots(cfg.head_dim, self.wire)
         for k in range(topo.alpha):
             back_counts[topo.comp_work_rank(k)] = routing.counts[k, i] * width
         scale = 1.0 / np.sqrt(cfg.head_dim)
@@ -237,7 +239,7 @@ class AttnWorker(_Worker):
                 q, key, val = self._unpack(routing, recv, i, j)
                 k_all, v_all, k_pos, k_seq = self._append_cache(layer, key, val, tokens, kv_tok)
                 o, lse = partial_attention(q, q_pos, q_seq, k_all, v_all, k_pos, k_seq, cfg.causal, scale)
-                send = xp.concatenate([o, lse[..., None]], axis=-1).ravel()  # (nq, H, D+1) per row
+                send = pack_partial(o, lse, self.wire).ravel()  # (nq, H, partial_slots) per row
             self.transport.alltoallv(topo.work_comm, send, back_counts, np.zeros(n_work, dtype=np.int64))
 
     def _unpack(self, routing: Routing, recv, i: int, j: int):

@@ -2,8 +2,8 @@
 
 bfloat16 here means: every matrix product of a layer (Q/K/V, O-projection, MLP) takes bf16 inputs and
 accumulates in fp32; q, k and v travel to the AttnNodes as bf16 (half the bytes) and the attention kernel
-multiplies in bf16 with fp32 softmax and accumulation. Norms, residuals, RoPE, biases, embeddings, the
-returned partials (o, lse) and the merge stay fp32. The NumPy path computes the same function: it rounds
+multiplies in bf16 with fp32 softmax and accumulation; the partial o returns as bf16 beside its fp32 lse.
+Norms, residuals, RoPE, biases, embeddings, lse and the merge stay fp32. The NumPy path computes the same function: it rounds
 the same operands to bf16 and multiplies the rounded values in fp32.
 
 bf16 arrays are held as uint16 bit patterns (CuPy has no bfloat16 dtype).
@@ -32,6 +32,30 @@ def check_dtype(name: str) -> str:
 def wire_dtype(name: str):
     """The element type of q/k/v on the wire: float32, or uint16 bf16 bits."""
     return np.uint16 if check_dtype(name) == "bfloat16" else np.float32
+
+
+def partial_slots(head_dim: int, wire) -> int:
+    """Wire elements per (row, head) of a returned partial, o then lse: D + 1 float32, or D bf16 plus the
+    fp32 lse carried as two uint16 halves (the lse is never rounded)."""
+    return head_dim + (2 if np.dtype(wire) == np.uint16 else 1)
+
+
+def pack_partial(o, lse, wire):
+    """o (n, H, D) f32, lse (n, H) f32 -> (n, H, partial_slots) of the wire's element type."""
+    xp = xp_of(o)
+    if np.dtype(wire) == np.uint16:
+        lse_halves = xp.ascontiguousarray(lse, dtype=xp.float32)[..., None].view(xp.uint16)  # (n, H, 2)
+        return xp.concatenate([to_bf16_bits(o), lse_halves], axis=-1)
+    return xp.concatenate([o.astype(xp.float32, copy=False), lse[..., None]], axis=-1)
+
+
+def unpack_partial(packed, wire):
+    """(..., partial_slots) -> o (..., D) float32, lse (...) float32."""
+    xp = xp_of(packed)
+    if np.dtype(wire) == np.uint16:
+        lse = xp.ascontiguousarray(packed[..., -2:]).view(xp.float32)[..., 0]
+        return bf16_bits_to_float(packed[..., :-2]), lse
+    return packed[..., :-1], packed[..., -1]
 
 
 # ---------------------------------------------------------------------------------------------- rounding

@@ -84,4 +84,4 @@ def test_sharded_cli_bf16_matches_sentence_transformers(minilm, st_model, tmp_pa
     cos = cosines(emb["bfloat16"], st_model.encode(TEXTS))
     print("bf16 min cosine", cos.min(), "bytes", moved)
     assert 0.999 <= cos.min() < 0.9999999  # close, and not float32 in disguise
-    assert moved["bfloat16"] < 0.8 * moved["float32"]  # q, k, v travel as 2-byte bf16
+    assert moved["bfloat16"] < 0.55 * moved["float32"]  # q, k, v and partial o travel as 2-byte bf16

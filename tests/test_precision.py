@@ -64,3 +64,22 @@ def test_gpu_rounding_and_gemm_match_numpy():
         ref = round_bf16(xs).astype(np.float64) @ round_bf16(w).astype(np.float64).T
         np.testing.assert_allclose(cupy.asnumpy(out), ref, rtol=1e-4, atol=1e-3)
     assert matmul_t(cupy.zeros((0, 64), cupy.float32), Bf16Matrix(w[:, :64], cupy)).shape == (0, w.shape[0])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_partial_pack_roundtrip(dtype):
+    """Returned partials: lse survives bit for bit (also -inf), o exactly in float32 or bf16-rounded."""
+    from rshard_hpc.precision import pack_partial, partial_slots, unpack_partial
+
+    rng = np.random.default_rng(5)
+    wire = wire_dtype(dtype)
+    o = rng.standard_normal((7, 3, 16)).astype(np.float32)
+    lse = rng.standard_normal((7, 3)).astype(np.float32) * 30
+    lse[2, 1] = -np.inf
+    packed = pack_partial(o, lse, wire)
+    assert packed.dtype == wire and packed.shape == (7, 3, partial_slots(16, wire))
+    stacked = np.stack([packed, packed[::-1]])  # (P, n, H, slots), as the CompNode gathers them
+    o2, lse2 = unpack_partial(stacked, wire)
+    np.testing.assert_array_equal(lse2[0].view(np.uint32), lse.view(np.uint32))
+    np.testing.assert_array_equal(lse2[1], lse[::-1])
+    np.testing.assert_array_equal(o2[0], o if dtype == "float32" else round_bf16(o))
