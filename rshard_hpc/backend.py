@@ -96,8 +96,17 @@ def rank_backend(topo, device: str, gpu_aware_mode: str = "auto"):
     from rshard_hpc.comm import Transport
 
     if device == "gpu" and not topo.is_client:
-        return use_gpu(topo), Transport(gpu_aware=choose_gpu_aware(gpu_aware_mode))
+        return use_gpu(topo), Transport(gpu_aware=choose_gpu_aware(gpu_aware_mode), device=True)
     return np, Transport()
+
+
+def connect_workers(topo, transport, ipc_mode: str = "auto") -> str:
+    """Collective over every rank of the job (the client takes no part in the exchange): GPU workers move
+    their device buffers by CUDA IPC when all of them share one node and a probe proves it exact
+    (--gpu-ipc auto|on|off; see comm.Transport.enable_device_ipc). Returns this rank's transport mode."""
+    if transport.device:
+        transport.enable_device_ipc(topo.work_comm, ipc_mode)
+    return transport.mode
 
 
 def choose_gpu_aware(mode: str) -> bool:

@@ -132,6 +132,9 @@ def convert(source, out):
 @click.option("--truncate", is_flag=True, help="Cut over-long prompts to the model's limit instead of failing.")
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
 @click.option("--gpu-aware-mpi", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True)
+@click.option("--gpu-ipc", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="GPU workers on one node move device buffers by CUDA IPC (MPI carries only offsets); auto: "
+                   "where a probe proves it exact, else MPI.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
               help="Engine precision. bfloat16: bf16 GEMM inputs and q/k/v (fp32 accumulation, norms, "
                    "residuals and merge); on GPUs the tensor-core attention kernel. See README.")
@@ -258,6 +261,9 @@ def bench_kernel_cmd(out, lengths, head_dims, dtypes):
 @click.option("--decode-steps", type=int, default=8, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
 @click.option("--gpu-aware-mpi", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True)
+@click.option("--gpu-ipc", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="GPU workers on one node move device buffers by CUDA IPC (MPI carries only offsets); auto: "
+                   "where a probe proves it exact, else MPI.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
               help="Engine precision (the plaintext side runs the same precision in torch).")
 @click.option("--plaintext/--no-plaintext", default=True, show_default=True,

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from rshard_hpc import __version__, comm, testhooks
-from rshard_hpc.backend import rank_backend
+from rshard_hpc.backend import connect_workers, rank_backend
 from rshard_hpc.engine import rank_stats
 from rshard_hpc.errors import InputError, RshardError
 from rshard_hpc.generate import GenerateSettings, LmHead, generate_batch
@@ -37,6 +37,7 @@ class RunOptions:
     truncate: bool = False
     device: str = "cpu"
     gpu_aware_mpi: str = "auto"
+    gpu_ipc: str = "auto"
     dtype: str = "float32"
     progress: bool = True
     generate: dict = field(default_factory=dict)  # generation settings (task "generate")
@@ -76,9 +77,15 @@ def run(opts: RunOptions) -> None:
     prepared = comm.bcast(world, job.prepared if job else None)
     if prepared.error:
         raise RshardError(prepared.error)
-    xp, transport = rank_backend(topo, opts.device, opts.gpu_aware_mpi)
+    xp, transport, error = np, None, None
+    try:
+        xp, transport = rank_backend(topo, opts.device, opts.gpu_aware_mpi)
+    except RshardError as exc:
+        error = str(exc)
+    comm.agree(world, error)  # every rank has its device before the workers probe CUDA IPC together
     worker, error = None, None
     try:
+        connect_workers(topo, transport, opts.gpu_ipc)
         worker = _make_worker(topo, spec, prepared.model_path, xp, transport, opts.dtype)
     except RshardError as exc:
         error = str(exc)

@@ -1,4 +1,6 @@
 """The GPU choice reads the MPI launcher's local rank before Slurm's (CPU-only: no GPU needed)."""
+import pytest
+
 from rshard_hpc.backend import local_rank_from_env
 
 
@@ -9,3 +11,16 @@ def test_launcher_local_rank_wins_over_slurm():
     # srun alone: Slurm's variable
     assert local_rank_from_env({"SLURM_LOCALID": "2"}) == (2, "SLURM_LOCALID")
     assert local_rank_from_env({}) == (None, None)
+
+
+def test_transport_modes_without_gpu():
+    """Without a GPU: host transports say so; --gpu-ipc off never probes; an unknown mode is an error."""
+    from rshard_hpc.comm import Transport
+    from rshard_hpc.errors import RshardError
+
+    assert Transport().mode == "host"
+    t = Transport(device=True)
+    assert t.mode == "staged" and Transport(gpu_aware=True, device=True).mode == "cuda-aware MPI"
+    assert t.enable_device_ipc(None, "off") == (False, "--gpu-ipc off") and t.ipc is None
+    with pytest.raises(RshardError, match="--gpu-ipc"):
+        t.enable_device_ipc(None, "sometimes")

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 from mpi4py import MPI
 
-from rshard_hpc.backend import rank_backend
+from rshard_hpc.backend import connect_workers, rank_backend
 from rshard_hpc.comm import Transport
 from rshard_hpc.engine import AttnWorker, Client, CompWorker
 from rshard_hpc.generate import GenerateSettings, LmHead, generate_batch
@@ -72,6 +72,7 @@ def main():
     spec = PlanSpec("strided", alpha, beta, c, c_a)
     cfg = weights.read_config(path)
     xp, transport = rank_backend(topo, device)
+    connect_workers(topo, transport)
     ok = True
     if topo.role == "client":
         ref = np.load(ref_path, allow_pickle=True)

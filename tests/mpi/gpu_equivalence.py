@@ -1,7 +1,7 @@
 """Run under mpirun: the sharded engine on GPUs (or CPUs) against references, on a random model.
 
 usage: mpirun -n W python tests/mpi/gpu_equivalence.py --model M.h5 --alpha A --beta B [--c C] [--c-a CA]
-           [--device gpu|cpu] [--gpu-aware-mpi auto|on|off] [--case short|long] [--seed S]
+           [--device gpu|cpu] [--gpu-aware-mpi auto|on|off] [--gpu-ipc auto|on|off] [--case short|long] [--seed S]
            [--dtype float32|bfloat16]
 
 case short: a ragged batch (lengths 1 … 1500), compared with the NumPy single-process forward on the client
@@ -97,6 +97,7 @@ def main():
     ap.add_argument("--c-a", type=int, default=1)
     ap.add_argument("--device", choices=["cpu", "gpu"], default="gpu")
     ap.add_argument("--gpu-aware-mpi", choices=["auto", "on", "off"], default="auto")
+    ap.add_argument("--gpu-ipc", choices=["auto", "on", "off"], default="auto")
     ap.add_argument("--case", choices=["short", "long"], default="short")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -116,7 +117,11 @@ def main():
         gpu_aware, why = comm.resolve_gpu_aware(args.gpu_aware_mpi)
         if topo.rank == 1:
             print(f"rank 1: GPU {dev}; gpu-aware MPI: {gpu_aware} ({why})", flush=True)
-    transport = Transport(gpu_aware=gpu_aware)
+    transport = Transport(gpu_aware=gpu_aware, device=args.device == "gpu")
+    if args.device == "gpu" and topo.role != "client":  # the workers alone, together
+        used, why = transport.enable_device_ipc(topo.work_comm, args.gpu_ipc)
+        if topo.rank == 1:
+            print(f"rank 1: transport {transport.mode} ({why})", flush=True)
     worst = None
     if topo.role == "client":
         seqs = batch(np.random.default_rng(args.seed), cfg.vocab_size, args.case)

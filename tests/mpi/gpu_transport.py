@@ -1,7 +1,8 @@
 """Run under mpirun with --device gpu ranks: Transport.alltoallv on CuPy buffers (staged or direct) moves
 the right data, and detect_cuda_aware's verdict is printed. Exits 0 on every rank only if all ranks agree.
 
-usage: mpirun -n P python tests/mpi/gpu_transport.py [auto|on|off]
+usage: mpirun -n P python tests/mpi/gpu_transport.py [auto|on|off] [ipc-auto|ipc-on|ipc-off]
+(the second word picks --gpu-ipc; ipc-off by default, so the first checks MPI's own paths)
 """
 import sys
 
@@ -14,26 +15,30 @@ from rshard_hpc.comm import Transport
 
 def main():
     mode = sys.argv[1] if len(sys.argv) > 1 else "auto"
+    ipc_mode = (sys.argv[2] if len(sys.argv) > 2 else "ipc-off").removeprefix("ipc-")
     world = MPI.COMM_WORLD
     rank, size = world.Get_rank(), world.Get_size()
     dev = backend.select_device()
     cupy = backend.array_module("gpu")
     aware, why = comm.resolve_gpu_aware(mode)
-    transport = Transport(gpu_aware=aware)
+    transport = Transport(gpu_aware=aware, device=True)
+    _, ipc_why = transport.enable_device_ipc(world, ipc_mode)
     ok = True
-    for trial, scale in enumerate((1, 1000, 10, 50000)):  # buffers grow, shrink and grow again
-        counts = np.array([(rank + 1) * scale + r for r in range(size)], dtype=np.int64)
-        recv_counts = np.array([(r + 1) * scale + rank for r in range(size)], dtype=np.int64)
-        send = cupy.concatenate([cupy.full(int(c), rank * 1000 + r + trial * 0.5, cupy.float32)
+    # buffers grow, shrink and grow again; some calls send nothing to some ranks; float32 and uint16 payloads
+    for trial, scale in enumerate((1, 1000, 10, 50000, 0, 7, 200000, 3)):
+        dtype = cupy.uint16 if trial % 3 == 2 else cupy.float32
+        counts = np.array([(rank + 1) * scale + r * (trial % 2) for r in range(size)], dtype=np.int64)
+        recv_counts = np.array([(r + 1) * scale + rank * (trial % 2) for r in range(size)], dtype=np.int64)
+        send = cupy.concatenate([cupy.full(int(c), (rank * 100 + r + trial) % 60000, dtype)
                                  for r, c in enumerate(counts)])
         recv = transport.alltoallv(world, send, counts, recv_counts)
-        want = np.concatenate([np.full(int(c), r * 1000 + rank + trial * 0.5, np.float32)
+        want = np.concatenate([np.full(int(c), (r * 100 + rank + trial) % 60000, np.dtype(dtype))
                                for r, c in enumerate(recv_counts)])
-        ok &= isinstance(recv, cupy.ndarray) and bool(np.array_equal(cupy.asnumpy(recv), want))
+        ok &= isinstance(recv, cupy.ndarray) and recv.dtype == dtype and bool(np.array_equal(cupy.asnumpy(recv), want))
     all_ok = world.allreduce(int(ok), op=MPI.MIN)
     if rank == 0:
-        print(f"transport: {size} ranks, GPU {dev}, gpu_aware={aware} ({why}); staged alltoallv "
-              f"{'PASS' if all_ok else 'FAIL'}; stats {transport.stats()}", flush=True)
+        print(f"transport: {size} ranks, GPU {dev}, gpu_aware={aware} ({why}); mode {transport.mode} ({ipc_why}); "
+              f"alltoallv {'PASS' if all_ok else 'FAIL'}; stats {transport.stats()}", flush=True)
     sys.exit(0 if all_ok else 1)
 
 
