@@ -23,8 +23,12 @@ from rshard_hpc.privacy import compact_ledger, node_of, visible_key_counts
 
 
 class PhaseTimer:
-    def __init__(self):
+    """Wall seconds per phase. On a GPU (xp = cupy) each phase ends by waiting for the current stream, so a
+    phase is charged for its kernels rather than the next blocking call (the transport syncs there anyway)."""
+
+    def __init__(self, xp=np):
         self.seconds = {}
+        self._sync = xp.cuda.get_current_stream().synchronize if xp is not np else None
 
     @contextmanager
     def __call__(self, phase: str):
@@ -32,6 +36,8 @@ class PhaseTimer:
         try:
             yield
         finally:
+            if self._sync is not None:
+                self._sync()
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
 
 
@@ -108,6 +114,7 @@ class CompWorker(_Worker):
     def __init__(self, topo, spec, model, transport, xp=np):
         super().__init__(topo, spec, model.cfg, transport)
         self.model, self.xp = model, xp
+        self.timer = PhaseTimer(xp)
         self.wire = wire_dtype(getattr(model, "dtype", "float32"))  # q/k/v element type on the wire
 
     def step(self, tokens: StepTokens, routing: Routing, want: str) -> None:
@@ -204,6 +211,7 @@ class AttnWorker(_Worker):
     def __init__(self, topo, spec, cfg, transport, xp=np, dtype="float32"):
         super().__init__(topo, spec, cfg, transport)
         self.xp = xp
+        self.timer = PhaseTimer(xp)
         self.wire = wire_dtype(dtype)  # q/k/v arrive (and stay in the KV cache) as float32 or bf16 bits
         self.cache = {}  # layer -> (k (n, Hkv, D), v, pos (n,), seq (n,))
 

@@ -171,9 +171,19 @@ def gpu():
     return require_gpu()
 
 
+@pytest.mark.parametrize("alpha,beta,c,c_a", [(1, 1, 1, 1), (2, 3, 2, 3)])
+def test_tiny_llama_gpu_generation_is_exact(gpu, tiny_llama, tiny_reference, alpha, beta, c, c_a):
+    """Prefill and 10 decode steps on the GPU path (CuPy, kernels, CUDA IPC where it works) against the
+    single-process NumPy reference: logits within 1e-3, greedy ids identical."""
+    result = mpiexec(1 + alpha + beta * beta,
+                     [sys.executable, SCRIPT, tiny_llama, tiny_reference, alpha, beta, c, c_a, "gpu"], timeout=600)
+    print(result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 @pytest.mark.parametrize("alpha,beta,c,c_a", [(2, 2, 1, 1), (2, 3, 2, 3)])
 def test_smollm2_gpu_generation_matches_transformers(gpu, smollm2, smollm2_reference, alpha, beta, c, c_a):
-    """The same check on the GPU path: CompNode math on CuPy, the partial-attention kernel, staged MPI."""
+    """The same check on the GPU path: CompNode math on CuPy, the partial-attention kernel, CUDA IPC or MPI."""
     _, weights_path = smollm2
     result = mpiexec(1 + alpha + beta * beta,
                      [sys.executable, SCRIPT, weights_path, smollm2_reference, alpha, beta, c, c_a, "gpu"], timeout=600)
