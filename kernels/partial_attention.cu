@@ -159,12 +159,18 @@ attn_fwd_simt(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_t
 
 // ---------------------------------------------------------------------------------------------
 // Tensor-core kernel (bf16 mma.sync m16n8k16, fp32 accumulate): bf16 inputs, HEAD_DIM % 16 == 0.
-// 4 warps; each warp owns MMA_MT slabs of 16 query rows (MMA_BM = 64 * MMA_MT rows per block), so every
-// K/V fragment read from shared memory feeds MMA_MT matrix products. MMA_BN = 64 keys per tile, K/V
-// double-buffered in shared memory with cp.async (K, V pre-gathered per head in sorted order), rows padded by 8
-// elements so that ldmatrix is free of bank conflicts. Q fragments stay in registers (Q_IN_REGS) or are
-// re-read from shared memory per tile (large head dims). Scores stay in registers; online softmax in
-// base 2 on raw scores (the scale is folded into one FMA before ex2).
+// MMA_WARPS warps; each warp owns MMA_MT slabs of 16 query rows (MMA_BM = 16 * MMA_MT * MMA_WARPS rows
+// per block), so every K/V fragment read from shared memory feeds MMA_MT matrix products, and every K/V
+// tile brought into shared memory serves MMA_BM query rows. MMA_BN keys per tile, K/V in MMA_STAGES
+// shared-memory stages filled by cp.async MMA_STAGES - 1 tiles ahead (K, V pre-gathered per head in sorted
+// order), one barrier per tile; rows padded by 8 elements so that ldmatrix is free of bank conflicts.
+// Q fragments stay in registers (Q_IN_REGS) or are re-read from shared memory per tile (large head dims).
+// Scores stay in registers; online softmax in base 2 on raw scores (the scale is folded into one FMA
+// before ex2); the accumulator is rescaled only when some row's running maximum moved (warp vote).
+// Which key tiles to visit (and which need the element mask) is decided 32 tiles at a time by a warp
+// vote over the tile summaries, so no global load sits between one tile and the next.
+// Configuration (host: attention_gpu.MmaConfig): MMA_MT, Q_IN_REGS, MMA_WARPS, MMA_BN, MMA_STAGES,
+// MMA_MINB (blocks per SM the register allocation must allow: __launch_bounds__'s second argument).
 // ---------------------------------------------------------------------------------------------
 #if IN_BF16 && (HEAD_DIM % 16 == 0) && (HEAD_DIM <= 256)
 #ifndef MMA_MT
@@ -173,12 +179,25 @@ attn_fwd_simt(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_t
 #ifndef Q_IN_REGS
 #define Q_IN_REGS 1
 #endif
+#ifndef MMA_WARPS
 #define MMA_WARPS 4
+#endif
+#ifndef MMA_BN
+#define MMA_BN 64
+#endif
+#ifndef MMA_STAGES
+#define MMA_STAGES 2
+#endif
+#ifndef MMA_MINB
+#define MMA_MINB 1
+#endif
 #define MMA_THREADS (32 * MMA_WARPS)
 #define MMA_BM (16 * MMA_MT * MMA_WARPS)
-#define MMA_BN 64
 #define DP (HEAD_DIM + 8)            // padded shared row, in bf16 elements
 #define CH (HEAD_DIM / 8)            // 16-byte chunks per row
+#if MMA_STAGES < 2 || MMA_BN % 16 || MMA_BN > 128
+#error "MMA_STAGES >= 2 and MMA_BN in {16, 32, ..., 128} required"
+#endif
 
 __device__ __forceinline__ unsigned int smem_addr(const void* p) {
     return (unsigned int)__cvta_generic_to_shared(p);
@@ -233,8 +252,40 @@ __device__ __forceinline__ int tile_kind4(int4 qi, int4 ki, int causal, int full
     return 2;
 }
 
+// The key tiles one query tile visits, 32 at a time: bit i of vis / masked says whether tile base + i is
+// visited / needs the element mask. Every warp keeps its own copy (same values in every warp); calls
+// must come from all 32 lanes.
+struct TileScan {
+    int base;
+    unsigned int vis, masked;
+};
+
+// The first visited tile t' >= t (kt_end if none), and whether it needs the element mask.
+__device__ __forceinline__ int next_tile(TileScan& sc, int t, int kt_end, int4 qi, const int4* k_info4,
+                                         int causal, int nk, int lane, int& kind_masked) {
+    while (t < kt_end) {
+        if (t >= sc.base + 32) {   // refill the window at t
+            sc.base = t;
+            const int tt = t + lane;
+            const int kd = tt < kt_end ? tile_kind4(qi, __ldg(k_info4 + tt), causal, (tt + 1) * MMA_BN <= nk) : 0;
+            sc.vis = __ballot_sync(0xffffffffu, kd != 0);
+            sc.masked = __ballot_sync(0xffffffffu, kd == 2);
+        }
+        const int off = t - sc.base;
+        const unsigned int rest = sc.vis >> off;
+        if (rest) {
+            const int i = off + __ffs(rest) - 1;
+            kind_masked = (sc.masked >> i) & 1;
+            return sc.base + i;
+        }
+        t = sc.base + 32;
+    }
+    kind_masked = 0;
+    return kt_end;
+}
+
 // k, v here are the gathered copies (Hkv, nk_pad, D) in sorted key order (attention_order.cu: gather_kv).
-extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, MMA_MINB)
 attn_fwd_mma(const unsigned short* __restrict__ q, const unsigned short* __restrict__ k,
              const unsigned short* __restrict__ v,
              const int* __restrict__ q_idx, int nk_pad,
@@ -246,10 +297,10 @@ attn_fwd_mma(const unsigned short* __restrict__ q, const unsigned short* __restr
 {
     extern __shared__ __align__(16) unsigned char smem[];
     unsigned short* sQ = (unsigned short*)smem;                 // [MMA_BM][DP]
-    unsigned short* sK = sQ + MMA_BM * DP;                      // [2][MMA_BN][DP]
-    unsigned short* sV = sK + 2 * MMA_BN * DP;                  // [2][MMA_BN][DP]
-    int* sPos = (int*)(sV + 2 * MMA_BN * DP);                   // [2][MMA_BN]
-    int* sSeq = sPos + 2 * MMA_BN;                              // [2][MMA_BN]
+    unsigned short* sK = sQ + MMA_BM * DP;                      // [MMA_STAGES][MMA_BN][DP]
+    unsigned short* sV = sK + MMA_STAGES * MMA_BN * DP;         // [MMA_STAGES][MMA_BN][DP]
+    int* sPos = (int*)(sV + MMA_STAGES * MMA_BN * DP);          // [MMA_STAGES][MMA_BN]
+    int* sSeq = sPos + MMA_STAGES * MMA_BN;                     // [MMA_STAGES][MMA_BN]
 
     const int qt = gridDim.x - 1 - blockIdx.x;                  // late (long, causal) tiles first
     const int h = blockIdx.y;
@@ -258,23 +309,26 @@ attn_fwd_mma(const unsigned short* __restrict__ q, const unsigned short* __restr
     const long long q_row_stride = (long long)n_heads * HEAD_DIM;
 
     // Query tile -> shared memory (zeros past nq).
-    for (int c = tid; c < MMA_BM * CH; c += MMA_THREADS) {
-        const int rr = c / CH, ch = c % CH, slot = qt * MMA_BM + rr;
-        const bool in = slot < nq;
-        const unsigned short* src = q + (in ? q_idx[slot] * q_row_stride + h * HEAD_DIM + ch * 8 : 0);
-        cp_async16(sQ + rr * DP + ch * 8, src, in);
+#pragma unroll
+    for (int i = 0; i < (MMA_BM * CH + MMA_THREADS - 1) / MMA_THREADS; ++i) {
+        const int c = tid + i * MMA_THREADS;
+        if ((MMA_BM * CH) % MMA_THREADS == 0 || c < MMA_BM * CH) {
+            const int rr = c / CH, ch = c % CH, slot = qt * MMA_BM + rr;
+            const bool in = slot < nq;
+            const unsigned short* src = q + (in ? q_idx[slot] * q_row_stride + h * HEAD_DIM + ch * 8 : 0);
+            cp_async16(sQ + rr * DP + ch * 8, src, in);
+        }
     }
-    cp_async_commit();
 
     const int4 qi = *(const int4*)(q_info + 4 * qt);
     const int lo = k_range[2 * qt], hi = k_range[2 * qt + 1];
     const int kt_end = (hi + MMA_BN - 1) / MMA_BN;
     const int4* k_info4 = (const int4*)k_info;
-    int kt = lo / MMA_BN;
-    while (kt < kt_end && tile_kind4(qi, k_info4[kt], causal, (kt + 1) * MMA_BN <= nk) == 0) ++kt;
+    TileScan scan;
+    scan.base = -64;   // empty window: the first call fills it
+    scan.vis = scan.masked = 0u;
 
-    // one key tile of head hk: a contiguous (MMA_BN, HEAD_DIM) block of the gathered K and V; no
-    // dependent global loads before the copies are issued
+    // one key tile of head hk: a contiguous (MMA_BN, HEAD_DIM) block of the gathered K and V
     const unsigned short* k_head = k + (long long)hk * nk_pad * HEAD_DIM;
     const unsigned short* v_head = v + (long long)hk * nk_pad * HEAD_DIM;
     auto load_kv = [&](int tile, int stage) {
@@ -284,24 +338,41 @@ attn_fwd_mma(const unsigned short* __restrict__ q, const unsigned short* __restr
         const unsigned short* src_k = k_head + (long long)base * HEAD_DIM;
         const unsigned short* src_v = v_head + (long long)base * HEAD_DIM;
 #pragma unroll
-        for (int c = tid; c < MMA_BN * CH; c += MMA_THREADS) {
-            const int j = c / CH, ch = c % CH;
-            cp_async16(dk + j * DP + ch * 8, src_k + c * 8, true);
-            cp_async16(dv + j * DP + ch * 8, src_v + c * 8, true);
+        for (int i = 0; i < (MMA_BN * CH + MMA_THREADS - 1) / MMA_THREADS; ++i) {
+            const int c = tid + i * MMA_THREADS;
+            if ((MMA_BN * CH) % MMA_THREADS == 0 || c < MMA_BN * CH) {
+                const int j = c / CH, ch = c % CH;
+                cp_async16(dk + j * DP + ch * 8, src_k + c * 8, true);
+                cp_async16(dv + j * DP + ch * 8, src_v + c * 8, true);
+            }
         }
-        if (tid < MMA_BN) {
-            const bool in = base + tid < nk;
-            cp_async4(sPos + stage * MMA_BN + tid, ks_pos + (in ? base + tid : 0), in);
-        } else if (tid < 2 * MMA_BN) {
-            const int t = tid - MMA_BN;
-            const bool in = base + t < nk;
-            cp_async4(sSeq + stage * MMA_BN + t, ks_seq + (in ? base + t : 0), in);
+#pragma unroll
+        for (int i = 0; i < (2 * MMA_BN + MMA_THREADS - 1) / MMA_THREADS; ++i) {
+            const int c = tid + i * MMA_THREADS;
+            if (c < MMA_BN) {
+                const bool in = base + c < nk;
+                cp_async4(sPos + stage * MMA_BN + c, ks_pos + (in ? base + c : 0), in);
+            } else if (c < 2 * MMA_BN) {
+                const int t = c - MMA_BN;
+                const bool in = base + t < nk;
+                cp_async4(sSeq + stage * MMA_BN + t, ks_seq + (in ? base + t : 0), in);
+            }
         }
-        cp_async_commit();
     };
 
-    if (kt < kt_end) load_kv(kt, 0);
-    cp_async_wait<0>();
+    // Prologue: the query tile and the first MMA_STAGES - 1 visited key tiles, one commit group each
+    // (the query tile rides with the first); pipe[] holds the visited tiles in flight, in order.
+    int pipe[MMA_STAGES], pipe_masked[MMA_STAGES];
+    pipe[0] = next_tile(scan, lo / MMA_BN, kt_end, qi, k_info4, causal, nk, lane, pipe_masked[0]);
+#pragma unroll
+    for (int s = 1; s < MMA_STAGES; ++s)
+        pipe[s] = next_tile(scan, pipe[s - 1] + 1, kt_end, qi, k_info4, causal, nk, lane, pipe_masked[s]);
+#pragma unroll
+    for (int s = 0; s < MMA_STAGES - 1; ++s) {
+        if (pipe[s] < kt_end) load_kv(pipe[s], s);
+        cp_async_commit();
+    }
+    cp_async_wait<MMA_STAGES - 2>();
     __syncthreads();
 
     const int row_base = warp * 16 * MMA_MT;                   // this warp's first row in the tile
@@ -338,17 +409,20 @@ attn_fwd_mma(const unsigned short* __restrict__ q, const unsigned short* __restr
     }
 
     int stage = 0;
-    while (kt < kt_end) {
-        const int kind = tile_kind4(qi, k_info4[kt], causal, (kt + 1) * MMA_BN <= nk);
-        int nxt = kt + 1;
-        while (nxt < kt_end && tile_kind4(qi, k_info4[nxt], causal, (nxt + 1) * MMA_BN <= nk) == 0) ++nxt;
-        if (nxt < kt_end) {
-            load_kv(nxt, stage ^ 1);
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
+    while (pipe[0] < kt_end) {
+        const int kt = pipe[0];
+        const int kind_masked = pipe_masked[0];
+        // tile kt (commit group of this iteration) has landed for this thread; after the barrier for
+        // every thread, and every warp is done with the stage the next load overwrites (read last iteration)
+        cp_async_wait<MMA_STAGES - 2>();
         __syncthreads();
+        {
+            const int ahead = pipe[MMA_STAGES - 1];
+            int ld_stage = stage + MMA_STAGES - 1;
+            if (ld_stage >= MMA_STAGES) ld_stage -= MMA_STAGES;
+            if (ahead < kt_end) load_kv(ahead, ld_stage);
+            cp_async_commit();   // possibly empty: keeps one group per iteration
+        }
 
         const unsigned short* cK = sK + stage * MMA_BN * DP;
         const unsigned short* cV = sV + stage * MMA_BN * DP;
@@ -385,46 +459,64 @@ attn_fwd_mma(const unsigned short* __restrict__ q, const unsigned short* __restr
 #undef QF
         }
 
-        // mask, online softmax (base 2; the scale folded into the exponent's FMA)
-        const int* cPos = sPos + stage * MMA_BN;
-        const int* cSeq = sSeq + stage * MMA_BN;
+        // mask (only tiles that need it), online softmax (base 2; the scale folded into the exponent's FMA)
+        if (kind_masked) {
+            const int* cPos = sPos + stage * MMA_BN;
+            const int* cSeq = sSeq + stage * MMA_BN;
+#pragma unroll
+            for (int nt = 0; nt < MMA_BN / 8; ++nt) {
+                const int j0 = nt * 8 + (lane % 4) * 2;
+                const int2 kp = *(const int2*)(cPos + j0);
+                const int2 kq = *(const int2*)(cSeq + j0);
+#pragma unroll
+                for (int e2 = 0; e2 < 2; ++e2) {
+                    const int j = j0 + e2;
+                    const int pk = e2 ? kp.y : kp.x, sk = e2 ? kq.y : kq.x;
+                    const bool in = kt * MMA_BN + j < nk;
+#pragma unroll
+                    for (int mt = 0; mt < MMA_MT; ++mt)
+#pragma unroll
+                        for (int hh = 0; hh < 2; ++hh) {
+                            const bool vis = in && sk == my_seq[mt][hh] && (!causal || pk <= my_pos[mt][hh]);
+                            if (!vis) s[mt][nt][2 * hh + e2] = NEG_INF;
+                        }
+                }
+            }
+        }
         unsigned int pf[MMA_MT][MMA_BN / 16][4];
 #pragma unroll
         for (int mt = 0; mt < MMA_MT; ++mt) {
             float mx[2] = {NEG_INF, NEG_INF};
 #pragma unroll
             for (int nt = 0; nt < MMA_BN / 8; ++nt) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int hh = e / 2;
-                    float x = s[mt][nt][e];
-                    if (kind == 2) {
-                        const int j = nt * 8 + (lane % 4) * 2 + (e % 2);
-                        const bool vis = (kt * MMA_BN + j < nk) && cSeq[j] == my_seq[mt][hh] &&
-                                         (!causal || cPos[j] <= my_pos[mt][hh]);
-                        x = vis ? x : NEG_INF;
-                        s[mt][nt][e] = x;
-                    }
-                    mx[hh] = fmaxf(mx[hh], x);
-                }
+                mx[0] = fmaxf(mx[0], fmaxf(s[mt][nt][0], s[mt][nt][1]));
+                mx[1] = fmaxf(mx[1], fmaxf(s[mt][nt][2], s[mt][nt][3]));
             }
-            float neg_ms[2];
+            float neg_ms[2], m_new[2];
 #pragma unroll
             for (int hh = 0; hh < 2; ++hh) {
                 mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffff, mx[hh], 1));
                 mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffff, mx[hh], 2));
-                const float m_new = fmaxf(m[mt][hh], mx[hh]);
-                const float m_use = (m_new == NEG_INF) ? 0.f : m_new;
-                const float corr = fast_exp2((m[mt][hh] - m_use) * scale_log2);
-                l[mt][hh] *= corr;
-#pragma unroll
-                for (int nt = 0; nt < HEAD_DIM / 8; ++nt) {
-                    acc[mt][nt][2 * hh] *= corr;
-                    acc[mt][nt][2 * hh + 1] *= corr;
-                }
-                m[mt][hh] = m_new;
+                m_new[hh] = fmaxf(m[mt][hh], mx[hh]);
+                const float m_use = (m_new[hh] == NEG_INF) ? 0.f : m_new[hh];
                 neg_ms[hh] = -m_use * scale_log2;
             }
+            // rescale only when some row of the warp has a new maximum (unchanged: the factor is 1;
+            // both -inf: acc and l are still 0)
+            if (__any_sync(0xffffffffu, m_new[0] != m[mt][0] || m_new[1] != m[mt][1])) {
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const float corr = fast_exp2(fmaf(m[mt][hh], scale_log2, neg_ms[hh]));
+                    l[mt][hh] *= corr;
+#pragma unroll
+                    for (int nt = 0; nt < HEAD_DIM / 8; ++nt) {
+                        acc[mt][nt][2 * hh] *= corr;
+                        acc[mt][nt][2 * hh + 1] *= corr;
+                    }
+                }
+            }
+            m[mt][0] = m_new[0];
+            m[mt][1] = m_new[1];
 #pragma unroll
             for (int nt = 0; nt < MMA_BN / 8; ++nt) {
                 const float p0 = fast_exp2(fmaf(s[mt][nt][0], scale_log2, neg_ms[0]));
@@ -453,10 +545,18 @@ attn_fwd_mma(const unsigned short* __restrict__ q, const unsigned short* __restr
                 }
             }
         }
-        __syncthreads();   // this stage is overwritten by the load two tiles on
-        stage ^= 1;
-        kt = nxt;
+        // The tile after the ones in flight (uniform work; a global load once per 32 tiles).
+#pragma unroll
+        for (int p = 0; p < MMA_STAGES - 1; ++p) {
+            pipe[p] = pipe[p + 1];
+            pipe_masked[p] = pipe_masked[p + 1];
+        }
+        pipe[MMA_STAGES - 1] = next_tile(scan, pipe[MMA_STAGES - 2] + 1, kt_end, qi, k_info4, causal, nk, lane,
+                                         pipe_masked[MMA_STAGES - 1]);
+
+        stage = stage + 1 == MMA_STAGES ? 0 : stage + 1;
     }
+    cp_async_wait<0>();   // no copy may outlive the block (empty groups only, by now)
 
     // Finish: reduce l over the quad, normalize, write to the original rows.
 #pragma unroll

@@ -17,16 +17,30 @@ from __future__ import annotations
 import functools
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 import rshard_hpc
+from rshard_hpc.precision import bf16_bits_to_float, to_bf16_bits  # noqa: F401  (this module's bf16 helpers)
 
 KERNEL_DIR = Path(rshard_hpc.__file__).resolve().parent.parent / "kernels"
 
-MMA_BN = 64  # keys per tile of the tensor-core kernel (kernels/partial_attention.cu)
-# head dim -> (16-row slabs per warp, Q fragments kept in registers) for the tensor-core kernel: more slabs
-# reuse each K/V fragment more, at the price of registers (bench.bench_variants measures the choices)
+
+class MmaConfig(NamedTuple):
+    """One configuration of the tensor-core kernel (kernels/partial_attention.cu, preprocessor defines)."""
+
+    mt: int = 1        # MMA_MT: 16-row slabs per warp (more reuse of each K/V fragment, more registers)
+    q_regs: int = 1    # Q_IN_REGS: Q fragments kept in registers (else re-read from shared memory per tile)
+    warps: int = 4     # MMA_WARPS: warps per block sharing each K/V tile (query tile = 16 * mt * warps rows)
+    bn: int = 64       # MMA_BN: keys per tile
+    stages: int = 2    # MMA_STAGES: shared-memory K/V stages (loads issued stages - 1 tiles ahead)
+    minb: int = 1      # MMA_MINB: blocks per multiprocessor the register allocation must allow
+
+
+# head dim -> configuration of the tensor-core kernel; a plain tuple is read as MmaConfig(*tuple)
+# (bench.bench_variants measures the choices). D=64: 4 warps x 16 rows, 64-key tiles, 2 stages was the fastest
+# of the configurations timed on the H200 (docs/bench_kernel_h200.md); D=128 was not re-timed after v4.
 MMA_CONFIG = {16: (2, 1), 32: (2, 1), 64: (1, 1), 128: (2, 0)}
 SIMT_THREADS = 128
 MAX_HEAD_DIM = 256
@@ -57,8 +71,8 @@ def _kernel(source: str, name: str, preamble: str):
     return _module(source, preamble, _cupy().cuda.Device().id).get_function(name)
 
 
-def _mma_config(head_dim: int):
-    return MMA_CONFIG.get(head_dim, (1, 1 if head_dim <= 64 else 0))
+def _mma_config(head_dim: int) -> MmaConfig:
+    return MmaConfig(*MMA_CONFIG.get(head_dim, (1, 1 if head_dim <= 64 else 0)))
 
 
 def _simt_tpr(head_dim: int) -> int:
@@ -72,21 +86,6 @@ def _simt_tpr(head_dim: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- dtypes
-def to_bf16_bits(x):
-    """float array (NumPy or CuPy) -> uint16 bf16 bit patterns, round to nearest even (same module)."""
-    xp = np if isinstance(x, np.ndarray) else _cupy()
-    bits = xp.ascontiguousarray(x, dtype=xp.float32).view(xp.uint32)
-    rounded = bits + xp.uint32(0x7FFF) + ((bits >> 16) & xp.uint32(1))
-    out = (rounded >> 16).astype(xp.uint16)
-    nan = xp.isnan(x)
-    return xp.where(nan, xp.uint16(0x7FC0), out)
-
-
-def bf16_bits_to_float(bits):
-    xp = np if isinstance(bits, np.ndarray) else _cupy()
-    return (bits.astype(xp.uint32) << 16).view(xp.float32)
-
-
 def _prepare(x):
     """(array for the kernel, is_bf16): contiguous float32, or contiguous uint16 bf16 bits."""
     cupy = _cupy()
@@ -139,22 +138,24 @@ class AttentionLaunch:
         self.use_mma = bf16 and head_dim % 16 == 0
         tpr = 1 if self.use_mma else _simt_tpr(head_dim)
         if self.use_mma:
-            mt, q_regs = _mma_config(head_dim)
-            bm, bn = 64 * mt, MMA_BN
-            preamble = (f"#define HEAD_DIM {head_dim}\n#define IN_BF16 1\n#define MMA_MT {mt}\n"
-                        f"#define Q_IN_REGS {q_regs}\n")
+            cfg = _mma_config(head_dim)
+            bm, bn = 16 * cfg.mt * cfg.warps, cfg.bn
+            preamble = (f"#define HEAD_DIM {head_dim}\n#define IN_BF16 1\n#define MMA_MT {cfg.mt}\n"
+                        f"#define Q_IN_REGS {cfg.q_regs}\n#define MMA_WARPS {cfg.warps}\n#define MMA_BN {bn}\n"
+                        f"#define MMA_STAGES {cfg.stages}\n#define MMA_MINB {cfg.minb}\n")
             self.fn = _kernel("partial_attention.cu", "attn_fwd_mma", preamble)
             dp = head_dim + 8
-            self.smem = (bm * dp + 4 * bn * dp) * 2 + 4 * bn * 4
+            self.smem = (bm * dp + 2 * cfg.stages * bn * dp) * 2 + 2 * cfg.stages * bn * 4
             if self.smem > 48 * 1024:
                 self.fn.max_dynamic_shared_size_bytes = self.smem
-            self.threads = 128
+            self.threads = 32 * cfg.warps
         else:
             bm, bn = SIMT_THREADS // tpr, (16 if head_dim > 128 else 32)
             preamble = f"#define HEAD_DIM {head_dim}\n#define IN_BF16 {int(bf16)}\n#define SIMT_TPR {tpr}\n"
             self.fn = _kernel("partial_attention.cu", "attn_fwd_simt", preamble)
             self.smem = 0
             self.threads = SIMT_THREADS
+        self.bn = bn
         self.order = _Order(q_pos, q_seq, k_pos, k_seq, causal, bm, bn)
 
     def __call__(self, q, k, v, scale: float):
@@ -176,7 +177,7 @@ class AttentionLaunch:
             lse.fill(cupy.nan)
         scale_log2 = np.float32(scale * math.log2(math.e))
         if self.use_mma:  # K, V gathered to (Hkv, nk_pad, D) in sorted order: contiguous key tiles
-            nk_pad = -(-nk // MMA_BN) * MMA_BN
+            nk_pad = -(-nk // self.bn) * self.bn
             chunks = head_dim // 8
             kg = cupy.empty((n_kv, nk_pad, head_dim), dtype=cupy.uint16)
             vg = cupy.empty_like(kg)

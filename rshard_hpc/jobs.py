@@ -261,8 +261,10 @@ class ClientJob:
         stats = comm.gather_objects(self.topo.world, rank_stats(self.topo, client.timer.seconds, client.transport))
         self._write_reports(lens, stats)
         moved = sum(s["bytes_sent"] for s in stats)
+        modes = ", ".join(sorted({s["transport"] for s in stats[1:]}))  # the workers' (the client's is host)
         say(f"done: {len(self.todo)} prompts, {total_tokens} tokens in {elapsed:.2f} s "
-            f"({total_tokens / max(elapsed, 1e-9):,.0f} tokens/s), {moved / 1e6:.1f} MB moved between ranks")
+            f"({total_tokens / max(elapsed, 1e-9):,.0f} tokens/s), {moved / 1e6:.1f} MB moved between ranks "
+            f"({opts.dtype}, {modes})")
         say(f"results: {Path(opts.out).resolve()}")
 
     def _pool(self, rows: np.ndarray) -> np.ndarray:

@@ -213,3 +213,24 @@ def test_merge_equals_unsplit_attention():
         parts.append(attention_gpu.partial_attention(q, pos, seq, k[dsel], v[dsel], pos[sel], seq[sel], True, 0.125))
     o, lse = attention_gpu.merge_partials(cupy.stack([p[0] for p in parts]), cupy.stack([p[1] for p in parts]))
     check((o, lse), tuple(cupy.asnumpy(a).astype(np.float64) for a in full), "fp32")
+
+
+def _variant_configs():
+    from rshard_hpc import bench
+
+    return [(hd, tuple(attention_gpu.MmaConfig(*c))) for hd, cs in bench.VARIANTS.items() for c in cs]
+
+
+@pytest.mark.parametrize("head_dim,config", _variant_configs(), ids=lambda x: str(x).replace(" ", ""))
+def test_mma_configurations(monkeypatch, head_dim, config):
+    """Every tensor-core configuration the benchmark may choose (query-tile rows, warps, key-tile size,
+    stages): ragged GQA blocks with fully masked rows, causal and not, and one long causal sequence."""
+    monkeypatch.setitem(attention_gpu.MMA_CONFIG, head_dim, config)
+    rng = np.random.default_rng()
+    for causal in (True, False):
+        q_pos, q_seq, k_pos, k_seq = ragged_problem(rng, [1, 37, 300, 2, 5, 700, 64])
+        run_case(rng, q_pos, q_seq, k_pos, k_seq, 9, 3, head_dim, "bf16", causal)
+    # one contiguous causal sequence: skipped, full and masked tiles, more than 32 key tiles (the kernel
+    # decides which tiles to visit 32 at a time)
+    q_pos = k_pos = np.arange(2500, dtype=np.int32)
+    run_case(rng, q_pos, q_pos * 0, k_pos, k_pos * 0, 3, 1, head_dim, "bf16", True)

@@ -32,7 +32,7 @@ if [ "$WHAT" != bench ]; then
     tee "$OUT/gpu_tests.log" | grep -E "passed|failed|error|MiniLM|alpha=|SKIP|FAIL|PASS|transport:" | tail -n 40
   echo "=== long cases $(date -u +%T)"
   python3 tools/make_test_models.py /tmp/models 2 > /dev/null
-  for spec in "llama 2 2 1 bfloat16" "bert 2 3 2 bfloat16" "llama 2 2 1 float32"; do
+  for spec in ${LONG_SPECS:-"llama 2 2 1 bfloat16" "bert 2 3 2 bfloat16"}; do
     set -- $spec
     timeout ${LONG_TIMEOUT:-120} $MPI $((1 + $2 + $3 * $3)) python3 tests/mpi/gpu_equivalence.py --model /tmp/models/$1.h5 \
       --alpha $2 --beta $3 --c-a $4 --case long --dtype $5 2>&1 | grep -E "PASS|FAIL|Error" | tee -a "$OUT/long.log"
