@@ -1,7 +1,8 @@
 #!/bin/bash
 # On the two-GPU machine (nvidia-h200-x2): one worker rank per GPU (alpha=1, beta=1: the client stays on the
 # CPU, the CompNode and the AttnNode each get a GPU), then alpha=2, beta=2 over the two GPUs; correctness
-# first (transport across the GPUs, the sharded engine against NumPy), then the job benchmark.
+# first (transport across the GPUs, the sharded engine against NumPy), then the job benchmark (alpha=2, beta=2
+# too with WITH_A2=1).
 # usage: bash tools/device_x2.sh    logs go to $OUT
 set -u
 OUT=${OUT:-device_out}; mkdir -p "$OUT"
@@ -25,7 +26,7 @@ nvidia-smi -L; nvidia-smi topo -m 2>/dev/null | head -4
   for dtype in float32 bfloat16; do
     timeout 150 mpirun -n 3 python3 -m rshard_hpc bench job --alpha 1 --beta 1 --device gpu --shape smollm2 \
       --tokens ${TOKENS:-8192,16384} --decode-steps 4 --dtype $dtype --out "$OUT/bench_job_x2.md" 2>&1 | grep -E "^\| [0-9]|transport|Error"
-    timeout 150 mpirun -n 7 python3 -m rshard_hpc bench job --alpha 2 --beta 2 --device gpu --shape smollm2 \
+    [ -n "${WITH_A2:-}" ] && timeout 150 mpirun -n 7 python3 -m rshard_hpc bench job --alpha 2 --beta 2 --device gpu --shape smollm2 \
       --tokens 8192 --decode-steps 4 --dtype $dtype --out "$OUT/bench_job_x2.md" 2>&1 | grep -E "^\| [0-9]|transport|Error"
   done
   echo "=== done $(date -u +%T)"
