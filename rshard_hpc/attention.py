@@ -22,16 +22,17 @@ def visible(q_pos, q_seq, k_pos, k_seq, causal: bool):
     return ok
 
 
-def partial_attention(q, q_pos, q_seq, k, v, k_pos, k_seq, causal: bool, scale: float):
+def partial_attention(q, q_pos, q_seq, k, v, k_pos, k_seq, causal: bool, scale: float, launches=None):
     """q: (nq, Hq, D); k, v: (nk, Hkv, D), float or uint16 bf16 bits; positions/seqs: (nq,), (nk,) ints.
 
-    Returns o: (nq, Hq, D) float32 and lse: (nq, Hq) float32.
+    Returns o: (nq, Hq, D) float32 and lse: (nq, Hq) float32. `launches` (GPU path): a dict kept while
+    the positions stay the same, so the kernels' preparation is made once (attention_gpu).
     """
     xp = xp_of(q)
     if xp is not np:
         from rshard_hpc import attention_gpu
 
-        return attention_gpu.partial_attention(q, q_pos, q_seq, k, v, k_pos, k_seq, causal, scale)
+        return attention_gpu.partial_attention(q, q_pos, q_seq, k, v, k_pos, k_seq, causal, scale, launches)
     if q.dtype == np.uint16:  # bf16 bit patterns: their exact float32 values
         q, k, v = (bf16_bits_to_float(a) for a in (q, k, v))
     nq, n_heads, head_dim = q.shape

@@ -102,10 +102,12 @@ def _prepare(x):
 POISON_OUTPUTS = False  # tests: fill outputs with NaN before the kernels run, so unwritten elements show
 
 
-def partial_attention(q, q_pos, q_seq, k, v, k_pos, k_seq, causal: bool, scale: float):
+def partial_attention(q, q_pos, q_seq, k, v, k_pos, k_seq, causal: bool, scale: float, launches=None):
     """q: (nq, Hq, D); k, v: (nk, Hkv, D); positions/seqs: (nq,), (nk,) ints (CuPy or NumPy).
 
     Returns o: (nq, Hq, D) float32 and lse: (nq, Hq) float32, CuPy arrays on the current device.
+    `launches`: a dict the caller keeps while the positions stay the same (an AttnNode: every layer of one
+    step); the sorted order and tile summaries are then made once and reused.
     """
     cupy = _cupy()
     q, k, v = cupy.asarray(q), cupy.asarray(k), cupy.asarray(v)
@@ -123,7 +125,12 @@ def partial_attention(q, q_pos, q_seq, k, v, k_pos, k_seq, causal: bool, scale: 
     v, v_bf = _prepare(v)
     if not (q_bf == k_bf == v_bf):
         raise ValueError("q, k and v must all be bf16 or all be floating point")
-    launch = AttentionLaunch(q_pos, q_seq, k_pos, k_seq, causal, head_dim, q_bf)
+    key = (head_dim, q_bf, bool(causal), nq, nk)
+    launch = launches.get(key) if launches is not None else None
+    if launch is None:
+        launch = AttentionLaunch(q_pos, q_seq, k_pos, k_seq, causal, head_dim, q_bf)
+        if launches is not None:
+            launches[key] = launch
     return launch(q, k, v, scale)
 
 

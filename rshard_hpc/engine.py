@@ -240,13 +240,15 @@ class AttnWorker(_Worker):
         for k in range(topo.alpha):
             back_counts[topo.comp_work_rank(k)] = routing.counts[k, i] * width
         scale = 1.0 / np.sqrt(cfg.head_dim)
+        launches = {}  # every layer of a step has the same query and key positions: one kernel preparation
         for layer in range(cfg.n_layers):
             recv = self.transport.alltoallv(topo.work_comm, xp.zeros(0, self.wire),
                                             np.zeros(n_work, dtype=np.int64), recv_counts)
             with self.timer("attention"):
                 q, key, val = self._unpack(routing, recv, i, j)
                 k_all, v_all, k_pos, k_seq = self._append_cache(layer, key, val, tokens, kv_tok)
-                o, lse = partial_attention(q, q_pos, q_seq, k_all, v_all, k_pos, k_seq, cfg.causal, scale)
+                o, lse = partial_attention(q, q_pos, q_seq, k_all, v_all, k_pos, k_seq, cfg.causal, scale,
+                                           launches)
                 send = pack_partial(o, lse, self.wire).ravel()  # (nq, H, partial_slots) per row
             self.transport.alltoallv(topo.work_comm, send, back_counts, np.zeros(n_work, dtype=np.int64))
 

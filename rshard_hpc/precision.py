@@ -112,27 +112,46 @@ class Bf16Matrix:
         self.values = bf16_bits_to_float(self.bits) if xp is np else None  # NumPy path multiplies these
 
     def rmatmul_t(self, x):
-        """x: (n, in) float -> (n, out) float32."""
+        """x: (n, in) float or a Bf16Input -> (n, out) float32."""
         if x.shape[-1] != self.shape[1]:
             raise ValueError(f"shape mismatch: x {x.shape} against weight {self.shape}")
+        operand = x.operand if isinstance(x, Bf16Input) else Bf16Input(x).operand
         if self.xp is np:
-            return round_bf16(x) @ self.values.T
-        return _gemm_bf16(x, self.bits)
+            return operand @ self.values.T
+        return _gemm_bf16_bits(operand, self.bits)
+
+
+class Bf16Input:
+    """An activation rounded to bf16 once for the products that share it (q, k, v of one input; gate and
+    up): `operand` is the rounded float32 values on NumPy, the uint16 bits on CuPy."""
+
+    def __init__(self, x):
+        self.source, self.shape = x, x.shape
+        self.operand = round_bf16(x) if xp_of(x) is np else _gpu_to_bits(x)
+
+
+def gemm_input(x, weight):
+    """x prepared for several products with weights like `weight`: rounded once when those are bf16."""
+    return Bf16Input(x) if isinstance(weight, Bf16Matrix) else x
 
 
 def matmul_t(x, weight):
-    """x @ weightᵀ for a plain array or a Bf16Matrix (the one place model math multiplies by a weight)."""
+    """x @ weightᵀ for plain arrays, a Bf16Matrix weight and/or a Bf16Input x (the one place model math
+    multiplies by a weight)."""
     if isinstance(weight, Bf16Matrix):
         return weight.rmatmul_t(x)
+    if isinstance(x, Bf16Input):
+        x = x.source
     return x @ weight.T
 
 
-def _gemm_bf16(x, w_bits):
-    """CuPy: x (n, in) float32 -> bf16 bits; y (n, out) = x @ Wᵀ by cublasGemmEx (bf16 in, fp32 compute/out)."""
+def _gemm_bf16_bits(x_bits, w_bits):
+    """CuPy: y (n, out) = x @ Wᵀ by cublasGemmEx from bf16 bits x (n, in), W (out, in); fp32 compute/out."""
     import cupy
     from cupy_backends.cuda.libs import cublas
 
-    n, k = x.shape
+    x_bits = cupy.ascontiguousarray(x_bits)
+    n, k = x_bits.shape
     m = w_bits.shape[0]
     y = cupy.empty((n, m), dtype=cupy.float32)
     if n == 0 or m == 0:
@@ -140,7 +159,6 @@ def _gemm_bf16(x, w_bits):
     if k == 0:
         y.fill(0)
         return y
-    x_bits = _gpu_to_bits(x)
     handle = cupy.cuda.device.get_cublas_handle()
     cublas.setStream(handle, cupy.cuda.get_current_stream().ptr)
     cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)

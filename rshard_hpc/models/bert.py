@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from rshard_hpc.models import weights
-from rshard_hpc.models.common import gelu, layer_norm, linear, place_tensors
+from rshard_hpc.models.common import gelu, gemm_input, layer_norm, linear, place_tensors
 from rshard_hpc.models.config import ModelConfig
 
 EMBED_KEYS = ("embed/word", "embed/position", "embed/token_type", "embed/norm_w", "embed/norm_b")
@@ -45,9 +45,10 @@ class Bert:
         """h: (n, d) -> q: (n, H, D), k, v: (n, Hkv, D)."""
         c, w = self.cfg, lambda name: self._w(layer, name)
         n = h.shape[0]
-        q = linear(h, w("wq"), w("bq")).reshape(n, c.n_heads, c.head_dim)
-        k = linear(h, w("wk"), w("bk")).reshape(n, c.n_kv_heads, c.head_dim)
-        v = linear(h, w("wv"), w("bv")).reshape(n, c.n_kv_heads, c.head_dim)
+        x = gemm_input(h, w("wq"))  # rounded once for q, k, v under bfloat16
+        q = linear(x, w("wq"), w("bq")).reshape(n, c.n_heads, c.head_dim)
+        k = linear(x, w("wk"), w("bk")).reshape(n, c.n_kv_heads, c.head_dim)
+        v = linear(x, w("wv"), w("bv")).reshape(n, c.n_kv_heads, c.head_dim)
         return q, k, v
 
     def post(self, layer: int, h, attn):

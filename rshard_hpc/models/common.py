@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from rshard_hpc.backend import xp_of
-from rshard_hpc.precision import bf16_weights, check_dtype, matmul_t
+from rshard_hpc.precision import bf16_weights, check_dtype, gemm_input, matmul_t  # noqa: F401 (gemm_input: models)
 
 
 def layer_norm(x, weight, bias, eps: float):
@@ -40,7 +40,8 @@ def silu(x):
 
 
 def linear(x, weight, bias=None):
-    """x: (n, in); weight: (out, in) as stored, an array or a precision.Bf16Matrix; -> (n, out)."""
+    """x: (n, in) (or a precision.Bf16Input); weight: (out, in) as stored, an array or a
+    precision.Bf16Matrix; -> (n, out)."""
     y = matmul_t(x, weight)
     return y if bias is None else y + bias
 

@@ -15,7 +15,7 @@ import numpy as np
 from rshard_hpc.backend import xp_of
 from rshard_hpc.errors import InputError
 from rshard_hpc.models import weights
-from rshard_hpc.models.common import linear, place_tensors, rms_norm, silu
+from rshard_hpc.models.common import gemm_input, linear, place_tensors, rms_norm, silu
 from rshard_hpc.models.config import ModelConfig
 
 LAYER_KEYS = ("attn_norm_w", "wq", "wk", "wv", "wo", "mlp_norm_w", "w_gate", "w_up", "w_down")
@@ -127,7 +127,7 @@ class Llama:
         """h: (n, d), pos: (n,) absolute positions -> q: (n, H, D), k, v: (n, Hkv, D) (q, k rotated)."""
         c, w = self.cfg, lambda name: self._w(layer, name)
         n = h.shape[0]
-        x = rms_norm(h, w("attn_norm_w"), c.norm_eps)
+        x = gemm_input(rms_norm(h, w("attn_norm_w"), c.norm_eps), w("wq"))  # rounded once for q, k, v
         q = linear(x, w("wq")).reshape(n, c.n_heads, c.head_dim)
         k = linear(x, w("wk")).reshape(n, c.n_kv_heads, c.head_dim)
         v = linear(x, w("wv")).reshape(n, c.n_kv_heads, c.head_dim)
@@ -139,7 +139,7 @@ class Llama:
         c, w = self.cfg, lambda name: self._w(layer, name)
         n = h.shape[0]
         h = h + linear(attn.reshape(n, c.n_heads * c.head_dim).astype(h.dtype), w("wo"))
-        x = rms_norm(h, w("mlp_norm_w"), c.norm_eps)
+        x = gemm_input(rms_norm(h, w("mlp_norm_w"), c.norm_eps), w("w_gate"))  # rounded once for gate and up
         return h + linear(silu(linear(x, w("w_gate"))) * linear(x, w("w_up")), w("w_down"))
 
     def final_rows(self, h):
