@@ -85,6 +85,25 @@ def plan_options(command):
         click.option("--plan-file", default=None,
                      help="JSON {\"comp\": [...], \"group\": [...]} for --scheme explicit."),
     ]
+    return _stack(command, options)
+
+
+def device_options(dtype_help: str):
+    """The device, transport and precision options shared by `run` and `bench job`."""
+    options = [
+        click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True),
+        click.option("--gpu-aware-mpi", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True),
+        click.option("--gpu-ipc", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+                     help="GPU workers on one node move device buffers by CUDA IPC (MPI carries only offsets); "
+                          "auto: where a probe proves it exact, else MPI."),
+        click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+                     help=dtype_help),
+    ]
+    return lambda command: _stack(command, options)
+
+
+def _stack(command, options):
+    """Apply click options so that they list in the given order."""
     for option in reversed(options):
         command = option(command)
     return command
@@ -130,14 +149,8 @@ def convert(source, out):
 @click.option("--resume", is_flag=True, help="Skip prompt ids already in --out and append the rest.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 @click.option("--truncate", is_flag=True, help="Cut over-long prompts to the model's limit instead of failing.")
-@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
-@click.option("--gpu-aware-mpi", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True)
-@click.option("--gpu-ipc", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-              help="GPU workers on one node move device buffers by CUDA IPC (MPI carries only offsets); auto: "
-                   "where a probe proves it exact, else MPI.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
-              help="Engine precision. bfloat16: bf16 GEMM inputs and q/k/v (fp32 accumulation, norms, "
-                   "residuals and merge); on GPUs the tensor-core attention kernel. See README.")
+@device_options("Engine precision. bfloat16: bf16 GEMM inputs and q/k/v (fp32 accumulation, norms, residuals "
+                "and merge); on GPUs the tensor-core attention kernel. See README.")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True, help="generate: tokens to add at most.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="generate: 0 is greedy.")
 @click.option("--top-k", type=int, default=0, show_default=True, help="generate: sample among the k likeliest (0: all).")
@@ -259,13 +272,7 @@ def bench_kernel_cmd(out, lengths, head_dims, dtypes):
 @click.option("--layers", type=int, default=None, help="Override the shape's layer count.")
 @click.option("--tokens", default="4096,8192", show_default=True, help="Prompt lengths (comma-separated).")
 @click.option("--decode-steps", type=int, default=8, show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
-@click.option("--gpu-aware-mpi", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True)
-@click.option("--gpu-ipc", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-              help="GPU workers on one node move device buffers by CUDA IPC (MPI carries only offsets); auto: "
-                   "where a probe proves it exact, else MPI.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
-              help="Engine precision (the plaintext side runs the same precision in torch).")
+@device_options("Engine precision (the plaintext side runs the same precision in torch).")
 @click.option("--plaintext/--no-plaintext", default=True, show_default=True,
               help="Also time transformers on one device with the same weights (needs torch + transformers).")
 @click.option("--seed", type=int, default=0, show_default=True)
