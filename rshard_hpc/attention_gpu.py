@@ -5,7 +5,7 @@ Same functions, shapes and semantics as the NumPy path in attention.py:
   merge_partials(o_parts, lse_parts) -> o (n, H, D) f32, lse (n, H) f32
 
 Inputs may be float32 or bf16. CuPy may have no bfloat16 dtype, so bf16 arrives either as an array whose
-dtype is named "bfloat16" or as uint16 arrays of bf16 bit patterns (what `to_bf16_bits` makes); float16 and
+dtype is named "bfloat16" or as uint16 arrays of bf16 bit patterns (what `precision.to_bf16_bits` makes); float16 and
 float64 are converted to float32 first. bf16 inputs with a head dimension divisible by 16 run on the
 tensor cores (mma.sync, fp32 accumulate); everything else runs on the fp32 CUDA-core kernel.
 
@@ -22,7 +22,6 @@ from typing import NamedTuple
 import numpy as np
 
 import rshard_hpc
-from rshard_hpc.precision import bf16_bits_to_float, to_bf16_bits  # noqa: F401  (this module's bf16 helpers)
 
 KERNEL_DIR = Path(rshard_hpc.__file__).resolve().parent.parent / "kernels"
 

@@ -100,13 +100,12 @@ def rank_backend(topo, device: str, gpu_aware_mode: str = "auto"):
     return np, Transport()
 
 
-def connect_workers(topo, transport, ipc_mode: str = "auto") -> str:
+def connect_workers(topo, transport, ipc_mode: str = "auto") -> None:
     """Collective over every rank of the job (the client takes no part in the exchange): GPU workers move
     their device buffers by CUDA IPC when all of them share one node and a probe proves it exact
-    (--gpu-ipc auto|on|off; see comm.Transport.enable_device_ipc). Returns this rank's transport mode."""
+    (--gpu-ipc auto|on|off; see comm.Transport.enable_device_ipc); `transport.mode` then says which."""
     if transport.device:
         transport.enable_device_ipc(topo.work_comm, ipc_mode)
-    return transport.mode
 
 
 def choose_gpu_aware(mode: str) -> bool:

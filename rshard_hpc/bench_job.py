@@ -6,7 +6,6 @@ runs the same weights as a plain transformers model on its own device, and print
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 

@@ -90,7 +90,6 @@ class Transport:
     def alltoallv(self, comm, send, send_counts, recv_counts):
         """send: flat float32 or uint16 (NumPy or CuPy); the receive buffer has send's element type and
         array module (a receive-only call passes an empty array of the type it expects)."""
-        MPI = _mpi()
         xp = xp_of(send)
         dtype = np.dtype(send.dtype)
         mpi_type = _mpi_type(dtype)
@@ -98,11 +97,13 @@ class Transport:
         recv_counts = np.asarray(recv_counts, dtype=np.int64)
         n_recv = int(recv_counts.sum())
         on_gpu = xp is not np
+        send = xp.ascontiguousarray(send).ravel()
         if on_gpu and self.ipc is not None and self.ipc.comm is comm:
-            return self._alltoallv_ipc(xp.ascontiguousarray(send).ravel(), send_counts, recv_counts)
+            recv, seconds = self.ipc.alltoallv(send, send_counts, recv_counts)
+            self._account(seconds["mpi"], seconds["copy"], send_counts, n_recv, dtype.itemsize)
+            return recv
         staged = on_gpu and not self.gpu_aware
         t0 = time.perf_counter()
-        send = xp.ascontiguousarray(send).ravel()
         if staged:
             host_send = self._host_buffer("send", send.size, dtype)
             if send.size:
@@ -123,20 +124,14 @@ class Transport:
         else:
             recv = host_recv
         t3 = time.perf_counter()
-        self.staging_seconds += (t1 - t0) + (t3 - t2)
-        self.mpi_seconds += t2 - t1
-        self.bytes_sent += int(send_counts.sum()) * dtype.itemsize
-        self.bytes_received += n_recv * dtype.itemsize
+        self._account(t2 - t1, (t1 - t0) + (t3 - t2), send_counts, n_recv, dtype.itemsize)
         return recv
 
-    def _alltoallv_ipc(self, send, send_counts, recv_counts):
-        itemsize = send.dtype.itemsize
-        recv, seconds = self.ipc.alltoallv(send, send_counts, recv_counts)
-        self.mpi_seconds += seconds["mpi"]
-        self.staging_seconds += seconds["copy"]
+    def _account(self, mpi_s: float, staging_s: float, send_counts, n_recv: int, itemsize: int) -> None:
+        self.mpi_seconds += mpi_s
+        self.staging_seconds += staging_s
         self.bytes_sent += int(send_counts.sum()) * itemsize
-        self.bytes_received += int(recv_counts.sum()) * itemsize
-        return recv
+        self.bytes_received += n_recv * itemsize
 
     @property
     def mode(self) -> str:
@@ -301,11 +296,8 @@ def _try_device_ipc(comm):
     """(DeviceIpc, why) when CUDA IPC works among all ranks of comm, else (None, why). Collective: every rank
     makes the same calls whatever fails where, and all take the same verdict."""
     MPI = _mpi()
-    node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
-    try:
-        one_node = comm.allreduce(int(node.Get_size() == comm.Get_size()), op=MPI.MIN)
-    finally:
-        node.Free()
+    _, node_size = _node_placement(comm)
+    one_node = comm.allreduce(int(node_size == comm.Get_size()), op=MPI.MIN)
     if not one_node:
         return None, "the ranks span several nodes"
     ipc, handles, error = None, [None, None], None
@@ -362,11 +354,14 @@ def gather_ledger(comm, ledger, root: int = 0):
 # ------------------------------------------------------------------------------------------ GPU binding
 def node_local_rank(comm=None) -> int:
     """This rank's index among the ranks of its node (a shared-memory split of comm, COMM_WORLD by default)."""
-    MPI = _mpi()
-    comm = MPI.COMM_WORLD if comm is None else comm
-    node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    return _node_placement(_mpi().COMM_WORLD if comm is None else comm)[0]
+
+
+def _node_placement(comm) -> tuple[int, int]:
+    """(this rank's index among the ranks of comm on its node, how many those are): a shared-memory split."""
+    node = comm.Split_type(_mpi().COMM_TYPE_SHARED, key=comm.Get_rank())
     try:
-        return node.Get_rank()
+        return node.Get_rank(), node.Get_size()
     finally:
         node.Free()
 

@@ -72,9 +72,11 @@ def last_of_each_sequence(tokens: StepTokens) -> np.ndarray:
 class _Worker:
     """State shared by CompNode and AttnNode loops."""
 
-    def __init__(self, topo, spec: PlanSpec, cfg, transport):
-        self.topo, self.spec, self.cfg, self.transport = topo, spec, cfg, transport
-        self.timer = PhaseTimer()
+    def __init__(self, topo, spec: PlanSpec, cfg, transport, xp=np, dtype="float32"):
+        self.topo, self.spec, self.cfg, self.transport, self.xp = topo, spec, cfg, transport, xp
+        self.wire = wire_dtype(dtype)  # element type of q/k/v and partials on the wire: float32 or bf16 bits
+        self.slots = partial_slots(cfg.head_dim, self.wire)  # wire elements per (row, head) of a partial
+        self.timer = PhaseTimer(xp)
         self.plans = []
         self.ledger = []  # (form, seq, positions) records of what this rank received (DESIGN §4)
 
@@ -112,10 +114,8 @@ class CompWorker(_Worker):
     """A CompNode: per-token work on its own positions."""
 
     def __init__(self, topo, spec, model, transport, xp=np):
-        super().__init__(topo, spec, model.cfg, transport)
-        self.model, self.xp = model, xp
-        self.timer = PhaseTimer(xp)
-        self.wire = wire_dtype(getattr(model, "dtype", "float32"))  # q/k/v element type on the wire
+        super().__init__(topo, spec, model.cfg, transport, xp, getattr(model, "dtype", "float32"))
+        self.model = model
 
     def step(self, tokens: StepTokens, routing: Routing, want: str) -> None:
         k, xp, cfg = self.topo.comp_index, self.xp, self.cfg
@@ -177,7 +177,7 @@ class CompWorker(_Worker):
         """Elements each AttnNode (i, j) returns to me: an (o, lse) row per query of mine in group i."""
         topo, cfg = self.topo, self.cfg
         k = topo.comp_index
-        width = cfg.n_heads * partial_slots(cfg.head_dim, self.wire)
+        width = cfg.n_heads * self.slots
         counts = np.zeros(topo.work_comm.Get_size(), dtype=np.int64)
         for i in range(topo.beta):
             for j in range(topo.beta):
@@ -189,7 +189,7 @@ class CompWorker(_Worker):
         float32 (bf16 o widened exactly)."""
         xp, topo, cfg, beta = self.xp, self.topo, self.cfg, self.topo.beta
         k = topo.comp_index
-        slots = partial_slots(cfg.head_dim, self.wire)
+        slots = self.slots
         width = cfg.n_heads * slots
         recv = self.transport.alltoallv(topo.work_comm, xp.zeros(0, self.wire),
                                         np.zeros_like(recv_counts), recv_counts)
@@ -209,10 +209,7 @@ class AttnWorker(_Worker):
     """AttnNode (i, j): queries of group i against keys/values of group j (kept as the KV cache)."""
 
     def __init__(self, topo, spec, cfg, transport, xp=np, dtype="float32"):
-        super().__init__(topo, spec, cfg, transport)
-        self.xp = xp
-        self.timer = PhaseTimer(xp)
-        self.wire = wire_dtype(dtype)  # q/k/v arrive (and stay in the KV cache) as float32 or bf16 bits
+        super().__init__(topo, spec, cfg, transport, xp, dtype)  # q/k/v stay in the KV cache in the wire's type
         self.cache = {}  # layer -> (k (n, Hkv, D), v, pos (n,), seq (n,))
 
     def begin_batch(self):
@@ -236,7 +233,7 @@ class AttnWorker(_Worker):
         for k in range(topo.alpha):
             recv_counts[topo.comp_work_rank(k)] = routing.counts[k, i] * qw + 2 * routing.counts[k, j] * kvw
         back_counts = np.zeros(n_work, dtype=np.int64)
-        width = cfg.n_heads * partial_slots(cfg.head_dim, self.wire)
+        width = cfg.n_heads * self.slots
         for k in range(topo.alpha):
             back_counts[topo.comp_work_rank(k)] = routing.counts[k, i] * width
         scale = 1.0 / np.sqrt(cfg.head_dim)

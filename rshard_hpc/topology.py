@@ -75,11 +75,11 @@ class Topology:
         check_layout(alpha, beta, world.Get_size())
         rank = world.Get_rank()
         if rank == 0:
-            role, color = "client", 0
+            role = "client"
         elif rank <= alpha:
-            role, color = "comp", 1
+            role = "comp"
         else:
-            role, color = "attn", 2
+            role = "attn"
         undefined = _undefined()
         comp_comm = world.Split(1 if role == "comp" else undefined, rank)
         attn_flat = world.Split(1 if role == "attn" else undefined, rank)

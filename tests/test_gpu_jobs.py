@@ -2,7 +2,6 @@
 
 RSHARD_MINILM_H5 may name a converted weight file (the GPU machine gets one carried in); otherwise the
 bundled model is converted on first use."""
-import json
 import os
 from pathlib import Path
 

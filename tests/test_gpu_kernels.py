@@ -17,7 +17,7 @@ else:
 if _N_GPUS < 1:
     pytest.skip(f"no usable GPU: {_WHY}", allow_module_level=True)
 
-from rshard_hpc import attention, attention_gpu  # noqa: E402
+from rshard_hpc import attention, attention_gpu, precision  # noqa: E402
 
 TOL = {"fp32": 1e-4, "bf16": 2e-2}
 LSE_TOL = {"fp32": 1e-4, "bf16": 2e-3}
@@ -54,8 +54,8 @@ def make_inputs(rng, nq, nk, n_heads, n_kv, head_dim, dtype):
             ((nq, n_heads), (nk, n_kv), (nk, n_kv))]
     host[0] *= 2.0  # sharper softmax
     if dtype == "bf16":
-        bits = [attention_gpu.to_bf16_bits(a) for a in host]
-        host = [attention_gpu.bf16_bits_to_float(b) for b in bits]
+        bits = [precision.to_bf16_bits(a) for a in host]
+        host = [precision.bf16_bits_to_float(b) for b in bits]
         dev = [cupy.asarray(b) for b in bits]
     else:
         dev = [cupy.asarray(a) for a in host]

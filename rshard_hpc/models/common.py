@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from rshard_hpc.backend import xp_of
-from rshard_hpc.precision import bf16_weights, check_dtype, gemm_input, matmul_t  # noqa: F401 (gemm_input: models)
+from rshard_hpc.precision import bf16_weights, check_dtype, matmul_t
 
 
 def layer_norm(x, weight, bias, eps: float):
