@@ -35,13 +35,26 @@ def agree(comm, error: str | None) -> None:
         raise RshardError(found[0])
 
 
+ABORT_GRACE_S = 1.0  # time the launcher gets to forward the failing rank's message before the job is torn down
+
+
 def abort(code: int = 1) -> None:
-    """End the whole job now (every rank), with a non-zero status."""
+    """End the whole job now (every rank), with a non-zero status.
+
+    The message printed just before must survive: MPICH's launcher may kill every process as soon as the abort
+    reaches it, before it has forwarded what the failing rank wrote to stderr (seen on a loaded CI machine), so
+    the streams are flushed and the launcher gets ABORT_GRACE_S to drain them first.
+    Never returns: MPICH's MPI_Abort can return to the caller before the launcher's kill arrives (seen with
+    the pip mpich), so the process then exits itself with `code` instead of running on."""
     try:
         sys.stdout.flush()
         sys.stderr.flush()
+        time.sleep(ABORT_GRACE_S)
     finally:
-        _mpi().COMM_WORLD.Abort(code)
+        try:
+            _mpi().COMM_WORLD.Abort(code)
+        finally:
+            os._exit(code)
 
 
 def _displs(counts: np.ndarray) -> np.ndarray:

@@ -100,12 +100,16 @@ def test_exception_on_one_rank_aborts_the_job(tmp_path, tiny_bert):
     MPI_Abort ends every rank, a non-zero status, no hang (conftest fails a launch that outlives its timeout)."""
     prompts = tmp_path / "p.txt"
     prompts.write_text("t1 t2 t3\nt4 t5\n")
+    exits = tmp_path / "exits"
+    exits.mkdir()
     started = time.monotonic()
     result = rshard(7, ["run", "--model", tiny_bert, "--prompts", prompts, "--alpha", 2, "--beta", 2, "--quiet",
-                        "--allow-weak-plan", "--out", tmp_path / "o.h5"], env={"RSHARD_TEST_FAIL_RANK": "5"},
-                    timeout=END_WITHIN_S)
+                        "--allow-weak-plan", "--out", tmp_path / "o.h5"],
+                    env={"RSHARD_TEST_FAIL_RANK": "5", "RSHARD_EXIT_DIR": str(exits)}, timeout=END_WITHIN_S)
     assert result.returncode != 0
-    assert result.stderr.count("failed: RuntimeError") == 1, result.stderr
+    assert (exits / "rank5.exit").read_text() == "1", "rank 5 did not reach the abort path"
+    # the launcher must have forwarded the message before tearing the job down (comm.ABORT_GRACE_S)
+    assert result.stderr.count("failed: RuntimeError") == 1, f"stderr: {result.stderr!r} stdout: {result.stdout!r}"
     assert "rshard: rank 5 (AttnNode (1, 0)) failed: RuntimeError: RSHARD_TEST_FAIL_RANK=5" in result.stderr
     # MPICH usually adds its own "application called MPI_Abort" line, but the launcher may tear the job down
     # before that line is flushed: the single message above, the status and the time are what is promised
