@@ -240,9 +240,6 @@ def plan_cmd(alpha, beta, scheme, c, c_a, seed, plan_file, n, public_prefix, mod
     click.echo(json.dumps(jsonable(doc), indent=1) if as_json else render_plan(doc))
 
 
-if __name__ == "__main__":
-    main()
-
 
 @main.group()
 def bench():
@@ -294,6 +291,30 @@ def bench_job_cmd(alpha, beta, tokens, **opts):
         _fail(exc)
 
 
+@bench.command("passes")
+@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--shape", type=click.Choice(["smollm2", "llama-1b", "tiny"]), default="smollm2", show_default=True,
+              help="Random-weight Llama shape.")
+@click.option("--tokens", type=int, default=8192, show_default=True)
+@click.option("--repeat", type=int, default=20, show_default=True, help="Timed calls per piece (median).")
+@click.option("--torch/--no-torch", "with_torch", default=True, show_default=True,
+              help="Also time transformers' LlamaDecoderLayer at the same shape and precision.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", default="bench_passes.md", show_default=True, help="Append the table here.")
+def bench_passes_cmd(with_torch, **opts):
+    """One layer's pieces (norms, GEMMs, RoPE, packing, attention, merge, MLP) timed one by one in one process,
+    beside torch's decoder layer: where the per-token time goes (no MPI)."""
+    from rshard_hpc.bench_passes import report, run_passes
+
+    if opts["tokens"] < 1 or opts["repeat"] < 1:
+        raise click.UsageError("--tokens and --repeat must be >= 1")
+    try:
+        click.echo(report(run_passes(dict(opts, torch=with_torch)), opts))
+    except RshardError as exc:
+        raise click.ClickException(str(exc))
+
+
 @main.command()
 @click.option("--model", default="SmolLM2-135M-Instruct", show_default=True,
               help="A Llama weight file (.h5) or a bundled decoder name.")
@@ -336,3 +357,7 @@ def audit(model, prompts, alpha, beta, scheme, c, c_a, seed, nodes, all_nodes, n
     if out:
         with open(out, "a", encoding="utf-8") as f:
             f.write(text + "\n\n")
+
+
+if __name__ == "__main__":
+    main()

