@@ -7,7 +7,7 @@ import traceback
 
 import click
 
-from rshard_hpc import __version__
+from rshard_hpc import __version__, termination
 from rshard_hpc.errors import RshardError
 from rshard_hpc.plan import DEFAULT_DELTA
 from rshard_hpc.jobfile import config_callback
@@ -168,7 +168,8 @@ def run(quiet, max_new_tokens, temperature, top_k, top_p, sample_seed, stop, cha
     try:
         generate = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         seed=sample_seed, stop=stop, chat=chat)
-        run_job(RunOptions(progress=not quiet, generate=generate, **kwargs))
+        with termination.guard():  # SIGTERM ends the job, never inside a results write
+            run_job(RunOptions(progress=not quiet, generate=generate, **kwargs))
     except BaseException as exc:  # noqa: BLE001 - every failure must end every rank
         if isinstance(exc, SystemExit) and not exc.code:
             raise

@@ -3,15 +3,18 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from rshard_hpc import termination, testhooks
 from rshard_hpc.errors import InputError
 
 STR = h5py.string_dtype()
+ROW_DATASETS = ("embeddings", "generated/token_ids", "generated/text")  # a row per prompt, beside /ids
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,7 @@ class ResultWriter:
         self.path = Path(path)
         self.task = task
         self.done_ids: set[str] = set()
+        self.unfinished_rows = 0  # rows of a batch cut short, dropped by --resume
         if self.path.exists() and resume:
             self._check_resumable(attrs)
         elif self.path.exists() and not overwrite:
@@ -106,24 +110,43 @@ class ResultWriter:
                     if old is not None and str(old) != str(attrs[key]):
                         raise InputError(f"cannot resume {self.path}: it was written with {key}={old!r}, "
                                          f"this run has {key}={attrs[key]!r}")
-                self.done_ids = {_s(x) for x in f["ids"][()]}
-        except OSError as exc:
+                ids = f["ids"][()]
+                lengths = [f[name].shape[0] for name in ROW_DATASETS if name in f]
+        except (OSError, KeyError) as exc:
             raise InputError(f"cannot resume {self.path}: not a readable results file ({exc})") from exc
+        committed = min([len(ids)] + lengths)
+        if any(n != committed for n in [len(ids)] + lengths):
+            self._drop_rows_after(committed)
+        self.unfinished_rows = max([len(ids)] + lengths) - committed
+        self.done_ids = {_s(x) for x in ids[:committed]}
+
+    def _drop_rows_after(self, committed: int) -> None:
+        """Cut every per-prompt dataset to the rows whose ids are in (a batch cut short by a crash)."""
+        with self._open() as f:
+            for name in ("ids",) + ROW_DATASETS:
+                if name in f and f[name].shape[0] > committed:
+                    f[name].resize(committed, axis=0)
+
+    @contextmanager
+    def _open(self):
+        """The results file opened for appending, as one write a SIGTERM waits for (termination.py)."""
+        with termination.protected(), h5py.File(self.path, "a") as f:
+            yield f
 
     def append_embeddings(self, ids, embeddings: np.ndarray) -> None:
-        with h5py.File(self.path, "a") as f:
-            start = self._append_ids(f, ids)
+        with self._open() as f:
+            start = f["ids"].shape[0]
             ds = f.get("embeddings")
             if ds is None:
                 ds = f.create_dataset("embeddings", shape=(0, embeddings.shape[1]), maxshape=(None, embeddings.shape[1]),
                                       dtype=np.float32, chunks=(256, embeddings.shape[1]))
             ds.resize(start + len(ids), axis=0)
             ds[start:] = embeddings.astype(np.float32)
-            f.flush()
+            self._commit_ids(f, ids)
 
     def append_generated(self, ids, token_ids: list, texts: list) -> None:
-        with h5py.File(self.path, "a") as f:
-            start = self._append_ids(f, ids)
+        with self._open() as f:
+            start = f["ids"].shape[0]
             group = f.require_group("generated")
             tok = group.get("token_ids")
             if tok is None:
@@ -136,19 +159,22 @@ class ResultWriter:
             for n, (t, s) in enumerate(zip(token_ids, texts)):
                 tok[start + n] = np.asarray(t, dtype=np.int32)
                 txt[start + n] = s
-            f.flush()
+            self._commit_ids(f, ids)
 
-    def _append_ids(self, f, ids) -> int:
+    def _commit_ids(self, f, ids) -> None:
+        """The ids go in last: rows past len(ids) are an unfinished batch (dropped on --resume)."""
+        f.flush()
+        testhooks.inside_results_write()  # off unless RSHARD_TEST_SLOW_WRITE_S
         ds = f["ids"]
         start = ds.shape[0]
         ds.resize(start + len(ids), axis=0)
         ds[start:] = list(ids)
+        f.flush()
         self.done_ids.update(ids)
-        return start
 
     def write_json(self, name: str, payload) -> None:
         """A JSON document at /name/json (replaced each run), e.g. /privacy and /stats."""
-        with h5py.File(self.path, "a") as f:
+        with self._open() as f:
             group = f.require_group(name)
             if "json" in group:
                 del group["json"]
@@ -157,7 +183,7 @@ class ResultWriter:
     def append_json(self, name: str, dataset: str, payload) -> None:
         """One more JSON document in the growing string dataset /name/dataset (a row per batch, kept on
         --resume), e.g. /privacy/ledger."""
-        with h5py.File(self.path, "a") as f:
+        with self._open() as f:
             group = f.require_group(name)
             ds = group.get(dataset)
             if ds is None:
@@ -168,7 +194,7 @@ class ResultWriter:
 
     def write_table(self, name: str, columns: dict) -> None:
         """Columns of equal length as datasets under /name (replaced each run)."""
-        with h5py.File(self.path, "a") as f:
+        with self._open() as f:
             group = f.require_group(name)
             for key, values in columns.items():
                 if key in group:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rshard_hpc import __version__, comm, testhooks
+from rshard_hpc import __version__, comm, termination, testhooks
 from rshard_hpc.backend import connect_workers, rank_backend
 from rshard_hpc.engine import rank_stats
 from rshard_hpc.errors import InputError, RshardError
@@ -70,6 +70,7 @@ def run(opts: RunOptions) -> None:
 
     world = MPI.COMM_WORLD
     topo = Topology.build(world, opts.alpha, opts.beta)  # a bad size raises on every rank alike
+    termination.set_role(topo.is_client, topo.describe)
     testhooks.rank_started(topo.rank)  # off unless RSHARD_PID_DIR / RSHARD_TEST_FAIL_RANK
     spec = opts.plan_spec()
     job = _prepare_client(topo, opts, spec) if topo.is_client else None
@@ -234,6 +235,9 @@ class ClientJob:
         if opts.task == "generate":
             self.head = LmHead(self.model_path, self.cfg)
         total_tokens = int(sum(len(x) for x in self.token_ids))
+        termination.set_role(True, self.topo.describe, status=self._saved_so_far)
+        if self.writer.unfinished_rows:
+            say(f"resume: dropped {self.writer.unfinished_rows} rows of a batch that was cut short")
         if self.skipped:
             say(f"resume: {self.skipped} prompts already in {opts.out}, {len(self.todo)} to do")
         say(f"{opts.task} with {self.cfg.name}: {len(self.todo)} prompts, {total_tokens} tokens, "
@@ -247,11 +251,14 @@ class ClientJob:
             ids = [self.todo[i].id for i in batch]
             if opts.task == "embed":
                 rows = client.encode(seqs)
-                self.writer.append_embeddings(ids, np.stack([self._pool(r) for r in rows]))
+                with termination.protected():  # a SIGTERM waits for the batch's rows and its ledger
+                    self.writer.append_embeddings(ids, np.stack([self._pool(r) for r in rows]))
+                    self._append_ledger(client, ids, seqs)
             else:
                 token_ids, texts = generate_batch(client, self.codec, self.cfg, self.head, seqs, ids, self.settings)
-                self.writer.append_generated(ids, token_ids, texts)
-            self._append_ledger(client, ids, seqs)
+                with termination.protected():
+                    self.writer.append_generated(ids, token_ids, texts)
+                    self._append_ledger(client, ids, seqs)
             lens += [len(s) for s in seqs]
             progress.batch_done(len(batch), int(sum(len(s) for s in seqs)))
             testhooks.batch_finished(progress.batches)  # off unless RSHARD_PID_DIR / RSHARD_TEST_SLOW_BATCH_S
@@ -265,6 +272,12 @@ class ClientJob:
             f"({total_tokens / max(elapsed, 1e-9):,.0f} tokens/s), {moved / 1e6:.1f} MB moved between ranks "
             f"({opts.dtype}, {modes})")
         say(f"results: {Path(opts.out).resolve()}")
+
+    def _saved_so_far(self) -> str:
+        """For the message a SIGTERM prints: what the results file holds and how to finish."""
+        total, done = self.skipped + len(self.todo), len(self.writer.done_ids)
+        return (f"{done} of {total} prompts are in {self.opts.out} (every finished batch); run the same command "
+                f"with --resume to finish")
 
     def _pool(self, rows: np.ndarray) -> np.ndarray:
         """The model's own sentence embedding: mean (or CLS) pooling, then optional L2 normalization."""

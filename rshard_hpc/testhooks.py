@@ -4,6 +4,8 @@
   writes `DIR/batch{N}.done` once batch N is in the results file, so a test can kill a rank between batches.
 - `RSHARD_TEST_SLOW_BATCH_S=SECONDS`: the client sleeps that long after every batch (a long job, made short).
 - `RSHARD_TEST_FAIL_RANK=R`: rank R raises an unexpected exception once the ranks are set up (the abort path).
+- `RSHARD_TEST_SLOW_WRITE_S=SECONDS`: every results append sleeps that long between writing its rows and
+  committing their ids, after writing `DIR/writing{N}` (N counts the appends; DIR from RSHARD_PID_DIR).
 """
 from __future__ import annotations
 
@@ -28,6 +30,21 @@ def batch_finished(batch: int) -> None:
     pause = float(os.environ.get("RSHARD_TEST_SLOW_BATCH_S") or 0)
     if pause > 0:
         time.sleep(pause)
+
+
+_writes = [0]
+
+
+def inside_results_write() -> None:
+    """Called by the results writer between a batch's rows and their ids (inside the protected write)."""
+    pause = float(os.environ.get("RSHARD_TEST_SLOW_WRITE_S") or 0)
+    if pause <= 0:
+        return
+    _writes[0] += 1
+    folder = os.environ.get("RSHARD_PID_DIR")
+    if folder:
+        _write(os.path.join(folder, f"writing{_writes[0]}"), str(_writes[0]))
+    time.sleep(pause)
 
 
 def _write(path: str, text: str) -> None:

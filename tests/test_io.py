@@ -1,7 +1,9 @@
+import h5py
+import numpy as np
 import pytest
 
 from rshard_hpc.errors import InputError
-from rshard_hpc.io import read_prompts
+from rshard_hpc.io import ROW_DATASETS, ResultWriter, read_prompts
 from rshard_hpc.topology import check_layout
 
 
@@ -35,3 +37,30 @@ def test_layout_error_names_formula():
     check_layout(2, 2, 7)
     with pytest.raises(InputError, match=r"1 \+ alpha \+ beta\^2 = 1 \+ 3 \+ 4 = 8"):
         check_layout(3, 2, 7)
+
+
+@pytest.mark.parametrize("task", ["embed", "generate"])
+def test_resume_drops_the_rows_of_a_batch_cut_short(tmp_path, task):
+    """Rows go in before their ids (the commit): a crash between leaves rows past len(ids), which --resume drops,
+    so those prompts are computed again; an older file with ids past its rows is cut the same way."""
+    path, attrs = tmp_path / "r.h5", {"model": "m", "task": task}
+    writer = ResultWriter(path, attrs, task)
+    if task == "embed":
+        writer.append_embeddings(["a", "b"], np.ones((2, 4), np.float32))
+    else:
+        writer.append_generated(["a", "b"], [[1, 2], [3]], ["x", "y"])
+    rows = "embeddings" if task == "embed" else "generated/text"
+    with h5py.File(path, "a") as f:  # a batch of 3 rows whose ids never went in
+        f[rows].resize(5, axis=0)
+    resumed = ResultWriter(path, attrs, task, resume=True)
+    assert resumed.done_ids == {"a", "b"} and resumed.unfinished_rows == 3
+    with h5py.File(path, "r") as f:
+        present = [name for name in ("ids",) + ROW_DATASETS if name in f]
+        assert len(present) == (2 if task == "embed" else 3)
+        assert all(f[name].shape[0] == 2 for name in present)
+    with h5py.File(path, "a") as f:  # ids past the rows (a file written before the ids went last)
+        f["ids"].resize(3, axis=0)
+        f["ids"][2] = "c"
+    again = ResultWriter(path, attrs, task, resume=True)
+    assert again.done_ids == {"a", "b"} and again.unfinished_rows == 1
+    assert ResultWriter(path, attrs, task, resume=True).unfinished_rows == 0

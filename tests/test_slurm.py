@@ -190,6 +190,34 @@ def test_sigkill_of_one_rank_ends_the_srun_step(slurm, tiny_bert, tmp_path):
         assert len(f["ids"]) >= 2 and f["embeddings"].shape[0] == len(f["ids"])
 
 
+def test_scancel_sigterm_keeps_the_batch_being_written(slurm, tiny_bert, tmp_path):
+    """What a time limit (or scancel) does first: SIGTERM to every task of the step, here while the client
+    writes batch 2 (held open 3 s by a test hook). The write finishes, the client says what the file holds and
+    ends the step; batch 2 and its ledger are in the file."""
+    log, out, pids = tmp_path / "job.log", tmp_path / "o.h5", tmp_path / "pids"
+    pids.mkdir()
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"t{i} t{i + 1} t{i + 2}\n" for i in range(8)))
+    job = _submit(["sbatch", "--parsable", "--ntasks=4", f"--output={log}", "slurm/run.sh", JOB_FILE,
+                   "--model", str(tiny_bert), "--prompts", str(prompts), "--alpha", "2", "--beta", "1",
+                   "--allow-weak-plan", "--batch-tokens", "10", "--out", str(out)], slurm,
+                  {"RSHARD_PID_DIR": str(pids), "RSHARD_TEST_SLOW_WRITE_S": "3", "RSHARD_LAUNCHERS": "srun-pmi2"})
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not (pids / "writing2").exists():
+        assert time.monotonic() < deadline, _read(log)
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=TERM", job], env=slurm, check=True, timeout=30)
+    signalled = time.monotonic()
+    fields = _wait(job, slurm, log)
+    text = _read(log)
+    assert fields["JobState"] in ("FAILED", "CANCELLED"), text
+    assert "rshard: terminated by SIGTERM: " in text and "--resume to finish" in text, text
+    assert time.monotonic() - signalled < 60
+    with h5py.File(out, "r") as f:
+        assert len(f["ids"]) >= 2 and f["embeddings"].shape[0] == len(f["ids"])
+        assert len(f["privacy/ledger"]) == 2
+
+
 def test_gpu_job_without_gpus_stops_at_the_doctor(slurm, tmp_path):
     """RSHARD_DEVICE=gpu (what a job with GPUs gets): the ranks run with --device gpu, so on a node without
     GPUs `rshard doctor` reports the problem and run.sh stops before the job starts."""
