@@ -86,13 +86,17 @@ def _resume_equals_whole_run(tmp_path, tiny_bert, out):
         np.testing.assert_array_equal(a["embeddings"][()], b["embeddings"][()])
 
 
-def test_sigterm_to_every_rank_during_a_results_write(tmp_path, tiny_bert):
-    """What a Slurm time limit does: every rank gets SIGTERM, here while the client writes batch 2 (the write
-    is held open 3 s by a test hook). The write finishes, then the job ends; batch 2 is in the file."""
+@pytest.mark.parametrize("target", ["ranks", "mpiexec"])
+def test_sigterm_during_a_results_write(tmp_path, tiny_bert, target):
+    """What a Slurm time limit does: every rank gets SIGTERM (or mpiexec does and forwards it), here while the
+    client writes batch 2 (held open 3 s by a test hook). The write finishes, then the job ends; batch 2 is in."""
     out = tmp_path / "term.h5"
     proc, pids = _start(tmp_path, tiny_bert, out, {"RSHARD_TEST_SLOW_WRITE_S": "3"})
     _wait_for(pids / "writing2", proc)
-    stderr, took = _signal_and_wait(proc, sorted(pids.glob("rank*.pid")))
+    if target == "mpiexec":
+        (pids / "launcher.pid").write_text(str(proc.pid))
+    stderr, took = _signal_and_wait(proc, [pids / "launcher.pid"] if target == "mpiexec" else
+                                    sorted(pids.glob("rank*.pid")))
     assert proc.returncode == EXIT_STATUS, stderr
     assert "rshard: terminated by SIGTERM: " in stderr and "--resume to finish" in stderr, stderr
     assert took < TERM_GRACE_S + 10
