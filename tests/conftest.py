@@ -78,3 +78,31 @@ def require_gpu():
     if n_gpus < 1:
         pytest.skip("no usable GPU", allow_module_level=True)
     return cupy
+
+
+def write_prompts(tmp_path, n: int, seed: int):
+    """prompts.jsonl of n prompts {"id": "p<i>", "text": "t.. t.."} of 5-29 random words (for batch tests)."""
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lines = [json.dumps({"id": f"p{i}", "text": " ".join(f"t{x}" for x in rng.integers(0, 90, rng.integers(5, 30)))})
+             for i in range(n)]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def wait_for_file(path, proc, timeout=120):
+    """Wait until a test hook writes `path`; fail if the job `proc` (a Popen) ends first or it takes too long."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"the job ended before {path.name} appeared:\n{proc.stderr.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{path.name} did not appear within {timeout} s")
+        time.sleep(0.05)

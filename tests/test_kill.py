@@ -4,7 +4,6 @@ holds every batch that finished, and --resume completes it with the results of a
 "The middle of a run" is made deterministic with the test hooks of rshard_hpc/testhooks.py: the client writes
 `batchN.done` after appending batch N and then sleeps (RSHARD_TEST_SLOW_BATCH_S), and every rank writes its pid.
 """
-import json
 import os
 import shutil
 import signal
@@ -16,35 +15,15 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import mpi_env, rshard
+from conftest import mpi_env, rshard, wait_for_file, write_prompts
 
 END_WITHIN_S = 60  # the whole job must be gone this long after the kill
 N_PROMPTS = 12
 
 
-def _prompts(tmp_path):
-    rng = np.random.default_rng(3)
-    lines = [json.dumps({"id": f"p{i}", "text": " ".join(f"t{x}" for x in rng.integers(0, 90, rng.integers(5, 30)))})
-             for i in range(N_PROMPTS)]
-    path = tmp_path / "prompts.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def _wait_for(path, proc, timeout=120):
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            pytest.fail(f"the job ended before {path.name} appeared:\n{proc.stderr.read()}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"{path.name} did not appear within {timeout} s")
-        time.sleep(0.05)
-
-
 @pytest.mark.parametrize("victim", [1, 4], ids=["CompNode", "AttnNode"])
 def test_sigkill_one_rank_then_resume(tmp_path, tiny_bert, victim):
-    prompts = _prompts(tmp_path)
+    prompts = write_prompts(tmp_path, N_PROMPTS, seed=3)
     base = ["run", "--model", tiny_bert, "--prompts", prompts, "--alpha", 2, "--beta", 2, "--batch-tokens", 40,
             "--quiet", "--allow-weak-plan"]  # alpha=2, beta=2: not private
     pids = tmp_path / "pids"
@@ -55,7 +34,7 @@ def test_sigkill_one_rank_then_resume(tmp_path, tiny_bert, victim):
     env = mpi_env({"RSHARD_PID_DIR": str(pids), "RSHARD_TEST_SLOW_BATCH_S": "3"})
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        _wait_for(pids / "batch2.done", proc)  # two batches are in the file; the client now sleeps
+        wait_for_file(pids / "batch2.done", proc)  # two batches are in the file; the client now sleeps
         os.kill(int((pids / f"rank{victim}.pid").read_text()), signal.SIGKILL)
         killed_at = time.monotonic()
         _, stderr = proc.communicate(timeout=END_WITHIN_S)

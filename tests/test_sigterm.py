@@ -1,7 +1,6 @@
 """SIGTERM (a Slurm time limit, scancel, kill) ends a run promptly on every rank, with a message and status
 143, and never cuts a results write: the batch being written when the signal came is in the file, whole,
 and --resume completes the job with the results of an uninterrupted run (rshard_hpc/termination.py)."""
-import json
 import os
 import shutil
 import signal
@@ -13,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import mpi_env, rshard
+from conftest import mpi_env, rshard, wait_for_file, write_prompts
 from rshard_hpc.termination import EXIT_STATUS, TERM_GRACE_S
 
 END_WITHIN_S = 60
@@ -21,35 +20,15 @@ N_PROMPTS = 12
 BASE = ["run", "--alpha", 2, "--beta", 2, "--batch-tokens", 40, "--quiet", "--allow-weak-plan"]
 
 
-def _prompts(tmp_path):
-    rng = np.random.default_rng(5)
-    lines = [json.dumps({"id": f"p{i}", "text": " ".join(f"t{x}" for x in rng.integers(0, 90, rng.integers(5, 30)))})
-             for i in range(N_PROMPTS)]
-    path = tmp_path / "prompts.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def _start(tmp_path, tiny_bert, out, hooks: dict):
     """The job on 7 ranks in the background, with test hooks; (process, pid folder)."""
     pids = tmp_path / "pids"
     pids.mkdir(exist_ok=True)
     launcher = shutil.which("mpiexec") or pytest.skip("mpiexec not found (pip install mpich)")
-    args = BASE + ["--model", tiny_bert, "--prompts", _prompts(tmp_path), "--out", out]
+    args = BASE + ["--model", tiny_bert, "--prompts", write_prompts(tmp_path, N_PROMPTS, seed=5), "--out", out]
     cmd = [launcher, "-n", "7", sys.executable, "-m", "rshard_hpc"] + [str(a) for a in args]
     env = mpi_env(dict(hooks, RSHARD_PID_DIR=str(pids)))
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env), pids
-
-
-def _wait_for(path, proc, timeout=120):
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            pytest.fail(f"the job ended before {path.name} appeared:\n{proc.stderr.read()}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"{path.name} did not appear within {timeout} s")
-        time.sleep(0.05)
 
 
 def _signal_and_wait(proc, pid_files):
@@ -92,7 +71,7 @@ def test_sigterm_during_a_results_write(tmp_path, tiny_bert, target):
     client writes batch 2 (held open 3 s by a test hook). The write finishes, then the job ends; batch 2 is in."""
     out = tmp_path / "term.h5"
     proc, pids = _start(tmp_path, tiny_bert, out, {"RSHARD_TEST_SLOW_WRITE_S": "3"})
-    _wait_for(pids / "writing2", proc)
+    wait_for_file(pids / "writing2", proc)
     if target == "mpiexec":
         (pids / "launcher.pid").write_text(str(proc.pid))
     stderr, took = _signal_and_wait(proc, [pids / "launcher.pid"] if target == "mpiexec" else
@@ -111,7 +90,7 @@ def test_sigterm_to_the_client_between_batches(tmp_path, tiny_bert):
     """`kill` of the client while it computes: the job ends at once (no write to wait for)."""
     out = tmp_path / "term.h5"
     proc, pids = _start(tmp_path, tiny_bert, out, {"RSHARD_TEST_SLOW_BATCH_S": "3"})
-    _wait_for(pids / "batch2.done", proc)
+    wait_for_file(pids / "batch2.done", proc)
     stderr, took = _signal_and_wait(proc, [pids / "rank0.pid"])
     assert proc.returncode == EXIT_STATUS, stderr
     assert "rshard: terminated by SIGTERM: " in stderr, stderr
@@ -124,7 +103,7 @@ def test_sigterm_to_one_worker_ends_the_job(tmp_path, tiny_bert):
     """`kill` of one AttnNode alone: it waits TERM_GRACE_S for a client that is not coming, then ends the job."""
     out = tmp_path / "term.h5"
     proc, pids = _start(tmp_path, tiny_bert, out, {"RSHARD_TEST_SLOW_BATCH_S": "3"})
-    _wait_for(pids / "batch1.done", proc)
+    wait_for_file(pids / "batch1.done", proc)
     stderr, took = _signal_and_wait(proc, [pids / "rank4.pid"])
     assert proc.returncode == EXIT_STATUS, stderr
     assert "rshard: rank 4 (AttnNode (0, 1)) terminated by SIGTERM" in stderr, stderr

@@ -166,9 +166,9 @@ def test_failure_on_one_rank_ends_the_srun_step(slurm, tiny_bert, tmp_path):
     assert time.monotonic() - started < 120
 
 
-def test_sigkill_of_one_rank_ends_the_srun_step(slurm, tiny_bert, tmp_path):
-    """A rank killed by a signal under srun: run.sh's --kill-on-bad-exit=1 ends the step (plain srun waits for
-    the other ranks, which wait for the dead one: a hang). The finished batch stays in the results file."""
+def _start_hooked_job(slurm, tiny_bert, tmp_path, hooks: dict, marker: str):
+    """A 4-task job (alpha=2, beta=1, srun --mpi=pmi2) of 8 short prompts in batches of 3 with test hooks, once
+    the hook file `marker` appeared; (job id, log, results file, pid folder)."""
     log, out, pids = tmp_path / "job.log", tmp_path / "o.h5", tmp_path / "pids"
     pids.mkdir()
     prompts = tmp_path / "p.txt"
@@ -176,11 +176,19 @@ def test_sigkill_of_one_rank_ends_the_srun_step(slurm, tiny_bert, tmp_path):
     job = _submit(["sbatch", "--parsable", "--ntasks=4", f"--output={log}", "slurm/run.sh", JOB_FILE,
                    "--model", str(tiny_bert), "--prompts", str(prompts), "--alpha", "2", "--beta", "1",
                    "--allow-weak-plan", "--batch-tokens", "10", "--out", str(out)], slurm,
-                  {"RSHARD_PID_DIR": str(pids), "RSHARD_TEST_SLOW_BATCH_S": "5", "RSHARD_LAUNCHERS": "srun-pmi2"})
+                  dict(hooks, RSHARD_PID_DIR=str(pids), RSHARD_LAUNCHERS="srun-pmi2"))
     deadline = time.monotonic() + JOB_TIMEOUT
-    while not (pids / "batch1.done").exists():
+    while not (pids / marker).exists():
         assert time.monotonic() < deadline, _read(log)
         time.sleep(0.1)
+    return job, log, out, pids
+
+
+def test_sigkill_of_one_rank_ends_the_srun_step(slurm, tiny_bert, tmp_path):
+    """A rank killed by a signal under srun: run.sh's --kill-on-bad-exit=1 ends the step (plain srun waits for
+    the other ranks, which wait for the dead one: a hang). The finished batch stays in the results file."""
+    job, log, out, pids = _start_hooked_job(slurm, tiny_bert, tmp_path, {"RSHARD_TEST_SLOW_BATCH_S": "5"},
+                                            "batch1.done")
     os.kill(int((pids / "rank1.pid").read_text()), 9)
     killed = time.monotonic()
     fields = _wait(job, slurm, log)
@@ -194,18 +202,7 @@ def test_scancel_sigterm_keeps_the_batch_being_written(slurm, tiny_bert, tmp_pat
     """What a time limit (or scancel) does first: SIGTERM to every task of the step, here while the client
     writes batch 2 (held open 3 s by a test hook). The write finishes, the client says what the file holds and
     ends the step; batch 2 and its ledger are in the file."""
-    log, out, pids = tmp_path / "job.log", tmp_path / "o.h5", tmp_path / "pids"
-    pids.mkdir()
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("".join(f"t{i} t{i + 1} t{i + 2}\n" for i in range(8)))
-    job = _submit(["sbatch", "--parsable", "--ntasks=4", f"--output={log}", "slurm/run.sh", JOB_FILE,
-                   "--model", str(tiny_bert), "--prompts", str(prompts), "--alpha", "2", "--beta", "1",
-                   "--allow-weak-plan", "--batch-tokens", "10", "--out", str(out)], slurm,
-                  {"RSHARD_PID_DIR": str(pids), "RSHARD_TEST_SLOW_WRITE_S": "3", "RSHARD_LAUNCHERS": "srun-pmi2"})
-    deadline = time.monotonic() + JOB_TIMEOUT
-    while not (pids / "writing2").exists():
-        assert time.monotonic() < deadline, _read(log)
-        time.sleep(0.1)
+    job, log, out, _ = _start_hooked_job(slurm, tiny_bert, tmp_path, {"RSHARD_TEST_SLOW_WRITE_S": "3"}, "writing2")
     subprocess.run(["scancel", "--signal=TERM", job], env=slurm, check=True, timeout=30)
     signalled = time.monotonic()
     fields = _wait(job, slurm, log)
