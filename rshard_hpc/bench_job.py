@@ -205,7 +205,12 @@ def _report(rows, cfg, topo, opts) -> None:
               "warm-up."]
     text = "\n".join(lines)
     print(text, flush=True)
-    if opts.get("out"):
-        Path(opts["out"]).parent.mkdir(parents=True, exist_ok=True)
-        with open(opts["out"], "a") as f:
+    append_table(opts.get("out"), text)
+
+
+def append_table(path, text: str) -> None:
+    """Append a benchmark table to the file `path` (folders made as needed); nothing when path is empty."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
             f.write(text + "\n\n")

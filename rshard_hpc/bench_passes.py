@@ -11,13 +11,12 @@ device_ms is bound by launches, not by arithmetic: fusing it with its neighbours
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 
 from rshard_hpc.attention import merge_partials, partial_attention
 from rshard_hpc.backend import array_module
-from rshard_hpc.bench_job import bench_config
+from rshard_hpc.bench_job import append_table, bench_config
 from rshard_hpc.models.common import linear, rms_norm, silu
 from rshard_hpc.models.llama import Llama, apply_rope, rope_cos_sin
 from rshard_hpc.models.random_init import random_tensors
@@ -179,8 +178,5 @@ def report(rows: list[dict], opts: dict) -> str:
         lines.append(f"| {r['piece']} | {r['host_ms']:.3f} | {r['device_ms']:.3f} | {share} |")
     lines.append(f"| sum of the pieces | {sum(r['host_ms'] for r in rows if r['part']):.3f} | {total:.3f} | 100% |")
     text = "\n".join(lines)
-    if opts.get("out"):
-        Path(opts["out"]).parent.mkdir(parents=True, exist_ok=True)
-        with open(opts["out"], "a") as f:
-            f.write(text + "\n\n")
+    append_table(opts.get("out"), text)
     return text

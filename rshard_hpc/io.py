@@ -114,10 +114,11 @@ class ResultWriter:
                 lengths = [f[name].shape[0] for name in ROW_DATASETS if name in f]
         except (OSError, KeyError) as exc:
             raise InputError(f"cannot resume {self.path}: not a readable results file ({exc})") from exc
-        committed = min([len(ids)] + lengths)
-        if any(n != committed for n in [len(ids)] + lengths):
+        counts = [len(ids)] + lengths
+        committed = min(counts)
+        self.unfinished_rows = max(counts) - committed
+        if self.unfinished_rows:
             self._drop_rows_after(committed)
-        self.unfinished_rows = max([len(ids)] + lengths) - committed
         self.done_ids = {_s(x) for x in ids[:committed]}
 
     def _drop_rows_after(self, committed: int) -> None:

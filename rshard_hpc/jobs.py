@@ -235,7 +235,7 @@ class ClientJob:
         if opts.task == "generate":
             self.head = LmHead(self.model_path, self.cfg)
         total_tokens = int(sum(len(x) for x in self.token_ids))
-        termination.set_role(True, self.topo.describe, status=self._saved_so_far)
+        termination.set_status(self._saved_so_far)
         if self.writer.unfinished_rows:
             say(f"resume: dropped {self.writer.unfinished_rows} rows of a batch that was cut short")
         if self.skipped:
@@ -250,15 +250,14 @@ class ClientJob:
             seqs = [self.token_ids[i] for i in batch]
             ids = [self.todo[i].id for i in batch]
             if opts.task == "embed":
-                rows = client.encode(seqs)
-                with termination.protected():  # a SIGTERM waits for the batch's rows and its ledger
-                    self.writer.append_embeddings(ids, np.stack([self._pool(r) for r in rows]))
-                    self._append_ledger(client, ids, seqs)
+                embeddings = np.stack([self._pool(r) for r in client.encode(seqs)])
+                append = lambda: self.writer.append_embeddings(ids, embeddings)  # noqa: E731
             else:
                 token_ids, texts = generate_batch(client, self.codec, self.cfg, self.head, seqs, ids, self.settings)
-                with termination.protected():
-                    self.writer.append_generated(ids, token_ids, texts)
-                    self._append_ledger(client, ids, seqs)
+                append = lambda: self.writer.append_generated(ids, token_ids, texts)  # noqa: E731
+            with termination.protected():  # a SIGTERM waits for the batch's rows and its ledger
+                append()
+                self._append_ledger(client, ids, seqs)
             lens += [len(s) for s in seqs]
             progress.batch_done(len(batch), int(sum(len(s) for s in seqs)))
             testhooks.batch_finished(progress.batches)  # off unless RSHARD_PID_DIR / RSHARD_TEST_SLOW_BATCH_S

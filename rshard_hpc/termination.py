@@ -37,12 +37,14 @@ class _State:
 _state = _State()
 
 
-def set_role(is_client: bool, describe, status=None) -> None:
-    """Once the topology is known: whether this rank writes results, its description, and (client) a callable
-    returning what the results file holds, for the message."""
+def set_role(is_client: bool, describe) -> None:
+    """Once the topology is known: whether this rank writes results, and its description for the message."""
     _state.is_client, _state.describe = is_client, describe
-    if status is not None:
-        _state.status = status
+
+
+def set_status(status) -> None:
+    """The client's callable returning what the results file holds, for the message."""
+    _state.status = status
 
 
 @contextmanager
