@@ -1,75 +1,42 @@
 """The `rshard` command. Each command is thin: it parses options and calls into the package."""
 from __future__ import annotations
 
-import os
 import sys
 import traceback
 
 import click
 
-from rshard_hpc import __version__, termination
+from rshard_hpc import __version__
+from rshard_hpc.dist.launcher import tune_mpi_env, world_rank
 from rshard_hpc.errors import RshardError
-from rshard_hpc.plan import DEFAULT_DELTA
-from rshard_hpc.jobfile import config_callback
-
-
-def _world_rank() -> int:
-    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
-
-
-def _tune_mpi_env() -> None:
-    """Before MPI starts: when more ranks than cores share this node, let MPICH yield instead of spinning
-    (busy-polling ranks otherwise starve each other). Set MPIR_CVAR_ENABLE_HEAVY_YIELD yourself to override."""
-    local = os.environ.get("MPI_LOCALNRANKS") or os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE") or _slurm_local_tasks()
-    if local.isdigit() and int(local) > (os.cpu_count() or 1):
-        os.environ.setdefault("MPIR_CVAR_ENABLE_HEAVY_YIELD", "1")
-
-
-def _slurm_local_tasks() -> str:
-    """Tasks of this srun step on this node, from SLURM_STEP_TASKS_PER_NODE ("4(x2),3") and SLURM_NODEID."""
-    counts = []
-    for part in os.environ.get("SLURM_STEP_TASKS_PER_NODE", "").split(","):
-        number, _, times = part.partition("(x")
-        if number.isdigit():
-            counts += [number] * (int(times.rstrip(")")) if times.rstrip(")").isdigit() else 1)
-    node = os.environ.get("SLURM_NODEID", "0")
-    return counts[int(node)] if node.isdigit() and int(node) < len(counts) else ""
+from rshard_hpc.plan.schemes import DEFAULT_DELTA
+from rshard_hpc.run import termination, testhooks
+from rshard_hpc.run.jobfile import config_callback
 
 
 def _fail(exc: BaseException) -> None:
     """End the job on an error: collective user errors exit cleanly, anything else aborts every rank."""
-    rank = _world_rank()
+    rank = world_rank()
     if isinstance(exc, RshardError):
         if rank == 0:
             click.echo(f"rshard: error: {exc}", err=True)
-        _exit_hook(exc.exit_code)
+        testhooks.at("rank_exiting", rank=world_rank(), code=exc.exit_code)
         sys.exit(exc.exit_code)
     role = _describe_rank()
     click.echo(f"rshard: {role} failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}", err=True)
-    _exit_hook(1)
-    from rshard_hpc import comm
+    testhooks.at("rank_exiting", rank=world_rank(), code=1)
+    from rshard_hpc.dist import collectives
 
-    comm.abort(1)
+    collectives.abort(1)
 
 
 def _describe_rank() -> str:
     try:
-        from rshard_hpc.topology import current
+        from rshard_hpc.dist.topology import current
 
         return current().describe()
     except Exception:
-        return f"rank {_world_rank()}"
-
-
-def _exit_hook(code: int) -> None:
-    """Tests set RSHARD_EXIT_DIR to see every rank's exit status."""
-    folder = os.environ.get("RSHARD_EXIT_DIR")
-    if folder:
-        with open(os.path.join(folder, f"rank{_world_rank()}.exit"), "w") as f:
-            f.write(str(code))
+        return f"rank {world_rank()}"
 
 
 def plan_options(command):
@@ -162,8 +129,9 @@ def convert(source, out):
 @click.option("--quiet", is_flag=True, help="No progress lines (the summary is still printed).")
 def run(quiet, max_new_tokens, temperature, top_k, top_p, sample_seed, stop, chat, **kwargs):
     """Run a batch job; launch with mpiexec -n (1 + alpha + beta^2)."""
-    _tune_mpi_env()
-    from rshard_hpc.jobs import RunOptions, run as run_job
+    tune_mpi_env()
+    from rshard_hpc.run.job import run as run_job
+    from rshard_hpc.run.options import RunOptions
 
     try:
         generate = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -174,7 +142,7 @@ def run(quiet, max_new_tokens, temperature, top_k, top_p, sample_seed, stop, cha
         if isinstance(exc, SystemExit) and not exc.code:
             raise
         _fail(exc)
-    _exit_hook(0)
+    testhooks.at("rank_exiting", rank=world_rank(), code=0)
 
 
 @main.command()
@@ -189,8 +157,8 @@ def doctor(alpha, beta, device):
 
     Launch it like the job (mpiexec -n W rshard doctor --alpha A --beta B, or under srun). Exit status 0 when
     the job can run, 2 on a problem, 3 when the processes are not one MPI job."""
-    _tune_mpi_env()
-    from rshard_hpc.doctor import run_doctor
+    tune_mpi_env()
+    from rshard_hpc.dist.doctor import run_doctor
 
     try:
         status = run_doctor(alpha, beta, device, echo=click.echo)
@@ -223,8 +191,9 @@ def plan_cmd(alpha, beta, scheme, c, c_a, seed, plan_file, n, public_prefix, mod
     first-run exposure, partials over few keys, and the smallest layout reaching --delta (docs/privacy.md)."""
     import json
 
-    from rshard_hpc.jobs import RunOptions
-    from rshard_hpc.privacy import DEFAULT_VOCAB, jsonable, model_facts, plan_document, render_plan
+    from rshard_hpc.plan.report import jsonable, model_facts, plan_document, render_plan
+    from rshard_hpc.plan.views import DEFAULT_VOCAB
+    from rshard_hpc.run.options import RunOptions
 
     try:
         if alpha < 1 or beta < 1 or n < 0:
@@ -241,7 +210,6 @@ def plan_cmd(alpha, beta, scheme, c, c_a, seed, plan_file, n, public_prefix, mod
     click.echo(json.dumps(jsonable(doc), indent=1) if as_json else render_plan(doc))
 
 
-
 @main.group()
 def bench():
     """Benchmarks that print a table and write it to a file (speed goals live here, not in tests)."""
@@ -254,7 +222,7 @@ def bench():
 @click.option("--dtypes", default="bf16,fp32", show_default=True)
 def bench_kernel_cmd(out, lengths, head_dims, dtypes):
     """The partial-attention kernel against torch SDPA on this GPU (needs CuPy, torch and a GPU)."""
-    from rshard_hpc.bench import bench_kernel
+    from rshard_hpc.bench.kernel import bench_kernel
 
     bench_kernel(out, lengths=[int(x) for x in lengths.split(",")],
                  head_dims=[int(x) for x in head_dims.split(",")], dtypes=dtypes.split(","))
@@ -277,11 +245,11 @@ def bench_kernel_cmd(out, lengths, head_dims, dtypes):
 @click.option("--out", default="bench_job.md", show_default=True, help="Append the table here.")
 def bench_job_cmd(alpha, beta, tokens, **opts):
     """The sharded job against plaintext single-device inference; run under mpiexec -n (1 + alpha + beta^2)."""
-    _tune_mpi_env()
+    tune_mpi_env()
     from mpi4py import MPI
 
-    from rshard_hpc.bench_job import run_bench
-    from rshard_hpc.topology import Topology
+    from rshard_hpc.bench.job import run_bench
+    from rshard_hpc.dist.topology import Topology
 
     try:
         topo = Topology.build(MPI.COMM_WORLD, alpha, beta)
@@ -306,7 +274,7 @@ def bench_job_cmd(alpha, beta, tokens, **opts):
 def bench_passes_cmd(with_torch, **opts):
     """One layer's pieces (norms, GEMMs, RoPE, packing, attention, merge, MLP) timed one by one in one process,
     beside torch's decoder layer: where the per-token time goes (no MPI)."""
-    from rshard_hpc.bench_passes import report, run_passes
+    from rshard_hpc.bench.passes import report, run_passes
 
     if opts["tokens"] < 1 or opts["repeat"] < 1:
         raise click.UsageError("--tokens and --repeat must be >= 1")
@@ -344,8 +312,9 @@ def audit(model, prompts, alpha, beta, scheme, c, c_a, seed, nodes, all_nodes, n
     """Vocab-matching attack with the real model on what each node sees (no MPI; docs/audit.md)."""
     import json
 
-    from rshard_hpc.audit import format_report, load_prompts, run_audit
-    from rshard_hpc.plan import PlanSpec
+    from rshard_hpc.audit.report import format_report
+    from rshard_hpc.audit.run import load_prompts, run_audit
+    from rshard_hpc.plan.schemes import PlanSpec
 
     try:
         spec = PlanSpec(scheme=scheme, alpha=alpha, beta=beta, c=c, c_a=c_a, seed=seed)

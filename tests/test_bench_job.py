@@ -1,6 +1,5 @@
 """The job benchmark runs end to end on CPUs (tiny shape) and its byte counts match the routing."""
 import pytest
-
 from conftest import rshard
 
 

@@ -4,8 +4,8 @@ import importlib.util
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from conftest import require_gpu
+
 from rshard_hpc.cli import main
 
 PIECES = ["pre: rms_norm", "pre: q, k, v GEMMs", "pre: RoPE on q and k", "pre: q, k, v to wire + pack",
@@ -52,8 +52,8 @@ def _has_transformers():
 
 def test_bench_passes_pieces_follow_the_post_pass():
     """The post-pass pieces chained by hand give Llama.post's output: the pieces time what the model runs."""
-    from rshard_hpc.bench_job import bench_config
-    from rshard_hpc.bench_passes import _LayerPieces
+    from rshard_hpc.bench.common import bench_config
+    from rshard_hpc.bench.passes import _LayerPieces
     from rshard_hpc.models.llama import Llama
     from rshard_hpc.models.random_init import random_tensors
 

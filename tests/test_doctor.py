@@ -3,7 +3,9 @@ import subprocess
 import sys
 
 from conftest import mpi_env, rshard
-from rshard_hpc.doctor import layouts_for, role_of, short_library
+
+from rshard_hpc.dist.doctor import short_library
+from rshard_hpc.dist.topology import layouts_for, role_of
 
 
 def test_roles_layouts_and_library_names():
@@ -46,7 +48,7 @@ def test_doctor_wrong_world_size(tmp_path):
 
 
 def test_doctor_gpu_required_but_missing():
-    from rshard_hpc.doctor import gpu_of
+    from rshard_hpc.dist.doctor import gpu_of
 
     if gpu_of(0)[0]:
         import pytest

@@ -3,7 +3,6 @@ import json
 
 import h5py
 import pytest
-
 from conftest import rshard
 
 WORLD = 7  # alpha = 2, beta = 2

@@ -6,7 +6,6 @@ import sys
 import h5py
 import numpy as np
 import pytest
-
 from conftest import REPO, mpiexec, require_gpu, rshard
 
 LAYOUTS = [(1, 1, 1, 1), (2, 2, 1, 1), (2, 3, 2, 3)]  # (alpha, beta, c, c_a): the last has c > 1
@@ -102,8 +101,8 @@ STEPS = 24
 def smollm2(tmp_path_factory):
     pytest.importorskip("transformers", reason="needs transformers (pip install .[test])")
     pytest.importorskip("gguf", reason="needs gguf")
-    from rshard_hpc.defaults import bundled_source, resolve_model
     from rshard_hpc.errors import InputError
+    from rshard_hpc.models.registry import bundled_source, resolve_model
 
     try:
         gguf_path = bundled_source("SmolLM2-135M-Instruct")

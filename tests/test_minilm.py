@@ -5,7 +5,6 @@ import os
 import h5py
 import numpy as np
 import pytest
-
 from conftest import REPO, rshard
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,7 +16,7 @@ TEXTS = [json.loads(line)["text"] for line in (REPO / "inputs" / "sample.jsonl")
 @pytest.fixture(scope="module")
 def st_model():
     st = pytest.importorskip("sentence_transformers", reason="needs sentence-transformers (pip install .[test])")
-    from rshard_hpc.defaults import bundled_source
+    from rshard_hpc.models.registry import bundled_source
 
     return st.SentenceTransformer(str(bundled_source("all-MiniLM-L6-v2")), device="cpu")
 
@@ -29,10 +28,9 @@ def cosines(a, b):
 
 
 def test_reference_forward_matches_sentence_transformers(minilm, st_model):
-    from rshard_hpc.models import load_model
+    from rshard_hpc.models import load_model, weights
     from rshard_hpc.models.reference import reference_forward
-    from rshard_hpc.tokenizer import TextCodec
-    from rshard_hpc.models import weights
+    from rshard_hpc.models.tokenizer import TextCodec
 
     codec = TextCodec(minilm, weights.read_config(minilm))
     rows = reference_forward(load_model(minilm), [np.array(codec.encode(t)) for t in TEXTS])

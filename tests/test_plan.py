@@ -4,9 +4,11 @@ import itertools
 import numpy as np
 import pytest
 
+from rshard_hpc.engine.routing import Routing, StepTokens
 from rshard_hpc.errors import InputError
-from rshard_hpc.plan import PlanSpec, Routing, StepTokens, make_plan, min_interior_gap, runs_of
-from rshard_hpc.privacy import plan_report
+from rshard_hpc.plan.check import plan_report
+from rshard_hpc.plan.schemes import PlanSpec, make_plan
+from rshard_hpc.plan.views import min_interior_gap, runs_of
 
 LAYOUTS = [(1, 1), (2, 2), (3, 2), (2, 3), (4, 3), (5, 1), (1, 4)]
 SIZES = [0, 1, 2, 3, 7, 16, 61]

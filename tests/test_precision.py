@@ -2,7 +2,14 @@
 import numpy as np
 import pytest
 
-from rshard_hpc.precision import Bf16Matrix, bf16_bits_to_float, matmul_t, round_bf16, to_bf16_bits, wire_dtype
+from rshard_hpc.ops.precision import (
+    Bf16Matrix,
+    bf16_bits_to_float,
+    matmul_t,
+    round_bf16,
+    to_bf16_bits,
+    wire_dtype,
+)
 
 torch = pytest.importorskip("torch", reason="torch is the independent bf16 reference")
 
@@ -69,7 +76,7 @@ def test_gpu_rounding_and_gemm_match_numpy():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_partial_pack_roundtrip(dtype):
     """Returned partials: lse survives bit for bit (also -inf), o exactly in float32 or bf16-rounded."""
-    from rshard_hpc.precision import pack_partial, partial_slots, unpack_partial
+    from rshard_hpc.ops.precision import pack_partial, partial_slots, unpack_partial
 
     rng = np.random.default_rng(5)
     wire = wire_dtype(dtype)

@@ -8,13 +8,29 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from conftest import rshard
+from rshard_hpc.plan.views import view_runs
+
 from rshard_hpc.cli import main as cli_main
-from rshard_hpc.plan import PlanSpec, make_plan, min_interior_gap, plan_views
-from rshard_hpc.privacy import (blocks_of, check_job, check_ledger, expand_blocks, format_blocks, job_delta,
-                                ledger_positions, node_report, partial_summary, plan_report, rank_layout,
-                                smallest_layout, tokenizer_public_prefix, view_runs)
+from rshard_hpc.dist.topology import rank_layout
+from rshard_hpc.plan.check import (
+    check_job,
+    job_delta,
+    partial_summary,
+    plan_report,
+    smallest_layout,
+)
+from rshard_hpc.plan.ledger import check_ledger, ledger_positions
+from rshard_hpc.plan.report import tokenizer_public_prefix
+from rshard_hpc.plan.schemes import PlanSpec, make_plan
+from rshard_hpc.plan.views import (
+    blocks_of,
+    expand_blocks,
+    format_blocks,
+    min_interior_gap,
+    node_report,
+    plan_views,
+)
 
 
 # ------------------------------------------------------------------------------------------ pure functions
@@ -125,7 +141,7 @@ def test_rank_layout_and_public_prefix(tiny_bert, minilm):
     assert [row["node"] for row in rank_layout(2, 2)] == ["client", "comp0", "comp1", "attn0_0", "attn0_1",
                                                           "attn1_0", "attn1_1"]
     from rshard_hpc.models import weights
-    from rshard_hpc.tokenizer import TextCodec
+    from rshard_hpc.models.tokenizer import TextCodec
 
     assert tokenizer_public_prefix(TextCodec(minilm, weights.read_config(minilm))) == 1  # [CLS]
     assert tokenizer_public_prefix(TextCodec(tiny_bert, weights.read_config(tiny_bert))) == 0  # adds nothing

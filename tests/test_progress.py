@@ -1,8 +1,8 @@
 """Progress lines: redrawn after every batch on a terminal, at most one line per interval in a log."""
 import io
 
-from rshard_hpc import progress as progress_mod
-from rshard_hpc.progress import Progress
+from rshard_hpc.run import progress as progress_mod
+from rshard_hpc.run.progress import Progress
 
 
 class _Clock:

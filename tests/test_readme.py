@@ -3,7 +3,6 @@ import re
 import shlex
 
 import h5py
-
 from conftest import REPO, mpiexec
 
 

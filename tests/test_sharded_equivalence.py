@@ -2,7 +2,6 @@
 import sys
 
 import pytest
-
 from conftest import REPO, mpiexec
 
 LAYOUTS = [  # (alpha, beta, c, c_a)

@@ -11,9 +11,9 @@ import time
 import h5py
 import numpy as np
 import pytest
-
 from conftest import mpi_env, rshard, wait_for_file, write_prompts
-from rshard_hpc.termination import EXIT_STATUS, TERM_GRACE_S
+
+from rshard_hpc.run.termination import EXIT_STATUS, TERM_GRACE_S
 
 END_WITHIN_S = 60
 N_PROMPTS = 12

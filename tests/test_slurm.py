@@ -12,7 +12,6 @@ import time
 import h5py
 import numpy as np
 import pytest
-
 from conftest import REPO, mpi_env
 
 JOB_FILE = "slurm/job.toml"  # the sample job: all-MiniLM-L6-v2, alpha=3, beta=3 -> 13 tasks
@@ -111,10 +110,10 @@ def test_sbatch_run_sh_with_the_job_file(slurm, minilm, tmp_path):
 
 def _reference_embeddings(model_path, prompt_file):
     """The single-process reference forward, mean pooling and L2 normalization (what the job computes)."""
-    from rshard_hpc.io import read_prompts
     from rshard_hpc.models import load_model, weights
     from rshard_hpc.models.reference import reference_forward
-    from rshard_hpc.tokenizer import TextCodec
+    from rshard_hpc.models.tokenizer import TextCodec
+    from rshard_hpc.run.results import read_prompts
 
     prompts = read_prompts(prompt_file)
     codec = TextCodec(model_path, weights.read_config(model_path))
@@ -218,7 +217,7 @@ def test_scancel_sigterm_keeps_the_batch_being_written(slurm, tiny_bert, tmp_pat
 def test_gpu_job_without_gpus_stops_at_the_doctor(slurm, tmp_path):
     """RSHARD_DEVICE=gpu (what a job with GPUs gets): the ranks run with --device gpu, so on a node without
     GPUs `rshard doctor` reports the problem and run.sh stops before the job starts."""
-    from rshard_hpc.doctor import gpu_of
+    from rshard_hpc.dist.doctor import gpu_of
 
     if gpu_of(0)[0]:
         pytest.skip("this machine has a GPU")

@@ -6,7 +6,7 @@ import numpy as np
 from rshard_hpc.models import weights
 from rshard_hpc.models.common import gelu, layer_norm, linear, place_tensors
 from rshard_hpc.models.config import ModelConfig
-from rshard_hpc.precision import gemm_input
+from rshard_hpc.ops.precision import gemm_input
 
 EMBED_KEYS = ("embed/word", "embed/position", "embed/token_type", "embed/norm_w", "embed/norm_b")
 LAYER_KEYS = ("wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "attn_norm_w", "attn_norm_b",

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from rshard_hpc.backend import xp_of
-from rshard_hpc.precision import bf16_weights, check_dtype, matmul_t
+from rshard_hpc.ops.arrays import xp_of
+from rshard_hpc.ops.precision import bf16_weights, check_dtype, matmul_t
 
 
 def layer_norm(x, weight, bias, eps: float):

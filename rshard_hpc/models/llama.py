@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from rshard_hpc.backend import xp_of
 from rshard_hpc.errors import InputError
 from rshard_hpc.models import weights
 from rshard_hpc.models.common import linear, place_tensors, rms_norm, silu
 from rshard_hpc.models.config import ModelConfig
-from rshard_hpc.precision import gemm_input
+from rshard_hpc.ops.arrays import xp_of
+from rshard_hpc.ops.precision import gemm_input
 
 LAYER_KEYS = ("attn_norm_w", "wq", "wk", "wv", "wo", "mlp_norm_w", "w_gate", "w_up", "w_down")
 MATRIX_KEYS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")  # bf16 under --dtype bfloat16

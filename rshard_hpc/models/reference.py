@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from rshard_hpc.attention import partial_attention
-from rshard_hpc.precision import to_bf16_bits
+from rshard_hpc.ops.attention import partial_attention
+from rshard_hpc.ops.precision import to_bf16_bits
 
 
 def reference_forward(model, sequences):

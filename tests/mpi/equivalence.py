@@ -11,13 +11,13 @@ import sys
 import numpy as np
 from mpi4py import MPI
 
-from rshard_hpc.comm import Transport
-from rshard_hpc.engine import AttnWorker, Client, CompWorker
-from rshard_hpc.models import load_model
-from rshard_hpc.models import weights
+from rshard_hpc.dist.topology import Topology
+from rshard_hpc.dist.transport import Transport
+from rshard_hpc.engine.client import Client
+from rshard_hpc.engine.workers import AttnWorker, CompWorker
+from rshard_hpc.models import load_model, weights
 from rshard_hpc.models.reference import reference_forward
-from rshard_hpc.plan import PlanSpec
-from rshard_hpc.topology import Topology
+from rshard_hpc.plan.schemes import PlanSpec
 
 TOL = 1e-5
 TOL_BF16_REL = 2e-2  # against float32, relative (the bound for bf16)

@@ -11,13 +11,14 @@ import sys
 import numpy as np
 from mpi4py import MPI
 
-from rshard_hpc.backend import connect_workers, rank_backend
-from rshard_hpc.comm import Transport
-from rshard_hpc.engine import AttnWorker, Client, CompWorker
-from rshard_hpc.generate import GenerateSettings, LmHead, generate_batch
+from rshard_hpc.dist.devices import connect_workers, rank_backend
+from rshard_hpc.dist.topology import Topology
+from rshard_hpc.dist.transport import Transport
+from rshard_hpc.engine.client import Client
+from rshard_hpc.engine.generate import GenerateSettings, LmHead, generate_batch
+from rshard_hpc.engine.workers import AttnWorker, CompWorker
 from rshard_hpc.models import load_model, weights
-from rshard_hpc.plan import PlanSpec
-from rshard_hpc.topology import Topology
+from rshard_hpc.plan.schemes import PlanSpec
 
 LOGIT_TOL = 1e-3
 MARGIN = 0.02

@@ -19,13 +19,15 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from rshard_hpc import backend, comm
-from rshard_hpc.comm import Transport
-from rshard_hpc.engine import AttnWorker, Client, CompWorker
+from rshard_hpc.dist import cuda_aware, devices
+from rshard_hpc.dist.topology import Topology
+from rshard_hpc.dist.transport import Transport
+from rshard_hpc.engine.client import Client
+from rshard_hpc.engine.workers import AttnWorker, CompWorker
 from rshard_hpc.models import load_model, model_class, weights
 from rshard_hpc.models.reference import reference_forward
-from rshard_hpc.plan import PlanSpec
-from rshard_hpc.topology import Topology
+from rshard_hpc.ops import arrays
+from rshard_hpc.plan.schemes import PlanSpec
 
 TOL = {"float32": 1e-4, "bfloat16": 2e-2}
 MIN_BF16 = 1e-5  # a bf16 run closer than this to full precision did not run in bf16
@@ -112,9 +114,9 @@ def main():
     xp = np
     gpu_aware, why = False, "cpu"
     if args.device == "gpu":
-        dev = backend.select_device()
-        xp = backend.array_module("gpu")
-        gpu_aware, why = comm.resolve_gpu_aware(args.gpu_aware_mpi)
+        dev = devices.select_device()
+        xp = arrays.array_module("gpu")
+        gpu_aware, why = cuda_aware.resolve_gpu_aware(args.gpu_aware_mpi)
         if topo.rank == 1:
             print(f"rank 1: GPU {dev}; gpu-aware MPI: {gpu_aware} ({why})", flush=True)
     transport = Transport(gpu_aware=gpu_aware, device=args.device == "gpu")

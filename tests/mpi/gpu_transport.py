@@ -9,8 +9,9 @@ import sys
 import numpy as np
 from mpi4py import MPI
 
-from rshard_hpc import backend, comm
-from rshard_hpc.comm import Transport
+from rshard_hpc.dist import cuda_aware, devices
+from rshard_hpc.dist.transport import Transport
+from rshard_hpc.ops import arrays
 
 
 def main():
@@ -18,9 +19,9 @@ def main():
     ipc_mode = (sys.argv[2] if len(sys.argv) > 2 else "ipc-off").removeprefix("ipc-")
     world = MPI.COMM_WORLD
     rank, size = world.Get_rank(), world.Get_size()
-    dev = backend.select_device()
-    cupy = backend.array_module("gpu")
-    aware, why = comm.resolve_gpu_aware(mode)
+    dev = devices.select_device()
+    cupy = arrays.array_module("gpu")
+    aware, why = cuda_aware.resolve_gpu_aware(mode)
     transport = Transport(gpu_aware=aware, device=True)
     _, ipc_why = transport.enable_device_ipc(world, ipc_mode)
     ok = True

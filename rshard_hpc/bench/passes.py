@@ -14,13 +14,20 @@ import time
 
 import numpy as np
 
-from rshard_hpc.attention import merge_partials, partial_attention
-from rshard_hpc.backend import array_module
-from rshard_hpc.bench_job import append_table, bench_config
+from rshard_hpc.bench.common import append_table, bench_config
 from rshard_hpc.models.common import linear, rms_norm, silu
 from rshard_hpc.models.llama import Llama, apply_rope, rope_cos_sin
 from rshard_hpc.models.random_init import random_tensors
-from rshard_hpc.precision import gemm_input, pack_partial, partial_slots, to_bf16_bits, unpack_partial, wire_dtype
+from rshard_hpc.ops.arrays import array_module
+from rshard_hpc.ops.attention import merge_partials, partial_attention
+from rshard_hpc.ops.precision import (
+    gemm_input,
+    pack_partial,
+    partial_slots,
+    to_bf16_bits,
+    unpack_partial,
+    wire_dtype,
+)
 
 COLUMNS = ("piece", "host_ms", "device_ms", "share")
 
@@ -137,7 +144,10 @@ def _torch_layer_ms(cfg, opts):
     try:
         import torch
         from transformers import LlamaConfig
-        from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+        from transformers.models.llama.modeling_llama import (
+            LlamaDecoderLayer,
+            LlamaRotaryEmbedding,
+        )
     except ImportError:
         return None
     device = "cuda" if opts["device"] == "gpu" else "cpu"

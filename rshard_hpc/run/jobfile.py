@@ -12,7 +12,7 @@ launch (for `sbatch`, the submit directory), exactly as on the command line. TOM
     beta = 3
     c_a = 2
 
-`python -m rshard_hpc.jobfile FILE [rshard run options]` prints "W ALPHA BETA", the job's world size
+`python -m rshard_hpc.run.jobfile FILE [rshard run options]` prints "W ALPHA BETA", the job's world size
 W = 1 + alpha + beta^2 and its layout (an --alpha/--beta among the options wins, as in `rshard run`);
 `slurm/run.sh` uses it to ask Slurm for the right number of tasks.
 """
@@ -108,7 +108,7 @@ def layout(path, argv=()) -> tuple[int, int]:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m rshard_hpc.jobfile JOB_FILE [rshard run options]  (prints: 1+alpha+beta^2 alpha beta)")
+        print("usage: python -m rshard_hpc.run.jobfile JOB_FILE [rshard run options]  (prints: 1+alpha+beta^2 alpha beta)")
         return 0 if argv else 2
     try:
         alpha, beta = layout(argv[0], argv[1:])

@@ -9,7 +9,7 @@ backend is named in the table. "block" rows time what one AttnNode of a beta = 2
 queries of the even positions against keys of the odd ones (causal), torch with an explicit mask.
 FLOPs count visible (query, key) pairs only: 4 · D · Hq per pair, for both.
 Two kernel columns: "kernel" is AttentionLaunch.__call__ (for bf16 the K/V gather into sorted per-head blocks
-and the tensor-core kernel; for fp32 the CUDA-core kernel); "call" is the whole attention_gpu.partial_attention
+and the tensor-core kernel; for fp32 the CUDA-core kernel); "call" is the whole attention_cuda.partial_attention
 (sorting rows, tile summaries, then the same), which the engine pays every layer.
 """
 from __future__ import annotations
@@ -56,8 +56,8 @@ def _visible_pairs(q_pos, k_pos, causal: bool) -> int:
 
 def _sdpa_runner(torch, qt, kt, vt, mask, causal, scale, dtype_name):
     """(callable, backend name) for the fastest torch SDPA backend that accepts the problem."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     names = (["CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"] if dtype_name == "bf16"
              else ["EFFICIENT_ATTENTION", "MATH"])
@@ -83,7 +83,7 @@ def _problem(n, head_dim, causal, dtype_name, block: bool, rng_seed=0, with_sdpa
     import cupy
     import torch
 
-    from rshard_hpc import attention_gpu
+    from rshard_hpc.ops import attention_cuda
 
     n_heads, n_kv = SHAPES[head_dim]
     if block:
@@ -107,9 +107,9 @@ def _problem(n, head_dim, causal, dtype_name, block: bool, rng_seed=0, with_sdpa
     cq, ck, cv = as_cupy(q), as_cupy(k), as_cupy(v)
     qp, qs = cupy.asarray(q_pos), cupy.zeros(nq, cupy.int32)
     kp, ks = cupy.asarray(k_pos), cupy.zeros(nk, cupy.int32)
-    launch = attention_gpu.AttentionLaunch(qp, qs, kp, ks, causal, head_dim, dtype_name == "bf16")
+    launch = attention_cuda.AttentionLaunch(qp, qs, kp, ks, causal, head_dim, dtype_name == "bf16")
     kernel = lambda: launch(cq, ck, cv, scale)  # noqa: E731
-    call = lambda: attention_gpu.partial_attention(cq, qp, qs, ck, cv, kp, ks, causal, scale)  # noqa: E731
+    call = lambda: attention_cuda.partial_attention(cq, qp, qs, ck, cv, kp, ks, causal, scale)  # noqa: E731
 
     group = n_heads // n_kv
     qt = q.transpose(0, 1).unsqueeze(0)  # (1, H, n, D)
@@ -142,9 +142,9 @@ def bench_kernel(out_path=None, lengths=LENGTHS, head_dims=(64, 128), causal_mod
     gpu = gpu.decode() if isinstance(gpu, bytes) else gpu
     header = ("| dtype | D | heads q/kv | causal | tokens | kernel TFLOP/s | call TFLOP/s | SDPA TFLOP/s "
               "| SDPA backend | kernel/SDPA | rel err vs SDPA |")
-    from rshard_hpc import attention_gpu
+    from rshard_hpc.ops import attention_cuda
 
-    config = ", ".join(f"D={d}: {tuple(attention_gpu._mma_config(d))}" for d in head_dims)
+    config = ", ".join(f"D={d}: {tuple(attention_cuda._mma_config(d))}" for d in head_dims)
     lines = [f"GPU: {gpu}; torch {torch.__version__}; CuPy {cupy.__version__}; tensor-core kernel "
              f"(slabs per warp, Q in registers, warps, keys per tile, stages, min blocks): {config}", "",
              header, "|" + "---|" * 11]
@@ -195,19 +195,19 @@ VARIANT_CASES = ((16384, False), (16384, True), (8192, True), (8192, False))
 
 
 def bench_variants(cases=VARIANT_CASES, variants=None, file=sys.stdout):
-    """Time each tensor-core kernel configuration (attention_gpu.MMA_CONFIG) on bf16 problems; returns
+    """Time each tensor-core kernel configuration (attention_cuda.MMA_CONFIG) on bf16 problems; returns
     {head_dim: best config} by total time and leaves MMA_CONFIG set to it."""
     import cupy
 
-    from rshard_hpc import attention_gpu
+    from rshard_hpc.ops import attention_cuda
 
     variants = variants or VARIANTS
     best = {}
     for head_dim, configs in variants.items():
         totals = {}
         for cfg in configs:
-            cfg = tuple(attention_gpu.MmaConfig(*cfg))
-            attention_gpu.MMA_CONFIG[head_dim] = cfg
+            cfg = tuple(attention_cuda.MmaConfig(*cfg))
+            attention_cuda.MMA_CONFIG[head_dim] = cfg
             total, cells = 0.0, []
             try:
                 for n, causal in cases:
@@ -223,7 +223,7 @@ def bench_variants(cases=VARIANT_CASES, variants=None, file=sys.stdout):
             totals[cfg] = total
             print(f"variant D={head_dim} {cfg}: " + "; ".join(cells), file=file, flush=True)
         best[head_dim] = min(totals, key=totals.get)
-        attention_gpu.MMA_CONFIG[head_dim] = best[head_dim]
+        attention_cuda.MMA_CONFIG[head_dim] = best[head_dim]
         print(f"variant D={head_dim}: best {best[head_dim]} (slabs per warp, Q in registers, warps, keys per tile, "
               "stages, min blocks)", file=file, flush=True)
     return best

@@ -9,7 +9,6 @@ size, a worker rank without a GPU under --device gpu); 3 the processes are not o
 `srun` without a working `--mpi` plugin starts W separate world-size-1 "singletons").
 """
 from __future__ import annotations
-
 import importlib.metadata
 import importlib.util
 import os
@@ -17,13 +16,17 @@ import re
 import socket
 from collections import Counter
 from dataclasses import dataclass, field
+from rshard_hpc import __version__
+from rshard_hpc.dist import collectives
+from rshard_hpc.dist import cuda_aware
+from rshard_hpc.dist.launcher import LAUNCH_SIZE_VARS
+from rshard_hpc.dist.topology import layouts_for, role_of
 
-from rshard_hpc import __version__, comm
 
 PACKAGES = ("numpy", "h5py", "mpi4py", "cupy", "tokenizers", "torch")
+
+
 EXIT_OK, EXIT_PROBLEM, EXIT_NOT_ONE_JOB = 0, 2, 3
-# Variables in which launchers announce how many processes they started.
-LAUNCH_SIZE_VARS = ("SLURM_STEP_NUM_TASKS", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")
 
 
 @dataclass
@@ -41,27 +44,6 @@ class RankReport:
     launched: dict  # launcher variable -> announced process count
     cpus: int
     packages: dict = field(default_factory=dict)
-
-
-def role_of(rank: int, alpha: int | None, beta: int | None, world_size: int) -> str:
-    """The role `rank` has in the layout (DESIGN §2), or just "rank R" when no layout fits."""
-    if alpha is None or beta is None or world_size != 1 + alpha + beta * beta or alpha < 1 or beta < 1:
-        return f"rank {rank}"
-    if rank == 0:
-        return "client"
-    if rank <= alpha:
-        return f"CompNode {rank - 1}"
-    k = rank - 1 - alpha
-    return f"AttnNode ({k // beta}, {k % beta})"  # Create_cart(reorder=False) is row-major
-
-
-def layouts_for(world_size: int) -> list[tuple[int, int]]:
-    """Every (alpha, beta) with 1 + alpha + beta^2 == world_size."""
-    out, beta = [], 1
-    while 1 + 1 + beta * beta <= world_size:
-        out.append((world_size - 1 - beta * beta, beta))
-        beta += 1
-    return out
 
 
 def package_versions() -> dict:
@@ -111,17 +93,17 @@ def short_library(text: str) -> str:
 
 def collect(world, alpha, beta) -> RankReport:
     """This rank's report. Collective (a shared-memory split finds the node-local rank)."""
-    from rshard_hpc.backend import local_rank_from_env
+    from rshard_hpc.dist.launcher import local_rank_from_env
 
     rank, size = world.Get_rank(), world.Get_size()
-    split_local = comm.node_local_rank(world)
+    split_local = collectives.node_local_rank(world)
     env_local, env_name = local_rank_from_env()
     has_gpu, gpu = gpu_of(split_local if env_local is None else env_local)  # as backend.select_device chooses
-    aware, why = comm.detect_cuda_aware()
+    aware, why = cuda_aware.detect_cuda_aware()
     launched = {v: int(os.environ[v]) for v in LAUNCH_SIZE_VARS if os.environ.get(v, "").strip().isdigit()}
     return RankReport(rank, size, socket.gethostname(), role_of(rank, alpha, beta, size), split_local,
                       f"{env_name}={env_local}" if env_name else "", gpu, has_gpu,
-                      short_library(comm.mpi_library_version()), f"{'yes' if aware else 'no'} ({why})",
+                      short_library(cuda_aware.mpi_library_version()), f"{'yes' if aware else 'no'} ({why})",
                       launched, os.cpu_count() or 1, package_versions())
 
 
@@ -211,7 +193,7 @@ def run_doctor(alpha: int | None, beta: int | None, device: str = "cpu", echo=pr
 
     world = MPI.COMM_WORLD
     report = collect(world, alpha, beta)
-    reports = comm.gather_objects(world, report)
+    reports = collectives.gather_objects(world, report)
     status = None
     if world.Get_rank() == 0:
         status, warnings, line = verdict(reports, alpha, beta, device)
@@ -220,4 +202,4 @@ def run_doctor(alpha: int | None, beta: int | None, device: str = "cpu", echo=pr
         for text in warnings:
             echo(f"warning: {text}")
         echo(line)
-    return comm.bcast(world, status)
+    return collectives.bcast(world, status)

@@ -10,9 +10,7 @@ Layout for alpha = 2, beta = 2 (world size 1 + 2 + 4 = 7):
 Row i of the AttnNode grid holds queries of index group i, column j keys/values of group j.
 """
 from __future__ import annotations
-
 from dataclasses import dataclass
-
 from rshard_hpc.errors import InputError
 
 
@@ -115,3 +113,54 @@ def current() -> "Topology":
     if _CURRENT is None:
         raise RuntimeError("no topology yet")
     return _CURRENT
+
+
+def role_of(rank: int, alpha: int | None, beta: int | None, world_size: int) -> str:
+    """The role `rank` has in the layout (DESIGN §2), or just "rank R" when no layout fits."""
+    if alpha is None or beta is None or world_size != 1 + alpha + beta * beta or alpha < 1 or beta < 1:
+        return f"rank {rank}"
+    if rank == 0:
+        return "client"
+    if rank <= alpha:
+        return f"CompNode {rank - 1}"
+    k = rank - 1 - alpha
+    return f"AttnNode ({k // beta}, {k % beta})"  # Create_cart(reorder=False) is row-major
+
+
+def layouts_for(world_size: int) -> list[tuple[int, int]]:
+    """Every (alpha, beta) with 1 + alpha + beta^2 == world_size."""
+    out, beta = [], 1
+    while 1 + 1 + beta * beta <= world_size:
+        out.append((world_size - 1 - beta * beta, beta))
+        beta += 1
+    return out
+
+
+def comp_name(k: int) -> str:
+    return f"comp{k}"
+
+
+def attn_name(i: int, j: int) -> str:
+    return f"attn{i}_{j}"
+
+
+# ------------------------------------------------------------------------------------------ names and layout
+def node_label(name: str) -> str:
+    """'comp1' -> 'CompNode 1', 'attn0_2' -> 'AttnNode (0, 2)'."""
+    if name.startswith("comp"):
+        return f"CompNode {name[4:]}"
+    if name.startswith("attn"):
+        i, j = name[4:].split("_")
+        return f"AttnNode ({i}, {j})"
+    return name
+
+
+def rank_layout(alpha: int, beta: int) -> list[dict]:
+    """Which world rank is which node (DESIGN §2, as Topology.build splits COMM_WORLD)."""
+    rows = [{"rank": 0, "node": "client", "label": "client"}]
+    rows += [{"rank": 1 + k, "node": comp_name(k), "label": node_label(comp_name(k))} for k in range(alpha)]
+    for i in range(beta):
+        for j in range(beta):
+            name = attn_name(i, j)
+            rows.append({"rank": 1 + alpha + i * beta + j, "node": name, "label": node_label(name)})
+    return rows

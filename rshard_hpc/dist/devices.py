@@ -4,63 +4,9 @@
 GPU of its node (several ranks may share one GPU).
 """
 from __future__ import annotations
-
-import os
-
 import numpy as np
-
-from rshard_hpc.errors import RshardError
-
-DEVICES = ("cpu", "gpu")
-# Launcher variables holding a rank's index among the ranks of its node, most specific first: the MPI
-# launcher's own before Slurm's, since `mpiexec` inside an allocation inherits SLURM_LOCALID=0 on every rank.
-LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK", "SLURM_LOCALID")
-
-
-def xp_of(array):
-    """The array module (numpy or cupy) that owns `array`."""
-    module = type(array).__module__
-    if module.startswith("cupy"):
-        import cupy
-
-        return cupy
-    return np
-
-
-def to_host(array) -> np.ndarray:
-    """A NumPy copy (or view) of a NumPy or CuPy array."""
-    if isinstance(array, np.ndarray):
-        return array
-    return array.get()
-
-
-def array_module(device: str):
-    """numpy for "cpu", cupy for "gpu" (a clear RshardError when CuPy or a GPU is missing)."""
-    if device == "cpu":
-        return np
-    if device != "gpu":
-        raise RshardError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
-    try:
-        import cupy
-    except ImportError as exc:
-        raise RshardError(f"--device gpu needs CuPy (pip install cupy-cuda12x or cupy-cuda13x): {exc}") from exc
-    try:
-        count = cupy.cuda.runtime.getDeviceCount()
-    except cupy.cuda.runtime.CUDARuntimeError as exc:
-        raise RshardError(f"--device gpu: CUDA finds no usable GPU ({exc})") from exc
-    if count < 1:
-        raise RshardError("--device gpu: CUDA finds no GPU on this node")
-    return cupy
-
-
-def local_rank_from_env(environ=None):
-    """(local rank, variable name) from the launcher's environment, or (None, None)."""
-    environ = os.environ if environ is None else environ
-    for name in LOCAL_RANK_VARS:
-        value = environ.get(name, "").strip()
-        if value.isdigit():
-            return int(value), name
-    return None, None
+from rshard_hpc.dist.launcher import local_rank_from_env
+from rshard_hpc.ops.arrays import array_module
 
 
 def select_device(local_rank_hint=None, comm=None) -> int:
@@ -75,9 +21,9 @@ def select_device(local_rank_hint=None, comm=None) -> int:
     if local is None:
         local = local_rank_hint
     if local is None:
-        from rshard_hpc import comm as comm_mod
+        from rshard_hpc.dist import collectives
 
-        local = comm_mod.node_local_rank(comm)
+        local = collectives.node_local_rank(comm)
     count = cupy.cuda.runtime.getDeviceCount()
     device_id = int(local) % count
     cupy.cuda.Device(device_id).use()
@@ -93,7 +39,7 @@ def use_gpu(topo):
 def rank_backend(topo, device: str, gpu_aware_mode: str = "auto"):
     """(array module, comm.Transport) for this rank: the client stays on NumPy; CompNodes and AttnNodes go
     to a GPU of their node for --device gpu, with MPI given device buffers only on evidence (see comm)."""
-    from rshard_hpc.comm import Transport
+    from rshard_hpc.dist.transport import Transport
 
     if device == "gpu" and not topo.is_client:
         return use_gpu(topo), Transport(gpu_aware=choose_gpu_aware(gpu_aware_mode), device=True)
@@ -110,6 +56,6 @@ def connect_workers(topo, transport, ipc_mode: str = "auto") -> None:
 
 def choose_gpu_aware(mode: str) -> bool:
     """--gpu-aware-mpi auto|on|off -> whether MPI gets device buffers (auto: only on evidence)."""
-    from rshard_hpc import comm as comm_mod
+    from rshard_hpc.dist import cuda_aware
 
-    return comm_mod.resolve_gpu_aware(mode)[0]
+    return cuda_aware.resolve_gpu_aware(mode)[0]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rshard_hpc.backend import xp_of
+from rshard_hpc.ops.arrays import xp_of
 
 DTYPES = ("float32", "bfloat16")
 BF16_NAN = 0x7FC0

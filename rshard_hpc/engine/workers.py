@@ -10,63 +10,26 @@ Control flow is driven by the client with small broadcast headers (no token cont
 """
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager
-
 import numpy as np
 
-from rshard_hpc import comm
-from rshard_hpc.attention import merge_partials, partial_attention
-from rshard_hpc.plan import PlanSpec, Routing, StepTokens, make_plan
-from rshard_hpc.precision import pack_partial, partial_slots, to_bf16_bits, unpack_partial, wire_dtype
-from rshard_hpc.privacy import compact_ledger, node_of, visible_key_counts
-
-
-class PhaseTimer:
-    """Wall seconds per phase. On a GPU (xp = cupy) each phase ends by waiting for the current stream, so a
-    phase is charged for its kernels rather than the next blocking call (the transport syncs there anyway)."""
-
-    def __init__(self, xp=np):
-        self.seconds = {}
-        self._sync = xp.cuda.get_current_stream().synchronize if xp is not np else None
-
-    @contextmanager
-    def __call__(self, phase: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self._sync is not None:
-                self._sync()
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
-
-
-def rank_stats(topo, seconds: dict, transport) -> dict:
-    """One rank's time per phase and its transport's MPI/staging time and bytes (for /stats and benchmarks)."""
-    out = {"rank": topo.rank, "role": topo.describe(), "transport": transport.mode}
-    for phase in ("prepass", "attention", "postpass"):
-        out[f"{phase}_s"] = seconds.get(phase, 0.0)
-    out.update(transport.stats())
-    return out
-
-
-def step_tokens(plans, ranges) -> StepTokens:
-    return StepTokens.from_plans(plans, [np.arange(a, b) for a, b in ranges])
-
-
-def wanted_local_rows(tokens: StepTokens, routing: Routing, k: int, want: str) -> np.ndarray:
-    """Indices into CompNode k's local rows of the rows the client receives."""
-    mine = routing.comp_tokens[k]
-    if want == "all":
-        return np.arange(len(mine))
-    last = np.zeros(len(tokens), dtype=bool)
-    last[last_of_each_sequence(tokens)] = True
-    return np.flatnonzero(last[mine])
-
-
-def last_of_each_sequence(tokens: StepTokens) -> np.ndarray:
-    """Step indices of the highest position of each sequence in the step (tokens are in global order)."""
-    return np.flatnonzero(np.diff(np.append(tokens.seq, -1)) != 0)
+from rshard_hpc.dist import collectives
+from rshard_hpc.engine.routing import (
+    Routing,
+    StepTokens,
+    step_tokens,
+    wanted_local_rows,
+)
+from rshard_hpc.engine.stats import PhaseTimer
+from rshard_hpc.ops.attention import merge_partials, partial_attention
+from rshard_hpc.ops.precision import (
+    pack_partial,
+    partial_slots,
+    to_bf16_bits,
+    unpack_partial,
+    wire_dtype,
+)
+from rshard_hpc.plan.ledger import compact_ledger, node_of, visible_key_counts
+from rshard_hpc.plan.schemes import PlanSpec, make_plan
 
 
 class _Worker:
@@ -82,7 +45,7 @@ class _Worker:
 
     def serve(self) -> None:
         while True:
-            header = comm.bcast(self.topo.world, None)
+            header = collectives.bcast(self.topo.world, None)
             op = header["op"]
             if op == "stop":
                 return
@@ -95,7 +58,7 @@ class _Worker:
             elif op == "end":
                 self.end_batch()
                 # the batch's visibility ledger goes to the client (DESIGN §4); token content never does
-                comm.gather_ledger(self.topo.world, {"node": node_of(self.topo), "records": compact_ledger(self.ledger)})
+                collectives.gather_ledger(self.topo.world, {"node": node_of(self.topo), "records": compact_ledger(self.ledger)})
                 self.ledger = []
 
     def begin_batch(self):
@@ -271,58 +234,3 @@ class AttnWorker(_Worker):
             pos, seq = xp.concatenate([p0, pos]), xp.concatenate([s0, seq])
         self.cache[layer] = (key, val, pos, seq)
         return key, val, pos, seq
-
-
-class Client:
-    """Rank 0: drives batches and steps; holds whole prompts; receives only final rows it is entitled to."""
-
-    def __init__(self, topo, spec: PlanSpec, cfg, transport):
-        self.topo, self.spec, self.cfg, self.transport = topo, spec, cfg, transport
-        self.plans = []
-        self.timer = PhaseTimer()
-        self.ledgers = []  # per finished batch: the gathered ledgers, by world rank (None for the client)
-
-    def begin_batch(self, lens) -> None:
-        lens = [int(n) for n in lens]
-        comm.bcast(self.topo.world, {"op": "batch", "lens": lens})
-        self.plans = [make_plan(self.spec, n) for n in lens]
-
-    def step(self, ranges, ids_per_seq, want: str = "all"):
-        """ids_per_seq[b]: token ids of positions ranges[b]. Returns the final rows (n_rows, d) in step order
-        (all step tokens for "all"; one row per sequence with a non-empty range for "last")."""
-        ranges = [(int(a), int(b)) for a, b in ranges]
-        comm.bcast(self.topo.world, {"op": "step", "ranges": ranges, "want": want})
-        tokens = step_tokens(self.plans, ranges)
-        routing = Routing(tokens, self.topo.alpha, self.topo.beta)
-        flat_ids = np.concatenate([np.asarray(x, dtype=np.int64) for x in ids_per_seq]) if len(tokens) else np.zeros(0, np.int64)
-        per_rank = [np.zeros(0, np.int64)] + [flat_ids[routing.comp_tokens[k]] for k in range(self.topo.alpha)]
-        self.transport.scatter_ids(self.topo.client_comm, per_rank)
-        parts = self.transport.gather_rows(self.topo.client_comm, np.zeros((0, self.cfg.hidden), np.float32),
-                                           self.cfg.hidden)
-        rows = np.empty((len(tokens), self.cfg.hidden), dtype=np.float32)
-        for k in range(self.topo.alpha):
-            rows[routing.comp_tokens[k][wanted_local_rows(tokens, routing, k, want)]] = parts[k + 1]
-        if want == "all":
-            return rows
-        return rows[last_of_each_sequence(tokens)]
-
-    def end_batch(self) -> None:
-        comm.bcast(self.topo.world, {"op": "end"})
-        self.ledgers.append(comm.gather_ledger(self.topo.world, None))
-
-    def take_ledgers(self) -> list:
-        """The ledgers of the batches finished since the last call (and forget them)."""
-        out, self.ledgers = self.ledgers, []
-        return out
-
-    def stop(self) -> None:
-        comm.bcast(self.topo.world, {"op": "stop"})
-
-    def encode(self, sequences):
-        """One batch through the encoder: list of (n_b,) ids -> list of final rows (n_b, d)."""
-        lens = [len(s) for s in sequences]
-        self.begin_batch(lens)
-        rows = self.step([(0, n) for n in lens], sequences, "all")
-        self.end_batch()
-        bounds = np.cumsum([0] + lens)
-        return [rows[a:b] for a, b in zip(bounds[:-1], bounds[1:])]

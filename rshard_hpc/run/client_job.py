@@ -2,59 +2,20 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from rshard_hpc import __version__, comm, termination, testhooks
-from rshard_hpc.backend import connect_workers, rank_backend
-from rshard_hpc.engine import rank_stats
+from rshard_hpc import __version__
+from rshard_hpc.dist import collectives
+from rshard_hpc.engine.generate import GenerateSettings, LmHead, generate_batch
+from rshard_hpc.engine.stats import rank_stats
 from rshard_hpc.errors import InputError, RshardError
-from rshard_hpc.generate import GenerateSettings, LmHead, generate_batch
-from rshard_hpc.plan import DEFAULT_DELTA, PlanSpec
-from rshard_hpc.progress import Progress, say
-from rshard_hpc.topology import Topology
-
-
-@dataclass
-class RunOptions:
-    task: str = "embed"
-    model: str = "all-MiniLM-L6-v2"
-    prompts: str = ""
-    out: str = ""
-    alpha: int = 1
-    beta: int = 1
-    scheme: str = "strided"
-    c: int = 1
-    c_a: int = 1
-    seed: int = 0
-    plan_file: str | None = None
-    batch_tokens: int = 8192
-    resume: bool = False
-    overwrite: bool = False
-    truncate: bool = False
-    device: str = "cpu"
-    gpu_aware_mpi: str = "auto"
-    gpu_ipc: str = "auto"
-    dtype: str = "float32"
-    progress: bool = True
-    generate: dict = field(default_factory=dict)  # generation settings (task "generate")
-    min_delta: int = DEFAULT_DELTA  # refuse a plan whose δ is below this (DESIGN §4, docs/privacy.md)
-    allow_weak_plan: bool = False  # run a plan below min_delta anyway (with a warning)
-    public_prefix: int = -1  # positions known to all (BOS, [CLS], a template); -1: what the tokenizer adds
-
-    def plan_spec(self) -> PlanSpec:
-        explicit = None
-        if self.plan_file:
-            try:
-                explicit = json.loads(Path(self.plan_file).read_text())
-            except (OSError, ValueError) as exc:
-                raise InputError(f"cannot read plan file {self.plan_file}: {exc}") from exc
-        spec = PlanSpec(self.scheme, self.alpha, self.beta, self.c, self.c_a, self.seed, explicit,
-                        target_delta=max(1, self.min_delta))
-        spec.check()
-        return spec
+from rshard_hpc.plan.schemes import PlanSpec
+from rshard_hpc.run import termination, testhooks
+from rshard_hpc.run.options import RunOptions
+from rshard_hpc.run.progress import Progress, say
 
 
 @dataclass
@@ -63,53 +24,6 @@ class Prepared:
 
     model_path: str
     error: str | None = None
-
-
-def run(opts: RunOptions) -> None:
-    from mpi4py import MPI
-
-    world = MPI.COMM_WORLD
-    topo = Topology.build(world, opts.alpha, opts.beta)  # a bad size raises on every rank alike
-    termination.set_role(topo.is_client, topo.describe)
-    testhooks.rank_started(topo.rank)  # off unless RSHARD_PID_DIR / RSHARD_TEST_FAIL_RANK
-    spec = opts.plan_spec()
-    job = _prepare_client(topo, opts, spec) if topo.is_client else None
-    prepared = comm.bcast(world, job.prepared if job else None)
-    if prepared.error:
-        raise RshardError(prepared.error)
-    xp, transport, error = np, None, None
-    try:
-        xp, transport = rank_backend(topo, opts.device, opts.gpu_aware_mpi)
-    except RshardError as exc:
-        error = str(exc)
-    comm.agree(world, error)  # every rank has its device before the workers probe CUDA IPC together
-    worker, error = None, None
-    try:
-        connect_workers(topo, transport, opts.gpu_ipc)
-        worker = _make_worker(topo, spec, prepared.model_path, xp, transport, opts.dtype)
-    except RshardError as exc:
-        error = str(exc)
-    comm.agree(world, error)
-    try:
-        if topo.is_client:
-            job.run(worker)
-        else:
-            worker.serve()
-            comm.gather_objects(world, rank_stats(topo, worker.timer.seconds, worker.transport))
-    except RshardError as exc:  # past the agreement no error is collective: abort every rank
-        raise RuntimeError(str(exc)) from exc
-
-
-def _make_worker(topo, spec, model_path, xp, transport, dtype="float32"):
-    from rshard_hpc.engine import AttnWorker, Client, CompWorker
-    from rshard_hpc.models import load_model, weights
-
-    if topo.role == "comp":
-        return CompWorker(topo, spec, load_model(model_path, dtype=dtype, xp=xp), transport, xp=xp)
-    cfg = weights.read_config(model_path)
-    if topo.role == "attn":
-        return AttnWorker(topo, spec, cfg, transport, xp=xp, dtype=dtype)
-    return Client(topo, spec, cfg, transport)
 
 
 def _prepare_client(topo, opts: RunOptions, spec: PlanSpec):
@@ -124,10 +38,10 @@ def _prepare_client(topo, opts: RunOptions, spec: PlanSpec):
 
 class ClientJob:
     def __init__(self, topo, opts: RunOptions, spec: PlanSpec):
-        from rshard_hpc.defaults import resolve_model
-        from rshard_hpc.io import ResultWriter, read_prompts
         from rshard_hpc.models import weights
-        from rshard_hpc.tokenizer import TextCodec
+        from rshard_hpc.models.registry import resolve_model
+        from rshard_hpc.models.tokenizer import TextCodec
+        from rshard_hpc.run.results import ResultWriter, read_prompts
 
         self.topo, self.opts, self.spec = topo, opts, spec
         if opts.task not in ("embed", "generate"):
@@ -160,7 +74,8 @@ class ClientJob:
 
     def _check_privacy(self, prompts, tokenized) -> dict:
         """Refuse a plan below --min-delta (DESIGN §4) unless --allow-weak-plan; the verdict for the report."""
-        from rshard_hpc.privacy import check_job, tokenizer_public_prefix
+        from rshard_hpc.plan.check import check_job
+        from rshard_hpc.plan.report import tokenizer_public_prefix
 
         opts = self.opts
         self.public_prefix = opts.public_prefix
@@ -175,7 +90,7 @@ class ClientJob:
         return verdict
 
     def _say_privacy(self) -> None:
-        from rshard_hpc.privacy import node_label
+        from rshard_hpc.dist.topology import node_label
 
         v = self.privacy
         say(f"privacy: plan delta={v['delta']:g} (required --min-delta {v['required']:g}, public prefix "
@@ -260,10 +175,10 @@ class ClientJob:
                 self._append_ledger(client, ids, seqs)
             lens += [len(s) for s in seqs]
             progress.batch_done(len(batch), int(sum(len(s) for s in seqs)))
-            testhooks.batch_finished(progress.batches)  # off unless RSHARD_PID_DIR / RSHARD_TEST_SLOW_BATCH_S
+            testhooks.at("batch_finished", batch=progress.batches)  # off unless RSHARD_PID_DIR / RSHARD_TEST_SLOW_BATCH_S
         client.stop()
         elapsed = progress.finish()
-        stats = comm.gather_objects(self.topo.world, rank_stats(self.topo, client.timer.seconds, client.transport))
+        stats = collectives.gather_objects(self.topo.world, rank_stats(self.topo, client.timer.seconds, client.transport))
         self._write_reports(lens, stats)
         moved = sum(s["bytes_sent"] for s in stats)
         modes = ", ".join(sorted({s["transport"] for s in stats[1:]}))  # the workers' (the client's is host)
@@ -287,7 +202,7 @@ class ClientJob:
 
     def _append_ledger(self, client, ids, seqs) -> None:
         """The batch's gathered ledgers, sequence indices mapped to prompt ids, to /privacy/ledger."""
-        from rshard_hpc.privacy import ledger_document
+        from rshard_hpc.plan.ledger import ledger_document
 
         for gathered in client.take_ledgers():
             doc = ledger_document(gathered, ids, [len(s) for s in seqs], [self._plan_length(len(s)) for s in seqs])
@@ -295,7 +210,10 @@ class ClientJob:
             self.ledger_docs.append(doc)
 
     def _write_reports(self, lens, stats) -> None:
-        from rshard_hpc.privacy import check_ledger, jsonable, plan_report, rank_layout, report_lengths
+        from rshard_hpc.dist.topology import rank_layout
+        from rshard_hpc.plan.check import plan_report, report_lengths
+        from rshard_hpc.plan.ledger import check_ledger
+        from rshard_hpc.plan.report import jsonable
 
         pp, vocab, causal = self.public_prefix, self.cfg.vocab_size, self.cfg.causal
         plan_lens = [self._plan_length(n) for n in lens]

@@ -115,16 +115,16 @@ def _on_sigterm() -> None:
 
 
 def _end_job() -> None:
-    from rshard_hpc import comm
+    from rshard_hpc.dist import collectives
 
     if _state.is_client:
         status = _state.status()
         sys.stderr.write(f"rshard: terminated by SIGTERM{': ' + status if status else ''}\n")
     else:
         sys.stderr.write(f"rshard: {_state.describe()} terminated by SIGTERM\n")
-    comm.abort(EXIT_STATUS)
+    collectives.abort(EXIT_STATUS)
 
 
 def _wait_for_the_end() -> None:
-    while True:  # comm.abort ends the process (every thread) shortly
+    while True:  # collectives.abort ends the process (every thread) shortly
         time.sleep(1.0)

@@ -7,39 +7,22 @@ runs the same weights as a plain transformers model on its own device, and print
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 
-from rshard_hpc import comm
-from rshard_hpc.engine import rank_stats
+from rshard_hpc.bench.common import append_table, bench_config
+from rshard_hpc.dist import collectives
+from rshard_hpc.engine.stats import rank_stats
 from rshard_hpc.models.config import ModelConfig
-from rshard_hpc.models.random_init import random_tensors, tiny_config
-
-SHAPES = {  # name -> ModelConfig overrides for a Llama of that shape
-    "smollm2": dict(name="SmolLM2-135M-shaped", hidden=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
-                    intermediate=1536, vocab_size=49152, rope_theta=100000.0, tie_embeddings=True),
-    "llama-1b": dict(name="Llama-3.2-1B-shaped", hidden=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
-                     intermediate=8192, vocab_size=128256, rope_theta=500000.0, tie_embeddings=True),
-    "tiny": dict(name="tiny", hidden=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, intermediate=128,
-                 vocab_size=97),
-}
-
+from rshard_hpc.models.random_init import random_tensors
 
 PLAIN_REPEATS = 3  # timed prefills (either side) after a same-length warm-up; the median is reported
-
-
-def bench_config(shape: str, tokens: int, layers: int | None = None) -> ModelConfig:
-    over = dict(SHAPES[shape])
-    if layers:
-        over["n_layers"] = layers
-    return tiny_config("llama", max_positions=tokens + 1024, eos_token_ids=(), **over)
 
 
 def expected_bytes_per_layer(cfg: ModelConfig, n_tokens: int, beta: int, dtype: str = "float32") -> int:
     """What the routing implies: q to beta AttnNodes, k and v to beta AttnNodes, beta (o, lse) partials back,
     in the wire's element type (float32, or bf16 with each lse as two 2-byte halves)."""
-    from rshard_hpc.precision import partial_slots, wire_dtype
+    from rshard_hpc.ops.precision import partial_slots, wire_dtype
 
     wire = wire_dtype(dtype)
     out = cfg.n_heads * cfg.head_dim + 2 * cfg.n_kv_heads * cfg.head_dim
@@ -48,10 +31,11 @@ def expected_bytes_per_layer(cfg: ModelConfig, n_tokens: int, beta: int, dtype: 
 
 
 def run_bench(topo, opts: dict) -> None:
-    from rshard_hpc.backend import connect_workers, rank_backend
-    from rshard_hpc.engine import AttnWorker, Client, CompWorker
+    from rshard_hpc.dist.devices import connect_workers, rank_backend
+    from rshard_hpc.engine.client import Client
+    from rshard_hpc.engine.workers import AttnWorker, CompWorker
     from rshard_hpc.models.llama import Llama, head_logits
-    from rshard_hpc.plan import PlanSpec
+    from rshard_hpc.plan.schemes import PlanSpec
 
     cfg = bench_config(opts["shape"], max(opts["tokens"]), opts.get("layers"))
     spec = PlanSpec("strided", topo.alpha, topo.beta, opts["c"], opts["c_a"])
@@ -64,27 +48,27 @@ def run_bench(topo, opts: dict) -> None:
         worker = AttnWorker(topo, spec, cfg, transport, xp=xp, dtype=opts["dtype"])
     if topo.role != "client":
         while True:
-            more = comm.bcast(topo.world, None)
+            more = collectives.bcast(topo.world, None)
             if not more:
                 break
             worker.timer.seconds.clear()
             transport.reset_stats()
             worker.serve()
-            comm.gather_objects(topo.world, rank_stats(topo, worker.timer.seconds, transport))
+            collectives.gather_objects(topo.world, rank_stats(topo, worker.timer.seconds, transport))
         return
     head = {k: tensors[k] for k in Llama.head_keys(cfg)}
     client = Client(topo, spec, cfg, transport)
     rows = []
     for n_tokens in opts["tokens"]:
         rows.append(_client_one(topo, client, cfg, head, head_logits, n_tokens, opts, tensors))
-    comm.bcast(topo.world, False)
+    collectives.bcast(topo.world, False)
     _report(rows, cfg, topo, opts)
 
 
 def _client_round(topo, client, prompt, decode_steps, head_fn):
     """One batch of one sequence: prefill, then greedy decode steps. Returns (prefill s, step times, stats)."""
     n_tokens = len(prompt)
-    comm.bcast(topo.world, True)
+    collectives.bcast(topo.world, True)
     client.begin_batch([n_tokens + max(decode_steps, 1)])
     t0 = time.perf_counter()
     last = client.step([(0, n_tokens)], [prompt], "last")
@@ -98,7 +82,7 @@ def _client_round(topo, client, prompt, decode_steps, head_fn):
         token = int(np.argmax(head_fn(out)[0]))
     client.end_batch()
     client.stop()
-    stats = comm.gather_objects(topo.world, rank_stats(topo, {}, client.transport))[1:]
+    stats = collectives.gather_objects(topo.world, rank_stats(topo, {}, client.transport))[1:]
     return prefill_s, steps, stats, logits[0]
 
 
@@ -206,11 +190,3 @@ def _report(rows, cfg, topo, opts) -> None:
     text = "\n".join(lines)
     print(text, flush=True)
     append_table(opts.get("out"), text)
-
-
-def append_table(path, text: str) -> None:
-    """Append a benchmark table to the file `path` (folders made as needed); nothing when path is empty."""
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            f.write(text + "\n\n")

@@ -1,4 +1,5 @@
-"""Test hooks of `rshard run`, off unless their environment variable is set (the failure tests use them).
+"""Test-only hooks of `rshard run`. Production code calls one function, `at(event, **info)`; every hook is off
+unless its environment variable is set (the failure and signal tests set them).
 
 - `RSHARD_PID_DIR=DIR`: every rank writes `DIR/rank{R}.pid` (its process id) when it starts, and the client
   writes `DIR/batch{N}.done` once batch N is in the results file, so a test can kill a rank between batches.
@@ -6,6 +7,7 @@
 - `RSHARD_TEST_FAIL_RANK=R`: rank R raises an unexpected exception once the ranks are set up (the abort path).
 - `RSHARD_TEST_SLOW_WRITE_S=SECONDS`: every results append sleeps that long between writing its rows and
   committing their ids, after writing `DIR/writing{N}` (N counts the appends; DIR from RSHARD_PID_DIR).
+- `RSHARD_EXIT_DIR=DIR`: every rank writes `DIR/rank{R}.exit` with the status it is about to exit with.
 """
 from __future__ import annotations
 
@@ -13,8 +15,13 @@ import os
 import time
 
 
-def rank_started(rank: int) -> None:
-    """Called by every rank once the topology is built."""
+def at(event: str, **info) -> None:
+    """The one entry point: `rank_started` (rank), `batch_finished` (batch, 1-based), `inside_results_write`,
+    `rank_exiting` (rank, code)."""
+    _HOOKS[event](**info)
+
+
+def _rank_started(rank: int) -> None:
     folder = os.environ.get("RSHARD_PID_DIR")
     if folder:
         _write(os.path.join(folder, f"rank{rank}.pid"), str(os.getpid()))
@@ -22,8 +29,7 @@ def rank_started(rank: int) -> None:
         raise RuntimeError(f"RSHARD_TEST_FAIL_RANK={rank}: a failure injected by the test hook")
 
 
-def batch_finished(batch: int) -> None:
-    """Called by the client after batch `batch` (1-based) is appended to the results file."""
+def _batch_finished(batch: int) -> None:
     folder = os.environ.get("RSHARD_PID_DIR")
     if folder:
         _write(os.path.join(folder, f"batch{batch}.done"), str(batch))
@@ -35,8 +41,8 @@ def batch_finished(batch: int) -> None:
 _writes = [0]
 
 
-def inside_results_write() -> None:
-    """Called by the results writer between a batch's rows and their ids (inside the protected write)."""
+def _inside_results_write() -> None:
+    """Between a batch's rows and their ids (inside the protected write)."""
     pause = float(os.environ.get("RSHARD_TEST_SLOW_WRITE_S") or 0)
     if pause <= 0:
         return
@@ -45,6 +51,16 @@ def inside_results_write() -> None:
     if folder:
         _write(os.path.join(folder, f"writing{_writes[0]}"), str(_writes[0]))
     time.sleep(pause)
+
+
+def _rank_exiting(rank: int, code: int) -> None:
+    folder = os.environ.get("RSHARD_EXIT_DIR")
+    if folder:
+        _write(os.path.join(folder, f"rank{rank}.exit"), str(code))
+
+
+_HOOKS = {"rank_started": _rank_started, "batch_finished": _batch_finished,
+          "inside_results_write": _inside_results_write, "rank_exiting": _rank_exiting}
 
 
 def _write(path: str, text: str) -> None:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from rshard_hpc.backend import xp_of
-from rshard_hpc.precision import bf16_bits_to_float
+from rshard_hpc.ops.arrays import xp_of
+from rshard_hpc.ops.precision import bf16_bits_to_float
 
 Q_BLOCK = 1024  # queries per block on the NumPy path: bounds the (heads, block, keys) score array
 
@@ -30,9 +30,9 @@ def partial_attention(q, q_pos, q_seq, k, v, k_pos, k_seq, causal: bool, scale: 
     """
     xp = xp_of(q)
     if xp is not np:
-        from rshard_hpc import attention_gpu
+        from rshard_hpc.ops import attention_cuda
 
-        return attention_gpu.partial_attention(q, q_pos, q_seq, k, v, k_pos, k_seq, causal, scale, launches)
+        return attention_cuda.partial_attention(q, q_pos, q_seq, k, v, k_pos, k_seq, causal, scale, launches)
     if q.dtype == np.uint16:  # bf16 bit patterns: their exact float32 values
         q, k, v = (bf16_bits_to_float(a) for a in (q, k, v))
     nq, n_heads, head_dim = q.shape
@@ -89,9 +89,9 @@ def merge_partials(o_parts, lse_parts):
     """
     xp = xp_of(o_parts)
     if xp is not np:
-        from rshard_hpc import attention_gpu
+        from rshard_hpc.ops import attention_cuda
 
-        return attention_gpu.merge_partials(o_parts, lse_parts)
+        return attention_cuda.merge_partials(o_parts, lse_parts)
     lse_parts = lse_parts.astype(xp.float32)
     top = lse_parts.max(axis=0)  # (n, H)
     any_part = xp.isfinite(top)

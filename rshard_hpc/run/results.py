@@ -10,8 +10,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from rshard_hpc import termination, testhooks
 from rshard_hpc.errors import InputError
+from rshard_hpc.run import termination, testhooks
 
 STR = h5py.string_dtype()
 ROW_DATASETS = ("embeddings", "generated/token_ids", "generated/text")  # a row per prompt, beside /ids
@@ -165,7 +165,7 @@ class ResultWriter:
     def _commit_ids(self, f, ids) -> None:
         """The ids go in last: rows past len(ids) are an unfinished batch (dropped on --resume)."""
         f.flush()
-        testhooks.inside_results_write()  # off unless RSHARD_TEST_SLOW_WRITE_S
+        testhooks.at("inside_results_write")  # off unless RSHARD_TEST_SLOW_WRITE_S
         ds = f["ids"]
         start = ds.shape[0]
         ds.resize(start + len(ids), axis=0)

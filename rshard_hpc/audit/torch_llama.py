@@ -1,0 +1,176 @@
+"""`rshard audit`: a vocab-matching attack with the real model against what one node saw (DESIGN §4).
+
+Threat model (docs/audit.md): an honest-but-curious node knows the public weights, the plan (which
+positions it sees) and the rows it received. The audit rebuilds exactly those rows from the plan with
+the engine's own per-token passes (`Llama.pre` / `partial_attention` / `Llama.post`, NumPy, fp32) and
+attacks them left to right:
+
+* For every run of the node's view, the g unseen positions before the run plus the run's first token
+  are unknown. Gap fillings are enumerated by a beam over the model's own next-token distribution
+  (top-k per position, at most `beam` fillings, best joint log-probability first); for each filling,
+  the run's first token is tried in the model's order: the top-k of every filling first, then the rest
+  of the vocabulary ("exhaustive") while the budget lasts. A candidate is accepted when the row it
+  produces at the chosen layer matches the observed row (relative L2 distance below `tol`).
+* Later tokens of a run have a single unknown: the same search with g = 0.
+* Without a match, the attacker keeps its nearest candidate (smallest distance over all it evaluated)
+  and carries on; a wrong prefix makes later exact matches fail, which is the point of the gaps.
+
+A "forward pass" (the budget unit) is one candidate row evaluated through layers 0..L at one position
+against the cached prefix; the beam's ranking passes over the full model are reported apart. Budgets
+are per unknown group (a gap plus its run's first token, or one later token).
+
+Candidate rows are computed by a small PyTorch (CPU) re-implementation of the same Llama math from
+the same weight file, batched over thousands of candidates against a shared prefix K/V cache; the
+observed rows come from the engine's NumPy functions, so a true candidate matches to ~1e-6.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from rshard_hpc.errors import InputError
+
+
+class TorchLlama:
+    """The Llama of rshard_hpc.models.llama in PyTorch fp32 on CPU, with a prefix cache shared by a batch."""
+
+    def __init__(self, cfg, tensors: dict):
+        import torch
+
+        from rshard_hpc.models import weights
+        from rshard_hpc.models.llama import LAYER_KEYS, rope_inv_freq
+
+        if cfg.arch != "llama":
+            raise InputError(f"rshard audit attacks causal Llama models; {cfg.name!r} is {cfg.arch!r} "
+                             "(encoders: see docs/audit.md)")
+        self.torch = torch
+        self.cfg = cfg
+        t = lambda key: torch.from_numpy(np.ascontiguousarray(tensors[key], dtype=np.float32))
+        self.embed = t("embed/word")
+        self.layers = [{name: t(weights.layer_key(i, name)) for name in LAYER_KEYS} for i in range(cfg.n_layers)]
+        self.final_norm = t("final_norm/w")
+        self.lm_head = self.embed if cfg.tie_embeddings else t("lm_head/w")
+        self.inv_freq = torch.from_numpy(rope_inv_freq(cfg))
+        self.scale = 1.0 / float(np.sqrt(cfg.head_dim))
+        self._qkv0 = None  # (V, (H + 2 Hkv) D): layer-0 projections before RoPE, context-free
+
+    @classmethod
+    def from_file(cls, path):
+        from rshard_hpc.models import weights
+        from rshard_hpc.models.llama import Llama
+
+        cfg = weights.read_config(path)
+        keys = list(Llama.tensor_keys(cfg)) if cfg.arch == "llama" else []
+        keys += [k for k in (Llama.head_keys(cfg) if cfg.arch == "llama" else []) if k not in keys]
+        if cfg.arch != "llama":
+            raise InputError(f"rshard audit attacks causal Llama models; {cfg.name!r} is {cfg.arch!r} "
+                             "(encoders: see docs/audit.md)")
+        return cls(cfg, weights.read_tensors(path, keys))
+
+    # -- pieces
+    def _rms(self, x, w):
+        torch = self.torch
+        return x * torch.rsqrt((x * x).mean(dim=-1, keepdim=True) + self.cfg.norm_eps) * w
+
+    def _rope(self, x, pos):
+        """x: (..., m, heads, D); pos: (m,) long."""
+        torch = self.torch
+        ang = pos.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        emb = torch.cat([ang, ang], dim=-1)
+        cos, sin = torch.cos(emb)[:, None, :], torch.sin(emb)[:, None, :]
+        half = x.shape[-1] // 2
+        rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rot * sin
+
+    def _proj(self, layer, h, tokens=None):
+        """(…, d) -> q (…, H, D), k, v (…, Hkv, D) before RoPE; layer 0 of known tokens from a table."""
+        c = self.cfg
+        if layer == 0 and tokens is not None and self._qkv0 is not None:
+            qkv = self._qkv0[tokens]
+        else:
+            w = self.layers[layer]
+            x = self._rms(h, w["attn_norm_w"])
+            qkv = x @ self._wqkv(layer).T
+        hq, hk = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        shape = qkv.shape[:-1]
+        q = qkv[..., :hq].reshape(*shape, c.n_heads, c.head_dim)
+        k = qkv[..., hq:hq + hk].reshape(*shape, c.n_kv_heads, c.head_dim)
+        v = qkv[..., hq + hk:].reshape(*shape, c.n_kv_heads, c.head_dim)
+        return q, k, v
+
+    def _wqkv(self, layer):
+        w = self.layers[layer]
+        if "_wqkv" not in w:
+            w["_wqkv"] = self.torch.cat([w["wq"], w["wk"], w["wv"]], dim=0)
+        return w["_wqkv"]
+
+    def build_layer0_table(self):
+        """Every token's layer-0 q, k, v before RoPE: a layer-0 row needs only its token and position."""
+        if self._qkv0 is None:
+            with self.torch.no_grad():
+                x = self._rms(self.embed, self.layers[0]["attn_norm_w"])
+                self._qkv0 = x @ self._wqkv(0).T
+        return self._qkv0
+
+    def empty_cache(self):
+        torch = self.torch
+        c = self.cfg
+        z = torch.zeros(0, c.n_kv_heads, c.head_dim)
+        return [(z, z) for _ in range(c.n_layers)]
+
+    def extend(self, cache, tokens, start: int, upto=None):
+        """Run B candidate continuations against one shared prefix cache.
+
+        cache: per layer (K, V), each (n, Hkv, D), positions 0..n-1 (n == start), shared by the batch.
+        tokens: (B, m) long at positions start .. start+m-1.
+        upto=None: every layer; returns (logits (B, m, V), new per-layer (K, V) of shape (B, m, Hkv, D)).
+        upto=L: layers 0..L-1 in full, then returns the layer-L rows (q, k, v after RoPE) of the last
+        position, each (B, heads*D), and the new (K, V) of layers 0..L-1.
+        """
+        torch = self.torch
+        c = self.cfg
+        B, m = tokens.shape
+        pos = torch.arange(start, start + m)
+        h = self.embed[tokens]  # (B, m, d)
+        n_run = c.n_layers if upto is None else upto
+        new = []
+        causal = torch.ones(m, m, dtype=torch.bool).tril()
+        g = c.n_heads // c.n_kv_heads
+        for layer in range(n_run):
+            q, k, v = self._proj(layer, h, tokens if layer == 0 else None)
+            q, k = self._rope(q, pos), self._rope(k, pos)
+            new.append((k, v))
+            kc, vc = cache[layer]
+            qh = q.reshape(B, m, c.n_kv_heads, g, c.head_dim)
+            s_c = torch.einsum("bmkgd,nkd->bkgmn", qh, kc) * self.scale
+            s_n = torch.einsum("bmkgd,bjkd->bkgmj", qh, k) * self.scale
+            s_n = s_n.masked_fill(~causal, float("-inf"))
+            p = torch.softmax(torch.cat([s_c, s_n], dim=-1), dim=-1)
+            n = kc.shape[0]
+            o = torch.einsum("bkgmn,nkd->bmkgd", p[..., :n], vc) + torch.einsum("bkgmj,bjkd->bmkgd", p[..., n:], v)
+            w = self.layers[layer]
+            h = h + o.reshape(B, m, c.n_heads * c.head_dim) @ w["wo"].T
+            x = self._rms(h, w["mlp_norm_w"])
+            h = h + (torch.nn.functional.silu(x @ w["w_gate"].T) * (x @ w["w_up"].T)) @ w["w_down"].T
+        if upto is None:
+            logits = self._rms(h, self.final_norm) @ self.lm_head.T
+            return logits, new
+        last = h[:, -1]
+        q, k, v = self._proj(upto, last, tokens[:, -1] if upto == 0 else None)
+        lp = pos[-1:]
+        q, k = self._rope(q[:, None], lp)[:, 0], self._rope(k[:, None], lp)[:, 0]
+        return (q.reshape(B, -1), k.reshape(B, -1), v.reshape(B, -1)), new
+
+
+def cat_cache(cache, new, b: int = 0, upto=None):
+    """The shared prefix cache extended by candidate b's new rows (layers < upto, or all)."""
+    import torch
+
+    n_layers = len(new) if upto is None else min(upto, len(new))
+    out = []
+    for layer in range(len(cache)):
+        if layer < n_layers:
+            k, v = new[layer]
+            out.append((torch.cat([cache[layer][0], k[b]]), torch.cat([cache[layer][1], v[b]])))
+        else:
+            out.append(cache[layer])
+    return out

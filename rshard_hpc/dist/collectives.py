@@ -1,0 +1,79 @@
+"""Every MPI call of the package lives here: broadcasts, the per-layer Alltoallv, client scatter/gather,
+collective agreement on errors, and abort. Arrays may be NumPy or CuPy; CuPy buffers are staged through
+reused pinned host buffers unless the MPI library is CUDA-aware (see `transport`)."""
+from __future__ import annotations
+import os
+import sys
+import time
+import numpy as np
+from rshard_hpc.errors import RshardError
+
+
+def _mpi():
+    from mpi4py import MPI
+
+    return MPI
+
+
+def bcast(comm, obj, root: int = 0):
+    """Pickled broadcast of a small control object (no token content)."""
+    return comm.bcast(obj, root=root)
+
+
+def agree(comm, error: str | None) -> None:
+    """Collective: if any rank has an error message, every rank raises RshardError (the first message)."""
+    errors = comm.allgather(error)
+    found = [e for e in errors if e]
+    if found:
+        raise RshardError(found[0])
+
+
+ABORT_GRACE_S = 1.0  # time the launcher gets to forward the failing rank's message before the job is torn down
+
+
+def abort(code: int = 1) -> None:
+    """End the whole job now (every rank), with a non-zero status.
+
+    The message printed just before must survive: MPICH's launcher may kill every process as soon as the abort
+    reaches it, before it has forwarded what the failing rank wrote to stderr (seen on a loaded CI machine), so
+    the streams are flushed and the launcher gets ABORT_GRACE_S to drain them first.
+    Never returns: MPICH's MPI_Abort can return to the caller before the launcher's kill arrives (seen with
+    the pip mpich), so the process then exits itself with `code` instead of running on."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        time.sleep(ABORT_GRACE_S)
+    finally:
+        try:
+            _mpi().COMM_WORLD.Abort(code)
+        finally:
+            os._exit(code)
+
+
+def _displs(counts: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+
+
+def gather_objects(comm, obj, root: int = 0):
+    return comm.gather(obj, root=root)
+
+
+def gather_ledger(comm, ledger, root: int = 0):
+    """Every rank's visibility ledger (a small dict of position ranges, no token content) to the client;
+    the root gets the list by rank, the others None."""
+    return comm.gather(ledger, root=root)
+
+
+# ------------------------------------------------------------------------------------------ GPU binding
+def node_local_rank(comm=None) -> int:
+    """This rank's index among the ranks of its node (a shared-memory split of comm, COMM_WORLD by default)."""
+    return _node_placement(_mpi().COMM_WORLD if comm is None else comm)[0]
+
+
+def _node_placement(comm) -> tuple[int, int]:
+    """(this rank's index among the ranks of comm on its node, how many those are): a shared-memory split."""
+    node = comm.Split_type(_mpi().COMM_TYPE_SHARED, key=comm.Get_rank())
+    try:
+        return node.Get_rank(), node.Get_size()
+    finally:
+        node.Free()

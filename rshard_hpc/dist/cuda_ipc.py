@@ -1,0 +1,146 @@
+"""Every MPI call of the package lives here: broadcasts, the per-layer Alltoallv, client scatter/gather,
+collective agreement on errors, and abort. Arrays may be NumPy or CuPy; CuPy buffers are staged through
+reused pinned host buffers unless the MPI library is CUDA-aware (see `transport`)."""
+from __future__ import annotations
+import time
+import numpy as np
+from rshard_hpc.dist.collectives import _displs, _mpi, _node_placement
+
+
+IPC_MODES = ("auto", "on", "off")
+
+
+_MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: unified addressing picks the direction (and the peer device)
+
+
+_IPC_LAZY_PEER_ACCESS = 1  # cudaIpcMemLazyEnablePeerAccess
+
+
+class DeviceIpc:
+    """Alltoallv between the ranks of one node through CUDA IPC: each rank copies its send buffer into one of
+    two device outboxes (alternate calls) that its peers have mapped, a small pickled MPI alltoall tells every
+    receiver where its bytes lie (and the outbox's IPC handle when it is new), and each receiver copies them
+    out device to device.
+
+    Why two outboxes suffice: a rank rewrites an outbox two calls later, after the next call's alltoall, which
+    it completes only once every peer has finished the call before (each synchronizes its stream on leaving).
+    """
+
+    def __init__(self, comm):
+        import cupy
+
+        self.cupy, self.comm = cupy, comm
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.calls = 0
+        self.boxes = [None, None]  # (cupy Memory, generation, IPC handle) per parity
+        self.generation = 0
+        self.told = [[-1] * self.size for _ in range(2)]  # generation of my outbox each peer has been sent
+        self.peers = {}  # (source rank, parity) -> (generation, mapped pointer)
+
+    def _outbox(self, parity: int, nbytes: int):
+        box = self.boxes[parity]
+        if box is None or box[0].size < nbytes:
+            grown = max(nbytes, int(1.25 * box[0].size) if box else 0, 1 << 16)
+            memory = self.cupy.cuda.Memory(grown)  # its own cudaMalloc: an IPC handle names a whole allocation
+            self.generation += 1
+            box = (memory, self.generation, self.cupy.cuda.runtime.ipcGetMemHandle(memory.ptr))
+            self.boxes[parity] = box  # the old one is past every peer's reads (see the class note)
+        return box
+
+    def _peer_pointer(self, src: int, parity: int, generation: int, handle) -> int:
+        runtime = self.cupy.cuda.runtime
+        known = self.peers.get((src, parity))
+        if known is not None and known[0] == generation:
+            return known[1]
+        if handle is None:
+            raise RuntimeError(f"CUDA IPC: rank {src} sent no handle for its outbox generation {generation}")
+        if known is not None:
+            runtime.ipcCloseMemHandle(known[1])
+        pointer = runtime.ipcOpenMemHandle(handle, _IPC_LAZY_PEER_ACCESS)
+        self.peers[(src, parity)] = (generation, pointer)
+        return pointer
+
+    def alltoallv(self, send, send_counts, recv_counts):
+        """send: flat contiguous CuPy array; counts in elements. Returns (recv, {"mpi": s, "copy": s})."""
+        cupy, runtime = self.cupy, self.cupy.cuda.runtime
+        stream = cupy.cuda.get_current_stream()
+        itemsize = send.dtype.itemsize
+        parity = self.calls % 2
+        self.calls += 1
+        t0 = time.perf_counter()
+        memory, generation, handle = self._outbox(parity, send.nbytes)
+        if send.nbytes:
+            runtime.memcpyAsync(memory.ptr, send.data.ptr, send.nbytes, _MEMCPY_DEFAULT, stream.ptr)
+        stream.synchronize()  # my outbox is written before anyone learns where to read
+        offsets = _displs(send_counts) * itemsize
+        notes = []
+        for peer in range(self.size):
+            new = self.told[parity][peer] != generation and peer != self.rank
+            self.told[parity][peer] = generation
+            notes.append((parity, generation, handle if new else None, int(offsets[peer]),
+                          int(send_counts[peer]) * itemsize))
+        t1 = time.perf_counter()
+        got = self.comm.alltoall(notes)
+        t2 = time.perf_counter()
+        recv = cupy.empty(int(np.sum(recv_counts)), dtype=send.dtype)
+        at = 0
+        for src, (src_parity, src_gen, src_handle, offset, nbytes) in enumerate(got):
+            if nbytes != int(recv_counts[src]) * itemsize:
+                raise RuntimeError(f"CUDA IPC: rank {src} sends {nbytes} bytes, rank {self.rank} expects "
+                                   f"{int(recv_counts[src]) * itemsize}")
+            if nbytes:
+                base = memory.ptr if src == self.rank else self._peer_pointer(src, src_parity, src_gen, src_handle)
+                runtime.memcpyAsync(recv.data.ptr + at, base + offset, nbytes, _MEMCPY_DEFAULT, stream.ptr)
+            at += nbytes
+        stream.synchronize()  # my reads of the peers' outboxes are done before I leave (see the class note)
+        t3 = time.perf_counter()
+        return recv, {"mpi": t2 - t1, "copy": (t1 - t0) + (t3 - t2)}
+
+
+def _try_device_ipc(comm):
+    """(DeviceIpc, why) when CUDA IPC works among all ranks of comm, else (None, why). Collective: every rank
+    makes the same calls whatever fails where, and all take the same verdict."""
+    MPI = _mpi()
+    _, node_size = _node_placement(comm)
+    one_node = comm.allreduce(int(node_size == comm.Get_size()), op=MPI.MIN)
+    if not one_node:
+        return None, "the ranks span several nodes"
+    ipc, handles, error = None, [None, None], None
+    try:  # step 1: my two outboxes, each filled with a value that names its owner and parity
+        ipc = DeviceIpc(comm)
+        for parity in (0, 1):
+            memory, _, handles[parity] = ipc._outbox(parity, 4 * 64)
+            tag = ipc.cupy.full(64, 1000 * ipc.rank + parity, ipc.cupy.float32)
+            ipc.cupy.cuda.runtime.memcpy(memory.ptr, tag.data.ptr, tag.nbytes, _MEMCPY_DEFAULT)
+    except Exception as exc:  # no CUDA IPC in this container, ...: not here
+        error = f"{type(exc).__name__}: {exc}"
+    all_handles = comm.allgather(None if error else handles)  # step 2: every rank's handles
+    if error is None:
+        error = _probe_peers(ipc, all_handles)  # step 3: map every peer's outboxes and read them back
+    errors = [e for e in comm.allgather(error) if e]
+    if errors:
+        return None, f"CUDA IPC probe failed ({errors[0]})"
+    return ipc, f"CUDA IPC among {comm.Get_size()} ranks of one node (probe exact)"
+
+
+def _probe_peers(ipc, all_handles):
+    """Open each peer's outboxes and check their tags; an error text or None. Marks the handles as known."""
+    cupy = ipc.cupy
+    try:
+        for src, handles in enumerate(all_handles):
+            if handles is None:
+                return f"rank {src} could not export its outboxes"
+            for parity in (0, 1):
+                generation = parity + 1  # generations 1 and 2: the outboxes made in step 1
+                if src == ipc.rank:
+                    continue
+                pointer = ipc._peer_pointer(src, parity, generation, handles[parity])
+                got = cupy.empty(64, cupy.float32)
+                cupy.cuda.runtime.memcpy(got.data.ptr, pointer, got.nbytes, _MEMCPY_DEFAULT)
+                if not bool((got == 1000 * src + parity).all()):
+                    return f"rank {ipc.rank} read wrong data from rank {src}"
+        for parity in (0, 1):
+            ipc.told[parity] = [parity + 1] * ipc.size  # every peer holds my outboxes' handles now
+    except Exception as exc:  # noqa: BLE001
+        return f"{type(exc).__name__}: {exc}"
+    return None

@@ -1,0 +1,51 @@
+"""What the MPI launcher (mpiexec, srun) tells a process through its environment, read in one place: the
+world rank, the node-local rank and size, and the announced job size. Nothing here calls MPI."""
+from __future__ import annotations
+
+import os
+
+# Launcher variables holding a rank's index among the ranks of its node, most specific first: the MPI
+# launcher's own before Slurm's, since `mpiexec` inside an allocation inherits SLURM_LOCALID=0 on every rank.
+LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK", "SLURM_LOCALID")
+
+
+def local_rank_from_env(environ=None):
+    """(local rank, variable name) from the launcher's environment, or (None, None)."""
+    environ = os.environ if environ is None else environ
+    for name in LOCAL_RANK_VARS:
+        value = environ.get(name, "").strip()
+        if value.isdigit():
+            return int(value), name
+    return None, None
+
+
+def world_rank() -> int:
+    """This process's rank in the job as the launcher announced it (0 when not launched as a job): for messages
+    before MPI is up."""
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def tune_mpi_env() -> None:
+    """Before MPI starts: when more ranks than cores share this node, let MPICH yield instead of spinning
+    (busy-polling ranks otherwise starve each other). Set MPIR_CVAR_ENABLE_HEAVY_YIELD yourself to override."""
+    local = os.environ.get("MPI_LOCALNRANKS") or os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE") or _slurm_local_tasks()
+    if local.isdigit() and int(local) > (os.cpu_count() or 1):
+        os.environ.setdefault("MPIR_CVAR_ENABLE_HEAVY_YIELD", "1")
+
+
+def _slurm_local_tasks() -> str:
+    """Tasks of this srun step on this node, from SLURM_STEP_TASKS_PER_NODE ("4(x2),3") and SLURM_NODEID."""
+    counts = []
+    for part in os.environ.get("SLURM_STEP_TASKS_PER_NODE", "").split(","):
+        number, _, times = part.partition("(x")
+        if number.isdigit():
+            counts += [number] * (int(times.rstrip(")")) if times.rstrip(")").isdigit() else 1)
+    node = os.environ.get("SLURM_NODEID", "0")
+    return counts[int(node)] if node.isdigit() and int(node) < len(counts) else ""
+
+
+# Variables in which launchers announce how many processes they started.
+LAUNCH_SIZE_VARS = ("SLURM_STEP_NUM_TASKS", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")

@@ -1,0 +1,168 @@
+"""Every MPI call of the package lives here: broadcasts, the per-layer Alltoallv, client scatter/gather,
+collective agreement on errors, and abort. Arrays may be NumPy or CuPy; CuPy buffers are staged through
+reused pinned host buffers unless the MPI library is CUDA-aware (see `transport`)."""
+from __future__ import annotations
+import time
+import numpy as np
+from rshard_hpc.ops.arrays import to_host, xp_of
+from rshard_hpc.errors import RshardError
+from rshard_hpc.dist.collectives import _displs, _mpi
+from rshard_hpc.dist.cuda_ipc import IPC_MODES, _try_device_ipc
+
+
+def _mpi_type(dtype):
+    """The MPI datatype of a payload element: float32 activations, or uint16 bf16 bit patterns."""
+    MPI = _mpi()
+    types = {np.dtype(np.float32): MPI.FLOAT, np.dtype(np.uint16): MPI.UINT16_T}
+    try:
+        return types[np.dtype(dtype)]
+    except KeyError:
+        raise TypeError(f"Transport moves float32 or uint16 (bf16) payloads, not {np.dtype(dtype)}") from None
+
+
+class Transport:
+    """Moves flat float32 (or uint16 bf16-bit) buffers over work_comm. Counts are in elements; stats
+    record bytes and time.
+
+    CuPy buffers go to MPI directly when `gpu_aware` (a CUDA-aware MPI library), otherwise they are staged
+    through pinned host buffers that are grown on demand and reused (one per direction and element type).
+    Either way the current CUDA stream is synchronized before every MPI call, so MPI never reads a buffer
+    a kernel is still writing.
+    """
+
+    def __init__(self, gpu_aware: bool = False, device: bool = False):
+        self.gpu_aware = gpu_aware
+        self.device = device  # this rank's buffers live on a GPU
+        self.ipc = None  # a DeviceIpc for one communicator, when enable_device_ipc found it works
+        self._pinned = {}  # (direction, dtype) -> pinned host array, grown on demand and reused
+        self.mpi_seconds = 0.0
+        self.staging_seconds = 0.0
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def _host_buffer(self, name: str, size: int, dtype=np.float32):
+        key = (name, np.dtype(dtype).str)
+        buf = self._pinned.get(key)
+        if buf is None or buf.size < size:
+            grown = max(size, int(1.25 * buf.size) if buf is not None else 0, 1)  # fewer re-allocations
+            buf = _pinned_empty(grown, dtype)
+            self._pinned[key] = buf
+        return buf[:size]
+
+    def alltoallv(self, comm, send, send_counts, recv_counts):
+        """send: flat float32 or uint16 (NumPy or CuPy); the receive buffer has send's element type and
+        array module (a receive-only call passes an empty array of the type it expects)."""
+        xp = xp_of(send)
+        dtype = np.dtype(send.dtype)
+        mpi_type = _mpi_type(dtype)
+        send_counts = np.asarray(send_counts, dtype=np.int64)
+        recv_counts = np.asarray(recv_counts, dtype=np.int64)
+        n_recv = int(recv_counts.sum())
+        on_gpu = xp is not np
+        send = xp.ascontiguousarray(send).ravel()
+        if on_gpu and self.ipc is not None and self.ipc.comm is comm:
+            recv, seconds = self.ipc.alltoallv(send, send_counts, recv_counts)
+            self._account(seconds["mpi"], seconds["copy"], send_counts, n_recv, dtype.itemsize)
+            return recv
+        staged = on_gpu and not self.gpu_aware
+        t0 = time.perf_counter()
+        if staged:
+            host_send = self._host_buffer("send", send.size, dtype)
+            if send.size:
+                send.get(out=host_send)  # device -> pinned host copy, after the stream's work
+            host_recv = self._host_buffer("recv", n_recv, dtype)
+        else:
+            host_send, host_recv = send, xp.empty(n_recv, dtype=dtype)
+        if on_gpu:
+            xp.cuda.get_current_stream().synchronize()  # the stream must be idle before MPI touches memory
+        t1 = time.perf_counter()
+        comm.Alltoallv([host_send, (send_counts, _displs(send_counts)), mpi_type],
+                       [host_recv, (recv_counts, _displs(recv_counts)), mpi_type])
+        t2 = time.perf_counter()
+        if staged:
+            recv = xp.empty(n_recv, dtype=dtype)
+            if n_recv:
+                recv.set(host_recv)  # pinned host -> device; the next call synchronizes before reusing host_recv
+        else:
+            recv = host_recv
+        t3 = time.perf_counter()
+        self._account(t2 - t1, (t1 - t0) + (t3 - t2), send_counts, n_recv, dtype.itemsize)
+        return recv
+
+    def _account(self, mpi_s: float, staging_s: float, send_counts, n_recv: int, itemsize: int) -> None:
+        self.mpi_seconds += mpi_s
+        self.staging_seconds += staging_s
+        self.bytes_sent += int(send_counts.sum()) * itemsize
+        self.bytes_received += n_recv * itemsize
+
+    @property
+    def mode(self) -> str:
+        """How this rank's buffers move: "host" (NumPy ranks), "cuda-ipc", "cuda-aware MPI" or "staged"."""
+        if not self.device:
+            return "host"
+        if self.ipc is not None:
+            return "cuda-ipc"
+        return "cuda-aware MPI" if self.gpu_aware else "staged"
+
+    def enable_device_ipc(self, comm, mode: str = "auto") -> tuple[bool, str]:
+        """Collective over comm: move device buffers between its ranks by CUDA IPC (MPI then carries only
+        offsets) when every rank of comm is on one node and a probe exchange through IPC is exact on every
+        rank. Returns (used, why). mode "off" never tries; "on" raises RshardError where it fails."""
+        if mode not in IPC_MODES:
+            raise RshardError(f"unknown --gpu-ipc {mode!r}; choose one of {', '.join(IPC_MODES)}")
+        if mode == "off":
+            return False, "--gpu-ipc off"
+        used, why = _try_device_ipc(comm)
+        if used:
+            self.ipc = used
+            return True, why
+        if mode == "on":
+            raise RshardError(f"--gpu-ipc on: CUDA IPC cannot be used here ({why})")
+        return False, why
+
+    def scatter_ids(self, comm, per_rank):
+        """Client (root of comm) sends per_rank[r] (int64 ids) to rank r; returns this rank's ids."""
+        MPI = _mpi()
+        rank = comm.Get_rank()
+        counts = comm.bcast([len(a) for a in per_rank] if rank == 0 else None, root=0)
+        counts = np.asarray(counts, dtype=np.int64)
+        recv = np.empty(counts[rank], dtype=np.int64)
+        if rank == 0:
+            send = np.concatenate([np.asarray(a, dtype=np.int64) for a in per_rank])
+            comm.Scatterv([send, (counts, _displs(counts)), MPI.INT64_T], [recv, MPI.INT64_T])
+        else:
+            comm.Scatterv(None, [recv, MPI.INT64_T], root=0)
+        return recv
+
+    def gather_rows(self, comm, rows, width: int):
+        """Each non-root rank sends rows (n_r, width) float32 to the client; root gets a list per rank."""
+        MPI = _mpi()
+        rows = np.ascontiguousarray(to_host(rows), dtype=np.float32).reshape(-1, width)
+        counts = comm.gather(rows.size, root=0)
+        if comm.Get_rank() != 0:
+            comm.Gatherv([rows, MPI.FLOAT], None, root=0)
+            return None
+        counts = np.asarray(counts, dtype=np.int64)
+        recv = np.empty(int(counts.sum()), dtype=np.float32)
+        comm.Gatherv([rows, MPI.FLOAT], [recv, (counts, _displs(counts)), MPI.FLOAT], root=0)
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        return [recv[a:b].reshape(-1, width) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def reset_stats(self) -> None:
+        self.mpi_seconds = self.staging_seconds = 0.0
+        self.bytes_sent = self.bytes_received = 0
+
+    def stats(self) -> dict:
+        return {"mpi_s": self.mpi_seconds, "staging_s": self.staging_seconds,
+                "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received}
+
+
+def _pinned_empty(size: int, dtype):
+    """A page-locked host array when CuPy is present (faster device copies), else plain NumPy."""
+    try:
+        import cupy
+
+        mem = cupy.cuda.alloc_pinned_memory(size * np.dtype(dtype).itemsize)
+        return np.frombuffer(mem, dtype=dtype, count=size)
+    except Exception:  # no CuPy or no GPU: plain host memory does the same job
+        return np.empty(size, dtype=dtype)

@@ -1,0 +1,85 @@
+"""Sharding plans (DESIGN §3), the per-step routing tables, and privacy accounting (§4).
+
+A plan for a sequence of N positions is two int32 arrays:
+  comp[p]  in [0, alpha): the CompNode that owns position p;
+  group[p] in [0, beta):  p's index group (q goes to AttnNode row group[p], k/v to column group[p]).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class StepTokens:
+    """The tokens a step computes, in global order (by sequence, then position). All (n,) int32."""
+
+    seq: np.ndarray  # batch-local sequence index
+    pos: np.ndarray  # true position within its sequence
+    comp: np.ndarray  # owning CompNode
+    group: np.ndarray  # index group
+
+    @classmethod
+    def from_plans(cls, plans: list, positions: list) -> "StepTokens":
+        """plans[b] = (comp, group) of sequence b; positions[b] = the positions of b in this step."""
+        seq, pos, comp, group = [], [], [], []
+        for b, ((c, g), ps) in enumerate(zip(plans, positions)):
+            ps = np.asarray(ps, dtype=np.int64)
+            seq.append(np.full(len(ps), b, dtype=np.int32))
+            pos.append(ps.astype(np.int32))
+            comp.append(c[ps])
+            group.append(g[ps])
+        cat = lambda xs: np.concatenate(xs).astype(np.int32) if xs else np.zeros(0, np.int32)
+        return cls(cat(seq), cat(pos), cat(comp), cat(group))
+
+    def __len__(self) -> int:
+        return len(self.seq)
+
+
+class Routing:
+    """Who sends which rows to whom in one step; built once per step and reused by every layer.
+
+    CompNode k holds its tokens in global order (`comp_tokens[k]`, indices into the step).
+    `by_group[k][g]` are indices into k's local rows of its tokens of group g: those rows go as q
+    to AttnNode row g and as k/v to AttnNode column g. AttnNode (i, j) stacks, over k = 0 … alpha-1,
+    the q rows by_group[k][i] and the k/v rows by_group[k][j].
+    """
+
+    def __init__(self, tokens: StepTokens, alpha: int, beta: int):
+        self.tokens = tokens
+        self.alpha, self.beta = alpha, beta
+        self.comp_tokens = [np.flatnonzero(tokens.comp == k) for k in range(alpha)]
+        self.by_group = []
+        for k in range(alpha):
+            local_group = tokens.group[self.comp_tokens[k]]
+            self.by_group.append([np.flatnonzero(local_group == g) for g in range(beta)])
+        # counts[k, g]: tokens of CompNode k in group g
+        self.counts = np.array([[len(ix) for ix in row] for row in self.by_group], dtype=np.int64)
+
+    def attn_q_tokens(self, i: int) -> np.ndarray:
+        """Step indices of the queries AttnNode row i receives, in arrival order."""
+        return np.concatenate([self.comp_tokens[k][self.by_group[k][i]] for k in range(self.alpha)])
+
+    def attn_kv_tokens(self, j: int) -> np.ndarray:
+        """Step indices of the keys/values AttnNode column j receives, in arrival order."""
+        return self.attn_q_tokens(j)
+
+
+def step_tokens(plans, ranges) -> StepTokens:
+    return StepTokens.from_plans(plans, [np.arange(a, b) for a, b in ranges])
+
+
+def wanted_local_rows(tokens: StepTokens, routing: Routing, k: int, want: str) -> np.ndarray:
+    """Indices into CompNode k's local rows of the rows the client receives."""
+    mine = routing.comp_tokens[k]
+    if want == "all":
+        return np.arange(len(mine))
+    last = np.zeros(len(tokens), dtype=bool)
+    last[last_of_each_sequence(tokens)] = True
+    return np.flatnonzero(last[mine])
+
+
+def last_of_each_sequence(tokens: StepTokens) -> np.ndarray:
+    """Step indices of the highest position of each sequence in the step (tokens are in global order)."""
+    return np.flatnonzero(np.diff(np.append(tokens.seq, -1)) != 0)

@@ -1,0 +1,44 @@
+"""The per-layer choreography (DESIGN §1–§3): who sends what to whom. Model math is called, never written here.
+
+Control flow is driven by the client with small broadcast headers (no token content):
+  {"op": "batch", "lens": [...]}        a new batch; plans are made for these total lengths
+  {"op": "step", "ranges": [(a, b)...], "want": "all" | "last"}
+                                         compute positions a … b-1 of each sequence
+  {"op": "end"}                          the batch is done: AttnNodes drop their KV cache; every rank's
+                                         visibility ledger of the batch is gathered to the client
+  {"op": "stop"}                         the job is done
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import numpy as np
+
+
+class PhaseTimer:
+    """Wall seconds per phase. On a GPU (xp = cupy) each phase ends by waiting for the current stream, so a
+    phase is charged for its kernels rather than the next blocking call (the transport syncs there anyway)."""
+
+    def __init__(self, xp=np):
+        self.seconds = {}
+        self._sync = xp.cuda.get_current_stream().synchronize if xp is not np else None
+
+    @contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self._sync is not None:
+                self._sync()
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
+
+
+def rank_stats(topo, seconds: dict, transport) -> dict:
+    """One rank's time per phase and its transport's MPI/staging time and bytes (for /stats and benchmarks)."""
+    out = {"rank": topo.rank, "role": topo.describe(), "transport": transport.mode}
+    for phase in ("prepass", "attention", "postpass"):
+        out[f"{phase}_s"] = seconds.get(phase, 0.0)
+    out.update(transport.stats())
+    return out

@@ -1,0 +1,127 @@
+"""Privacy you can check (DESIGN §4): what every node sees under a plan, the run check of `rshard run`,
+the search for the smallest layout reaching a δ, and the visibility ledger. Plain NumPy, no MPI.
+
+Vocabulary (docs/privacy.md has the long form):
+  view        the positions a node receives rows of: CompNode k {p : comp[p] = k}; AttnNode (i, j) group i ∪ j.
+  known       view ∪ the public prefix [0, public_prefix) (BOS, [CLS], a template: known to everyone).
+  run         a maximal stretch of consecutive known positions; a run of public positions alone is no run.
+  gap         the unseen positions just before a run; recovering the run by vocab-matching costs about
+              V^(gap+1) forward passes, reported as the exponent log10 V^(gap+1) = (gap+1)·log10 V.
+  first run   a node's first run, reported apart as first-run exposure (its holder can recover it).
+  δ           the smallest gap before any later run, over all nodes; 0 when a node sees every position.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from rshard_hpc.dist.topology import node_label, rank_layout, world_size_for
+from rshard_hpc.plan.check import (
+    SEARCH_MAX,
+    describe_layout,
+    plan_report,
+    smallest_layout,
+)
+from rshard_hpc.plan.schemes import DEFAULT_DELTA, PlanSpec
+from rshard_hpc.plan.views import DEFAULT_VOCAB, INF, blocks_of, format_blocks
+
+
+def tokenizer_public_prefix(codec, wrap=None) -> int:
+    """Leading positions every prompt shares and anyone can know: the tokens the tokenizer adds in front
+    (BERT's [CLS], a BOS) and, with `wrap` (a chat template), the template's text before the user's.
+
+    Read from the token offsets of one wrapped text: a leading token counts when it is an added special
+    token or ends before the first character where two different user texts differ."""
+    wrap = wrap or (lambda text: text)
+    texts = [wrap("x1"), wrap("y2")]
+    start = 0
+    while start < min(map(len, texts)) and texts[0][start] == texts[1][start]:
+        start += 1
+    enc = codec.tok.encode(texts[0], add_special_tokens=getattr(codec, "add_special", True))
+    if list(enc.ids) != list(codec.encode(texts[0])):  # the codec adds tokens its own way: compare two texts
+        a, b = codec.encode(texts[0]), codec.encode(texts[1])
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n] and n < len(a) - 1:
+            n += 1
+        return n
+    n = 0
+    for (_, end), special in zip(enc.offsets, enc.special_tokens_mask):
+        if not (special or end <= start) or (special and n == len(enc.ids) - 1):
+            break
+        n += 1
+    return n
+
+
+def jsonable(obj):
+    """A report with inf as "inf", NumPy scalars as Python numbers and int keys as strings (plain JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and math.isinf(obj):
+        return "inf" if obj > 0 else "-inf"
+    return obj
+
+
+# ------------------------------------------------------------------------------------------ `rshard plan`
+def plan_document(spec: PlanSpec, n: int, public_prefix: int = 0, vocab: int = DEFAULT_VOCAB, causal: bool = True,
+                  delta: float = DEFAULT_DELTA, search_max: int = SEARCH_MAX) -> dict:
+    """What `rshard plan` shows (and prints with --json): layout, every node's view, δ, the smallest layout
+    reaching `delta` at this length."""
+    report = plan_report(spec, n, public_prefix, vocab, causal)
+    found = smallest_layout(spec, [n], delta, public_prefix, search_max)
+    return {"plan": spec.params(), "length": n, "public_prefix": public_prefix, "vocab": vocab, "causal": causal,
+            "world_size": world_size_for(spec.alpha, spec.beta), "layout": rank_layout(spec.alpha, spec.beta),
+            "delta": report["delta"], "required_delta": delta, "meets": report["delta"] >= delta,
+            "seen_whole_by": report["seen_whole_by"], "suggestion": found,
+            "suggestion_text": describe_layout(found, spec, delta, search_max), "nodes": report["nodes"]}
+
+
+def render_plan(doc: dict) -> str:
+    """`rshard plan`'s text output."""
+    p = doc["plan"]
+    lines = [f"plan {p['scheme']}: alpha={p['alpha']} beta={p['beta']} c={p['c']} c_a={p['c_a']}"
+             + (f" seed={p['seed']}" if p["scheme"] == "random" else "")
+             + f", length {doc['length']}, public prefix {doc['public_prefix']}, V={doc['vocab']}, "
+             + f"{'causal' if doc['causal'] else 'bidirectional'} ({doc['world_size']} ranks)",
+             f"delta = {doc['delta']:g} (smallest gap before a later run, over all nodes"
+             + (f"; {', '.join(node_label(x) for x in doc['seen_whole_by'])} see every position" if doc["seen_whole_by"] else "")
+             + f"): {'meets' if doc['meets'] else 'BELOW'} --delta {doc['required_delta']:g}",
+             doc["suggestion_text"][0].upper() + doc["suggestion_text"][1:] + ".",
+             "", "rank layout:"]
+    lines += [f"  rank {row['rank']:>3}  {row['label']}" for row in doc["layout"]]
+    lines += ["", "views (runs: start positions; gap = unseen positions before the run; cost = log10 V^(gap+1)):"]
+    n = doc["length"]
+    for name, r in doc["nodes"].items():
+        lines.append(f"{node_label(name)}: sees {r['seen']}/{n} ({100 * r['fraction_seen']:.1f}%): {r['positions']}"
+                     + ("  [SEES EVERY POSITION]" if r["sees_all"] else ""))
+        first = r["first_run"]
+        if first:
+            lines.append(f"  first-run exposure: {first['length']} position{'s' if first['length'] > 1 else ''} "
+                         f"from {first['start']} (gap {first['gap']}, cost {first['cost_log10']:.2f})")
+        for g in r["runs"]:
+            starts = blocks_of([g["start"] + t * g["period"] for t in range(g["count"])])
+            lines.append(f"  runs at {format_blocks(starts)}: length {g['length']}, gap {g['gap']}, "
+                         f"cost {g['cost_log10']:.2f}")
+        later = "none (one run)" if r["min_gap"] == INF else f"{r['min_gap']:g} (cost {r['min_cost_log10']:.2f})"
+        lines.append(f"  smallest gap before a later run: {later}")
+        if "partials" in r:
+            q = r["partials"]
+            lines.append(f"  partials received: {q['partials']}; over < 2 keys: {q['under_two_keys']} "
+                         f"({q['empty']} empty, {q['single_key']} single-key); with one foreign key: "
+                         f"{q['one_foreign_key']}")
+    return "\n".join(lines)
+
+
+def model_facts(model: str) -> dict:
+    """Vocabulary size, mask and public prefix of a weight file or bundled model (for `rshard plan`)."""
+    from rshard_hpc.models import weights
+    from rshard_hpc.models.registry import resolve_model
+    from rshard_hpc.models.tokenizer import TextCodec
+
+    path = resolve_model(model)
+    cfg = weights.read_config(path)
+    return {"vocab": cfg.vocab_size, "causal": cfg.causal, "public_prefix": tokenizer_public_prefix(TextCodec(path, cfg))}

@@ -1,0 +1,187 @@
+"""Sharding plans (DESIGN §3), the per-step routing tables, and privacy accounting (§4).
+
+A plan for a sequence of N positions is two int32 arrays:
+  comp[p]  in [0, alpha): the CompNode that owns position p;
+  group[p] in [0, beta):  p's index group (q goes to AttnNode row group[p], k/v to column group[p]).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from rshard_hpc.dist.topology import attn_name, comp_name
+
+
+def run_bounds(sorted_positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, lengths) int64 of the maximal runs of consecutive positions in a sorted unique array."""
+    sorted_positions = np.asarray(sorted_positions, dtype=np.int64)
+    if len(sorted_positions) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    breaks = np.flatnonzero(np.diff(sorted_positions) != 1) + 1
+    first = np.concatenate([[0], breaks])
+    last = np.concatenate([breaks, [len(sorted_positions)]])
+    return sorted_positions[first], (last - first).astype(np.int64)
+
+
+def runs_of(positions: np.ndarray) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive positions in a sorted array, as (start, length)."""
+    starts, lengths = run_bounds(positions)
+    return list(zip(starts.tolist(), lengths.tolist()))
+
+
+def plan_views(comp: np.ndarray, group: np.ndarray, alpha: int, beta: int) -> dict:
+    """Positions seen by every node: CompNode k -> comp == k; AttnNode (i, j) -> group i ∪ group j."""
+    views = {comp_name(k): np.flatnonzero(comp == k) for k in range(alpha)}
+    for i in range(beta):
+        for j in range(beta):
+            views[attn_name(i, j)] = np.flatnonzero((group == i) | (group == j))
+    return views
+
+
+def view_runs(view, public_prefix: int = 0):
+    """(starts, lengths, gaps) of a node's runs, public positions counted as seen.
+
+    gaps[r] is the number of unseen positions just before run r (for the first run: from position 0, or from
+    the end of the public prefix). A run of public positions alone is not the node's run."""
+    view = np.asarray(view, dtype=np.int64)
+    known = np.union1d(view, np.arange(public_prefix)) if public_prefix else np.unique(view)
+    starts, lengths = run_bounds(known)
+    origin = 0
+    if len(starts) and starts[0] + lengths[0] <= public_prefix:  # public positions only
+        starts, lengths, origin = starts[1:], lengths[1:], int(public_prefix)
+    ends = starts + lengths
+    gaps = starts - np.concatenate([[origin], ends[:-1]]).astype(np.int64)
+    return starts, lengths, gaps
+
+
+def min_interior_gap(view: np.ndarray, public_prefix: int = 0) -> float:
+    """Smallest unseen gap before any run after the view's first run (inf if the view has one run).
+
+    The first run of a view is reported apart (first-run exposure, DESIGN §4): whoever holds it can
+    recover it. Public positions (a BOS or template prefix) count as seen."""
+    later = view_runs(view, public_prefix)[2][1:]
+    return float(later.min()) if len(later) else float("inf")
+
+
+DEFAULT_VOCAB = 49152  # SmolLM2's vocabulary; `--model` replaces it with the model's own
+
+
+INF = float("inf")
+
+
+# ------------------------------------------------------------------------------------------ compact positions
+def blocks_of(positions) -> list[list[int]]:
+    """Sorted unique positions as blocks [start, length, period, count]: `count` runs of `length` positions
+    starting at start, start + period, … (period 0 when count is 1). A strided view is one or two blocks."""
+    runs = run_bounds(np.unique(np.asarray(positions, dtype=np.int64)))
+    blocks: list[list[int]] = []
+    for start, length in zip(*runs):
+        start, length = int(start), int(length)
+        if blocks:
+            b = blocks[-1]
+            last = b[0] + (b[3] - 1) * b[2]
+            if b[1] == length and (b[3] == 1 or start - last == b[2]):
+                if b[3] == 1:
+                    b[2] = start - b[0]
+                b[3] += 1
+                continue
+        blocks.append([start, length, 0, 1])
+    return blocks
+
+
+def expand_blocks(blocks) -> np.ndarray:
+    """The sorted positions of blocks_of's output."""
+    parts = [np.arange(s + t * p, s + t * p + n) for s, n, p, count in blocks for t in range(count)]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+def format_blocks(blocks) -> str:
+    """Blocks as text: '0-1, 6-7, …, 234-235 (40 runs, every 6)'."""
+    def one(start, length):
+        return f"{start}" if length == 1 else f"{start}-{start + length - 1}"
+
+    out = []
+    for s, n, p, count in blocks:
+        if count == 1:
+            out.append(one(s, n))
+        elif count == 2:
+            out.append(f"{one(s, n)}, {one(s + p, n)}")
+        else:
+            out.append(f"{one(s, n)}, {one(s + p, n)}, …, {one(s + (count - 1) * p, n)} ({count} runs, every {p})")
+    return ", ".join(out) if out else "none"
+
+
+def rle(values) -> list[list[int]]:
+    """Run-length code [[value, repeat], …] of a sequence of ints."""
+    out: list[list[int]] = []
+    for v in np.asarray(values, dtype=np.int64).tolist():
+        if out and out[-1][0] == v:
+            out[-1][1] += 1
+        else:
+            out.append([v, 1])
+    return out
+
+
+def unrle(pairs) -> np.ndarray:
+    return np.repeat([v for v, _ in pairs], [n for _, n in pairs]).astype(np.int64) if pairs else np.zeros(0, np.int64)
+
+
+# ------------------------------------------------------------------------------------------ runs, gaps, views
+def _first_unknown(view, n: int, public_prefix: int) -> int:
+    """The first position in [0, n) that a node neither sees nor knows (n when it knows them all)."""
+    known = np.zeros(n, dtype=bool)
+    known[: min(public_prefix, n)] = True
+    known[np.asarray(view, dtype=np.int64)] = True
+    missing = np.flatnonzero(~known)
+    return int(missing[0]) if len(missing) else n
+
+
+def sees_all(view, n: int, public_prefix: int = 0) -> bool:
+    """True when a node knows every position of a sequence that has at least one non-public position."""
+    return n > public_prefix and _first_unknown(view, n, public_prefix) == n
+
+
+def cost_log10(gap, vocab: int):
+    """log10 of V^(gap+1): the forward passes a vocab-matching attacker needs to recover a run's first token."""
+    return (np.asarray(gap, dtype=np.float64) + 1.0) * math.log10(vocab)
+
+
+def node_report(view, n: int, public_prefix: int = 0, vocab: int = DEFAULT_VOCAB) -> dict:
+    """One node's view of one sequence: fraction seen, positions, runs (gap and cost exponent each),
+    first-run exposure, smallest later gap."""
+    view = np.asarray(view, dtype=np.int64)
+    starts, lengths, gaps = view_runs(view, public_prefix)
+    costs = cost_log10(gaps, vocab)
+    later = gaps[1:]
+    first = None
+    if len(starts):
+        first = {"start": int(starts[0]), "length": int(lengths[0]), "gap": int(gaps[0]),
+                 "cost_log10": round(float(costs[0]), 3)}
+    return {
+        "seen": int(len(view)),
+        "fraction_seen": (len(view) / n) if n else 0.0,
+        "positions": format_blocks(blocks_of(view)),
+        "n_runs": int(len(starts)),
+        "runs": _run_groups(starts, lengths, gaps, costs),
+        "first_run": first,
+        "min_gap": float(later.min()) if len(later) else INF,
+        "min_cost_log10": round(float(cost_log10(later.min(), vocab)), 3) if len(later) else INF,
+        "sees_all": sees_all(view, n, public_prefix),
+    }
+
+
+def _run_groups(starts, lengths, gaps, costs) -> list[dict]:
+    """Runs with equal length and gap at a constant period, grouped: {start, length, gap, cost_log10, count, period}."""
+    groups: list[dict] = []
+    for s, n, g, c in zip(starts.tolist(), lengths.tolist(), gaps.tolist(), costs.tolist()):
+        if groups:
+            last = groups[-1]
+            last_start = last["start"] + (last["count"] - 1) * last["period"]
+            if last["length"] == n and last["gap"] == g and (last["count"] == 1 or s - last_start == last["period"]):
+                if last["count"] == 1:
+                    last["period"] = s - last["start"]
+                last["count"] += 1
+                continue
+        groups.append({"start": s, "length": n, "gap": g, "cost_log10": round(c, 3), "count": 1, "period": 0})
+    return groups

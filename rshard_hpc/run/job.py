@@ -1,0 +1,61 @@
+"""`rshard run`: set up every rank, agree on errors before work, then play the role this rank has."""
+from __future__ import annotations
+
+import numpy as np
+
+from rshard_hpc.dist import collectives
+from rshard_hpc.dist.devices import connect_workers, rank_backend
+from rshard_hpc.dist.topology import Topology
+from rshard_hpc.engine.stats import rank_stats
+from rshard_hpc.errors import RshardError
+from rshard_hpc.run import termination, testhooks
+from rshard_hpc.run.client_job import _prepare_client
+from rshard_hpc.run.options import RunOptions
+
+
+def run(opts: RunOptions) -> None:
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    topo = Topology.build(world, opts.alpha, opts.beta)  # a bad size raises on every rank alike
+    termination.set_role(topo.is_client, topo.describe)
+    testhooks.at("rank_started", rank=topo.rank)  # off unless RSHARD_PID_DIR / RSHARD_TEST_FAIL_RANK
+    spec = opts.plan_spec()
+    job = _prepare_client(topo, opts, spec) if topo.is_client else None
+    prepared = collectives.bcast(world, job.prepared if job else None)
+    if prepared.error:
+        raise RshardError(prepared.error)
+    xp, transport, error = np, None, None
+    try:
+        xp, transport = rank_backend(topo, opts.device, opts.gpu_aware_mpi)
+    except RshardError as exc:
+        error = str(exc)
+    collectives.agree(world, error)  # every rank has its device before the workers probe CUDA IPC together
+    worker, error = None, None
+    try:
+        connect_workers(topo, transport, opts.gpu_ipc)
+        worker = _make_worker(topo, spec, prepared.model_path, xp, transport, opts.dtype)
+    except RshardError as exc:
+        error = str(exc)
+    collectives.agree(world, error)
+    try:
+        if topo.is_client:
+            job.run(worker)
+        else:
+            worker.serve()
+            collectives.gather_objects(world, rank_stats(topo, worker.timer.seconds, worker.transport))
+    except RshardError as exc:  # past the agreement no error is collective: abort every rank
+        raise RuntimeError(str(exc)) from exc
+
+
+def _make_worker(topo, spec, model_path, xp, transport, dtype="float32"):
+    from rshard_hpc.engine.client import Client
+    from rshard_hpc.engine.workers import AttnWorker, CompWorker
+    from rshard_hpc.models import load_model, weights
+
+    if topo.role == "comp":
+        return CompWorker(topo, spec, load_model(model_path, dtype=dtype, xp=xp), transport, xp=xp)
+    cfg = weights.read_config(model_path)
+    if topo.role == "attn":
+        return AttnWorker(topo, spec, cfg, transport, xp=xp, dtype=dtype)
+    return Client(topo, spec, cfg, transport)

@@ -1,0 +1,49 @@
+"""`rshard run`: set up every rank, agree on errors before work, then play the role this rank has."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rshard_hpc.errors import InputError
+from rshard_hpc.plan.schemes import DEFAULT_DELTA, PlanSpec
+
+
+@dataclass
+class RunOptions:
+    task: str = "embed"
+    model: str = "all-MiniLM-L6-v2"
+    prompts: str = ""
+    out: str = ""
+    alpha: int = 1
+    beta: int = 1
+    scheme: str = "strided"
+    c: int = 1
+    c_a: int = 1
+    seed: int = 0
+    plan_file: str | None = None
+    batch_tokens: int = 8192
+    resume: bool = False
+    overwrite: bool = False
+    truncate: bool = False
+    device: str = "cpu"
+    gpu_aware_mpi: str = "auto"
+    gpu_ipc: str = "auto"
+    dtype: str = "float32"
+    progress: bool = True
+    generate: dict = field(default_factory=dict)  # generation settings (task "generate")
+    min_delta: int = DEFAULT_DELTA  # refuse a plan whose δ is below this (DESIGN §4, docs/privacy.md)
+    allow_weak_plan: bool = False  # run a plan below min_delta anyway (with a warning)
+    public_prefix: int = -1  # positions known to all (BOS, [CLS], a template); -1: what the tokenizer adds
+
+    def plan_spec(self) -> PlanSpec:
+        explicit = None
+        if self.plan_file:
+            try:
+                explicit = json.loads(Path(self.plan_file).read_text())
+            except (OSError, ValueError) as exc:
+                raise InputError(f"cannot read plan file {self.plan_file}: {exc}") from exc
+        spec = PlanSpec(self.scheme, self.alpha, self.beta, self.c, self.c_a, self.seed, explicit,
+                        target_delta=max(1, self.min_delta))
+        spec.check()
+        return spec
