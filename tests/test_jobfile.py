@@ -6,8 +6,8 @@ from click.testing import CliRunner
 from conftest import REPO
 
 from rshard_hpc import cli
-from rshard_hpc.run import jobfile
 from rshard_hpc.run import job as jobs
+from rshard_hpc.run import jobfile
 
 
 @pytest.fixture

@@ -2,14 +2,7 @@
 import numpy as np
 import pytest
 
-from rshard_hpc.ops.precision import (
-    Bf16Matrix,
-    bf16_bits_to_float,
-    matmul_t,
-    round_bf16,
-    to_bf16_bits,
-    wire_dtype,
-)
+from rshard_hpc.ops.precision import Bf16Matrix, bf16_bits_to_float, matmul_t, round_bf16, to_bf16_bits, wire_dtype
 
 torch = pytest.importorskip("torch", reason="torch is the independent bf16 reference")
 

@@ -9,17 +9,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import rshard
-from rshard_hpc.plan.views import view_runs
 
 from rshard_hpc.cli import main as cli_main
 from rshard_hpc.dist.topology import rank_layout
-from rshard_hpc.plan.check import (
-    check_job,
-    job_delta,
-    partial_summary,
-    plan_report,
-    smallest_layout,
-)
+from rshard_hpc.plan.check import check_job, job_delta, partial_summary, plan_report, smallest_layout
 from rshard_hpc.plan.ledger import check_ledger, ledger_positions
 from rshard_hpc.plan.report import tokenizer_public_prefix
 from rshard_hpc.plan.schemes import PlanSpec, make_plan
@@ -30,6 +23,7 @@ from rshard_hpc.plan.views import (
     min_interior_gap,
     node_report,
     plan_views,
+    view_runs,
 )
 
 

@@ -1,27 +1,5 @@
-"""`rshard audit`: a vocab-matching attack with the real model against what one node saw (DESIGN §4).
-
-Threat model (docs/audit.md): an honest-but-curious node knows the public weights, the plan (which
-positions it sees) and the rows it received. The audit rebuilds exactly those rows from the plan with
-the engine's own per-token passes (`Llama.pre` / `partial_attention` / `Llama.post`, NumPy, fp32) and
-attacks them left to right:
-
-* For every run of the node's view, the g unseen positions before the run plus the run's first token
-  are unknown. Gap fillings are enumerated by a beam over the model's own next-token distribution
-  (top-k per position, at most `beam` fillings, best joint log-probability first); for each filling,
-  the run's first token is tried in the model's order: the top-k of every filling first, then the rest
-  of the vocabulary ("exhaustive") while the budget lasts. A candidate is accepted when the row it
-  produces at the chosen layer matches the observed row (relative L2 distance below `tol`).
-* Later tokens of a run have a single unknown: the same search with g = 0.
-* Without a match, the attacker keeps its nearest candidate (smallest distance over all it evaluated)
-  and carries on; a wrong prefix makes later exact matches fail, which is the point of the gaps.
-
-A "forward pass" (the budget unit) is one candidate row evaluated through layers 0..L at one position
-against the cached prefix; the beam's ranking passes over the full model are reported apart. Budgets
-are per unknown group (a gap plus its run's first token, or one later token).
-
-Candidate rows are computed by a small PyTorch (CPU) re-implementation of the same Llama math from
-the same weight file, batched over thousands of candidates against a shared prefix K/V cache; the
-observed rows come from the engine's NumPy functions, so a true candidate matches to ~1e-6.
+"""`rshard audit`: build each node's observed rows from the plan, run the attack on them, and a control on
+unsharded rows (architecture.md §4, docs/audit.md).
 """
 from __future__ import annotations
 
@@ -31,13 +9,7 @@ from dataclasses import asdict
 
 import numpy as np
 
-from rshard_hpc.audit.attack import (
-    DEFAULT_TOL,
-    PARTS,
-    Attack,
-    node_parts,
-    observed_rows,
-)
+from rshard_hpc.audit.attack import DEFAULT_TOL, PARTS, Attack, node_parts, observed_rows
 from rshard_hpc.audit.report import NodeResult, _row
 from rshard_hpc.audit.torch_llama import TorchLlama
 from rshard_hpc.errors import InputError

@@ -1,9 +1,4 @@
-"""`rshard bench job`: the sharded job against plaintext single-device inference of the same model.
-
-Run under mpiexec (1 + alpha + beta^2 ranks). Every rank builds the same random-weight Llama of a named
-shape (seeded), the client times a long-prompt prefill and some decode steps through the engine, then
-runs the same weights as a plain transformers model on its own device, and prints a table (and writes it).
-"""
+"""What the benchmarks share: the random-weight Llama shapes and the table file they append to."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -20,14 +20,7 @@ from rshard_hpc.models.llama import Llama, apply_rope, rope_cos_sin
 from rshard_hpc.models.random_init import random_tensors
 from rshard_hpc.ops.arrays import array_module
 from rshard_hpc.ops.attention import merge_partials, partial_attention
-from rshard_hpc.ops.precision import (
-    gemm_input,
-    pack_partial,
-    partial_slots,
-    to_bf16_bits,
-    unpack_partial,
-    wire_dtype,
-)
+from rshard_hpc.ops.precision import gemm_input, pack_partial, partial_slots, to_bf16_bits, unpack_partial, wire_dtype
 
 COLUMNS = ("piece", "host_ms", "device_ms", "share")
 
@@ -144,10 +137,7 @@ def _torch_layer_ms(cfg, opts):
     try:
         import torch
         from transformers import LlamaConfig
-        from transformers.models.llama.modeling_llama import (
-            LlamaDecoderLayer,
-            LlamaRotaryEmbedding,
-        )
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
     except ImportError:
         return None
     device = "cuda" if opts["device"] == "gpu" else "cpu"

@@ -1,11 +1,12 @@
-"""Every MPI call of the package lives here: broadcasts, the per-layer Alltoallv, client scatter/gather,
-collective agreement on errors, and abort. Arrays may be NumPy or CuPy; CuPy buffers are staged through
-reused pinned host buffers unless the MPI library is CUDA-aware (see `transport`)."""
+"""Small collectives of the job: control broadcasts, error agreement, object gathers, node placement, and abort."""
 from __future__ import annotations
+
 import os
 import sys
 import time
+
 import numpy as np
+
 from rshard_hpc.errors import RshardError
 
 

@@ -1,14 +1,13 @@
-"""Every MPI call of the package lives here: broadcasts, the per-layer Alltoallv, client scatter/gather,
-collective agreement on errors, and abort. Arrays may be NumPy or CuPy; CuPy buffers are staged through
-reused pinned host buffers unless the MPI library is CUDA-aware (see `transport`)."""
+"""Is the loaded MPI library CUDA-aware? `--gpu-aware-mpi auto` says yes only on evidence (architecture.md §7)."""
 from __future__ import annotations
+
 import ctypes
 import os
 import shutil
 import subprocess
-from rshard_hpc.errors import RshardError
-from rshard_hpc.dist.collectives import _mpi
 
+from rshard_hpc.dist.collectives import _mpi
+from rshard_hpc.errors import RshardError
 
 # ------------------------------------------------------------------------------------------ CUDA-awareness
 GPU_AWARE_MODES = ("auto", "on", "off")

@@ -1,11 +1,13 @@
-"""Every MPI call of the package lives here: broadcasts, the per-layer Alltoallv, client scatter/gather,
-collective agreement on errors, and abort. Arrays may be NumPy or CuPy; CuPy buffers are staged through
-reused pinned host buffers unless the MPI library is CUDA-aware (see `transport`)."""
+"""Alltoallv among one node's GPU ranks through CUDA IPC (device outboxes mapped by the peers; MPI carries only
+the offsets), enabled after a collective probe proves it exact (`--gpu-ipc`, architecture.md §7).
+"""
 from __future__ import annotations
-import time
-import numpy as np
-from rshard_hpc.dist.collectives import _displs, _mpi, _node_placement
 
+import time
+
+import numpy as np
+
+from rshard_hpc.dist.collectives import _displs, _mpi, _node_placement
 
 IPC_MODES = ("auto", "on", "off")
 

@@ -1,10 +1,8 @@
-"""The array-module switch: NumPy on CPUs, CuPy on GPUs. Model math asks `xp_of(array)`.
-
-`array_module(device)` gives the module for `--device cpu|gpu`; `select_device()` binds this rank to a
-GPU of its node (several ranks may share one GPU).
-"""
+"""GPU binding and the per-rank backend: which array module and which transport a rank works with."""
 from __future__ import annotations
+
 import numpy as np
+
 from rshard_hpc.dist.launcher import local_rank_from_env
 from rshard_hpc.ops.arrays import array_module
 

@@ -9,6 +9,7 @@ size, a worker rank without a GPU under --device gpu); 3 the processes are not o
 `srun` without a working `--mpi` plugin starts W separate world-size-1 "singletons").
 """
 from __future__ import annotations
+
 import importlib.metadata
 import importlib.util
 import os
@@ -16,12 +17,11 @@ import re
 import socket
 from collections import Counter
 from dataclasses import dataclass, field
+
 from rshard_hpc import __version__
-from rshard_hpc.dist import collectives
-from rshard_hpc.dist import cuda_aware
+from rshard_hpc.dist import collectives, cuda_aware
 from rshard_hpc.dist.launcher import LAUNCH_SIZE_VARS
 from rshard_hpc.dist.topology import layouts_for, role_of
-
 
 PACKAGES = ("numpy", "h5py", "mpi4py", "cupy", "tokenizers", "torch")
 

@@ -10,7 +10,9 @@ Layout for alpha = 2, beta = 2 (world size 1 + 2 + 4 = 7):
 Row i of the AttnNode grid holds queries of index group i, column j keys/values of group j.
 """
 from __future__ import annotations
+
 from dataclasses import dataclass
+
 from rshard_hpc.errors import InputError
 
 

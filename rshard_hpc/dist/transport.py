@@ -1,13 +1,16 @@
-"""Every MPI call of the package lives here: broadcasts, the per-layer Alltoallv, client scatter/gather,
-collective agreement on errors, and abort. Arrays may be NumPy or CuPy; CuPy buffers are staged through
-reused pinned host buffers unless the MPI library is CUDA-aware (see `transport`)."""
+"""The per-layer data movement on work_comm: Alltoallv of flat float32 or bf16-bit buffers (host, staged
+through pinned buffers, CUDA-aware MPI, or CUDA IPC), and the client's scatter of ids and gather of rows.
+"""
 from __future__ import annotations
+
 import time
+
 import numpy as np
-from rshard_hpc.ops.arrays import to_host, xp_of
-from rshard_hpc.errors import RshardError
+
 from rshard_hpc.dist.collectives import _displs, _mpi
 from rshard_hpc.dist.cuda_ipc import IPC_MODES, _try_device_ipc
+from rshard_hpc.errors import RshardError
+from rshard_hpc.ops.arrays import to_host, xp_of
 
 
 def _mpi_type(dtype):

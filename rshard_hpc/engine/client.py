@@ -1,6 +1,6 @@
-"""The per-layer choreography (DESIGN §1–§3): who sends what to whom. Model math is called, never written here.
+"""Rank 0's side of the per-layer choreography: drives batches and steps with small broadcast headers (no token
+content), scatters each CompNode only the ids of its own positions, gathers back only the final rows.
 
-Control flow is driven by the client with small broadcast headers (no token content):
   {"op": "batch", "lens": [...]}        a new batch; plans are made for these total lengths
   {"op": "step", "ranges": [(a, b)...], "want": "all" | "last"}
                                          compute positions a … b-1 of each sequence
@@ -13,12 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from rshard_hpc.dist import collectives
-from rshard_hpc.engine.routing import (
-    Routing,
-    last_of_each_sequence,
-    step_tokens,
-    wanted_local_rows,
-)
+from rshard_hpc.engine.routing import Routing, last_of_each_sequence, step_tokens, wanted_local_rows
 from rshard_hpc.engine.stats import PhaseTimer
 from rshard_hpc.plan.schemes import PlanSpec, make_plan
 

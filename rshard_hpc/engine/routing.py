@@ -1,8 +1,5 @@
-"""Sharding plans (DESIGN §3), the per-step routing tables, and privacy accounting (§4).
-
-A plan for a sequence of N positions is two int32 arrays:
-  comp[p]  in [0, alpha): the CompNode that owns position p;
-  group[p] in [0, beta):  p's index group (q goes to AttnNode row group[p], k/v to column group[p]).
+"""Per-step routing (architecture.md §3): which tokens a step computes and who sends which rows to whom; built
+once per step and reused by every layer.
 """
 from __future__ import annotations
 

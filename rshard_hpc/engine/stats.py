@@ -1,13 +1,4 @@
-"""The per-layer choreography (DESIGN §1–§3): who sends what to whom. Model math is called, never written here.
-
-Control flow is driven by the client with small broadcast headers (no token content):
-  {"op": "batch", "lens": [...]}        a new batch; plans are made for these total lengths
-  {"op": "step", "ranges": [(a, b)...], "want": "all" | "last"}
-                                         compute positions a … b-1 of each sequence
-  {"op": "end"}                          the batch is done: AttnNodes drop their KV cache; every rank's
-                                         visibility ledger of the batch is gathered to the client
-  {"op": "stop"}                         the job is done
-"""
+"""Time per phase and bytes moved, per rank (for /stats and the benchmarks)."""
 from __future__ import annotations
 
 import time

@@ -1,33 +1,15 @@
-"""The per-layer choreography (DESIGN §1–§3): who sends what to whom. Model math is called, never written here.
-
-Control flow is driven by the client with small broadcast headers (no token content):
-  {"op": "batch", "lens": [...]}        a new batch; plans are made for these total lengths
-  {"op": "step", "ranges": [(a, b)...], "want": "all" | "last"}
-                                         compute positions a … b-1 of each sequence
-  {"op": "end"}                          the batch is done: AttnNodes drop their KV cache; every rank's
-                                         visibility ledger of the batch is gathered to the client
-  {"op": "stop"}                         the job is done
+"""The CompNode and AttnNode loops (architecture.md §1-§3): per-token passes on a CompNode's own positions,
+partial attention on an AttnNode's (query group, key group) pair, two Alltoallv exchanges a layer.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from rshard_hpc.dist import collectives
-from rshard_hpc.engine.routing import (
-    Routing,
-    StepTokens,
-    step_tokens,
-    wanted_local_rows,
-)
+from rshard_hpc.engine.routing import Routing, StepTokens, step_tokens, wanted_local_rows
 from rshard_hpc.engine.stats import PhaseTimer
 from rshard_hpc.ops.attention import merge_partials, partial_attention
-from rshard_hpc.ops.precision import (
-    pack_partial,
-    partial_slots,
-    to_bf16_bits,
-    unpack_partial,
-    wire_dtype,
-)
+from rshard_hpc.ops.precision import pack_partial, partial_slots, to_bf16_bits, unpack_partial, wire_dtype
 from rshard_hpc.plan.ledger import compact_ledger, node_of, visible_key_counts
 from rshard_hpc.plan.schemes import PlanSpec, make_plan
 

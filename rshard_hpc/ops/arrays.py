@@ -1,8 +1,4 @@
-"""The array-module switch: NumPy on CPUs, CuPy on GPUs. Model math asks `xp_of(array)`.
-
-`array_module(device)` gives the module for `--device cpu|gpu`; `select_device()` binds this rank to a
-GPU of its node (several ranks may share one GPU).
-"""
+"""The array-module switch: NumPy on CPUs, CuPy on GPUs. Model math asks `xp_of(array)`."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,14 +1,5 @@
-"""Privacy you can check (DESIGN §4): what every node sees under a plan, the run check of `rshard run`,
-the search for the smallest layout reaching a δ, and the visibility ledger. Plain NumPy, no MPI.
-
-Vocabulary (docs/privacy.md has the long form):
-  view        the positions a node receives rows of: CompNode k {p : comp[p] = k}; AttnNode (i, j) group i ∪ j.
-  known       view ∪ the public prefix [0, public_prefix) (BOS, [CLS], a template: known to everyone).
-  run         a maximal stretch of consecutive known positions; a run of public positions alone is no run.
-  gap         the unseen positions just before a run; recovering the run by vocab-matching costs about
-              V^(gap+1) forward passes, reported as the exponent log10 V^(gap+1) = (gap+1)·log10 V.
-  first run   a node's first run, reported apart as first-run exposure (its holder can recover it).
-  δ           the smallest gap before any later run, over all nodes; 0 when a node sees every position.
+"""The run check of `rshard run` (architecture.md §4): a job's δ over its prompt lengths, the refusal below
+--min-delta, and the search for the smallest layout reaching a δ.
 """
 from __future__ import annotations
 
@@ -20,14 +11,7 @@ import numpy as np
 from rshard_hpc.dist.topology import node_label, world_size_for
 from rshard_hpc.plan.ledger import visible_key_counts
 from rshard_hpc.plan.schemes import PlanSpec, make_plan
-from rshard_hpc.plan.views import (
-    DEFAULT_VOCAB,
-    INF,
-    _first_unknown,
-    node_report,
-    plan_views,
-    view_runs,
-)
+from rshard_hpc.plan.views import DEFAULT_VOCAB, INF, _first_unknown, node_report, plan_views, view_runs
 
 SEARCH_MAX = 8  # the layout search tries alpha, beta in 1 … SEARCH_MAX
 

@@ -1,14 +1,5 @@
-"""Privacy you can check (DESIGN §4): what every node sees under a plan, the run check of `rshard run`,
-the search for the smallest layout reaching a δ, and the visibility ledger. Plain NumPy, no MPI.
-
-Vocabulary (docs/privacy.md has the long form):
-  view        the positions a node receives rows of: CompNode k {p : comp[p] = k}; AttnNode (i, j) group i ∪ j.
-  known       view ∪ the public prefix [0, public_prefix) (BOS, [CLS], a template: known to everyone).
-  run         a maximal stretch of consecutive known positions; a run of public positions alone is no run.
-  gap         the unseen positions just before a run; recovering the run by vocab-matching costs about
-              V^(gap+1) forward passes, reported as the exponent log10 V^(gap+1) = (gap+1)·log10 V.
-  first run   a node's first run, reported apart as first-run exposure (its holder can recover it).
-  δ           the smallest gap before any later run, over all nodes; 0 when a node sees every position.
+"""The visibility ledger (architecture.md §4): what every rank actually received, compacted per batch, and its
+check against the plan's views.
 """
 from __future__ import annotations
 
@@ -16,15 +7,7 @@ import numpy as np
 
 from rshard_hpc.dist.topology import attn_name, comp_name, rank_layout
 from rshard_hpc.plan.schemes import PlanSpec, make_plan
-from rshard_hpc.plan.views import (
-    blocks_of,
-    expand_blocks,
-    format_blocks,
-    plan_views,
-    rle,
-    sees_all,
-    unrle,
-)
+from rshard_hpc.plan.views import blocks_of, expand_blocks, format_blocks, plan_views, rle, sees_all, unrle
 
 
 def node_of(topo) -> str:

@@ -1,15 +1,4 @@
-"""Privacy you can check (DESIGN §4): what every node sees under a plan, the run check of `rshard run`,
-the search for the smallest layout reaching a δ, and the visibility ledger. Plain NumPy, no MPI.
-
-Vocabulary (docs/privacy.md has the long form):
-  view        the positions a node receives rows of: CompNode k {p : comp[p] = k}; AttnNode (i, j) group i ∪ j.
-  known       view ∪ the public prefix [0, public_prefix) (BOS, [CLS], a template: known to everyone).
-  run         a maximal stretch of consecutive known positions; a run of public positions alone is no run.
-  gap         the unseen positions just before a run; recovering the run by vocab-matching costs about
-              V^(gap+1) forward passes, reported as the exponent log10 V^(gap+1) = (gap+1)·log10 V.
-  first run   a node's first run, reported apart as first-run exposure (its holder can recover it).
-  δ           the smallest gap before any later run, over all nodes; 0 when a node sees every position.
-"""
+"""The plan report of `rshard plan` and of /privacy: a document per plan and its text rendering."""
 from __future__ import annotations
 
 import math
@@ -17,12 +6,7 @@ import math
 import numpy as np
 
 from rshard_hpc.dist.topology import node_label, rank_layout, world_size_for
-from rshard_hpc.plan.check import (
-    SEARCH_MAX,
-    describe_layout,
-    plan_report,
-    smallest_layout,
-)
+from rshard_hpc.plan.check import SEARCH_MAX, describe_layout, plan_report, smallest_layout
 from rshard_hpc.plan.schemes import DEFAULT_DELTA, PlanSpec
 from rshard_hpc.plan.views import DEFAULT_VOCAB, INF, blocks_of, format_blocks
 

@@ -1,6 +1,4 @@
-"""Sharding plans (DESIGN §3), the per-step routing tables, and privacy accounting (§4).
-
-A plan for a sequence of N positions is two int32 arrays:
+"""Sharding plans (architecture.md §3). A plan for a sequence of N positions is two int32 arrays:
   comp[p]  in [0, alpha): the CompNode that owns position p;
   group[p] in [0, beta):  p's index group (q goes to AttnNode row group[p], k/v to column group[p]).
 """

@@ -1,8 +1,13 @@
-"""Sharding plans (DESIGN §3), the per-step routing tables, and privacy accounting (§4).
+"""Views, runs and gaps (architecture.md §4), plain NumPy.
 
-A plan for a sequence of N positions is two int32 arrays:
-  comp[p]  in [0, alpha): the CompNode that owns position p;
-  group[p] in [0, beta):  p's index group (q goes to AttnNode row group[p], k/v to column group[p]).
+Vocabulary (docs/privacy.md has the long form):
+  view        the positions a node receives rows of: CompNode k {p : comp[p] = k}; AttnNode (i, j) group i ∪ j.
+  known       view ∪ the public prefix [0, public_prefix) (BOS, [CLS], a template: known to everyone).
+  run         a maximal stretch of consecutive known positions; a run of public positions alone is no run.
+  gap         the unseen positions just before a run; recovering the run by vocab-matching costs about
+              V^(gap+1) forward passes, reported as the exponent log10 V^(gap+1) = (gap+1)·log10 V.
+  first run   a node's first run, reported apart as first-run exposure (its holder can recover it).
+  δ           the smallest gap before any later run, over all nodes; 0 when a node sees every position.
 """
 from __future__ import annotations
 

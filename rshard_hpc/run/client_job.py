@@ -1,4 +1,6 @@
-"""`rshard run`: set up every rank, agree on errors before work, then play the role this rank has."""
+"""The client's job (rank 0): read and tokenize the prompts, check the plan's privacy, open the results file,
+run the batches through the engine, write results, the privacy report and the stats.
+"""
 from __future__ import annotations
 
 import json

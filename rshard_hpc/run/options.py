@@ -1,4 +1,4 @@
-"""`rshard run`: set up every rank, agree on errors before work, then play the role this rank has."""
+"""The options of `rshard run`, as one dataclass (the CLI, job files and tests build it)."""
 from __future__ import annotations
 
 import json
