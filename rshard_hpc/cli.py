@@ -9,7 +9,15 @@ import click
 from rshard_hpc import __version__
 from rshard_hpc.dist.launcher import tune_mpi_env, world_rank
 from rshard_hpc.errors import RshardError
-from rshard_hpc.plan.schemes import DEFAULT_DELTA
+from rshard_hpc.dist.cuda_aware import GPU_AWARE_MODES
+from rshard_hpc.dist.cuda_ipc import IPC_MODES
+from rshard_hpc.engine.generate import GenerateSettings
+from rshard_hpc.models.registry import BUNDLED, DEFAULT_DECODER
+from rshard_hpc.ops.arrays import DEVICES
+from rshard_hpc.ops.precision import DTYPES
+from rshard_hpc.plan.check import SEARCH_MAX
+from rshard_hpc.plan.schemes import SCHEMES
+from rshard_hpc.run.options import TASKS, RunOptions
 from rshard_hpc.run import termination, testhooks
 from rshard_hpc.run.jobfile import config_callback
 
@@ -39,34 +47,56 @@ def _describe_rank() -> str:
         return f"rank {world_rank()}"
 
 
-def plan_options(command):
-    """The layout and plan options shared by `run` and `plan` (DESIGN §2, §3)."""
-    options = [
-        click.option("--alpha", type=int, default=1, show_default=True, help="Number of CompNodes."),
-        click.option("--beta", type=int, default=1, show_default=True, help="AttnNode grid side (beta^2 AttnNodes)."),
-        click.option("--scheme", type=click.Choice(["strided", "random", "explicit"]), default="strided",
-                     show_default=True),
-        click.option("--c", "c", type=int, default=1, show_default=True, help="CompNode chunk length."),
-        click.option("--c-a", "c_a", type=int, default=1, show_default=True, help="Index-group chunk length."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random plan scheme."),
-        click.option("--plan-file", default=None,
-                     help="JSON {\"comp\": [...], \"group\": [...]} for --scheme explicit."),
-    ]
-    return _stack(command, options)
+def plan_options(*names, **defaults):
+    """The layout and plan options (architecture.md §2, §3), declared once: `run` and `plan` take them all,
+    `bench job`, `audit` and `doctor` a few. Defaults are RunOptions' unless a command names its own."""
+    names = names or tuple(_PLAN_OPTIONS)
+    return lambda command: _stack(command, [_PLAN_OPTIONS[n](defaults.get(n, getattr(RunOptions, n))) for n in names])
 
 
-def device_options(dtype_help: str):
-    """The device, transport and precision options shared by `run` and `bench job`."""
-    options = [
-        click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True),
-        click.option("--gpu-aware-mpi", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True),
-        click.option("--gpu-ipc", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-                     help="GPU workers on one node move device buffers by CUDA IPC (MPI carries only offsets); "
-                          "auto: where a probe proves it exact, else MPI."),
-        click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
-                     help=dtype_help),
-    ]
-    return lambda command: _stack(command, options)
+def _choice_option(flag, choices, help_text):
+    return lambda default: click.option(flag, type=click.Choice(choices), default=default, show_default=True,
+                                        help=help_text)
+
+
+def _int_option(flag, dest, help_text):
+    return lambda default: click.option(flag, dest, type=int, default=default, show_default=default is not None,
+                                        help=help_text)
+
+
+_PLAN_OPTIONS = {
+    "alpha": _int_option("--alpha", "alpha", "Number of CompNodes."),
+    "beta": _int_option("--beta", "beta", "AttnNode grid side (beta^2 AttnNodes)."),
+    "scheme": _choice_option("--scheme", list(SCHEMES),
+                             "Plan scheme: strided chunks, seeded random chunks, or an explicit plan file."),
+    "c": _int_option("--c", "c", "CompNode chunk length."),
+    "c_a": _int_option("--c-a", "c_a", "Index-group chunk length."),
+    "seed": _int_option("--seed", "seed", "Seed of the random plan scheme."),
+    "plan_file": lambda default: click.option("--plan-file", default=default,
+                                              help="JSON {\"comp\": [...], \"group\": [...]} for --scheme explicit."),
+}
+
+
+def device_options(dtype_help: str, *names):
+    """The device, transport and precision options, declared once (`run`, `bench job`; `bench passes` and
+    `doctor` take some)."""
+    options = {
+        "device": click.option("--device", type=click.Choice(list(DEVICES)), default=RunOptions.device,
+                               show_default=True, help="cpu: NumPy on every rank; gpu: CompNodes and AttnNodes on "
+                                                       "CuPy and the CUDA kernels, one GPU a rank (several may share)."),
+        "gpu_aware_mpi": click.option("--gpu-aware-mpi", type=click.Choice(list(GPU_AWARE_MODES)),
+                                      default=RunOptions.gpu_aware_mpi, show_default=True,
+                                      help="Give MPI device buffers: auto only where the library says it is "
+                                           "CUDA-aware; else stage through pinned host buffers."),
+        "gpu_ipc": click.option("--gpu-ipc", type=click.Choice(list(IPC_MODES)), default=RunOptions.gpu_ipc,
+                                show_default=True,
+                                help="GPU workers on one node move device buffers by CUDA IPC (MPI carries only "
+                                     "offsets); auto: where a probe proves it exact, else MPI."),
+        "dtype": click.option("--dtype", type=click.Choice(list(DTYPES)), default=RunOptions.dtype,
+                              show_default=True, help=dtype_help),
+    }
+    names = names or tuple(options)
+    return lambda command: _stack(command, [options[n] for n in names])
 
 
 def _stack(command, options):
@@ -100,29 +130,34 @@ def convert(source, out):
 @click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
               callback=config_callback(strict=True),
               help="Job file (TOML, or JSON if .json) of these options; command-line options override it.")
-@click.option("--task", type=click.Choice(["embed", "generate"]), default="embed", show_default=True)
-@click.option("--model", default="all-MiniLM-L6-v2", show_default=True,
-              help="A weight file (.h5) or a bundled model name (all-MiniLM-L6-v2, SmolLM2-135M-Instruct).")
+@click.option("--task", type=click.Choice(list(TASKS)), default=RunOptions.task, show_default=True,
+              help="embed: one sentence embedding a prompt (encoders); generate: new tokens (decoders).")
+@click.option("--model", default=RunOptions.model, show_default=True,
+              help=f"A weight file (.h5) or a bundled model name ({', '.join(BUNDLED)}).")
 @click.option("--prompts", required=True, help="JSONL ({\"text\", \"id\"} a line) or plain text (a prompt a line).")
 @click.option("--out", required=True, help="Results HDF5 file (appended after every batch).")
-@plan_options
-@click.option("--min-delta", type=int, default=DEFAULT_DELTA, show_default=True,
+@plan_options()
+@click.option("--min-delta", type=int, default=RunOptions.min_delta, show_default=True,
               help="Refuse a plan whose delta (smallest unseen gap before a node's later run) is below this; "
                    "see docs/privacy.md. 0: no check.")
 @click.option("--allow-weak-plan", is_flag=True, help="Run a plan below --min-delta anyway (with a warning).")
-@click.option("--public-prefix", type=int, default=-1,
+@click.option("--public-prefix", type=int, default=RunOptions.public_prefix,
               help="Leading positions known to everyone (BOS, [CLS], a template). Default: what the tokenizer adds.")
-@click.option("--batch-tokens", type=int, default=8192, show_default=True, help="Tokens per batch (at least one prompt).")
+@click.option("--batch-tokens", type=int, default=RunOptions.batch_tokens, show_default=True, help="Tokens per batch (at least one prompt).")
 @click.option("--resume", is_flag=True, help="Skip prompt ids already in --out and append the rest.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 @click.option("--truncate", is_flag=True, help="Cut over-long prompts to the model's limit instead of failing.")
 @device_options("Engine precision. bfloat16: bf16 GEMM inputs and q/k/v (fp32 accumulation, norms, residuals "
                 "and merge); on GPUs the tensor-core attention kernel. See README.")
-@click.option("--max-new-tokens", type=int, default=32, show_default=True, help="generate: tokens to add at most.")
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="generate: 0 is greedy.")
-@click.option("--top-k", type=int, default=0, show_default=True, help="generate: sample among the k likeliest (0: all).")
-@click.option("--top-p", type=float, default=1.0, show_default=True, help="generate: nucleus sampling mass.")
-@click.option("--sample-seed", type=int, default=0, show_default=True,
+@click.option("--max-new-tokens", type=int, default=GenerateSettings.max_new_tokens, show_default=True,
+              help="generate: tokens to add at most.")
+@click.option("--temperature", type=float, default=GenerateSettings.temperature, show_default=True,
+              help="generate: 0 is greedy.")
+@click.option("--top-k", type=int, default=GenerateSettings.top_k, show_default=True,
+              help="generate: sample among the k likeliest (0: all).")
+@click.option("--top-p", type=float, default=GenerateSettings.top_p, show_default=True,
+              help="generate: nucleus sampling mass.")
+@click.option("--sample-seed", type=int, default=GenerateSettings.seed, show_default=True,
               help="generate: sampling seed (each prompt draws from its own stream: runs are reproducible).")
 @click.option("--stop", multiple=True, help="generate: stop string (repeatable); cut from the text.")
 @click.option("--chat", is_flag=True, help="generate: wrap each prompt in the model's chat template.")
@@ -148,10 +183,8 @@ def run(quiet, max_new_tokens, temperature, top_k, top_p, sample_seed, stop, cha
 @main.command()
 @click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
               callback=config_callback(strict=False), help="A `rshard run` job file: its alpha, beta and device.")
-@click.option("--alpha", type=int, default=None, help="Number of CompNodes (shows each rank's role).")
-@click.option("--beta", type=int, default=None, help="AttnNode grid side.")
-@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
-              help="gpu: every CompNode and AttnNode must see a GPU.")
+@plan_options("alpha", "beta", alpha=None, beta=None)
+@device_options("", "device")
 def doctor(alpha, beta, device):
     """Check a launch: per rank host, role, GPU, MPI library, CUDA-awareness, versions; then a verdict.
 
@@ -170,7 +203,7 @@ def doctor(alpha, beta, device):
 
 
 @main.command("plan")
-@plan_options
+@plan_options()
 @click.option("--length", "n", type=int, default=64, show_default=True,
               help="Sequence length (a prompt, plus the new tokens when generating).")
 @click.option("--public-prefix", type=int, default=None,
@@ -181,9 +214,9 @@ def doctor(alpha, beta, device):
                                                       "model's, else 49152).")
 @click.option("--causal/--bidirectional", default=None,
               help="Attention mask for the partial counts (default: the model's, else causal).")
-@click.option("--delta", type=int, default=DEFAULT_DELTA, show_default=True,
+@click.option("--delta", type=int, default=RunOptions.min_delta, show_default=True,
               help="Report the smallest alpha, beta reaching this delta at this length.")
-@click.option("--search-max", type=int, default=8, show_default=True, help="Largest alpha and beta searched.")
+@click.option("--search-max", type=int, default=SEARCH_MAX, show_default=True, help="Largest alpha and beta searched.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plan_cmd(alpha, beta, scheme, c, c_a, seed, plan_file, n, public_prefix, model, vocab, causal, delta, search_max,
              as_json):
@@ -229,10 +262,7 @@ def bench_kernel_cmd(out, lengths, head_dims, dtypes):
 
 
 @bench.command("job")
-@click.option("--alpha", type=int, default=2, show_default=True)
-@click.option("--beta", type=int, default=2, show_default=True)
-@click.option("--c", "c", type=int, default=1, show_default=True)
-@click.option("--c-a", "c_a", type=int, default=1, show_default=True)
+@plan_options("alpha", "beta", "c", "c_a", alpha=2, beta=2)
 @click.option("--shape", type=click.Choice(["smollm2", "llama-1b", "tiny"]), default="smollm2", show_default=True,
               help="Random-weight Llama shape.")
 @click.option("--layers", type=int, default=None, help="Override the shape's layer count.")
@@ -261,8 +291,7 @@ def bench_job_cmd(alpha, beta, tokens, **opts):
 
 
 @bench.command("passes")
-@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@device_options("Precision of the pieces (as `rshard run --dtype`).", "device", "dtype")
 @click.option("--shape", type=click.Choice(["smollm2", "llama-1b", "tiny"]), default="smollm2", show_default=True,
               help="Random-weight Llama shape.")
 @click.option("--tokens", type=int, default=8192, show_default=True)
@@ -285,15 +314,10 @@ def bench_passes_cmd(with_torch, **opts):
 
 
 @main.command()
-@click.option("--model", default="SmolLM2-135M-Instruct", show_default=True,
+@click.option("--model", default=DEFAULT_DECODER, show_default=True,
               help="A Llama weight file (.h5) or a bundled decoder name.")
 @click.option("--prompts", required=True, help="Plain text (a prompt a line) or JSONL ({\"text\"} a line).")
-@click.option("--alpha", type=int, default=3, show_default=True, help="Number of CompNodes.")
-@click.option("--beta", type=int, default=3, show_default=True, help="AttnNode grid side.")
-@click.option("--scheme", type=click.Choice(["strided", "random"]), default="strided", show_default=True)
-@click.option("--c", "c", type=int, default=1, show_default=True, help="CompNode chunk length.")
-@click.option("--c-a", "c_a", type=int, default=2, show_default=True, help="Index-group chunk length.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random plan scheme.")
+@plan_options("alpha", "beta", "scheme", "c", "c_a", "seed", alpha=3, beta=3, c_a=2)
 @click.option("--layer", type=int, default=1, show_default=True, help="Attack the rows of this layer (0 = context-free).")
 @click.option("--top-k", type=int, default=8, show_default=True, help="Candidates per position from the model's ranking.")
 @click.option("--budget", type=int, default=4096, show_default=True,

@@ -43,7 +43,8 @@ def run_bench(topo, opts: dict) -> None:
     connect_workers(topo, transport, opts.get("gpu_ipc", "auto"))
     tensors = random_tensors(cfg, seed=opts["seed"]) if topo.role != "attn" else None
     if topo.role == "comp":
-        worker = CompWorker(topo, spec, Llama(cfg, tensors, xp, dtype=opts["dtype"]), transport, xp=xp)
+        worker = CompWorker(topo, spec, Llama(cfg, tensors, xp, dtype=opts["dtype"]), transport, xp=xp,
+                            dtype=opts["dtype"])
     elif topo.role == "attn":
         worker = AttnWorker(topo, spec, cfg, transport, xp=xp, dtype=opts["dtype"])
     if topo.role != "client":

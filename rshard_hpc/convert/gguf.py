@@ -38,7 +38,6 @@ LAYER_NAMES = {
 TOP_NAMES = {"token_embd": "embed/word", "output_norm": "final_norm/w", "output": "lm_head/w"}
 
 # Pre-tokenizer regexes (the Split that precedes byte-level mapping), by `tokenizer.ggml.pre`.
-GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
@@ -297,7 +296,7 @@ def read_gguf(path):
         n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim, intermediate=int(get("feed_forward_length")),
         vocab_size=vocab_size, max_positions=int(get("context_length", 2048)), norm="rmsnorm",
         norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)), act="silu", causal=True,
-        rope_theta=float(get("rope.freq_base", 10000.0)), tie_embeddings=tie, tokenizer_kind="hf-json",
+        rope_theta=float(get("rope.freq_base", 10000.0)), tie_embeddings=tie,
         max_seq_length=0, bos_token_id=int(bos) if bos is not None else -1, eos_token_ids=tuple(eos),
         chat_template=str(meta.get("tokenizer.chat_template") or ""), extra=extra,
     )

@@ -148,7 +148,7 @@ def llama_from_hf(folder, hf: dict):
         n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim, intermediate=int(hf["intermediate_size"]),
         vocab_size=int(hf["vocab_size"]), max_positions=int(hf.get("max_position_embeddings", 2048)),
         norm="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)), act="silu", causal=True,
-        rope_theta=theta, tie_embeddings=tie, tokenizer_kind="hf-json", max_seq_length=0,
+        rope_theta=theta, tie_embeddings=tie, max_seq_length=0,
         bos_token_id=int(bos) if bos is not None else -1, eos_token_ids=tuple(eos),
         chat_template=_chat_template(folder, tok_cfg), extra=extra,
     )

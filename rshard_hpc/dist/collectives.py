@@ -78,3 +78,34 @@ def _node_placement(comm) -> tuple[int, int]:
         return node.Get_rank(), node.Get_size()
     finally:
         node.Free()
+
+
+def load_on_root(comm, load, root: int = 0) -> dict:
+    """`load()` (a dict of NumPy arrays) runs on the root of comm only; every rank gets its result. An
+    RshardError on the root is raised on every rank."""
+    arrays, error = None, None
+    if comm.Get_rank() == root:
+        try:
+            arrays = load()
+        except RshardError as exc:
+            error = str(exc)
+    return bcast_arrays(comm, arrays, error, root)
+
+
+def bcast_arrays(comm, arrays: dict | None, error: str | None = None, root: int = 0) -> dict:
+    """The root's {name: NumPy array} on every rank of comm: one pickled header (names, shapes, dtypes, or
+    the root's error), then one Bcast a tensor. A root error raises RshardError on every rank, so no rank
+    is left waiting for tensors that never come."""
+    is_root = comm.Get_rank() == root
+    header = None
+    if is_root:
+        header = {"error": error} if error else {"meta": [(k, a.shape, a.dtype.str) for k, a in arrays.items()]}
+    header = comm.bcast(header, root=root)
+    if header.get("error"):
+        raise RshardError(header["error"])
+    out = {}
+    for name, shape, dtype in header["meta"]:
+        buf = np.ascontiguousarray(arrays[name]) if is_root else np.empty(shape, dtype=np.dtype(dtype))
+        comm.Bcast(buf, root=root)
+        out[name] = buf
+    return out

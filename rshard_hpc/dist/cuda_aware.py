@@ -32,7 +32,7 @@ def detect_cuda_aware() -> tuple[bool, str]:
     and their derivatives); vendor switches of MPIs known to need them (Cray MPICH's
     MPICH_GPU_SUPPORT_ENABLED=1, MVAPICH2's MV2_USE_CUDA=1); Open MPI's `ompi_info` build flag.
     """
-    library = _library_version()
+    library = mpi_library_version()
     env = os.environ
     if env.get("MPIR_CVAR_ENABLE_GPU", "").strip() == "0":
         return False, "MPIR_CVAR_ENABLE_GPU=0"
@@ -55,7 +55,8 @@ def detect_cuda_aware() -> tuple[bool, str]:
     return False, f"no evidence of CUDA support in {first_line}"
 
 
-def _library_version() -> str:
+def mpi_library_version() -> str:
+    """The loaded MPI library's own version text (MPI_Get_library_version); "" when MPI cannot be loaded."""
     try:
         return _mpi().Get_library_version()
     except Exception:  # MPI not importable: nothing to report
@@ -113,8 +114,3 @@ def _ompi_info_cuda():
         if "built_with_cuda_support:value:" in line:
             return line.rsplit(":", 1)[-1].strip() == "true"
     return None
-
-
-def mpi_library_version() -> str:
-    """The loaded MPI library's own version text (MPI_Get_library_version); "" when MPI cannot be loaded."""
-    return _library_version()

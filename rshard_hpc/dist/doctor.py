@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 from rshard_hpc import __version__
 from rshard_hpc.dist import collectives, cuda_aware
-from rshard_hpc.dist.launcher import LAUNCH_SIZE_VARS
-from rshard_hpc.dist.topology import layouts_for, role_of
+from rshard_hpc.dist.launcher import announced_sizes
+from rshard_hpc.dist.topology import layouts_for, role_of, world_size_for
 
 PACKAGES = ("numpy", "h5py", "mpi4py", "cupy", "tokenizers", "torch")
 
@@ -100,7 +100,7 @@ def collect(world, alpha, beta) -> RankReport:
     env_local, env_name = local_rank_from_env()
     has_gpu, gpu = gpu_of(split_local if env_local is None else env_local)  # as backend.select_device chooses
     aware, why = cuda_aware.detect_cuda_aware()
-    launched = {v: int(os.environ[v]) for v in LAUNCH_SIZE_VARS if os.environ.get(v, "").strip().isdigit()}
+    launched = announced_sizes()
     return RankReport(rank, size, socket.gethostname(), role_of(rank, alpha, beta, size), split_local,
                       f"{env_name}={env_local}" if env_name else "", gpu, has_gpu,
                       short_library(cuda_aware.mpi_library_version()), f"{'yes' if aware else 'no'} ({why})",
@@ -121,7 +121,7 @@ def verdict(reports: list[RankReport], alpha, beta, device: str) -> tuple[int, l
             f"MPI), or mpiexec inside the allocation (see `srun --mpi=list`)")
     problems = []
     if alpha is not None and beta is not None:
-        want = 1 + alpha + beta * beta
+        want = world_size_for(alpha, beta)
         if alpha < 1 or beta < 1:
             problems.append(f"alpha and beta must be >= 1 (got alpha={alpha}, beta={beta})")
         elif size != want:

@@ -49,3 +49,9 @@ def _slurm_local_tasks() -> str:
 
 # Variables in which launchers announce how many processes they started.
 LAUNCH_SIZE_VARS = ("SLURM_STEP_NUM_TASKS", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")
+
+
+def announced_sizes(environ=None) -> dict:
+    """{variable: process count} for every launcher variable that announces the job's size."""
+    environ = os.environ if environ is None else environ
+    return {v: int(environ[v]) for v in LAUNCH_SIZE_VARS if environ.get(v, "").strip().isdigit()}

@@ -44,8 +44,7 @@ class Routing:
     """
 
     def __init__(self, tokens: StepTokens, alpha: int, beta: int):
-        self.tokens = tokens
-        self.alpha, self.beta = alpha, beta
+        self.alpha = alpha
         self.comp_tokens = [np.flatnonzero(tokens.comp == k) for k in range(alpha)]
         self.by_group = []
         for k in range(alpha):

@@ -10,7 +10,7 @@ from rshard_hpc.engine.routing import Routing, StepTokens, step_tokens, wanted_l
 from rshard_hpc.engine.stats import PhaseTimer
 from rshard_hpc.ops.attention import merge_partials, partial_attention
 from rshard_hpc.ops.precision import pack_partial, partial_slots, to_bf16_bits, unpack_partial, wire_dtype
-from rshard_hpc.plan.ledger import compact_ledger, node_of, visible_key_counts
+from rshard_hpc.plan.ledger import compact_ledger, visible_key_counts
 from rshard_hpc.plan.schemes import PlanSpec, make_plan
 
 
@@ -40,7 +40,7 @@ class _Worker:
             elif op == "end":
                 self.end_batch()
                 # the batch's visibility ledger goes to the client (DESIGN §4); token content never does
-                collectives.gather_ledger(self.topo.world, {"node": node_of(self.topo), "records": compact_ledger(self.ledger)})
+                collectives.gather_ledger(self.topo.world, {"node": self.topo.node.name, "records": compact_ledger(self.ledger)})
                 self.ledger = []
 
     def begin_batch(self):
@@ -58,8 +58,10 @@ class _Worker:
 class CompWorker(_Worker):
     """A CompNode: per-token work on its own positions."""
 
-    def __init__(self, topo, spec, model, transport, xp=np):
-        super().__init__(topo, spec, model.cfg, transport, xp, getattr(model, "dtype", "float32"))
+    def __init__(self, topo, spec, model, transport, xp=np, dtype="float32"):
+        super().__init__(topo, spec, model.cfg, transport, xp, dtype)
+        if model.dtype != dtype:
+            raise ValueError(f"the model's weights were placed for {model.dtype}, the worker runs {dtype}")
         self.model = model
 
     def step(self, tokens: StepTokens, routing: Routing, want: str) -> None:

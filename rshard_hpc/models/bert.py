@@ -29,10 +29,6 @@ class Bert:
             keys += [weights.layer_key(i, name) for name in LAYER_KEYS]
         return keys
 
-    @classmethod
-    def from_file(cls, path, cfg: ModelConfig, dtype="float32", xp=None):
-        return cls(cfg, weights.read_tensors(path, cls.tensor_keys(cfg)), xp or np, dtype=dtype)
-
     def _w(self, layer: int, name: str):
         return self.t[weights.layer_key(layer, name)]
 

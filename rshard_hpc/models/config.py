@@ -24,7 +24,6 @@ class ModelConfig:
     rope_theta: float = 0.0  # 0: no RoPE
     type_vocab_size: int = 0  # bert token types
     tie_embeddings: bool = False  # llama: lm_head == embed/word
-    tokenizer_kind: str = "hf-json"  # how /tokenizer rebuilds the tokenizer
     pooling: str = "none"  # embedding pooling: "mean" | "cls" | "none"
     normalize: bool = False  # L2-normalize the pooled embedding
     max_seq_length: int = 0  # the model's prompt limit (sentence-transformers' max_seq_length)

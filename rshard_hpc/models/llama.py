@@ -2,7 +2,7 @@
 
 CompNodes hold `embed/word` and every layer (`Llama.tensor_keys`); the client holds only the head
 (`Llama.head_keys`: final RMSNorm weight and LM head, which is `embed/word` when tied) and turns the
-un-normed final rows into logits with `head_logits(cfg, head, rows)` (also `Llama.head_logits`).
+un-normed final rows into logits with `head_logits(cfg, head, rows)`.
 
 Numerics follow Hugging Face's LlamaForCausalLM: RMSNorm statistics in fp32 then times the weight;
 RoPE angles in fp32 from fp32 inverse frequencies at the absolute positions, "rotate_half" layout
@@ -110,13 +110,6 @@ class Llama:
     def head_keys(cfg: ModelConfig) -> list:
         return ["final_norm/w", "embed/word" if cfg.tie_embeddings else "lm_head/w"]
 
-    @classmethod
-    def from_file(cls, path, cfg: ModelConfig, dtype="float32", xp=None):
-        return cls(cfg, weights.read_tensors(path, cls.tensor_keys(cfg)), xp or np, dtype=dtype)
-
-    head_logits = staticmethod(head_logits)
-    load_head = staticmethod(load_head)
-
     def _w(self, layer: int, name: str):
         return self.t[weights.layer_key(layer, name)]
 
@@ -146,9 +139,6 @@ class Llama:
     def final_rows(self, h):
         """What a CompNode returns to the client: the residual stream, un-normed (the client applies the head)."""
         return h
-
-    def logits(self, rows, head: dict):
-        return head_logits(self.cfg, head, rows)
 
 
 def render_chat(template: str, messages: list, add_generation_prompt: bool = True, **context) -> str:

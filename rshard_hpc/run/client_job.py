@@ -16,7 +16,7 @@ from rshard_hpc.engine.stats import rank_stats
 from rshard_hpc.errors import InputError, RshardError
 from rshard_hpc.plan.schemes import PlanSpec
 from rshard_hpc.run import termination, testhooks
-from rshard_hpc.run.options import RunOptions
+from rshard_hpc.run.options import TASKS, RunOptions
 from rshard_hpc.run.progress import Progress, say
 
 
@@ -46,8 +46,8 @@ class ClientJob:
         from rshard_hpc.run.results import ResultWriter, read_prompts
 
         self.topo, self.opts, self.spec = topo, opts, spec
-        if opts.task not in ("embed", "generate"):
-            raise InputError(f"unknown task {opts.task!r} (embed, generate)")
+        if opts.task not in TASKS:
+            raise InputError(f"unknown task {opts.task!r} ({', '.join(TASKS)})")
         model_path = resolve_model(opts.model)
         self.cfg = weights.read_config(model_path)
         self._check_task()

@@ -51,11 +51,12 @@ def run(opts: RunOptions) -> None:
 def _make_worker(topo, spec, model_path, xp, transport, dtype="float32"):
     from rshard_hpc.engine.client import Client
     from rshard_hpc.engine.workers import AttnWorker, CompWorker
-    from rshard_hpc.models import load_model, weights
+    from rshard_hpc.models import build_model, read_model_tensors, weights
 
-    if topo.role == "comp":
-        return CompWorker(topo, spec, load_model(model_path, dtype=dtype, xp=xp), transport, xp=xp)
     cfg = weights.read_config(model_path)
+    if topo.role == "comp":  # CompNode 0 reads the weights; the others receive them over comp_comm
+        tensors = collectives.load_on_root(topo.comp_comm, lambda: read_model_tensors(model_path, cfg))
+        return CompWorker(topo, spec, build_model(cfg, tensors, dtype, xp), transport, xp=xp, dtype=dtype)
     if topo.role == "attn":
         return AttnWorker(topo, spec, cfg, transport, xp=xp, dtype=dtype)
     return Client(topo, spec, cfg, transport)

@@ -22,6 +22,7 @@ import json
 import sys
 from pathlib import Path
 
+from rshard_hpc.dist.topology import world_size_for
 from rshard_hpc.errors import InputError
 
 
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
         return 0 if argv else 2
     try:
         alpha, beta = layout(argv[0], argv[1:])
-        print(1 + alpha + beta * beta, alpha, beta)
+        print(world_size_for(alpha, beta), alpha, beta)
     except InputError as exc:
         print(f"rshard: error: {exc}", file=sys.stderr)
         return 2

@@ -6,21 +6,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rshard_hpc.errors import InputError
+from rshard_hpc.models.registry import DEFAULT_MODEL
 from rshard_hpc.plan.schemes import DEFAULT_DELTA, PlanSpec
+
+
+TASKS = ("embed", "generate")
 
 
 @dataclass
 class RunOptions:
-    task: str = "embed"
-    model: str = "all-MiniLM-L6-v2"
+    """Every option of `rshard run` with its default: the one place those defaults are written (the CLI reads
+    them from here; the plan's come from PlanSpec)."""
+
+    task: str = TASKS[0]
+    model: str = DEFAULT_MODEL
     prompts: str = ""
     out: str = ""
-    alpha: int = 1
-    beta: int = 1
-    scheme: str = "strided"
-    c: int = 1
-    c_a: int = 1
-    seed: int = 0
+    alpha: int = PlanSpec.alpha
+    beta: int = PlanSpec.beta
+    scheme: str = PlanSpec.scheme
+    c: int = PlanSpec.c
+    c_a: int = PlanSpec.c_a
+    seed: int = PlanSpec.seed
     plan_file: str | None = None
     batch_tokens: int = 8192
     resume: bool = False

@@ -63,7 +63,7 @@ def main():
             print(f"{tag}: max relative error to float32 {rel:.3e} (single-process bf16: {ref_rel:.3e}); "
                   f"max abs diff to the bf16 single-process forward {same:.3e}", flush=True)
     elif topo.role == "comp":
-        CompWorker(topo, spec, load_model(path, dtype=dtype), transport).serve()
+        CompWorker(topo, spec, load_model(path, dtype=dtype), transport, dtype=dtype).serve()
     else:
         AttnWorker(topo, spec, cfg, transport, dtype=dtype).serve()
     ok = world.allreduce(ok, op=MPI.MIN)

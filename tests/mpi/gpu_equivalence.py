@@ -154,7 +154,8 @@ def main():
         print(f"{tag}: first batch {t1 - t0:.2f} s; max rel err: {detail} -> "
               f"{'PASS' if passed else 'FAIL'}", flush=True)
     elif topo.role == "comp":
-        CompWorker(topo, spec, load_model(args.model, dtype=args.dtype, xp=xp), transport, xp=xp).serve()
+        CompWorker(topo, spec, load_model(args.model, dtype=args.dtype, xp=xp), transport, xp=xp,
+                   dtype=args.dtype).serve()
     else:
         AttnWorker(topo, spec, cfg, transport, xp=xp, dtype=args.dtype).serve()
     passed = world.bcast(passed if topo.role == "client" else None, root=0)
