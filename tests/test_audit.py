@@ -76,7 +76,7 @@ def test_tiny_matching_rejects_wrong_prefix(tiny):
 
 
 def test_node_parts_follow_the_routing():
-    """AttnNode (i, j) receives q of group i and k, v of group j (DESIGN §3)."""
+    """AttnNode (i, j) receives q of group i and k, v of group j (architecture.md §3)."""
     comp, group = make_plan(PlanSpec(alpha=3, beta=3, c=1, c_a=2), 12)
     parts = node_parts("attn0_1", group, 12)
     assert sorted(parts) == [p for p in range(12) if group[p] in (0, 1)]

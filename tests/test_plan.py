@@ -74,7 +74,7 @@ def test_random_plan_is_seeded_and_valid(alpha, beta):
 
 
 def test_explicit_plan_and_its_errors():
-    # the DESIGN figure's two CompNode shards and index groups (1-based positions there)
+    # the design's figure (architecture.md §3)'s two CompNode shards and index groups (1-based positions there)
     comp = [0, 0, 1, 1, 0, 0, 1, 1]  # positions 1,2,8,9 | 3,4,10,11 -> renumbered 0..7
     group = [0, 1, 0, 1, 0, 1, 0, 1]
     spec = PlanSpec("explicit", 2, 2, explicit={"comp": comp, "group": group})
@@ -102,7 +102,7 @@ def test_privacy_of_strided_layouts():
     # beta = 2: the off-diagonal AttnNodes see every position, so no privacy at all
     report = plan_report(PlanSpec("strided", 2, 2, 1, 1), n)
     assert report["delta"] == 0 and report["nodes"]["attn0_1"]["sees_all"]
-    # DESIGN §4: alpha = 3, c = 1, beta = 3, c_a = 2 gives delta = 2 (interior gaps (alpha-1)c and c_a)
+    # architecture.md §4: alpha = 3, c = 1, beta = 3, c_a = 2 gives delta = 2 (interior gaps (alpha-1)c and c_a)
     spec = PlanSpec("strided", 3, 3, 1, 2)
     report = plan_report(spec, n)
     assert report["delta"] == 2

@@ -1,4 +1,4 @@
-"""Privacy you can check (DESIGN §4): plan reports, the layout search, the random scheme's guarantees,
+"""Privacy you can check (architecture.md §4): plan reports, the layout search, the random scheme's guarantees,
 `rshard plan`, and the visibility ledger of real mpiexec jobs against the plan views."""
 import itertools
 import json
@@ -65,7 +65,7 @@ def test_node_report_agrees_with_min_interior_gap(scheme):
 
 
 def test_design_claims_for_strided_plans():
-    """DESIGN §4 by enumeration at N = 240: CompNode gaps (α−1)·c, AttnNode gaps exactly c_a for β ≥ 3,
+    """architecture.md §4 by enumeration at N = 240: CompNode gaps (α−1)·c, AttnNode gaps exactly c_a for β ≥ 3,
     β = 2 shows every position to the off-diagonal AttnNodes."""
     n = 240
     for alpha, c, beta, c_a in itertools.product([2, 3, 4], [1, 2], [2, 3, 4, 5], [1, 2, 3]):

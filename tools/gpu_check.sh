@@ -32,5 +32,5 @@ if [ "${1:-}" != quick ]; then
 fi
 fi
 step bench | tee "$OUT/bench.log"
-timeout $(( ${BENCH_END:-575} - SECONDS )) python3 -m rshard_hpc.bench kernel --out "$OUT/bench_kernel.md" ${BENCH_ARGS:-} 2>&1 | tee -a "$OUT/bench.log"
+timeout $(( ${BENCH_END:-575} - SECONDS )) python3 -m rshard_hpc bench kernel --out "$OUT/bench_kernel.md" ${BENCH_ARGS:-} 2>&1 | tee -a "$OUT/bench.log"
 step done

@@ -1,4 +1,4 @@
-"""`rshard audit`: a vocab-matching attack with the real model against what one node saw (DESIGN §4).
+"""`rshard audit`: a vocab-matching attack with the real model against what one node saw (architecture.md §4).
 
 Threat model (docs/audit.md): an honest-but-curious node knows the public weights, the plan (which
 positions it sees) and the rows it received. The audit rebuilds exactly those rows from the plan with

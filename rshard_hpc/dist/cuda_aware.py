@@ -14,7 +14,7 @@ GPU_AWARE_MODES = ("auto", "on", "off")
 
 
 def resolve_gpu_aware(mode: str) -> tuple[bool, str]:
-    """(use device buffers in MPI calls, why). "auto" says yes only on positive evidence (DESIGN §7)."""
+    """(use device buffers in MPI calls, why). "auto" says yes only on positive evidence (architecture.md §7)."""
     if mode == "off":
         return False, "--gpu-aware-mpi off"
     if mode == "on":

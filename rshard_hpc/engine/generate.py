@@ -1,4 +1,4 @@
-"""Client-side generation (DESIGN §5): final norm, LM head and sampling run on the client only; each new
+"""Client-side generation (architecture.md §5): final norm, LM head and sampling run on the client only; each new
 token id goes to the CompNode that owns its position, and every decode step moves only the new positions."""
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ class _Worker:
         self.slots = partial_slots(cfg.head_dim, self.wire)  # wire elements per (row, head) of a partial
         self.timer = PhaseTimer(xp)
         self.plans = []
-        self.ledger = []  # (form, seq, positions) records of what this rank received (DESIGN §4)
+        self.ledger = []  # (form, seq, positions) records of what this rank received (architecture.md §4)
 
     def serve(self) -> None:
         while True:
@@ -39,7 +39,7 @@ class _Worker:
                 self.step(tokens, Routing(tokens, self.topo.alpha, self.topo.beta), header["want"])
             elif op == "end":
                 self.end_batch()
-                # the batch's visibility ledger goes to the client (DESIGN §4); token content never does
+                # the batch's visibility ledger goes to the client (architecture.md §4); token content never does
                 collectives.gather_ledger(self.topo.world, {"node": self.topo.node.name, "records": compact_ledger(self.ledger)})
                 self.ledger = []
 

@@ -1,4 +1,4 @@
-"""The HDF5 weight file (DESIGN §6): /config (JSON), /tokenizer, /embed, /layers/NNN/…, /final_norm, /lm_head."""
+"""The HDF5 weight file (architecture.md §6): /config (JSON), /tokenizer, /embed, /layers/NNN/…, /final_norm, /lm_head."""
 from __future__ import annotations
 
 import os

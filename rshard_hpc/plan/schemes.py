@@ -25,7 +25,7 @@ class PlanSpec:
     c_a: int = 1  # index-group chunk length
     seed: int = 0  # for scheme "random"
     explicit: dict = field(default=None, compare=False, hash=False)  # {"comp": [...], "group": [...]}
-    target_delta: int = DEFAULT_DELTA  # scheme "random": the CompNode gap its choices keep (DESIGN §4)
+    target_delta: int = DEFAULT_DELTA  # scheme "random": the CompNode gap its choices keep (architecture.md §4)
 
     def check(self) -> None:
         if self.scheme not in SCHEMES:

@@ -63,7 +63,7 @@ def view_runs(view, public_prefix: int = 0):
 def min_interior_gap(view: np.ndarray, public_prefix: int = 0) -> float:
     """Smallest unseen gap before any run after the view's first run (inf if the view has one run).
 
-    The first run of a view is reported apart (first-run exposure, DESIGN §4): whoever holds it can
+    The first run of a view is reported apart (first-run exposure, architecture.md §4): whoever holds it can
     recover it. Public positions (a BOS or template prefix) count as seen."""
     later = view_runs(view, public_prefix)[2][1:]
     return float(later.min()) if len(later) else float("inf")

@@ -71,11 +71,11 @@ class ClientJob:
         self.prepared = Prepared(str(model_path))
 
     def _plan_length(self, n_tokens: int) -> int:
-        """The length plans are made for: the prompt, plus the new tokens when generating (DESIGN §5)."""
+        """The length plans are made for: the prompt, plus the new tokens when generating (architecture.md §5)."""
         return n_tokens + (self.settings.max_new_tokens if self.opts.task == "generate" else 0)
 
     def _check_privacy(self, prompts, tokenized) -> dict:
-        """Refuse a plan below --min-delta (DESIGN §4) unless --allow-weak-plan; the verdict for the report."""
+        """Refuse a plan below --min-delta (architecture.md §4) unless --allow-weak-plan; the verdict for the report."""
         from rshard_hpc.plan.check import check_job
         from rshard_hpc.plan.report import tokenizer_public_prefix
 

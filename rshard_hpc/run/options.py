@@ -39,7 +39,7 @@ class RunOptions:
     dtype: str = "float32"
     progress: bool = True
     generate: dict = field(default_factory=dict)  # generation settings (task "generate")
-    min_delta: int = DEFAULT_DELTA  # refuse a plan whose δ is below this (DESIGN §4, docs/privacy.md)
+    min_delta: int = DEFAULT_DELTA  # refuse a plan whose δ is below this (architecture.md §4, docs/privacy.md)
     allow_weak_plan: bool = False  # run a plan below min_delta anyway (with a warning)
     public_prefix: int = -1  # positions known to all (BOS, [CLS], a template); -1: what the tokenizer adds
 

@@ -1,4 +1,4 @@
-"""Prompt files in, result files out (DESIGN §6). Only the client rank touches these files."""
+"""Prompt files in, result files out (architecture.md §6). Only the client rank touches these files."""
 from __future__ import annotations
 
 import json
