@@ -6,14 +6,13 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from conftest import require_gpu
+from conftest import REPO, require_gpu
 
 cupy = require_gpu()
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 
 
 def launcher(n: int) -> list:
