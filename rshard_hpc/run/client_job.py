@@ -43,7 +43,8 @@ class ClientJob:
         from rshard_hpc.models import weights
         from rshard_hpc.models.registry import resolve_model
         from rshard_hpc.models.tokenizer import TextCodec
-        from rshard_hpc.run.results import ResultWriter, read_prompts
+        from rshard_hpc.run.prompts import read_prompts
+        from rshard_hpc.run.results import ResultWriter
 
         self.topo, self.opts, self.spec = topo, opts, spec
         if opts.task not in TASKS:

@@ -4,7 +4,8 @@ import pytest
 
 from rshard_hpc.dist.topology import check_layout
 from rshard_hpc.errors import InputError
-from rshard_hpc.run.results import ROW_DATASETS, ResultWriter, read_prompts
+from rshard_hpc.run.prompts import read_prompts
+from rshard_hpc.run.results import ROW_DATASETS, ResultWriter
 
 
 def test_jsonl_ids_default_to_line_numbers(tmp_path):

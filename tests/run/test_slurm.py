@@ -113,7 +113,7 @@ def _reference_embeddings(model_path, prompt_file):
     from rshard_hpc.models import load_model, weights
     from rshard_hpc.models.reference import reference_forward
     from rshard_hpc.models.tokenizer import TextCodec
-    from rshard_hpc.run.results import read_prompts
+    from rshard_hpc.run.prompts import read_prompts
 
     prompts = read_prompts(prompt_file)
     codec = TextCodec(model_path, weights.read_config(model_path))
