@@ -8,7 +8,7 @@ import click
 
 from rshard_hpc import __version__
 from rshard_hpc.dist.launcher import tune_mpi_env, world_rank
-from rshard_hpc.errors import RshardError
+from rshard_hpc.errors import JobAborted, RshardError
 from rshard_hpc.dist.cuda_aware import GPU_AWARE_MODES
 from rshard_hpc.dist.cuda_ipc import IPC_MODES
 from rshard_hpc.engine.generate import GenerateSettings
@@ -25,6 +25,12 @@ from rshard_hpc.run.jobfile import config_callback
 def _fail(exc: BaseException) -> None:
     """End the job on an error: collective user errors exit cleanly, anything else aborts every rank."""
     rank = world_rank()
+    if isinstance(exc, JobAborted):  # a user-facing error mid-run: said plainly by the rank that met it
+        click.echo(f"rshard: error: {exc}", err=True)
+        testhooks.at("rank_exiting", rank=world_rank(), code=exc.exit_code)
+        from rshard_hpc.dist import collectives
+
+        collectives.abort(exc.exit_code)
     if isinstance(exc, RshardError):
         if rank == 0:
             click.echo(f"rshard: error: {exc}", err=True)
@@ -122,7 +128,7 @@ def convert(source, out):
     try:
         path = convert_any(source, out)
     except RshardError as exc:
-        raise click.ClickException(str(exc))
+        _fail(exc)
     click.echo(f"wrote {path}")
 
 
@@ -191,9 +197,12 @@ def doctor(alpha, beta, device):
     Launch it like the job (mpiexec -n W rshard doctor --alpha A --beta B, or under srun). Exit status 0 when
     the job can run, 2 on a problem, 3 when the processes are not one MPI job."""
     tune_mpi_env()
-    from rshard_hpc.dist.doctor import run_doctor
+    from rshard_hpc.dist.doctor import check_layout_options, run_doctor
 
     try:
+        if click.get_current_context().default_map is not None:  # --config: what `rshard run` would take
+            alpha, beta = (RunOptions.alpha if alpha is None else alpha), (RunOptions.beta if beta is None else beta)
+        check_layout_options(alpha, beta)
         status = run_doctor(alpha, beta, device, echo=click.echo)
     except BaseException as exc:  # noqa: BLE001 - a failing rank must not leave the others waiting
         if isinstance(exc, SystemExit) and not exc.code:
@@ -224,22 +233,21 @@ def plan_cmd(alpha, beta, scheme, c, c_a, seed, plan_file, n, public_prefix, mod
     first-run exposure, partials over few keys, and the smallest layout reaching --delta (docs/privacy.md)."""
     import json
 
-    from rshard_hpc.plan.report import jsonable, model_facts, plan_document, render_plan
+    from rshard_hpc.plan.report import check_request, jsonable, model_facts, plan_document, render_plan
     from rshard_hpc.plan.views import DEFAULT_VOCAB
     from rshard_hpc.run.options import RunOptions
 
     try:
-        if alpha < 1 or beta < 1 or n < 0:
-            raise click.UsageError("--alpha and --beta must be >= 1 and --length >= 0")
+        check_request(n, public_prefix, vocab, delta, search_max)
         spec = RunOptions(alpha=alpha, beta=beta, scheme=scheme, c=c, c_a=c_a, seed=seed, plan_file=plan_file,
                           min_delta=delta).plan_spec()
         facts = model_facts(model) if model else {}
         doc = plan_document(spec, n,
                             public_prefix if public_prefix is not None else facts.get("public_prefix", 0),
-                            vocab or facts.get("vocab", DEFAULT_VOCAB),
+                            vocab if vocab is not None else facts.get("vocab", DEFAULT_VOCAB),
                             causal if causal is not None else facts.get("causal", True), delta, search_max)
     except RshardError as exc:
-        raise click.ClickException(str(exc))
+        _fail(exc)
     click.echo(json.dumps(jsonable(doc), indent=1) if as_json else render_plan(doc))
 
 

@@ -55,6 +55,10 @@ def _displs(counts: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
 
 
+def barrier(comm) -> None:
+    comm.Barrier()
+
+
 def gather_objects(comm, obj, root: int = 0):
     return comm.gather(obj, root=root)
 

@@ -18,6 +18,7 @@ from rshard_hpc.plan.schemes import PlanSpec
 from rshard_hpc.run import termination, testhooks
 from rshard_hpc.run.options import TASKS, RunOptions
 from rshard_hpc.run.progress import Progress, say
+from rshard_hpc.run.prompts import id_key
 
 
 @dataclass
@@ -34,7 +35,7 @@ def _prepare_client(topo, opts: RunOptions, spec: PlanSpec):
         return ClientJob(topo, opts, spec)
     except RshardError as exc:
         job = ClientJob.__new__(ClientJob)
-        job.prepared = Prepared("", str(exc))
+        job.prepared, job.writer = Prepared("", str(exc)), None
         return job
 
 
@@ -43,13 +44,15 @@ class ClientJob:
         from rshard_hpc.models import weights
         from rshard_hpc.models.registry import resolve_model
         from rshard_hpc.models.tokenizer import TextCodec
+        from rshard_hpc.run.fingerprint import job_fingerprint, weights_digest
         from rshard_hpc.run.prompts import read_prompts
-        from rshard_hpc.run.results import ResultWriter
+        from rshard_hpc.run.results import ResultWriter, check_out_path
 
         self.topo, self.opts, self.spec = topo, opts, spec
         if opts.task not in TASKS:
             raise InputError(f"unknown task {opts.task!r} ({', '.join(TASKS)})")
         model_path = resolve_model(opts.model)
+        check_out_path(opts.out, prompts=opts.prompts, model=model_path, plan_file=opts.plan_file)
         self.cfg = weights.read_config(model_path)
         self._check_task()
         prompts = read_prompts(opts.prompts)
@@ -63,13 +66,18 @@ class ClientJob:
                  "beta": opts.beta, "plan_scheme": spec.scheme, "plan_params": json.dumps(spec.params()),
                  "backend": opts.device, "precision": opts.dtype, "world_size": topo.world.Get_size(),
                  "version": __version__}
-        self.writer = ResultWriter(opts.out, attrs, opts.task, resume=opts.resume, overwrite=opts.overwrite)
+        fingerprint = job_fingerprint(opts, self.cfg, weights_digest(model_path), self.settings, spec)
+        self.writer = ResultWriter(opts.out, attrs, fingerprint, opts.task, resume=opts.resume,
+                                   overwrite=opts.overwrite)
         self.todo = [p for p in prompts if p.id not in self.writer.done_ids]
         self.skipped = len(prompts) - len(self.todo)
         self.token_ids = [tokenized[p.id] for p in self.todo]
-        self.ledger_docs = []  # this run's visibility ledgers, one per batch (also in /privacy/ledger)
         self.model_path = model_path
         self.prepared = Prepared(str(model_path))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
     def _plan_length(self, n_tokens: int) -> int:
         """The length plans are made for: the prompt, plus the new tokens when generating (architecture.md §5)."""
@@ -84,11 +92,16 @@ class ClientJob:
         self.public_prefix = opts.public_prefix
         if self.public_prefix < 0:
             self.public_prefix = tokenizer_public_prefix(self.codec, self._chat if self.settings.chat else None)
+        shortest = min(prompts, key=lambda p: len(tokenized[p.id]))
+        if self.public_prefix > len(tokenized[shortest.id]):
+            raise InputError(f"--public-prefix {self.public_prefix} is longer than prompt {shortest.id!r} "
+                             f"({opts.prompts}:{shortest.line}, {len(tokenized[shortest.id])} tokens): a public prefix "
+                             f"is part of every prompt")
         lengths = {p.id: self._plan_length(len(tokenized[p.id])) for p in prompts}
         verdict = check_job(self.spec, lengths.values(), opts.min_delta, self.public_prefix)
         if not verdict["ok"] and not opts.allow_weak_plan:
             raise InputError(verdict["message"])
-        verdict["exposed_prompts"] = {pid: {"length": len(tokenized[pid]), "seen_whole_by": verdict["exposed"][n]}
+        verdict["exposed_prompts"] = {id_key(pid): {"length": len(tokenized[pid]), "seen_whole_by": verdict["exposed"][n]}
                                       for pid, n in lengths.items() if n in verdict["exposed"]}
         return verdict
 
@@ -163,7 +176,6 @@ class ClientJob:
             f"c={self.spec.c} c_a={self.spec.c_a}, device {opts.device}")
         self._say_privacy()
         progress = Progress(len(self.todo), total_tokens, enabled=opts.progress)
-        lens = []
         for batch in self.batches():
             seqs = [self.token_ids[i] for i in batch]
             ids = [self.todo[i].id for i in batch]
@@ -171,18 +183,21 @@ class ClientJob:
                 embeddings = np.stack([self._pool(r) for r in client.encode(seqs)])
                 append = lambda: self.writer.append_embeddings(ids, embeddings)  # noqa: E731
             else:
-                token_ids, texts = generate_batch(client, self.codec, self.cfg, self.head, seqs, ids, self.settings)
+                streams = [id_key(pid) for pid in ids]  # each prompt samples from its own stream
+                token_ids, texts = generate_batch(client, self.codec, self.cfg, self.head, seqs, streams,
+                                                  self.settings)
                 append = lambda: self.writer.append_generated(ids, token_ids, texts)  # noqa: E731
             with termination.protected():  # a SIGTERM waits for the batch's rows and its ledger
                 append()
                 self._append_ledger(client, ids, seqs)
-            lens += [len(s) for s in seqs]
             progress.batch_done(len(batch), int(sum(len(s) for s in seqs)))
             testhooks.at("batch_finished", batch=progress.batches)  # off unless RSHARD_PID_DIR / RSHARD_TEST_SLOW_BATCH_S
         client.stop()
         elapsed = progress.finish()
         stats = collectives.gather_objects(self.topo.world, rank_stats(self.topo, client.timer.seconds, client.transport))
-        self._write_reports(lens, stats)
+        with termination.protected():  # the reports are one write a SIGTERM waits for
+            testhooks.at("writing_reports")  # off unless RSHARD_TEST_SLOW_REPORTS_S
+            self._write_reports(stats)
         moved = sum(s["bytes_sent"] for s in stats)
         modes = ", ".join(sorted({s["transport"] for s in stats[1:]}))  # the workers' (the client's is host)
         say(f"done: {len(self.todo)} prompts, {total_tokens} tokens in {elapsed:.2f} s "
@@ -193,6 +208,8 @@ class ClientJob:
     def _saved_so_far(self) -> str:
         """For the message a SIGTERM prints: what the results file holds and how to finish."""
         total, done = self.skipped + len(self.todo), len(self.writer.done_ids)
+        if self.writer.target is None:
+            return f"no batch was finished, {self.opts.out} is unchanged; run the same command again"
         return (f"{done} of {total} prompts are in {self.opts.out} (every finished batch); run the same command "
                 f"with --resume to finish")
 
@@ -207,19 +224,22 @@ class ClientJob:
         """The batch's gathered ledgers, sequence indices mapped to prompt ids, to /privacy/ledger."""
         from rshard_hpc.plan.ledger import ledger_document
 
+        keys = [id_key(pid) for pid in ids]
         for gathered in client.take_ledgers():
-            doc = ledger_document(gathered, ids, [len(s) for s in seqs], [self._plan_length(len(s)) for s in seqs])
+            doc = ledger_document(gathered, keys, [len(s) for s in seqs], [self._plan_length(len(s)) for s in seqs])
             self.writer.append_json("privacy", "ledger", doc)
-            self.ledger_docs.append(doc)
 
-    def _write_reports(self, lens, stats) -> None:
+    def _write_reports(self, stats) -> None:
+        """/privacy over every prompt in the file (this run's and earlier runs' batches: the ledger holds them
+        all) and /stats of this run."""
         from rshard_hpc.dist.topology import rank_layout
         from rshard_hpc.plan.check import plan_report, report_lengths
         from rshard_hpc.plan.ledger import check_ledger
         from rshard_hpc.plan.report import jsonable
 
         pp, vocab, causal = self.public_prefix, self.cfg.vocab_size, self.cfg.causal
-        plan_lens = [self._plan_length(n) for n in lens]
+        ledger_docs = self.writer.read_json_rows("privacy", "ledger")
+        plan_lens = [p["plan_length"] for doc in ledger_docs for p in doc["prompts"].values()]
         verdict = self.privacy
         self.writer.write_json("privacy", jsonable({
             "plan": self.spec.params(), "layout": rank_layout(self.opts.alpha, self.opts.beta),
@@ -227,7 +247,8 @@ class ClientJob:
             "min_delta": self.opts.min_delta, "allow_weak_plan": self.opts.allow_weak_plan,
             "delta": verdict["delta"], "meets_min_delta": verdict["ok"], "suggestion": verdict["suggestion"],
             "exposed_prompts": verdict["exposed_prompts"],
-            "ledger_check": check_ledger(self.ledger_docs, self.spec, pp, causal),
+            "prompts": len(plan_lens),
+            "ledger_check": check_ledger(ledger_docs, self.spec, pp, causal),
             "by_length": {str(n): plan_report(self.spec, n, pp, vocab, causal) for n in report_lengths(plan_lens)},
         }))
         columns = {key: [s[key] for s in stats] for key in stats[0]}

@@ -7,7 +7,7 @@ from rshard_hpc.dist import collectives
 from rshard_hpc.dist.devices import connect_workers, rank_backend
 from rshard_hpc.dist.topology import Topology
 from rshard_hpc.engine.stats import rank_stats
-from rshard_hpc.errors import RshardError
+from rshard_hpc.errors import JobAborted, RshardError
 from rshard_hpc.run import termination, testhooks
 from rshard_hpc.run.client_job import _prepare_client
 from rshard_hpc.run.options import RunOptions
@@ -22,6 +22,16 @@ def run(opts: RunOptions) -> None:
     testhooks.at("rank_started", rank=topo.rank)  # off unless RSHARD_PID_DIR / RSHARD_TEST_FAIL_RANK
     spec = opts.plan_spec()
     job = _prepare_client(topo, opts, spec) if topo.is_client else None
+    try:
+        worker = _set_up(world, topo, opts, spec, job)
+        _play(world, topo, job, worker)
+    finally:
+        if job is not None:
+            job.close()  # the results file's lock (and a staging file that never got a batch)
+
+
+def _set_up(world, topo, opts: RunOptions, spec, job):
+    """Every rank's backend and worker; any rank's error is every rank's error (status 2, no work done)."""
     prepared = collectives.bcast(world, job.prepared if job else None)
     if prepared.error:
         raise RshardError(prepared.error)
@@ -38,14 +48,23 @@ def run(opts: RunOptions) -> None:
     except RshardError as exc:
         error = str(exc)
     collectives.agree(world, error)
+    return worker
+
+
+def _play(world, topo, job, worker) -> None:
+    """The client runs the job; the workers serve it. Past the set-up no error is collective: a user-facing
+    error ends the job by abort (JobAborted), said by the rank that met it."""
     try:
         if topo.is_client:
             job.run(worker)
         else:
             worker.serve()
             collectives.gather_objects(world, rank_stats(topo, worker.timer.seconds, worker.transport))
-    except RshardError as exc:  # past the agreement no error is collective: abort every rank
-        raise RuntimeError(str(exc)) from exc
+    except JobAborted:
+        raise
+    except RshardError as exc:
+        raise JobAborted(str(exc)) from exc
+    collectives.barrier(world)  # the client's reports are written: no rank ends (or is signalled out) before
 
 
 def _make_worker(topo, spec, model_path, xp, transport, dtype="float32"):

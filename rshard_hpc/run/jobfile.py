@@ -22,8 +22,10 @@ import json
 import sys
 from pathlib import Path
 
+from rshard_hpc.dist.launcher import world_rank
 from rshard_hpc.dist.topology import world_size_for
 from rshard_hpc.errors import InputError
+from rshard_hpc.run import testhooks
 
 
 def _toml_loads(text: str) -> dict:
@@ -63,27 +65,53 @@ def config_callback(strict: bool = True):
     """A click callback for an eager `--config FILE` option: the file's values become the command's defaults.
 
     strict: a key that is no option of the command is an error (naming the valid keys); otherwise such keys
-    are ignored (`rshard doctor` reads only the layout from a `rshard run` job file)."""
-    import click
+    are ignored (`rshard doctor` reads only the layout from a `rshard run` job file). A value the option's type
+    refuses is an error naming the file and the key. Errors come before MPI starts: rank 0 says
+    `rshard: error: …` once, and every rank exits with status 2."""
 
     def callback(ctx, param, value):
         if not value:
             return value
         try:
-            data = load(value)
+            ctx.default_map = dict(ctx.default_map or {}, **_options(ctx, param, value, strict))
         except InputError as exc:
-            raise click.BadParameter(str(exc), ctx=ctx, param=param)
-        names = {p.name for p in ctx.command.params if p.name != param.name}
-        unknown = sorted(set(data) - names)
-        if unknown and strict:
-            raise click.BadParameter(f"job file {value}: unknown option(s) {', '.join(unknown)} "
-                                     f"(valid: {', '.join(sorted(names))})", ctx=ctx, param=param)
-        defaults = dict(ctx.default_map or {})
-        defaults.update({k: v for k, v in data.items() if k in names})
-        ctx.default_map = defaults
+            _refuse(ctx, exc)
         return value
 
     return callback
+
+
+def _options(ctx, param, path, strict: bool) -> dict:
+    """The job file's values for the command's options, each checked with the option's own type."""
+    import click
+
+    data = load(path)
+    options = {p.name: p for p in ctx.command.params if p.name != param.name}
+    unknown = sorted(set(data) - set(options))
+    if unknown and strict:
+        raise InputError(f"job file {path}: unknown option(s) {', '.join(unknown)} "
+                         f"(valid: {', '.join(sorted(options))})")
+    out = {}
+    for key, value in data.items():
+        if key in options:
+            if getattr(options[key], "multiple", False) and isinstance(value, str):
+                value = [value]  # stop = "x" as well as stop = ["x", "y"]
+            try:
+                options[key].type_cast_value(ctx, value)
+            except click.BadParameter as exc:
+                raise InputError(f"job file {path}: {key}: {exc.message}") from exc
+            out[key] = value
+    return out
+
+
+def _refuse(ctx, exc: InputError) -> None:
+    """Say a job-file error once (rank 0, from the launcher's variables: MPI is not up) and end every rank."""
+    import click
+
+    if world_rank() == 0:
+        click.echo(f"rshard: error: {exc}", err=True)
+    testhooks.at("rank_exiting", rank=world_rank(), code=exc.exit_code)
+    ctx.exit(exc.exit_code)
 
 
 def layout(path, argv=()) -> tuple[int, int]:

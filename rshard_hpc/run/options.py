@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rshard_hpc.errors import InputError
 from rshard_hpc.models.registry import DEFAULT_MODEL
-from rshard_hpc.plan.schemes import DEFAULT_DELTA, PlanSpec
+from rshard_hpc.plan.schemes import DEFAULT_DELTA, PlanSpec, check_explicit
 
 
 TASKS = ("embed", "generate")
@@ -44,13 +44,24 @@ class RunOptions:
     public_prefix: int = -1  # positions known to all (BOS, [CLS], a template); -1: what the tokenizer adds
 
     def plan_spec(self) -> PlanSpec:
-        explicit = None
-        if self.plan_file:
-            try:
-                explicit = json.loads(Path(self.plan_file).read_text())
-            except (OSError, ValueError) as exc:
-                raise InputError(f"cannot read plan file {self.plan_file}: {exc}") from exc
-        spec = PlanSpec(self.scheme, self.alpha, self.beta, self.c, self.c_a, self.seed, explicit,
+        """The plan these options describe, checked: a bad plan file, a plan file without --scheme explicit,
+        or a negative --min-delta is an InputError (raised alike on every rank, before any work)."""
+        if self.min_delta < 0:
+            raise InputError(f"--min-delta must be >= 0 (0: no privacy check), got {self.min_delta}")
+        if self.plan_file and self.scheme != "explicit":
+            raise InputError(f"--plan-file {self.plan_file} needs --scheme explicit (the scheme is {self.scheme!r}: "
+                             f"the file would be ignored)")
+        spec = PlanSpec(self.scheme, self.alpha, self.beta, self.c, self.c_a, self.seed, self._read_plan_file(),
                         target_delta=max(1, self.min_delta))
         spec.check()
         return spec
+
+    def _read_plan_file(self):
+        if not self.plan_file:
+            return None
+        try:
+            plan = json.loads(Path(self.plan_file).read_text())
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read plan file {self.plan_file}: {exc}") from exc
+        check_explicit(plan, self.alpha, self.beta, f"plan file {self.plan_file}")
+        return plan

@@ -10,7 +10,7 @@ from rshard_hpc.errors import InputError
 
 @dataclass(frozen=True)
 class Prompt:
-    id: str
+    id: str | int  # as the file gives it (a JSON string or integer), else the line number
     text: str
     line: int  # 1-based line number in the prompt file
 
@@ -55,7 +55,10 @@ def _parse_jsonl(path: Path, lines) -> list[Prompt]:
             raise InputError(f"{path}:{number}: \"text\" must be a string")
         if not text.strip():
             raise InputError(f"{path}:{number}: empty prompt")
-        out.append(Prompt(str(obj.get("id", number)), text, number))
+        pid = obj.get("id", number)
+        if isinstance(pid, bool) or not isinstance(pid, (str, int)):
+            raise InputError(f"{path}:{number}: \"id\" must be a string or an integer, not {json.dumps(pid)}")
+        out.append(Prompt(pid, text, number))
     return out
 
 
@@ -64,5 +67,13 @@ def _parse_text(path: Path, lines) -> list[Prompt]:
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             raise InputError(f"{path}:{number}: empty prompt (plain-text prompt files hold one prompt a line)")
-        out.append(Prompt(str(number), line, number))
+        out.append(Prompt(number, line, number))
     return out
+
+
+def id_key(pid: str | int) -> str:
+    """A prompt id as a text key (JSON object keys, reports) that keeps 1 and "1" apart: an integer id is its
+    digits; a string id that reads as an integer is quoted."""
+    if isinstance(pid, int):
+        return str(pid)
+    return json.dumps(pid) if pid.lstrip("-").isdigit() else pid

@@ -1,6 +1,14 @@
-"""Results files out (architecture.md §6): appended after every batch, resumable. Only the client rank touches them."""
+"""Results files out (architecture.md §6): appended after every batch, resumable. Only the client rank touches them.
+
+A job holds an exclusive lock on its --out for its whole life (filelock.py). A new file (or --overwrite) is
+written beside the target as `.NAME.partial` and takes the target's place once its first batch is in, so a
+job that fails before that leaves an existing file as it was. Per batch: rows first, then the ids' types, then
+the ids (the commit: rows past len(/ids) are a batch cut short, dropped by --resume). Reports (/privacy/json,
+/stats) are written beside the old ones and swapped in, so a failed report write leaves the old one readable.
+"""
 from __future__ import annotations
 
+import errno
 import json
 import os
 from contextlib import contextmanager
@@ -9,69 +17,135 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from rshard_hpc.errors import InputError
+from rshard_hpc.errors import InputError, JobAborted
 from rshard_hpc.run import termination, testhooks
+from rshard_hpc.run.filelock import ResultsLock
+from rshard_hpc.run.fingerprint import check_same
 
 STR = h5py.string_dtype()
 ROW_DATASETS = ("embeddings", "generated/token_ids", "generated/text")  # a row per prompt, beside /ids
+ID_KINDS = "id_is_int"  # /id_is_int[n] = 1 where id n is an integer (ids are stored as text in /ids)
+
+
+class DiskFull(JobAborted):
+    """The results file could not be written for want of space (every finished batch is kept)."""
+
+
+def check_out_path(out, **inputs) -> None:
+    """Refuse an --out that is a folder or one of the job's input files (named by keyword: prompts=…, model=…)."""
+    out = Path(out)
+    if out.is_dir():
+        raise InputError(f"--out {out} is a folder: name a results file (e.g. {out / 'results.h5'})")
+    for option, path in inputs.items():
+        if path is not None and Path(path).exists() and _same_path(out, Path(path)):
+            raise InputError(f"--out {out} is the --{option} file: writing results there would destroy it")
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    if a.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
 
 
 class ResultWriter:
-    """Appends one batch at a time to the results HDF5 (open, append, flush, close), so a crash loses
-    at most the batch in flight. `done_ids` are the ids already present (for --resume)."""
+    """Appends one batch at a time to the results HDF5 (open, append, flush, close), so a crash loses at most
+    the batch in flight. `done_ids` are the ids already present (for --resume), with their types."""
 
-    def __init__(self, path, attrs: dict, task: str, resume: bool = False, overwrite: bool = False):
+    def __init__(self, path, attrs: dict, fingerprint: dict, task: str, resume: bool = False,
+                 overwrite: bool = False):
         self.path = Path(path)
         self.task = task
-        self.done_ids: set[str] = set()
+        self.attrs = dict(attrs, fingerprint=json.dumps(fingerprint, sort_keys=True))
+        self.done_ids: set = set()
         self.unfinished_rows = 0  # rows of a batch cut short, dropped by --resume
-        if self.path.exists() and resume:
-            self._check_resumable(attrs)
-        elif self.path.exists() and not overwrite:
-            raise InputError(f"results file {self.path} exists: pass --resume to continue it or --overwrite")
-        else:
-            self._create(attrs)
+        self.staging = self.path.with_name(f".{self.path.name}.partial")
+        self.staging_started = False
+        self.lock = ResultsLock(self.path)
+        try:
+            exists = self.path.exists()
+            if exists and not resume and not overwrite:
+                raise InputError(f"results file {self.path} exists: pass --resume to continue it or --overwrite")
+            self.target = self.path if exists and resume else None  # None: staged until the first batch is in
+            if self.target is not None:
+                self._check_resumable(fingerprint)
+        except BaseException:
+            self.lock.release()
+            raise
 
-    def _create(self, attrs: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with h5py.File(tmp, "w") as f:
-            for key, value in attrs.items():
-                f.attrs[key] = value
-            f.create_dataset("ids", shape=(0,), maxshape=(None,), dtype=STR, chunks=(1024,))
-        os.replace(tmp, self.path)
-
-    def _check_resumable(self, attrs: dict) -> None:
+    # ------------------------------------------------------------------------------------------ resume
+    def _check_resumable(self, fingerprint: dict) -> None:
         try:
             with h5py.File(self.path, "r") as f:
-                for key in ("model", "task"):
-                    old = f.attrs.get(key)
-                    if old is not None and str(old) != str(attrs[key]):
-                        raise InputError(f"cannot resume {self.path}: it was written with {key}={old!r}, "
-                                         f"this run has {key}={attrs[key]!r}")
-                ids = f["ids"][()]
+                recorded = f.attrs.get("fingerprint")
+                check_same(self.path, json.loads(recorded) if recorded is not None else None, fingerprint)
+                ids, kinds = f["ids"][()], f[ID_KINDS][()]
                 lengths = [f[name].shape[0] for name in ROW_DATASETS if name in f]
-        except (OSError, KeyError) as exc:
+        except (OSError, KeyError, ValueError) as exc:
             raise InputError(f"cannot resume {self.path}: not a readable results file ({exc})") from exc
-        counts = [len(ids)] + lengths
+        counts = [len(ids), len(kinds)] + lengths
         committed = min(counts)
         self.unfinished_rows = max(counts) - committed
         if self.unfinished_rows:
             self._drop_rows_after(committed)
-        self.done_ids = {_s(x) for x in ids[:committed]}
+        self.done_ids = {_typed_id(x, k) for x, k in zip(ids[:committed], kinds[:committed])}
 
     def _drop_rows_after(self, committed: int) -> None:
         """Cut every per-prompt dataset to the rows whose ids are in (a batch cut short by a crash)."""
         with self._open() as f:
-            for name in ("ids",) + ROW_DATASETS:
+            for name in ("ids", ID_KINDS) + ROW_DATASETS:
                 if name in f and f[name].shape[0] > committed:
                     f[name].resize(committed, axis=0)
 
+    # ------------------------------------------------------------------------------------------ writing
     @contextmanager
     def _open(self):
-        """The results file opened for appending, as one write a SIGTERM waits for (termination.py)."""
-        with termination.protected(), h5py.File(self.path, "a") as f:
-            yield f
+        """The results file opened for appending, as one write a SIGTERM waits for (termination.py); a full
+        disk is said plainly. Before the first batch is in, that file is the staging file beside the target."""
+        try:
+            with termination.protected():
+                with h5py.File(self._current(), "a") as f:
+                    yield f
+                self._publish()
+        except (OSError, RuntimeError) as exc:  # HDF5 reports a failed write on close as a RuntimeError
+            if _is_disk_full(exc):
+                raise DiskFull(f"disk full while writing {self.path}: {self.saved()}; free space and run the "
+                               f"same command with --resume") from exc
+            raise
+
+    def _current(self) -> Path:
+        if self.target is not None:
+            return self.target
+        if not self.staging_started:
+            self._start_staging()
+        return self.staging
+
+    def _start_staging(self) -> None:
+        """A fresh staging file (one a crashed job left behind is overwritten)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with h5py.File(self.staging, "w") as f:
+            for key, value in self.attrs.items():
+                f.attrs[key] = value
+            f.create_dataset("ids", shape=(0,), maxshape=(None,), dtype=STR, chunks=(1024,))
+            f.create_dataset(ID_KINDS, shape=(0,), maxshape=(None,), dtype=np.uint8, chunks=(1024,))
+        self.staging_started = True
+
+    def _publish(self) -> None:
+        """The staging file takes the target's place once it holds a batch (an old file is replaced only then)."""
+        if self.target is None and self.done_ids:
+            os.replace(self.staging, self.path)
+            self.target = self.path
+
+    def saved(self) -> str:
+        """What the results file holds now, for messages."""
+        if self.target is None:
+            return f"no batch was finished, {self.path} is unchanged"
+        return f"{len(self.done_ids)} prompts are in {self.path}"
+
+    def close(self) -> None:
+        """End of the job: drop a staging file that never got a batch, and release the lock."""
+        if self.target is None and self.staging_started:
+            self.staging.unlink(missing_ok=True)
+        self.lock.release()
 
     def append_embeddings(self, ids, embeddings: np.ndarray) -> None:
         with self._open() as f:
@@ -102,23 +176,26 @@ class ResultWriter:
             self._commit_ids(f, ids)
 
     def _commit_ids(self, f, ids) -> None:
-        """The ids go in last: rows past len(ids) are an unfinished batch (dropped on --resume)."""
+        """The ids' types, then the ids, go in last: rows past len(ids) are an unfinished batch."""
         f.flush()
         testhooks.at("inside_results_write")  # off unless RSHARD_TEST_SLOW_WRITE_S
+        start = f["ids"].shape[0]
+        kinds = f[ID_KINDS]
+        kinds.resize(start + len(ids), axis=0)
+        kinds[start:] = [isinstance(i, int) for i in ids]
+        f.flush()
         ds = f["ids"]
-        start = ds.shape[0]
         ds.resize(start + len(ids), axis=0)
-        ds[start:] = list(ids)
+        ds[start:] = [str(i) for i in ids]
         f.flush()
         self.done_ids.update(ids)
 
     def write_json(self, name: str, payload) -> None:
-        """A JSON document at /name/json (replaced each run), e.g. /privacy and /stats."""
+        """A JSON document at /name/json, replaced by each run (written beside the old one, then swapped)."""
+        text = json.dumps(payload, default=_json_default)
         with self._open() as f:
             group = f.require_group(name)
-            if "json" in group:
-                del group["json"]
-            group.create_dataset("json", data=json.dumps(payload, default=_json_default), dtype=STR)
+            _replace(group, "json", lambda g, key: g.create_dataset(key, data=text, dtype=STR))
 
     def append_json(self, name: str, dataset: str, payload) -> None:
         """One more JSON document in the growing string dataset /name/dataset (a row per batch, kept on
@@ -132,18 +209,52 @@ class ResultWriter:
             ds[-1] = json.dumps(payload, default=_json_default)
             f.flush()
 
+    def read_json_rows(self, name: str, dataset: str) -> list:
+        """Every JSON document of /name/dataset (all runs of the file, e.g. every batch's ledger)."""
+        if self.target is None and not self.staging_started:
+            return []
+        with self._open() as f:
+            ds = f.get(f"{name}/{dataset}")
+            return [json.loads(_s(x)) for x in ds[()]] if ds is not None else []
+
     def write_table(self, name: str, columns: dict) -> None:
-        """Columns of equal length as datasets under /name (replaced each run)."""
+        """Columns of equal length as datasets under /name (replaced each run, each swapped in whole)."""
         with self._open() as f:
             group = f.require_group(name)
             for key, values in columns.items():
-                if key in group:
-                    del group[key]
                 values = list(values)
-                if values and isinstance(values[0], str):
-                    group.create_dataset(key, data=values, dtype=STR)
-                else:
-                    group.create_dataset(key, data=np.asarray(values))
+                dtype = STR if values and isinstance(values[0], str) else None
+                data = values if dtype else np.asarray(values)
+                _replace(group, key, lambda g, name, data=data, dtype=dtype: g.create_dataset(name, data=data,
+                                                                                               dtype=dtype))
+
+
+def _replace(group, key: str, create) -> None:
+    """group[key] replaced by create(group, name): the new one is written first under another name, so a
+    failure (a full disk) leaves the old one whole; a half-written new one is removed."""
+    fresh = f"{key}.new"
+    if fresh in group:  # left by an earlier failed write
+        del group[fresh]
+    try:
+        create(group, fresh)
+    except BaseException:
+        if fresh in group:
+            del group[fresh]
+        raise
+    if key in group:
+        del group[key]
+    group.move(fresh, key)
+
+
+def _typed_id(text, is_int) -> str | int:
+    text = _s(text)
+    return int(text) if is_int else text
+
+
+def _is_disk_full(exc: Exception) -> bool:
+    text = str(exc)
+    return getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text \
+        or "Disk quota" in text or "errno = 28" in text
 
 
 def _s(x) -> str:

@@ -7,6 +7,8 @@ unless its environment variable is set (the failure and signal tests set them).
 - `RSHARD_TEST_FAIL_RANK=R`: rank R raises an unexpected exception once the ranks are set up (the abort path).
 - `RSHARD_TEST_SLOW_WRITE_S=SECONDS`: every results append sleeps that long between writing its rows and
   committing their ids, after writing `DIR/writing{N}` (N counts the appends; DIR from RSHARD_PID_DIR).
+- `RSHARD_TEST_SLOW_REPORTS_S=SECONDS`: the client writes `DIR/reports` and sleeps that long as it starts
+  writing the final reports (/privacy/json, /stats), inside their protected write.
 - `RSHARD_EXIT_DIR=DIR`: every rank writes `DIR/rank{R}.exit` with the status it is about to exit with.
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 
 def at(event: str, **info) -> None:
     """The one entry point: `rank_started` (rank), `batch_finished` (batch, 1-based), `inside_results_write`,
-    `rank_exiting` (rank, code)."""
+    `writing_reports`, `rank_exiting` (rank, code)."""
     _HOOKS[event](**info)
 
 
@@ -53,6 +55,16 @@ def _inside_results_write() -> None:
     time.sleep(pause)
 
 
+def _writing_reports() -> None:
+    pause = float(os.environ.get("RSHARD_TEST_SLOW_REPORTS_S") or 0)
+    if pause <= 0:
+        return
+    folder = os.environ.get("RSHARD_PID_DIR")
+    if folder:
+        _write(os.path.join(folder, "reports"), "1")
+    time.sleep(pause)
+
+
 def _rank_exiting(rank: int, code: int) -> None:
     folder = os.environ.get("RSHARD_EXIT_DIR")
     if folder:
@@ -60,7 +72,8 @@ def _rank_exiting(rank: int, code: int) -> None:
 
 
 _HOOKS = {"rank_started": _rank_started, "batch_finished": _batch_finished,
-          "inside_results_write": _inside_results_write, "rank_exiting": _rank_exiting}
+          "inside_results_write": _inside_results_write, "writing_reports": _writing_reports,
+          "rank_exiting": _rank_exiting}
 
 
 def _write(path: str, text: str) -> None:

@@ -4,7 +4,7 @@ import pytest
 
 from rshard_hpc.dist.topology import check_layout
 from rshard_hpc.errors import InputError
-from rshard_hpc.run.prompts import read_prompts
+from rshard_hpc.run.prompts import id_key, read_prompts
 from rshard_hpc.run.results import ROW_DATASETS, ResultWriter
 
 
@@ -12,7 +12,7 @@ def test_jsonl_ids_default_to_line_numbers(tmp_path):
     p = tmp_path / "p.jsonl"
     p.write_text('{"text": "a"}\n\n{"text": "b", "id": "x"}\n')
     prompts = read_prompts(p)
-    assert [(q.id, q.text, q.line) for q in prompts] == [("1", "a", 1), ("x", "b", 3)]
+    assert [(q.id, q.text, q.line) for q in prompts] == [(1, "a", 1), ("x", "b", 3)]
 
 
 def test_plain_text_and_its_errors(tmp_path):
@@ -27,10 +27,21 @@ def test_plain_text_and_its_errors(tmp_path):
         read_prompts(p)
 
 
-def test_duplicate_ids(tmp_path):
+def test_ids_keep_their_type_and_repeats_are_refused(tmp_path):
     p = tmp_path / "p.jsonl"
     p.write_text('{"text": "a", "id": 1}\n{"text": "b", "id": "1"}\n')
-    with pytest.raises(InputError, match="repeats"):
+    assert [q.id for q in read_prompts(p)] == [1, "1"]  # an integer and a string: two ids
+    assert [id_key(q.id) for q in read_prompts(p)] == ["1", '"1"']
+    p.write_text('{"text": "a", "id": 1}\n{"text": "b", "id": 1}\n')
+    with pytest.raises(InputError, match="p.jsonl:2: id 1 repeats the id of line 1"):
+        read_prompts(p)
+
+
+@pytest.mark.parametrize("bad", ["null", "true", "{}", "[1]", "1.5"])
+def test_ids_other_than_strings_and_integers_are_refused(tmp_path, bad):
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"text": "a", "id": "ok"}\n{"text": "b", "id": %s}\n' % bad)
+    with pytest.raises(InputError, match=r'p.jsonl:2: "id" must be a string or an integer'):
         read_prompts(p)
 
 
@@ -44,8 +55,8 @@ def test_layout_error_names_formula():
 def test_resume_drops_the_rows_of_a_batch_cut_short(tmp_path, task):
     """Rows go in before their ids (the commit): a crash between leaves rows past len(ids), which --resume drops,
     so those prompts are computed again; an older file with ids past its rows is cut the same way."""
-    path, attrs = tmp_path / "r.h5", {"model": "m", "task": task}
-    writer = ResultWriter(path, attrs, task)
+    path, attrs, fp = tmp_path / "r.h5", {"model": "m", "task": task}, {"task": task}
+    writer = ResultWriter(path, attrs, fp, task)
     if task == "embed":
         writer.append_embeddings(["a", "b"], np.ones((2, 4), np.float32))
     else:
@@ -53,15 +64,21 @@ def test_resume_drops_the_rows_of_a_batch_cut_short(tmp_path, task):
     rows = "embeddings" if task == "embed" else "generated/text"
     with h5py.File(path, "a") as f:  # a batch of 3 rows whose ids never went in
         f[rows].resize(5, axis=0)
-    resumed = ResultWriter(path, attrs, task, resume=True)
+    writer.close()
+    resumed = ResultWriter(path, attrs, fp, task, resume=True)
     assert resumed.done_ids == {"a", "b"} and resumed.unfinished_rows == 3
+    resumed.close()
     with h5py.File(path, "r") as f:
         present = [name for name in ("ids",) + ROW_DATASETS if name in f]
         assert len(present) == (2 if task == "embed" else 3)
         assert all(f[name].shape[0] == 2 for name in present)
-    with h5py.File(path, "a") as f:  # ids past the rows (a file written before the ids went last)
-        f["ids"].resize(3, axis=0)
+    with h5py.File(path, "a") as f:  # ids (and their types) past the rows: cut the same way
+        for name in ("ids", "id_is_int"):
+            f[name].resize(3, axis=0)
         f["ids"][2] = "c"
-    again = ResultWriter(path, attrs, task, resume=True)
+    again = ResultWriter(path, attrs, fp, task, resume=True)
     assert again.done_ids == {"a", "b"} and again.unfinished_rows == 1
-    assert ResultWriter(path, attrs, task, resume=True).unfinished_rows == 0
+    again.close()
+    last = ResultWriter(path, attrs, fp, task, resume=True)
+    assert last.unfinished_rows == 0
+    last.close()

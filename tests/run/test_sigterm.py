@@ -110,3 +110,27 @@ def test_sigterm_to_one_worker_ends_the_job(tmp_path, tiny_bert):
     assert TERM_GRACE_S <= took < TERM_GRACE_S + 10
     ids, _, _ = _finished(out)
     assert len(ids) >= 1
+
+
+def test_sigterm_while_the_reports_are_written(tmp_path, tiny_bert):
+    """Every rank signalled after the last batch, while the client writes /privacy and /stats: the reports are
+    written whole (status 143), covering every prompt; a --resume with nothing left to do keeps them whole."""
+    out = tmp_path / "term.h5"
+    proc, pids = _start(tmp_path, tiny_bert, out, {"RSHARD_TEST_SLOW_REPORTS_S": "3"})
+    wait_for_file(pids / "reports", proc)
+    stderr, _ = _signal_and_wait(proc, sorted(pids.glob("rank*.pid")))
+    assert proc.returncode == EXIT_STATUS, stderr
+    _reports_cover_every_prompt(out)
+    prompts = tmp_path / "prompts.jsonl"
+    again = rshard(7, BASE + ["--model", tiny_bert, "--prompts", prompts, "--out", out, "--resume"])
+    assert again.returncode == 0 and f"{N_PROMPTS} prompts already" in again.stderr, again.stderr
+    _reports_cover_every_prompt(out)
+
+
+def _reports_cover_every_prompt(out):
+    import json
+
+    with h5py.File(out, "r") as f:
+        report = json.loads(f["privacy/json"][()])
+        assert report["prompts"] == N_PROMPTS and report["ledger_check"]["consistent"], report["ledger_check"]
+        assert len(f["stats/rank"]) == 7
