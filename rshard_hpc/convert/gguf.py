@@ -259,12 +259,7 @@ def read_gguf(path):
         key = _tensor_key(t.name)
         if key is None:
             continue
-        w = dequantize_tensor(t.data, t.tensor_type)
-        if key.endswith("/wq"):
-            w = unpermute_qk(w, n_heads)
-        elif key.endswith("/wk"):
-            w = unpermute_qk(w, n_kv)
-        tensors[key] = w
+        tensors[key] = dequantize_tensor(t.data, t.tensor_type)
 
     tokens = meta.get("tokenizer.ggml.tokens") or []
     tie = "lm_head/w" not in tensors
@@ -300,12 +295,14 @@ def read_gguf(path):
         max_seq_length=0, bos_token_id=int(bos) if bos is not None else -1, eos_token_ids=tuple(eos),
         chat_template=str(meta.get("tokenizer.chat_template") or ""), extra=extra,
     )
-    if tensors["embed/word"].shape[1] != hidden:
-        raise InputError(f"{path}: token_embd has shape {tensors['embed/word'].shape}, hidden size {hidden}")
+    weights.check_tensors(cfg, tensors, path)  # shapes against the metadata, no NaN or Inf: before any reshape
+    for key, w in tensors.items():
+        if key.endswith(("/wq", "/wk")):
+            tensors[key] = unpermute_qk(w, n_heads if key.endswith("/wq") else n_kv)
     return cfg, tensors, tokenizer_json
 
 
 def convert_gguf(path, out) -> Path:
     cfg, tensors, tokenizer_json = read_gguf(path)
-    weights.write_weights(out, cfg, {"json": tokenizer_json}, tensors)
+    weights.write_weights(out, cfg, {"json": tokenizer_json}, tensors, source=path)
     return Path(out)

@@ -93,7 +93,7 @@ def convert_hf_folder(folder, out) -> Path:
     else:
         raise InputError(f"{folder}: model_type {model_type!r} is not supported (bert, llama)")
     tokenizer = {"json": tokenizer_json_plain(folder)}
-    weights.write_weights(out, cfg, tokenizer, tensors)
+    weights.write_weights(out, cfg, tokenizer, tensors, source=folder)
     return Path(out)
 
 
@@ -102,12 +102,14 @@ def _bert(folder: Path, hf: dict):
         raise InputError(f"{folder}: only absolute positions and exact GELU are supported for BERT")
     src = load_safetensors(folder)
     prefix = "bert." if any(k.startswith("bert.") for k in src) else ""
-    tensors = {}
-    for name, key in BERT_EMBED_NAMES.items():
-        tensors[key] = src[prefix + name]
+    names = {prefix + name: key for name, key in BERT_EMBED_NAMES.items()}
     for i in range(hf["num_hidden_layers"]):
-        for name, short in BERT_LAYER_NAMES.items():
-            tensors[weights.layer_key(i, short)] = src[f"{prefix}encoder.layer.{i}.{name}"]
+        names.update({f"{prefix}encoder.layer.{i}.{name}": weights.layer_key(i, short)
+                      for name, short in BERT_LAYER_NAMES.items()})
+    missing = [name for name in names if name not in src]
+    if missing:
+        raise InputError(f"{folder}: safetensors lack {', '.join(missing[:5])}")
+    tensors = {key: src[name] for name, key in names.items()}
     pooling, normalize, max_seq = _pooling(folder)
     n_heads = hf["num_attention_heads"]
     cfg = ModelConfig(

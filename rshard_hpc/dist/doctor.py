@@ -22,6 +22,7 @@ from rshard_hpc import __version__
 from rshard_hpc.dist import collectives, cuda_aware
 from rshard_hpc.dist.launcher import announced_sizes
 from rshard_hpc.dist.topology import layouts_for, role_of, world_size_for
+from rshard_hpc.errors import InputError
 
 PACKAGES = ("numpy", "h5py", "mpi4py", "cupy", "tokenizers", "torch")
 
@@ -105,6 +106,14 @@ def collect(world, alpha, beta) -> RankReport:
                       f"{env_name}={env_local}" if env_name else "", gpu, has_gpu,
                       short_library(cuda_aware.mpi_library_version()), f"{'yes' if aware else 'no'} ({why})",
                       launched, os.cpu_count() or 1, package_versions())
+
+
+def check_layout_options(alpha, beta) -> None:
+    """--alpha and --beta name the layout to check together: one without the other is an InputError (before MPI)."""
+    if (alpha is None) != (beta is None):
+        given, value, missing = ("--alpha", alpha, "--beta") if beta is None else ("--beta", beta, "--alpha")
+        raise InputError(f"{given} {value} needs {missing}: give both (the layout to check) or neither (to list "
+                         f"the layouts that fit)")
 
 
 def verdict(reports: list[RankReport], alpha, beta, device: str) -> tuple[int, list[str], str]:

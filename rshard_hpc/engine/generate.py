@@ -2,10 +2,13 @@
 token id goes to the CompNode that owns its position, and every decode step moves only the new positions."""
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
+
+from rshard_hpc.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -18,12 +21,32 @@ class GenerateSettings:
     stop: tuple = ()  # stop strings (cut from the text)
     chat: bool = False  # apply the model's chat template to each prompt
 
+    def __post_init__(self):
+        """Refuse settings that cannot sample: an InputError naming the option and the value."""
+        if not self.max_new_tokens >= 1:
+            raise InputError(f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):  # NaN fails both
+            raise InputError(f"--temperature must be a finite number >= 0 (0: greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"--top-p must lie in (0, 1] (1: no nucleus cut), got {self.top_p}")
+        if not self.top_k >= 0:
+            raise InputError(f"--top-k must be >= 0 (0: no top-k cut), got {self.top_k}")
+
     @classmethod
     def from_dict(cls, values: dict) -> "GenerateSettings":
+        """The settings of `rshard run`'s generation options, checked (see check_context for the model's)."""
         known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
         if "stop" in known:
             known["stop"] = tuple(known["stop"] or ())
         return cls(**known)
+
+    def check_context(self, max_positions: int) -> None:
+        """Refuse --max-new-tokens that leaves no room for a prompt in the model's context (architecture.md §5:
+        a prompt may have at most max_positions - max_new_tokens tokens)."""
+        if self.max_new_tokens >= max_positions:
+            raise InputError(f"--max-new-tokens {self.max_new_tokens} does not fit the model's context of "
+                             f"{max_positions} positions (prompt and new tokens together): use at most "
+                             f"{max_positions - 1}")
 
 
 class LmHead:

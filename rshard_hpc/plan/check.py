@@ -101,42 +101,111 @@ def smallest_layout(spec: PlanSpec, lengths, delta: float, public_prefix: int = 
     """The layout with the fewest ranks (1 + alpha + beta²; then the smaller beta) reaching `delta` on
     `lengths`, keeping the scheme, seed and chunk lengths. When no alpha, beta <= search_max does, chunk lengths
     up to delta are tried too, changing as few of them as possible (reported with "chunks_changed"). None for
-    explicit plans (edit the file)."""
+    explicit plans (edit the file).
+
+    Strided layouts are found in closed form (strided_delta; the same answer as trying every layout, which
+    tests/plan checks), so the search costs O(longest length) whatever delta and search_max are. The random
+    scheme guarantees the strided gaps (docs/privacy.md): its answer is the strided one, kept only when this
+    seed's draws at every length reach delta (None otherwise)."""
     if spec.scheme == "explicit":
         return None
-    layouts = sorted(((a, b) for a in range(1, search_max + 1) for b in range(1, search_max + 1)),
-                     key=lambda ab: (world_size_for(*ab), ab[1], ab[0]))
+    lengths = [int(x) for x in lengths]
+    found = _strided_search(spec, max(lengths, default=0), delta, public_prefix, search_max)
+    if found and spec.scheme == "random":
+        trial = replace(spec, alpha=found["alpha"], beta=found["beta"], c=found["c"], c_a=found["c_a"])
+        if job_delta(trial, lengths, public_prefix, stop_below=delta)["delta"] < delta:
+            return None
+    return found
 
-    def first_reaching(c, c_a):
-        for a, b in layouts:
-            trial = replace(spec, alpha=a, beta=b, c=c, c_a=c_a)
-            if job_delta(trial, lengths, public_prefix, stop_below=delta)["delta"] >= delta:
-                return {"alpha": a, "beta": b, "c": c, "c_a": c_a, "world_size": world_size_for(a, b)}
+
+# ------------------------------------------------------------------------------------------ strided closed form
+def _chunks_met(n: int, chunk, public_prefix: int):
+    """How many chunks of `chunk` positions meet the non-public positions [public_prefix, n) (n > public_prefix);
+    `chunk` may be an int array."""
+    return (n - 1) // chunk - public_prefix // chunk + 1
+
+
+def strided_delta(spec: PlanSpec, n: int, public_prefix: int = 0) -> float:
+    """δ of a strided plan at length n in closed form, equal to job_delta's enumeration (tests/plan compare them).
+
+    Over the chunks of c positions meeting [public_prefix, n): with one chunk, or alpha = 1, a CompNode sees every
+    position (δ = 0); past alpha chunks some CompNode has two, and every gap between them is (alpha−1)·c; with at
+    most alpha chunks each CompNode has one run (no gap). Over the chunks of c_a: with beta <= 2, or at most two
+    chunks, some AttnNode sees every position (δ = 0); else AttnNode (g, g+2) has the gap c_a of the chunk between,
+    and no AttnNode gap is smaller (architecture.md §4)."""
+    if n <= public_prefix:
+        return INF
+    comp_chunks, attn_chunks = _chunks_met(n, spec.c, public_prefix), _chunks_met(n, spec.c_a, public_prefix)
+    comp = 0.0 if spec.alpha == 1 or comp_chunks == 1 else (
+        float((spec.alpha - 1) * spec.c) if comp_chunks > spec.alpha else INF)
+    attn = 0.0 if spec.beta <= 2 or attn_chunks <= 2 else float(spec.c_a)
+    return min(comp, attn)
+
+
+def _fewest_alpha(c, n: int, public_prefix: int, delta: float, search_max: int) -> np.ndarray:
+    """Per CompNode chunk length c (int array): the fewest CompNodes (<= search_max) whose gaps all reach delta,
+    0 where there is none (strided_delta's CompNode part, solved for alpha)."""
+    chunks = _chunks_met(n, c, public_prefix)
+    by_gap = 1 + np.ceil(delta / c) if delta != INF else chunks  # (alpha − 1)·c >= delta
+    alpha = np.maximum(2, np.minimum(chunks, by_gap)).astype(np.int64)  # or one chunk each: no gap at all
+    return np.where((chunks >= 2) & (alpha <= search_max), alpha, 0)
+
+
+def _fewest_beta(c_a, n: int, public_prefix: int, delta: float, search_max: int) -> np.ndarray:
+    """Per index-group chunk length c_a (int array): 3 where beta = 3 reaches delta (then any beta >= 3 does and
+    none below), else 0."""
+    ok = (_chunks_met(n, c_a, public_prefix) >= 3) & (c_a >= delta) & (search_max >= 3)
+    return np.where(ok, 3, 0)
+
+
+def _strided_search(spec: PlanSpec, n: int, delta: float, public_prefix: int, search_max: int) -> dict | None:
+    """smallest_layout for a strided plan whose longest sequence has n positions, from strided_delta: the alpha
+    and beta conditions are independent, so the fewest ranks take the fewest of each."""
+    if delta <= 0 or n <= public_prefix:  # every layout reaches delta: the first one
+        return _layout(1, 1, spec.c, spec.c_a, False)
+    args = (n, public_prefix, delta, search_max)
+    alpha, beta = int(_fewest_alpha(np.array([spec.c]), *args)[0]), int(_fewest_beta(np.array([spec.c_a]), *args)[0])
+    if alpha and beta:
+        return _layout(alpha, beta, spec.c, spec.c_a, False)
+    top = max(math.ceil(delta) if delta != INF else 1, 1)
+    more_c, more_ca = _best_chunk(_fewest_alpha, spec.c, top, args), _best_chunk(_fewest_beta, spec.c_a, top, args)
+    options = []  # (chunk lengths changed, alpha, beta, c, c_a), in the order trying every (c, c_a) meets them
+    if alpha and more_ca:
+        options.append((1, alpha, more_ca[0], spec.c, more_ca[1]))
+    if beta and more_c:
+        options.append((1, more_c[0], beta, more_c[1], spec.c_a))
+    if more_c and more_ca:
+        options.append((2, more_c[0], more_ca[0], more_c[1], more_ca[1]))
+    if not options:
         return None
+    _, a, b, c, c_a = min(options, key=lambda o: (o[0], world_size_for(o[1], o[2]), o[3] + o[4]))  # ties: the first
+    return _layout(a, b, c, c_a, True)
 
-    found = first_reaching(spec.c, spec.c_a)
-    if found:
-        return dict(found, chunks_changed=False)
-    top = max(int(math.ceil(delta)) if delta != INF else 1, 1)
-    best = None
-    for c in range(spec.c, max(spec.c, top) + 1):
-        for c_a in range(spec.c_a, max(spec.c_a, top) + 1):
-            if (c, c_a) == (spec.c, spec.c_a):
-                continue
-            got = first_reaching(c, c_a)
-            changed = (c != spec.c) + (c_a != spec.c_a)  # keep the user's chunk lengths where possible
-            if got and (best is None or (changed, got["world_size"], c + c_a) < best[0]):
-                best = ((changed, got["world_size"], c + c_a), got)
-    best = best[1] if best else None
-    return dict(best, chunks_changed=True) if best else None
+
+def _best_chunk(fewest, chunk: int, top: int, args) -> tuple[int, int] | None:
+    """Among the chunk lengths above `chunk` up to `top` (and below n: a chunk of n positions is seen whole),
+    the shortest of those needing the fewest nodes: (nodes, chunk length), or None."""
+    more = np.arange(chunk + 1, min(max(chunk, top), args[0] - 1) + 1)
+    nodes = fewest(more, *args)
+    if not nodes.any():
+        return None
+    i = int(np.argmin(np.where(nodes > 0, nodes, np.iinfo(np.int64).max)))
+    return int(nodes[i]), int(more[i])
+
+
+def _layout(alpha: int, beta: int, c: int, c_a: int, changed: bool) -> dict:
+    return {"alpha": alpha, "beta": beta, "c": c, "c_a": c_a, "world_size": world_size_for(alpha, beta),
+            "chunks_changed": changed}
 
 
 def describe_layout(found: dict | None, spec: PlanSpec, delta: float, search_max: int = SEARCH_MAX) -> str:
     if spec.scheme == "explicit":
         return "an explicit plan keeps its own alpha and beta: change the plan file"
     if found is None:
+        checked = (" (random plans: the layout the scheme's guarantees give was checked on these draws)"
+                   if spec.scheme == "random" else "")
         return (f"no layout with alpha, beta <= {search_max} and chunk lengths up to {delta:g} reaches delta={delta:g} "
-                f"for these lengths")
+                f"for these lengths{checked}")
     chunks = f" --c {found['c']} --c-a {found['c_a']}" if found["chunks_changed"] else ""
     why = (f" (none does with c={spec.c}, c_a={spec.c_a})" if found["chunks_changed"] else "")
     return (f"the smallest layout reaching delta={delta:g} is --alpha {found['alpha']} --beta {found['beta']}{chunks} "

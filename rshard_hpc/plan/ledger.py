@@ -7,7 +7,16 @@ import numpy as np
 
 from rshard_hpc.dist.topology import rank_layout
 from rshard_hpc.plan.schemes import PlanSpec, make_plan
-from rshard_hpc.plan.views import blocks_of, expand_blocks, format_blocks, plan_views, rle, sees_all, unrle
+from rshard_hpc.plan.views import (
+    blocks_of,
+    expand_blocks,
+    format_blocks,
+    plan_views,
+    rle,
+    sees_all,
+    sorted_unique,
+    unrle,
+)
 
 
 # ------------------------------------------------------------------------------------------ partials
@@ -68,7 +77,7 @@ def ledger_positions(forms: dict) -> dict:
     out = {}
     for form, value in forms.items():
         if form == "partial":
-            out[form] = np.unique(np.concatenate([expand_blocks(p["pos"]) for p in value])) if value else np.zeros(0, np.int64)
+            out[form] = sorted_unique(np.concatenate([expand_blocks(p["pos"]) for p in value])) if value else np.zeros(0, np.int64)
         else:
             out[form] = expand_blocks(value)
     return out
@@ -108,7 +117,7 @@ def check_ledger(docs: list, spec: PlanSpec, public_prefix: int = 0, causal: boo
                     if len(bad):
                         outside.append({"rank": int(rank), "node": node, "prompt": pid, "form": form,
                                         "positions": format_blocks(blocks_of(bad))})
-                union = np.unique(np.concatenate(list(seen.values()))) if seen else np.zeros(0, np.int64)
+                union = sorted_unique(np.concatenate(list(seen.values()))) if seen else np.zeros(0, np.int64)
                 if sees_all(union[union < info["length"]], info["length"], public_prefix):
                     whole.append({"rank": int(rank), "node": node, "prompt": pid})
                 if causal is not None and node.startswith("comp"):

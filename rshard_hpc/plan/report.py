@@ -6,6 +6,7 @@ import math
 import numpy as np
 
 from rshard_hpc.dist.topology import node_label, rank_layout, world_size_for
+from rshard_hpc.errors import InputError
 from rshard_hpc.plan.check import SEARCH_MAX, describe_layout, plan_report, smallest_layout
 from rshard_hpc.plan.schemes import DEFAULT_DELTA, PlanSpec
 from rshard_hpc.plan.views import DEFAULT_VOCAB, INF, blocks_of, format_blocks
@@ -51,10 +52,49 @@ def jsonable(obj):
 
 
 # ------------------------------------------------------------------------------------------ `rshard plan`
+REPORT_LIMIT = 1 << 22  # positions × nodes `rshard plan` reports one by one (a few seconds on a slow machine)
+SEARCH_MAX_LIMIT = 32  # the largest --search-max (1 + 32 + 32² = 1057 ranks)
+
+
+def check_request(n: int, public_prefix=None, vocab=None, delta: float = DEFAULT_DELTA,
+                  search_max: int = SEARCH_MAX) -> None:
+    """Refuse, before any work, values `rshard plan` cannot answer for: an InputError naming the option and the
+    value (public_prefix and vocab may be None: the model's, or the default)."""
+    if n < 1:
+        raise InputError(f"--length must be >= 1 (got {n})")
+    if vocab is not None and vocab < 2:
+        raise InputError(f"--vocab must be >= 2, a vocabulary to guess from (got {vocab})")
+    if public_prefix is not None and public_prefix < 0:
+        raise InputError(f"--public-prefix must be >= 0 (got {public_prefix})")
+    if not delta >= 0:
+        raise InputError(f"--delta must be >= 0 (got {delta})")
+    if not 1 <= search_max <= SEARCH_MAX_LIMIT:
+        raise InputError(f"--search-max must lie in [1, {SEARCH_MAX_LIMIT}] (got {search_max}); "
+                         f"{SEARCH_MAX_LIMIT} already means {world_size_for(SEARCH_MAX_LIMIT, SEARCH_MAX_LIMIT)} ranks")
+
+
+def check_size(spec: PlanSpec, n: int) -> None:
+    """Refuse a report over REPORT_LIMIT positions × nodes (it is made position by position), saying what to do."""
+    nodes = spec.alpha + spec.beta ** 2
+    if n * nodes <= REPORT_LIMIT:
+        return
+    periodic = (f"; a strided plan repeats every alpha*c = {spec.alpha * spec.c} (CompNodes) and beta*c_a = "
+                f"{spec.beta * spec.c_a} (AttnNodes) positions, so a few periods show every gap it has"
+                if spec.scheme == "strided" else "")
+    if nodes > REPORT_LIMIT:
+        raise InputError(f"alpha={spec.alpha} beta={spec.beta} has {nodes} nodes, more than rshard plan reports "
+                         f"({REPORT_LIMIT} positions over all nodes)")
+    raise InputError(f"--length {n} is too long for the node-by-node report of alpha={spec.alpha} beta={spec.beta} "
+                     f"({nodes} nodes): at most {REPORT_LIMIT // nodes} positions ({REPORT_LIMIT} over all nodes)"
+                     f"{periodic}")
+
+
 def plan_document(spec: PlanSpec, n: int, public_prefix: int = 0, vocab: int = DEFAULT_VOCAB, causal: bool = True,
                   delta: float = DEFAULT_DELTA, search_max: int = SEARCH_MAX) -> dict:
     """What `rshard plan` shows (and prints with --json): layout, every node's view, δ, the smallest layout
-    reaching `delta` at this length."""
+    reaching `delta` at this length. What check_request or check_size refuses is an InputError first."""
+    check_request(n, public_prefix, vocab, delta, search_max)
+    check_size(spec, n)
     report = plan_report(spec, n, public_prefix, vocab, causal)
     found = smallest_layout(spec, [n], delta, public_prefix, search_max)
     return {"plan": spec.params(), "length": n, "public_prefix": public_prefix, "vocab": vocab, "causal": causal,

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -30,10 +31,16 @@ class PlanSpec:
     def check(self) -> None:
         if self.scheme not in SCHEMES:
             raise InputError(f"unknown plan scheme {self.scheme!r}; choose one of {', '.join(SCHEMES)}")
+        if self.alpha < 1 or self.beta < 1:
+            raise InputError(f"--alpha and --beta must be >= 1 (got alpha={self.alpha}, beta={self.beta})")
         if self.c < 1 or self.c_a < 1:
             raise InputError(f"chunk lengths must be >= 1 (got c={self.c}, c_a={self.c_a})")
         if self.scheme == "explicit" and not self.explicit:
             raise InputError("plan scheme 'explicit' needs a plan file (--plan-file)")
+        if self.scheme != "explicit" and self.explicit is not None:
+            raise InputError(f"a plan file is for --scheme explicit only (the scheme is {self.scheme!r})")
+        if self.scheme == "explicit":
+            check_explicit(self.explicit, self.alpha, self.beta)
 
     def params(self) -> dict:
         out = {k: v for k, v in asdict(self).items() if k != "explicit"}
@@ -74,6 +81,28 @@ def _random_chunks(rng, n: int, chunk: int, parts: int, window: int, third_disti
                 break
         labels[t] = allowed[int(draws[t] * len(allowed))]
     return np.repeat(labels, chunk)[:n]
+
+
+def check_explicit(plan, alpha: int, beta: int, where: str = "explicit plan") -> None:
+    """An explicit plan is {"comp": [...], "group": [...]}: two lists of equal length of integers in [0, alpha)
+    and [0, beta). Anything else (a list, a missing key, strings, floats such as 1.5 or 1.0, negative values) is
+    an InputError naming `where` and what is wrong."""
+    if not isinstance(plan, dict):
+        raise InputError(f"{where} must be an object {{\"comp\": [...], \"group\": [...]}}, not a "
+                         f"{type(plan).__name__}")
+    for key, parts, flag in (("comp", alpha, "--alpha"), ("group", beta, "--beta")):
+        values = plan.get(key)
+        if values is None:
+            raise InputError(f"{where} lacks \"{key}\" (a list of integers in [0, {parts}))")
+        if not isinstance(values, list):
+            raise InputError(f"{where}: \"{key}\" must be a list of integers, not a {type(values).__name__}")
+        for p, v in enumerate(values):
+            if type(v) is not int or not 0 <= v < parts:
+                raise InputError(f"{where}: \"{key}\"[{p}] is {json.dumps(v)}; values must be integers in "
+                                 f"[0, {parts}) ({flag} {parts})")
+    if len(plan["comp"]) != len(plan["group"]):
+        raise InputError(f"{where}: \"comp\" has {len(plan['comp'])} positions, \"group\" {len(plan['group'])}; "
+                         f"they must be equally long")
 
 
 def _explicit(spec: PlanSpec, n: int) -> tuple[np.ndarray, np.ndarray]:

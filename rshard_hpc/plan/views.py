@@ -18,6 +18,13 @@ import numpy as np
 from rshard_hpc.dist.topology import attn_name, comp_name
 
 
+def sorted_unique(positions) -> np.ndarray:
+    """The sorted distinct values of an int array (np.unique, which hashes and is slow on long arrays in
+    NumPy 2.x: a sort and a compare instead)."""
+    a = np.sort(np.asarray(positions, dtype=np.int64).ravel())
+    return a[np.concatenate([[True], a[1:] != a[:-1]])] if a.size else a
+
+
 def run_bounds(sorted_positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(starts, lengths) int64 of the maximal runs of consecutive positions in a sorted unique array."""
     sorted_positions = np.asarray(sorted_positions, dtype=np.int64)
@@ -50,7 +57,7 @@ def view_runs(view, public_prefix: int = 0):
     gaps[r] is the number of unseen positions just before run r (for the first run: from position 0, or from
     the end of the public prefix). A run of public positions alone is not the node's run."""
     view = np.asarray(view, dtype=np.int64)
-    known = np.union1d(view, np.arange(public_prefix)) if public_prefix else np.unique(view)
+    known = sorted_unique(np.concatenate([view, np.arange(public_prefix)]) if public_prefix else view)
     starts, lengths = run_bounds(known)
     origin = 0
     if len(starts) and starts[0] + lengths[0] <= public_prefix:  # public positions only
@@ -79,7 +86,7 @@ INF = float("inf")
 def blocks_of(positions) -> list[list[int]]:
     """Sorted unique positions as blocks [start, length, period, count]: `count` runs of `length` positions
     starting at start, start + period, … (period 0 when count is 1). A strided view is one or two blocks."""
-    runs = run_bounds(np.unique(np.asarray(positions, dtype=np.int64)))
+    runs = run_bounds(sorted_unique(positions))
     blocks: list[list[int]] = []
     for start, length in zip(*runs):
         start, length = int(start), int(length)

@@ -109,3 +109,66 @@ def test_privacy_of_strided_layouts():
     assert plan_report(spec, n, public_prefix=1)["delta"] == 2
     assert all(not v["sees_all"] for v in report["nodes"].values())
     assert report["nodes"]["comp0"]["fraction_seen"] == pytest.approx(1 / 3)
+
+
+# ------------------------------------------------------------------------------------------ plan inputs
+@pytest.mark.parametrize("text,message", [
+    ('[[0, 1], [0, 1]]', 'must be an object {"comp": [...], "group": [...]}, not a list'),
+    ('{"comp": [0, 1, 2]}', 'lacks "group" (a list of integers in [0, 3))'),
+    ('{"group": [0, 1, 2]}', 'lacks "comp"'),
+    ('{"comp": "012", "group": [0, 1, 2]}', '"comp" must be a list of integers, not a str'),
+    ('{"comp": ["0", 1, 2], "group": [0, 1, 2]}', '"comp"[0] is "0"; values must be integers in [0, 3) (--alpha 3)'),
+    ('{"comp": [0, 1.7, 2], "group": [0, 1, 2]}', '"comp"[1] is 1.7; values must be integers'),
+    ('{"comp": [0, 1, 2.0], "group": [0, 1, 2]}', '"comp"[2] is 2.0; values must be integers'),  # not truncated
+    ('{"comp": [0, 1, true], "group": [0, 1, 2]}', '"comp"[2] is true'),
+    ('{"comp": [0, -1, 2], "group": [0, 1, 2]}', '"comp"[1] is -1'),
+    ('{"comp": [0, 1, 2], "group": [0, 3, 2]}', '"group"[1] is 3; values must be integers in [0, 3) (--beta 3)'),
+    ('{"comp": [0, 1, 2, 0], "group": [0, 1, 2]}', '"comp" has 4 positions, "group" 3; they must be equally long'),
+])
+def test_bad_plan_files_are_refused(tmp_path, text, message):
+    from rshard_hpc.run.options import RunOptions
+
+    path = tmp_path / "plan.json"
+    path.write_text(text)
+    with pytest.raises(InputError) as info:
+        RunOptions(alpha=3, beta=3, scheme="explicit", plan_file=str(path)).plan_spec()
+    assert str(info.value).startswith(f"plan file {path}") and message in str(info.value)
+
+
+def test_plan_options_that_would_be_ignored_or_meaningless_are_refused(tmp_path):
+    from rshard_hpc.run.options import RunOptions
+
+    path = tmp_path / "plan.json"
+    path.write_text('{"comp": [0, 1, 2], "group": [0, 1, 2]}')
+    assert RunOptions(alpha=3, beta=3, scheme="explicit", plan_file=str(path)).plan_spec().explicit["comp"] == [0, 1, 2]
+    with pytest.raises(InputError, match=f"--plan-file {path} needs --scheme explicit"):
+        RunOptions(alpha=3, beta=3, plan_file=str(path)).plan_spec()  # strided: the file was silently ignored
+    with pytest.raises(InputError, match=r"--min-delta must be >= 0 \(0: no privacy check\), got -1"):
+        RunOptions(alpha=3, beta=3, min_delta=-1).plan_spec()
+    with pytest.raises(InputError, match="--alpha and --beta must be >= 1"):
+        PlanSpec("strided", 0, 3).check()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--vocab", 0], "--vocab must be >= 2, a vocabulary to guess from (got 0)"),
+    (["--vocab", -1], "--vocab must be >= 2"),
+    (["--vocab", 1], "--vocab must be >= 2"),
+    (["--length", 0], "--length must be >= 1 (got 0)"),
+    (["--public-prefix", -1], "--public-prefix must be >= 0 (got -1)"),
+    (["--delta", -1], "--delta must be >= 0 (got -1)"),
+    (["--search-max", 0], "--search-max must lie in [1, 32] (got 0)"),
+    (["--alpha", 0], "--alpha and --beta must be >= 1 (got alpha=0, beta=3)"),
+    (["--c", 0], "chunk lengths must be >= 1"),
+    (["--plan-file", "plan.json"], "--plan-file plan.json needs --scheme explicit"),
+    (["--scheme", "explicit", "--plan-file", "plan.json"], 'plan file plan.json: "comp"[1] is 1.5'),
+])
+def test_rshard_plan_refuses_bad_values(tmp_path, monkeypatch, args, message):
+    from click.testing import CliRunner
+
+    from rshard_hpc.cli import main as cli_main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "plan.json").write_text('{"comp": [0, 1.5], "group": [0, 1]}')
+    result = CliRunner().invoke(cli_main, ["plan", "--alpha", 3, "--beta", 3, "--c-a", 2] + args)
+    assert result.exit_code == 2, result.output
+    assert result.output.count("rshard: error:") == 1 and message in result.output, result.output

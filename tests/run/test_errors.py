@@ -104,3 +104,82 @@ def test_existing_results_need_resume_or_overwrite(tmp_path, tiny_bert, good_pro
     assert result.returncode == 0, result.stderr
     result, codes = run_and_collect(tmp_path, ["--model", tiny_bert, "--prompts", good_prompts, "--out", out])
     assert_failed_everywhere(result, codes, "--resume")
+
+
+# ------------------------------------------------------------------------------------------ "results you can trust"
+def _damaged_copy(tmp_path, source, key, change):
+    path = tmp_path / "damaged.h5"
+    path.write_bytes(source.read_bytes())
+    with h5py.File(path, "a") as f:
+        value = change(f[key][()])
+        del f[key]
+        f[key] = value
+    return path
+
+
+def _poison(w):
+    w[:] = float("nan")
+    return w
+
+
+@pytest.mark.parametrize("key,change,message", [
+    ("layers/001/wq", lambda w: w[:, :32], "/layers/001/wq has shape (64, 32), but the model's config needs (64, 64)"),
+    ("embed/word", _poison, "/embed/word holds 6208 NaN values (the first at [0, 0])"),
+])
+def test_damaged_weights(tmp_path, tiny_bert, good_prompts, key, change, message):
+    """Before: a traceback inside a matmul (wrong shape), or a wrong result with exit status 0 (NaN)."""
+    damaged = _damaged_copy(tmp_path, tiny_bert, key, change)
+    out = tmp_path / "o.h5"
+    result, codes = run_and_collect(tmp_path, ["--model", damaged, "--prompts", good_prompts, "--out", out])
+    assert_failed_everywhere(result, codes, f"weight file {damaged}: {message}")
+    assert all(code == 2 for code in codes.values()), codes
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--temperature", -1], "--temperature must be a finite number >= 0 (0: greedy), got -1.0"),
+    (["--temperature", "nan"], "--temperature must be a finite number >= 0 (0: greedy), got nan"),
+    (["--top-p", 0], "--top-p must lie in (0, 1] (1: no nucleus cut), got 0.0"),
+    (["--top-p", 1.5], "--top-p must lie in (0, 1] (1: no nucleus cut), got 1.5"),
+    (["--top-k", -1], "--top-k must be >= 0 (0: no top-k cut), got -1"),
+    (["--max-new-tokens", 0], "--max-new-tokens must be at least 1 (got 0)"),
+])
+def test_bad_generation_settings(tmp_path, tiny_llama, good_prompts, args, message):
+    """Before: the negative ones ran (exit 0: greedy, or no cut), NaN failed mid-job with a traceback."""
+    out = tmp_path / "o.h5"
+    result, codes = run_and_collect(tmp_path, ["--task", "generate", "--model", tiny_llama, "--prompts", good_prompts,
+                                               "--out", out] + args)
+    assert_failed_everywhere(result, codes, message)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("plan,args,message", [
+    ('[[0, 1], [0, 1]]', ["--scheme", "explicit"], "must be an object {\"comp\": [...], \"group\": [...]}, not a list"),
+    ('{"comp": [0, 1]}', ["--scheme", "explicit"], "lacks \"group\""),
+    ('{"comp": [0, 1.5], "group": [0, 1]}', ["--scheme", "explicit"], "\"comp\"[1] is 1.5; values must be integers"),
+    ('{"comp": [0, 1], "group": [0, 1]}', [], "needs --scheme explicit (the scheme is 'strided': the file would be"),
+    ('{"comp": [0, 1], "group": [0, 1]}', ["--scheme", "explicit", "--min-delta", -1], "--min-delta must be >= 0"),
+])
+def test_bad_plans(tmp_path, tiny_bert, good_prompts, plan, args, message):
+    """Every rank makes its plan itself: every rank refuses it alike, and rank 0 alone says so."""
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(plan)
+    result, codes = run_and_collect(tmp_path, ["--model", tiny_bert, "--prompts", good_prompts, "--out",
+                                               tmp_path / "o.h5", "--plan-file", plan_file] + args)
+    assert_failed_everywhere(result, codes, message)
+
+
+@pytest.mark.parametrize("text,message", [
+    ('prompts = "a"\nalhpa = 3\n', "job file {job}: unknown option(s) alhpa (valid: "),
+    ('prompts = "a"\nout = "o"\nalpha = "three"\n', "job file {job}: alpha: 'three' is not a valid integer"),
+])
+def test_bad_job_file_is_reported_once(tmp_path, text, message):
+    """Before: click's usage error, once per rank (7 times here)."""
+    job = tmp_path / "job.toml"
+    job.write_text(text)
+    exits = tmp_path / "exits"
+    exits.mkdir()
+    result = rshard(WORLD, ["run", "--config", job], env={"RSHARD_EXIT_DIR": str(exits)})
+    codes = {p.stem: int(p.read_text()) for p in exits.glob("*.exit")}
+    assert result.returncode == 2
+    assert_failed_everywhere(result, codes, message.format(job=job))
+    assert "Usage:" not in result.stderr
