@@ -106,3 +106,54 @@ def wait_for_file(path, proc, timeout=120):
             proc.kill()
             pytest.fail(f"{path.name} did not appear within {timeout} s")
         time.sleep(0.05)
+
+
+# ------------------------------------------------------------------------------------------ the quick set
+LAUNCHES = ("rshard(", "mpiexec(", "Popen(", "subprocess.run(", "start_cluster")  # starting processes is slow
+
+
+def _launching_names(module) -> set:
+    """Names of the module's functions that start processes, directly or through each other."""
+    import ast
+    import inspect
+
+    try:
+        tree = ast.parse(inspect.getsource(module))
+    except (OSError, TypeError):
+        return set()
+    bodies = {node.name: ast.get_source_segment(inspect.getsource(module), node) or ""
+              for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    found = {name for name, body in bodies.items() if any(call in body for call in LAUNCHES)}
+    grew = True
+    while grew:
+        more = {name for name, body in bodies.items() if name not in found and any(f"{f}(" in body for f in found)}
+        found |= more
+        grew = bool(more)
+    return found
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark `slow` every test that launches processes (real mpiexec jobs, Slurm, subprocesses) — found from
+    its source, the module functions it calls and the module fixtures it uses — so `pytest -m "not slow"` is the quick set."""
+    cache = {}
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is None:
+            continue
+        if module not in cache:
+            cache[module] = _launching_names(module)
+        names = cache[module]
+        uses = set(getattr(item, "fixturenames", ())) & names  # a module fixture that launches
+        if uses or item.originalname in names or any(f"{name}(" in _source(item) for name in names):
+            item.add_marker(pytest.mark.slow)
+        elif any(call in _source(item) for call in LAUNCHES):
+            item.add_marker(pytest.mark.slow)
+
+
+def _source(item) -> str:
+    import inspect
+
+    try:
+        return inspect.getsource(item.function)
+    except (OSError, TypeError):
+        return ""

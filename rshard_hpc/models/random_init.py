@@ -41,25 +41,11 @@ def random_tensors(cfg: ModelConfig, seed: int = 0) -> dict:
 
 
 def tensor_shapes(cfg: ModelConfig) -> dict:
-    d, f, hd = cfg.hidden, cfg.intermediate, cfg.head_dim
-    qd, kvd = cfg.n_heads * hd, cfg.n_kv_heads * hd
-    per_layer = {
-        "wq": (qd, d), "bq": (qd,), "wk": (kvd, d), "bk": (kvd,), "wv": (kvd, d), "bv": (kvd,),
-        "wo": (d, qd), "bo": (d,), "attn_norm_w": (d,), "attn_norm_b": (d,),
-        "w_up": (f, d), "b_up": (f,), "w_gate": (f, d), "w_down": (d, f), "b_down": (d,),
-        "mlp_norm_w": (d,), "mlp_norm_b": (d,),
-    }
-    top = {"embed/word": (cfg.vocab_size, d), "embed/position": (cfg.max_positions, d),
-           "embed/token_type": (max(cfg.type_vocab_size, 1), d), "embed/norm_w": (d,), "embed/norm_b": (d,),
-           "final_norm/w": (d,), "lm_head/w": (cfg.vocab_size, d)}
-    shapes = {}
+    """{key: shape} of every tensor the model (and its client head) reads, as the weight format gives them."""
     cls = model_class(cfg)
     keys = list(cls.tensor_keys(cfg))
     keys += [k for k in getattr(cls, "head_keys", lambda c: [])(cfg) if k not in keys]  # the client's head
-    for key in keys:
-        leaf = key.rsplit("/", 1)[-1]
-        shapes[key] = per_layer[leaf] if key.startswith("layers/") else top[key]
-    return shapes
+    return {key: weights.tensor_shape(cfg, key) for key in keys}
 
 
 def write_random_model(path, cfg: ModelConfig, seed: int = 0) -> None:

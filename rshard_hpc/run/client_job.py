@@ -58,8 +58,8 @@ class ClientJob:
         prompts = read_prompts(opts.prompts)
         self.codec = TextCodec(model_path, self.cfg)
         self.settings = GenerateSettings.from_dict(opts.generate)
-        if opts.task == "generate" and self.settings.max_new_tokens < 1:
-            raise InputError("--max-new-tokens must be at least 1")
+        if opts.task == "generate":
+            self.settings.check_context(self.cfg.max_positions)
         tokenized = {p.id: self._tokenize(p) for p in prompts}
         self.privacy = self._check_privacy(prompts, tokenized)  # a weak plan is refused before any file is written
         attrs = {"model": str(opts.model), "model_name": self.cfg.name, "task": opts.task, "alpha": opts.alpha,

@@ -183,3 +183,11 @@ def test_bad_job_file_is_reported_once(tmp_path, text, message):
     assert result.returncode == 2
     assert_failed_everywhere(result, codes, message.format(job=job))
     assert "Usage:" not in result.stderr
+
+
+@pytest.mark.parametrize("extra", [[], ["--truncate"]])
+def test_max_new_tokens_beyond_the_context(tmp_path, tiny_llama, good_prompts, extra):
+    result, codes = run_and_collect(tmp_path, ["--task", "generate", "--model", tiny_llama, "--prompts", good_prompts,
+                                               "--out", tmp_path / "o.h5", "--max-new-tokens", 600] + extra)
+    assert_failed_everywhere(result, codes, "--max-new-tokens 600 does not fit the model's context of 512 positions "
+                                            "(prompt and new tokens together): use at most 511")
