@@ -361,8 +361,8 @@ class _SortedRows:
 
     def __init__(self, pos, seq):
         cupy = _cupy()
-        pos = pos.astype(cupy.int32, copy=False)
-        seq = seq.astype(cupy.int32, copy=False)
+        pos = cupy.ascontiguousarray(pos, dtype=cupy.int32)
+        seq = cupy.ascontiguousarray(seq, dtype=cupy.int32)
         n = len(pos)
         key = cupy.empty(n, dtype=cupy.int64)
         grid = _blocks(n, most=4096)

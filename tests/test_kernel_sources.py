@@ -2,7 +2,8 @@
 
 The program texts come from the host code itself (attention_gpu.kernel_source with the defines of
 attention_gpu.choose_kernel), so what compiles here is what CuPy compiles on the GPU machine. Compiled
-with NVRTC through ctypes (pip install nvidia-cuda-nvrtc-cu12); skipped where no NVRTC library is found.
+with every NVRTC found, through ctypes (pip install nvidia-cuda-nvrtc-cu12 and / or nvidia-cuda-nvrtc for
+CUDA 13, what CuPy 13x uses); skipped where none is found.
 Host-side checks that need no compiler (kernel choice, head-dim limits, shared-memory layout) always run.
 """
 import ctypes
@@ -61,39 +62,44 @@ def test_sources_define_nothing_the_host_passes():
 
 
 # ---------------------------------------------------------------------------------------------- NVRTC
-def _find_nvrtc():
-    """libnvrtc from the nvidia-cuda-nvrtc wheel, CUDA_PATH / CUDA_HOME, or the loader's path; None if absent."""
-    patterns = [os.path.join(p, "nvidia", "cuda_nvrtc", "lib", "libnvrtc.so*") for p in sys.path]
+def _find_nvrtcs() -> dict:
+    """{CUDA version: libnvrtc} for each NVRTC found: the nvidia-cuda-nvrtc wheels (CUDA 12 and 13 layouts),
+    CUDA_PATH / CUDA_HOME, the loader's path."""
+    patterns = [os.path.join(p, "nvidia", sub, "lib", "libnvrtc.so*") for p in sys.path for sub in ("cuda_nvrtc", "cu*")]
     patterns += [os.path.join(os.environ.get(v, "/usr/local/cuda"), "lib64", "libnvrtc.so*")
                  for v in ("CUDA_PATH", "CUDA_HOME")]
-    candidates = sorted(f for p in patterns for f in glob.glob(p) if "alt" not in os.path.basename(f))
+    paths = sorted({f for p in patterns for f in glob.glob(p) if "alt" not in os.path.basename(f)})
     found = ctypes.util.find_library("nvrtc")
-    for path in candidates + ([found] if found else []):
+    libs = {}
+    for path in paths + ([found] if found else []):
         try:
-            return ctypes.CDLL(path)
+            lib = ctypes.CDLL(path)
         except OSError:
             continue
-    return None
+        major, minor = ctypes.c_int(), ctypes.c_int()
+        lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
+        libs.setdefault(f"{major.value}.{minor.value}", lib)
+    return libs
 
 
-NVRTC = _find_nvrtc()
-needs_nvrtc = pytest.mark.skipif(NVRTC is None, reason="no NVRTC library (pip install nvidia-cuda-nvrtc-cu12)")
+NVRTCS = _find_nvrtcs()
+needs_nvrtc = pytest.mark.skipif(not NVRTCS, reason="no NVRTC library (pip install nvidia-cuda-nvrtc-cu12)")
 
 
-def nvrtc_compile(code: str, options) -> tuple:
-    """(ok, log) of compiling `code` to a cubin with NVRTC."""
+def nvrtc_compile(lib, code: str, options) -> tuple:
+    """(ok, log) of compiling `code` to a cubin with NVRTC library `lib`."""
     prog = ctypes.c_void_p()
-    assert NVRTC.nvrtcCreateProgram(ctypes.byref(prog), code.encode(), b"kernel.cu", 0, None, None) == 0
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), code.encode(), b"kernel.cu", 0, None, None) == 0
     try:
         opts = [o.encode() for o in options]
-        status = NVRTC.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+        status = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
         size = ctypes.c_size_t()
-        NVRTC.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
         log = ctypes.create_string_buffer(size.value)
-        NVRTC.nvrtcGetProgramLog(prog, log)
+        lib.nvrtcGetProgramLog(prog, log)
         return status == 0, log.value.decode(errors="replace")
     finally:
-        NVRTC.nvrtcDestroyProgram(ctypes.byref(prog))
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
 def _cases():
@@ -119,34 +125,38 @@ CASES = _cases()
 
 @pytest.fixture(scope="module")
 def compiled():
-    """{case id: (ok, log)}, compiled in parallel (NVRTC releases the GIL)."""
+    """{(CUDA version, case id): (ok, log)} for every NVRTC found, compiled in parallel (NVRTC releases the GIL)."""
     options = [*ag.NVRTC_OPTIONS, f"-arch={ARCH}", "-Xptxas=-v"]
+    jobs = [(version, case) for version in NVRTCS for case in CASES]
 
-    def build(item):
-        source, defines = item
-        return nvrtc_compile(ag.kernel_source(source, defines), options)
+    def build(job):
+        version, case = job
+        return nvrtc_compile(NVRTCS[version], ag.kernel_source(*CASES[case]), options)
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        return dict(zip(CASES, pool.map(build, CASES.values())))
+        return dict(zip(jobs, pool.map(build, jobs)))
 
 
 @needs_nvrtc
 @pytest.mark.parametrize("case", list(CASES))
 def test_compiles_for_sm90(compiled, case):
-    ok, log = compiled[case]
-    assert ok, log
-    assert "error" not in log.lower(), log
+    for version in NVRTCS:
+        ok, log = compiled[version, case]
+        assert ok, f"CUDA {version}:\n{log}"
+        assert "error" not in log.lower(), f"CUDA {version}:\n{log}"
 
 
 @needs_nvrtc
 def test_missing_define_is_an_error():
     """Each define the host passes is required: leaving one out stops the compile with the #error text."""
+    lib = next(iter(NVRTCS.values()))
+    options = [*ag.NVRTC_OPTIONS, f"-arch={ARCH}"]
     kernel = ag.choose_kernel(64, True)
     for name in ("HEAD_DIM", "MMA_BN", "SMEM_BYTES"):
         defines = {n: v for n, v in kernel.defines().items() if n != name}
-        ok, log = nvrtc_compile(ag.kernel_source(kernel.source, defines), [*ag.NVRTC_OPTIONS, f"-arch={ARCH}"])
+        ok, log = nvrtc_compile(lib, ag.kernel_source(kernel.source, defines), options)
         assert not ok and f"{name} must be defined by the host" in log, log
     # a layout that disagrees with the kernel's indexing does not compile either
     defines = {**kernel.defines(), "SMEM_V": kernel.defines()["SMEM_V"] + 16}
-    ok, log = nvrtc_compile(ag.kernel_source(kernel.source, defines), [*ag.NVRTC_OPTIONS, f"-arch={ARCH}"])
+    ok, log = nvrtc_compile(lib, ag.kernel_source(kernel.source, defines), options)
     assert not ok and "shared layout" in log, log
