@@ -388,9 +388,10 @@ class _TileSummaries:
         self.k_info = cupy.empty((n_k_tiles, 4), dtype=cupy.int32)
         self.k_range = cupy.empty((self.n_q_tiles, 2), dtype=cupy.int32)
         info = _kernel("attention_order.cu", "tile_info")
-        for rows, tile, n_tiles, out in ((q_rows, bm, self.n_q_tiles, self.q_info), (k_rows, bn, n_k_tiles, self.k_info)):
-            info(_blocks(n_tiles), (ORDER_THREADS,), (rows.pos, rows.seq, np.int32(len(rows.idx)), np.int32(tile),
-                                                      np.int32(n_tiles), out))
+        for rows, tile, n_tiles, out in ((q_rows, bm, self.n_q_tiles, self.q_info),
+                                         (k_rows, bn, n_k_tiles, self.k_info)):
+            info(_blocks(n_tiles), (ORDER_THREADS,),
+                 (rows.pos, rows.seq, np.int32(len(rows.idx)), np.int32(tile), np.int32(n_tiles), out))
         _kernel("attention_order.cu", "key_ranges")(
             _blocks(self.n_q_tiles), (ORDER_THREADS,),
             (q_rows.key, np.int32(nq), np.int32(bm), np.int32(self.n_q_tiles), k_rows.key, np.int32(nk),

@@ -65,7 +65,8 @@ def test_sources_define_nothing_the_host_passes():
 def _find_nvrtcs() -> dict:
     """{CUDA version: libnvrtc} for each NVRTC found: the nvidia-cuda-nvrtc wheels (CUDA 12 and 13 layouts),
     CUDA_PATH / CUDA_HOME, the loader's path."""
-    patterns = [os.path.join(p, "nvidia", sub, "lib", "libnvrtc.so*") for p in sys.path for sub in ("cuda_nvrtc", "cu*")]
+    patterns = [os.path.join(p, "nvidia", sub, "lib", "libnvrtc.so*")
+                for p in sys.path for sub in ("cuda_nvrtc", "cu*")]
     patterns += [os.path.join(os.environ.get(v, "/usr/local/cuda"), "lib64", "libnvrtc.so*")
                  for v in ("CUDA_PATH", "CUDA_HOME")]
     paths = sorted({f for p in patterns for f in glob.glob(p) if "alt" not in os.path.basename(f)})
