@@ -1,5 +1,6 @@
 // Preparation for partial_attention.cu: rows sorted by (sequence, position), per-tile summaries and the
-// key range each query tile may see. Loaded by rshard_hpc/attention_gpu.py (no preamble needed).
+// key range each query tile may see. Loaded by rshard_hpc/ops/attention_cuda.py after kernels/common.cuh; needs
+// no define. Every kernel here takes its sizes as arguments and works for any block size.
 //
 // Sort key of a row: seq * 2^32 + (pos + 2^31), an int64 ordering rows by sequence, then position, for
 // any int32 seq and pos.
@@ -26,9 +27,9 @@ extern "C" __global__ void gather_sorted(const long long* __restrict__ order, co
     }
 }
 
-// info[4 t .. 4 t + 3] = seq_min, seq_max, pos_min, pos_max over sorted rows [t * tile, (t + 1) * tile) ∩ [0, n).
+// info[t]: the tile summary (common.cuh) of sorted rows [t * tile, (t + 1) * tile) ∩ [0, n).
 extern "C" __global__ void tile_info(const int* __restrict__ s_pos, const int* __restrict__ s_seq, int n, int tile,
-                                     int n_tiles, int* __restrict__ info)
+                                     int n_tiles, int4* __restrict__ info)
 {
     const int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= n_tiles) return;
@@ -39,10 +40,7 @@ extern "C" __global__ void tile_info(const int* __restrict__ s_pos, const int* _
         pmin = min(pmin, s_pos[i]);
         pmax = max(pmax, s_pos[i]);
     }
-    info[4 * t + 0] = s_seq[a];
-    info[4 * t + 1] = s_seq[b - 1];
-    info[4 * t + 2] = pmin;
-    info[4 * t + 3] = pmax;
+    info[t] = make_int4(s_seq[a], s_seq[b - 1], pmin, pmax);
 }
 
 __device__ __forceinline__ int lower_bound(const long long* a, int n, long long x) {

@@ -1,11 +1,10 @@
-// Exact merge of partial attention results (DESIGN §1):
+// Exact merge of partial attention results (architecture.md §1):
 //   L = logsumexp_p(lse_p),  o = sum_p exp(lse_p - L) o_p.
 // A row whose partials are all -inf gives (o = 0, lse = -inf).
 // o_parts (P, n, H, D) and lse_parts (P, n, H) are float32 with arbitrary element strides, so views
 // (e.g. a slice of a packed receive buffer) need no copy. Outputs are contiguous: o (n, H, D), lse (n, H).
-// One thread per output element of o; the thread with d == 0 also writes lse.
-
-#define NEG_INF __int_as_float(0xff800000)
+// One thread per output element of o (grid-stride, any block size); the thread with d == 0 also writes lse.
+// Loaded by rshard_hpc/ops/attention_cuda.py after kernels/common.cuh (NEG_INF); needs no define.
 
 extern "C" __global__ void merge_partials(
     const float* __restrict__ o_parts, const float* __restrict__ lse_parts,

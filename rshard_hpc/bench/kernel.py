@@ -1,6 +1,6 @@
 """Benchmarks. `bench_kernel`: the partial-attention kernel against torch scaled_dot_product_attention.
 
-    python -m rshard_hpc.bench kernel --out docs/bench_kernel_h200.md
+    rshard bench kernel --out docs/bench_kernel_h200.md
 
 Shapes: one sequence of N tokens (N = 1k … 32k); head dim 64 with 9 query / 3 KV heads (SmolLM2) and
 head dim 128 with 32 / 8; causal and bidirectional; bf16 and fp32. torch gets the KV heads expanded
@@ -8,13 +8,14 @@ head dim 128 with 32 / 8; causal and bidirectional; bf16 and fp32. torch gets th
 backend is named in the table. "block" rows time what one AttnNode of a beta = 2, c_a = 1 plan does:
 queries of the even positions against keys of the odd ones (causal), torch with an explicit mask.
 FLOPs count visible (query, key) pairs only: 4 · D · Hq per pair, for both.
-Two kernel columns: "kernel" is AttentionLaunch.__call__ (for bf16 the K/V gather into sorted per-head blocks
-and the tensor-core kernel; for fp32 the CUDA-core kernel); "call" is the whole attention_cuda.partial_attention
-(sorting rows, tile summaries, then the same), which the engine pays every layer.
+Two kernel columns: "kernel" is a prepared plan's call (attention_cuda.CudaAttentionPlan: for bf16 the K/V
+gather into sorted per-head blocks and the tensor-core kernel; for fp32 the CUDA-core kernel); "call" is the
+one-shot attention_cuda.partial_attention (sorting rows, tile summaries, then the same).
+`bench_variants` times tensor-core kernel configurations (attention_cuda.MmaConfig) and returns the best per
+head dim, which bench_kernel takes as `mma_configs`.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -56,8 +57,8 @@ def _visible_pairs(q_pos, k_pos, causal: bool) -> int:
 
 def _sdpa_runner(torch, qt, kt, vt, mask, causal, scale, dtype_name):
     """(callable, backend name) for the fastest torch SDPA backend that accepts the problem."""
-    import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    import torch.nn.functional as F
 
     names = (["CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"] if dtype_name == "bf16"
              else ["EFFICIENT_ATTENTION", "MATH"])
@@ -79,7 +80,8 @@ def _sdpa_runner(torch, qt, kt, vt, mask, causal, scale, dtype_name):
     return None
 
 
-def _problem(n, head_dim, causal, dtype_name, block: bool, rng_seed=0, with_sdpa=True):
+def _problem(n, head_dim, causal, dtype_name, block: bool, rng_seed=0, with_sdpa=True, mma_config=None):
+    """(kernel, call, sdpa, flops, err) for one shape; mma_config: the tensor-core kernel's (default if None)."""
     import cupy
     import torch
 
@@ -107,9 +109,12 @@ def _problem(n, head_dim, causal, dtype_name, block: bool, rng_seed=0, with_sdpa
     cq, ck, cv = as_cupy(q), as_cupy(k), as_cupy(v)
     qp, qs = cupy.asarray(q_pos), cupy.zeros(nq, cupy.int32)
     kp, ks = cupy.asarray(k_pos), cupy.zeros(nk, cupy.int32)
-    launch = attention_cuda.AttentionLaunch(qp, qs, kp, ks, causal, head_dim, dtype_name == "bf16")
-    kernel = lambda: launch(cq, ck, cv, scale)  # noqa: E731
-    call = lambda: attention_cuda.partial_attention(cq, qp, qs, ck, cv, kp, ks, causal, scale)  # noqa: E731
+    plan = attention_cuda.prepare_attention(qp, qs, kp, ks, causal=causal, scale=scale, mma_config=mma_config)
+    kernel = lambda: plan(cq, ck, cv)  # noqa: E731
+
+    def call():
+        return attention_cuda.prepare_attention(qp, qs, kp, ks, causal=causal, scale=scale,
+                                               mma_config=mma_config)(cq, ck, cv)
 
     group = n_heads // n_kv
     qt = q.transpose(0, 1).unsqueeze(0)  # (1, H, n, D)
@@ -133,8 +138,11 @@ def _problem(n, head_dim, causal, dtype_name, block: bool, rng_seed=0, with_sdpa
 
 
 def bench_kernel(out_path=None, lengths=LENGTHS, head_dims=(64, 128), causal_modes=(True, False),
-                 dtypes=("bf16", "fp32"), block_lengths=(4096, 8192, 16384), file=sys.stdout):
-    """Time the kernel and torch SDPA; print a markdown table and write it (with the GPU's name) to out_path."""
+                 dtypes=("bf16", "fp32"), block_lengths=(4096, 8192, 16384), file=sys.stdout, mma_configs=None):
+    """Time the kernel and torch SDPA; print a markdown table and write it (with the GPU's name) to out_path.
+
+    mma_configs: {head_dim: MmaConfig} for the tensor-core kernel (e.g. bench_variants' result); the
+    defaults (attention_cuda.MMA_CONFIG) for head dims it does not name."""
     import cupy
     import torch
 
@@ -144,7 +152,9 @@ def bench_kernel(out_path=None, lengths=LENGTHS, head_dims=(64, 128), causal_mod
               "| SDPA backend | kernel/SDPA | rel err vs SDPA |")
     from rshard_hpc.ops import attention_cuda
 
-    config = ", ".join(f"D={d}: {tuple(attention_cuda._mma_config(d))}" for d in head_dims)
+    mma_configs = {d: attention_cuda.MmaConfig(*(mma_configs or {}).get(d, attention_cuda.default_mma_config(d)))
+                   for d in head_dims}
+    config = ", ".join(f"D={d}: {tuple(c)}" for d, c in mma_configs.items())
     lines = [f"GPU: {gpu}; torch {torch.__version__}; CuPy {cupy.__version__}; tensor-core kernel "
              f"(slabs per warp, Q in registers, warps, keys per tile, stages, min blocks): {config}", "",
              header, "|" + "---|" * 11]
@@ -158,7 +168,8 @@ def bench_kernel(out_path=None, lengths=LENGTHS, head_dims=(64, 128), causal_mod
     cases += [("bf16", 64, True, n, True) for n in block_lengths]
     for dtype_name, head_dim, causal, n, block in cases:
         try:
-            kernel, call, sdpa, flops, err = _problem(n, head_dim, causal, dtype_name, block)
+            kernel, call, sdpa, flops, err = _problem(n, head_dim, causal, dtype_name, block,
+                                                      mma_config=mma_configs[head_dim])
             t_kernel = _time_ms(kernel)
             t_call = _time_ms(call)
             t_sdpa = _time_ms(sdpa[0]) if sdpa else float("nan")
@@ -195,8 +206,8 @@ VARIANT_CASES = ((16384, False), (16384, True), (8192, True), (8192, False))
 
 
 def bench_variants(cases=VARIANT_CASES, variants=None, file=sys.stdout):
-    """Time each tensor-core kernel configuration (attention_cuda.MMA_CONFIG) on bf16 problems; returns
-    {head_dim: best config} by total time and leaves MMA_CONFIG set to it."""
+    """Time each tensor-core kernel configuration (variants: {head_dim: [MmaConfig or tuple]}) on bf16
+    problems; returns {head_dim: best MmaConfig} by total time (for bench_kernel's mma_configs)."""
     import cupy
 
     from rshard_hpc.ops import attention_cuda
@@ -206,45 +217,24 @@ def bench_variants(cases=VARIANT_CASES, variants=None, file=sys.stdout):
     for head_dim, configs in variants.items():
         totals = {}
         for cfg in configs:
-            cfg = tuple(attention_cuda.MmaConfig(*cfg))
-            attention_cuda.MMA_CONFIG[head_dim] = cfg
+            cfg = attention_cuda.MmaConfig(*cfg)
             total, cells = 0.0, []
             try:
                 for n, causal in cases:
-                    kernel, _, _, flops, _ = _problem(n, head_dim, causal, "bf16", False, with_sdpa=False)
+                    kernel, _, _, flops, _ = _problem(n, head_dim, causal, "bf16", False, with_sdpa=False,
+                                                      mma_config=cfg)
                     ms = _time_ms(kernel)
                     total += ms
                     cells.append(f"{n}{' causal' if causal else ''}: {flops / ms / 1e9:.1f} TFLOP/s")
                     del kernel
                     cupy.get_default_memory_pool().free_all_blocks()
             except Exception as exc:  # a configuration the device refuses (shared memory, registers)
-                print(f"variant D={head_dim} {cfg}: error {type(exc).__name__}: {exc}", file=file, flush=True)
+                print(f"variant D={head_dim} {tuple(cfg)}: error {type(exc).__name__}: {exc}", file=file, flush=True)
                 continue
             totals[cfg] = total
-            print(f"variant D={head_dim} {cfg}: " + "; ".join(cells), file=file, flush=True)
+            print(f"variant D={head_dim} {tuple(cfg)}: " + "; ".join(cells), file=file, flush=True)
         best[head_dim] = min(totals, key=totals.get)
-        attention_cuda.MMA_CONFIG[head_dim] = best[head_dim]
-        print(f"variant D={head_dim}: best {best[head_dim]} (slabs per warp, Q in registers, warps, keys per tile, "
-              "stages, min blocks)", file=file, flush=True)
+        print(f"variant D={head_dim}: best {tuple(best[head_dim])} (slabs per warp, Q in registers, warps, "
+              "keys per tile, stages, min blocks)", file=file, flush=True)
     return best
 
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m rshard_hpc.bench")
-    sub = ap.add_subparsers(dest="what", required=True)
-    k = sub.add_parser("kernel", help="partial-attention kernel vs torch SDPA")
-    k.add_argument("--out", default=None, help="write the table to this file")
-    k.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
-    k.add_argument("--head-dims", default="64,128")
-    k.add_argument("--dtypes", default="bf16,fp32")
-    k.add_argument("--variants", action="store_true", help="first time the kernel configurations, keep the best")
-    args = ap.parse_args(argv)
-    if args.what == "kernel":
-        if args.variants:
-            bench_variants()
-        bench_kernel(args.out, lengths=[int(x) for x in args.lengths.split(",")],
-                     head_dims=[int(x) for x in args.head_dims.split(",")], dtypes=args.dtypes.split(","))
-
-
-if __name__ == "__main__":
-    main()

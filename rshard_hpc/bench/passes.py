@@ -19,7 +19,7 @@ from rshard_hpc.models.common import linear, rms_norm, silu
 from rshard_hpc.models.llama import Llama, apply_rope, rope_cos_sin
 from rshard_hpc.models.random_init import random_tensors
 from rshard_hpc.ops.arrays import array_module
-from rshard_hpc.ops.attention import merge_partials, partial_attention
+from rshard_hpc.ops.attention import merge_partials, prepare_attention
 from rshard_hpc.ops.precision import gemm_input, pack_partial, partial_slots, to_bf16_bits, unpack_partial, wire_dtype
 
 COLUMNS = ("piece", "host_ms", "device_ms", "share")
@@ -56,8 +56,8 @@ class _LayerPieces:
         self.h = xp.asarray(rng.standard_normal((n, cfg.hidden), dtype=np.float32))  # (n, d)
         self.pos = xp.arange(n, dtype=xp.int64)
         self.seq = xp.zeros(n, dtype=xp.int64)
-        self.launches = {}
         self.scale = 1.0 / np.sqrt(cfg.head_dim)
+        self.plan = prepare_attention(self.pos, self.seq, self.pos, self.seq, causal=cfg.causal, scale=self.scale)
 
     def w(self, name):
         return self.model._w(0, name)
@@ -73,8 +73,7 @@ class _LayerPieces:
         q, k, v = self.model.pre(0, self.h, self.pos)  # (n, H, D), (n, Hkv, D) x 2
         cos, sin = rope_cos_sin(self.model.inv_freq, self.pos, xp)
         qw, kw, vw = (self.to_wire(a) for a in (q, k, v))
-        o, lse = partial_attention(qw, self.pos, self.seq, kw, vw, self.pos, self.seq, c.causal, self.scale,
-                                   self.launches)
+        o, lse = self.plan(qw, kw, vw)
         packed = pack_partial(o, lse, self.wire).reshape(1, n, c.n_heads, partial_slots(c.head_dim, self.wire))
         o_parts, lse_parts = unpack_partial(packed, self.wire)
         merged, _ = merge_partials(o_parts, lse_parts)
@@ -91,8 +90,7 @@ class _LayerPieces:
             ("pre: RoPE on q and k", lambda: (apply_rope(q, cos, sin), apply_rope(k, cos, sin))),
             ("pre: q, k, v to wire + pack", lambda: xp.concatenate([self.to_wire(a).ravel() for a in (q, k, v)])),
             ("attn: partial attention (prepared)",
-             lambda: partial_attention(qw, self.pos, self.seq, kw, vw, self.pos, self.seq, c.causal, self.scale,
-                                       self.launches)),
+             lambda: self.plan(qw, kw, vw)),
             ("attn: pack partial", lambda: pack_partial(o, lse, self.wire)),
             ("post: unpack partials", lambda: unpack_partial(packed, self.wire)),
             ("post: merge partials", lambda: merge_partials(o_parts, lse_parts)),

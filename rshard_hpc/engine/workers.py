@@ -8,7 +8,7 @@ import numpy as np
 from rshard_hpc.dist import collectives
 from rshard_hpc.engine.routing import Routing, StepTokens, step_tokens, wanted_local_rows
 from rshard_hpc.engine.stats import PhaseTimer
-from rshard_hpc.ops.attention import merge_partials, partial_attention
+from rshard_hpc.ops.attention import merge_partials, prepare_attention
 from rshard_hpc.ops.precision import pack_partial, partial_slots, to_bf16_bits, unpack_partial, wire_dtype
 from rshard_hpc.plan.ledger import compact_ledger, visible_key_counts
 from rshard_hpc.plan.schemes import PlanSpec, make_plan
@@ -184,15 +184,16 @@ class AttnWorker(_Worker):
         for k in range(topo.alpha):
             back_counts[topo.comp_work_rank(k)] = routing.counts[k, i] * width
         scale = 1.0 / np.sqrt(cfg.head_dim)
-        launches = {}  # every layer of a step has the same query and key positions: one kernel preparation
+        plan = None  # every layer of a step has the same query and key positions: one preparation a step
         for layer in range(cfg.n_layers):
             recv = self.transport.alltoallv(topo.work_comm, xp.zeros(0, self.wire),
                                             np.zeros(n_work, dtype=np.int64), recv_counts)
             with self.timer("attention"):
                 q, key, val = self._unpack(routing, recv, i, j)
                 k_all, v_all, k_pos, k_seq = self._append_cache(layer, key, val, tokens, kv_tok)
-                o, lse = partial_attention(q, q_pos, q_seq, k_all, v_all, k_pos, k_seq, cfg.causal, scale,
-                                           launches)
+                if plan is None:
+                    plan = prepare_attention(q_pos, q_seq, k_pos, k_seq, causal=cfg.causal, scale=scale, xp=xp)
+                o, lse = plan(q, k_all, v_all)
                 send = pack_partial(o, lse, self.wire).ravel()  # (nq, H, partial_slots) per row
             self.transport.alltoallv(topo.work_comm, send, back_counts, np.zeros(n_work, dtype=np.int64))
 

@@ -1,14 +1,26 @@
-"""Partial attention and the exact merge of partials (DESIGN §1), NumPy path.
+"""Partial attention and the exact merge of partials (architecture.md §1): the interface, and the NumPy path.
 
-partial_attention returns, per query row and head, o = softmax(q kᵀ·scale + m) v over the given keys
+Partial attention gives, per query row and head, o = softmax(q kᵀ·scale + m) v over the given keys
 and lse = log Σ exp(q kᵀ·scale + m), both fp32. m is 0 where the key may be seen (same sequence,
 and pos_k <= pos_q when causal), −inf elsewhere. A row with no visible key gives (o = 0, lse = −inf).
+
+Two steps, as in flash-attention's interface layer: the positions are prepared once, the plan is then
+called with the arrays (every layer of one engine step has the same positions):
+
+    plan = prepare_attention(q_pos, q_seq, k_pos, k_seq, causal=True, scale=d ** -0.5)
+    o, lse = plan(q, k, v)
+
+prepare_attention dispatches on the array module of the positions (or `xp=`): NumPy here, CuPy on the
+CUDA kernels (attention_cuda.CudaAttentionPlan). Both plans take the same arguments and check on call that
+q, k, v have the prepared row counts. partial_attention(q, ..., causal, scale) is prepare-then-call in one.
 """
 from __future__ import annotations
+
 
 import numpy as np
 
 from rshard_hpc.ops.arrays import xp_of
+from rshard_hpc.ops.attention_checks import check_qkv, check_rows, check_scale
 from rshard_hpc.ops.precision import bf16_bits_to_float
 
 Q_BLOCK = 1024  # queries per block on the NumPy path: bounds the (heads, block, keys) score array
@@ -22,39 +34,74 @@ def visible(q_pos, q_seq, k_pos, k_seq, causal: bool):
     return ok
 
 
-def partial_attention(q, q_pos, q_seq, k, v, k_pos, k_seq, causal: bool, scale: float, launches=None):
-    """q: (nq, Hq, D); k, v: (nk, Hkv, D), float or uint16 bf16 bits; positions/seqs: (nq,), (nk,) ints.
+def prepare_attention(q_pos, q_seq, k_pos, k_seq, *, causal: bool, scale: float, xp=None, mma_config=None):
+    """A plan for partial attention over these rows: plan(q, k, v) -> (o, lse).
 
-    Returns o: (nq, Hq, D) float32 and lse: (nq, Hq) float32. `launches` (GPU path): a dict kept while
-    the positions stay the same, so the kernels' preparation is made once (attention_gpu).
+    q_pos, q_seq: (nq,) ints; k_pos, k_seq: (nk,) ints. xp: numpy or cupy (default: the module of q_pos);
+    the plan then takes arrays of that module. mma_config: the tensor-core kernel's configuration
+    (attention_cuda.MmaConfig), CuPy only.
     """
-    xp = xp_of(q)
+    xp = xp_of(q_pos) if xp is None else xp
     if xp is not np:
         from rshard_hpc.ops import attention_cuda
 
-        return attention_cuda.partial_attention(q, q_pos, q_seq, k, v, k_pos, k_seq, causal, scale, launches)
-    if q.dtype == np.uint16:  # bf16 bit patterns: their exact float32 values
-        q, k, v = (bf16_bits_to_float(a) for a in (q, k, v))
-    nq, n_heads, head_dim = q.shape
-    n_kv = k.shape[1]
-    o = np.zeros((nq, n_heads, head_dim), dtype=np.float32)
-    lse = np.full((nq, n_heads), -np.inf, dtype=np.float32)
-    if nq == 0 or len(k) == 0:
+        return attention_cuda.prepare_attention(q_pos, q_seq, k_pos, k_seq, causal=causal, scale=scale,
+                                               mma_config=mma_config)
+    if mma_config is not None:
+        raise ValueError("mma_config configures the CUDA kernel; this plan runs on NumPy")
+    return AttentionPlan(q_pos, q_seq, k_pos, k_seq, causal=causal, scale=scale)
+
+
+def partial_attention(q, q_pos, q_seq, k, v, k_pos, k_seq, causal: bool, scale: float):
+    """One-shot prepare_attention(...)(q, k, v), on the array module of q (tests, references)."""
+    plan = prepare_attention(q_pos, q_seq, k_pos, k_seq, causal=causal, scale=scale, xp=xp_of(q))
+    return plan(q, k, v)
+
+
+class AttentionPlan:
+    """NumPy plan: the rows of each sequence, grouped once; calling it computes per query block.
+
+    Each block: up to Q_BLOCK query rows of one sequence against all keys of that sequence.
+    """
+
+    def __init__(self, q_pos, q_seq, k_pos, k_seq, *, causal: bool, scale: float):
+        self.scale = check_scale(scale)
+        self.causal = bool(causal)
+        self.q_pos, self.q_seq, self.k_pos, self.k_seq = (_host(a) for a in (q_pos, q_seq, k_pos, k_seq))
+        self.nq = check_rows(self.q_pos, self.q_seq, "query")
+        self.nk = check_rows(self.k_pos, self.k_seq, "key")
+        self.blocks = []  # (query rows (nb,), key rows (nk_s,)) per block
+        for s in np.unique(self.q_seq) if self.nk else ():
+            q_rows = np.flatnonzero(self.q_seq == s)
+            k_rows = np.flatnonzero(self.k_seq == s)
+            if len(k_rows):
+                self.blocks += [(q_rows[a:a + Q_BLOCK], k_rows) for a in range(0, len(q_rows), Q_BLOCK)]
+
+    def __call__(self, q, k, v):
+        """q: (nq, Hq, D); k, v: (nk, Hkv, D), float or uint16 bf16 bits, NumPy.
+
+        Returns o: (nq, Hq, D) float32 and lse: (nq, Hq) float32.
+        """
+        if xp_of(q) is not np or xp_of(k) is not np or xp_of(v) is not np:
+            raise ValueError("this plan was prepared for NumPy arrays (prepare with CuPy positions or xp=cupy)")
+        check_qkv(q, k, v, self.nq, self.nk)
+        if q.dtype == np.uint16:  # bf16 bit patterns: their exact float32 values
+            q, k, v = (bf16_bits_to_float(a) for a in (q, k, v))
+        nq, n_heads, head_dim = q.shape
+        n_kv = k.shape[1]
+        o = np.zeros((nq, n_heads, head_dim), dtype=np.float32)
+        lse = np.full((nq, n_heads), -np.inf, dtype=np.float32)
+        for rows, k_rows in self.blocks:
+            k_s = _heads_first(k[k_rows], n_kv)  # (Hkv, 1, nk_s, D)
+            v_s = _heads_first(v[k_rows], n_kv)
+            mask = visible(self.q_pos[rows], self.q_seq[rows], self.k_pos[k_rows], self.k_seq[k_rows], self.causal)
+            o[rows], lse[rows] = _block(q[rows], k_s, v_s, mask, n_kv, self.scale)
         return o, lse
-    for s in np.unique(q_seq):
-        q_rows = np.flatnonzero(q_seq == s)
-        k_rows = np.flatnonzero(k_seq == s)
-        if len(k_rows) == 0:
-            continue
-        k_s = _heads_first(k[k_rows], n_kv)  # (Hkv, 1, nk, D)
-        v_s = _heads_first(v[k_rows], n_kv)
-        for start in range(0, len(q_rows), Q_BLOCK):
-            rows = q_rows[start:start + Q_BLOCK]
-            mask = visible(q_pos[rows], q_seq[rows], k_pos[k_rows], k_seq[k_rows], causal)
-            o_blk, lse_blk = _block(q[rows], k_s, v_s, mask, n_kv, scale)
-            o[rows] = o_blk
-            lse[rows] = lse_blk
-    return o, lse
+
+
+def _host(a) -> np.ndarray:
+    """A NumPy array of a NumPy or CuPy array (or a sequence)."""
+    return a.get() if xp_of(a) is not np else np.asarray(a)
 
 
 def _heads_first(x, n_kv):

@@ -1,20 +1,31 @@
-"""Partial attention and merge on CuPy arrays, through the CUDA sources in kernels/ (DESIGN §7).
+"""Partial attention and merge on CuPy arrays, through the CUDA sources in kernels/ (architecture.md §7).
 
-Same functions, shapes and semantics as the NumPy path in attention.py:
-  partial_attention(q, q_pos, q_seq, k, v, k_pos, k_seq, causal, scale) -> o (nq, Hq, D) f32, lse (nq, Hq) f32
+Same interface, shapes and semantics as the NumPy path in attention.py:
+  plan = prepare_attention(q_pos, q_seq, k_pos, k_seq, causal=..., scale=..., mma_config=None)
+  plan(q, k, v) -> o (nq, Hq, D) f32, lse (nq, Hq) f32
+  partial_attention(q, q_pos, q_seq, k, v, k_pos, k_seq, causal, scale): the two in one
   merge_partials(o_parts, lse_parts) -> o (n, H, D) f32, lse (n, H) f32
 
 Inputs may be float32 or bf16. CuPy may have no bfloat16 dtype, so bf16 arrives either as an array whose
 dtype is named "bfloat16" or as uint16 arrays of bf16 bit patterns (what `precision.to_bf16_bits` makes); float16 and
 float64 are converted to float32 first. bf16 inputs with a head dimension divisible by 16 run on the
-tensor cores (mma.sync, fp32 accumulate); everything else runs on the fp32 CUDA-core kernel.
+tensor cores (mma.sync, fp32 accumulate); everything else runs on the fp32 CUDA-core kernel. Head
+dimensions up to MAX_HEAD_DIM are accepted (choose_kernel says which).
 
-Rows are sorted by (sequence, position) on the device; each query tile then visits only the key range
-its sequences can see, and the kernels skip key tiles that no query of the tile may see.
+Rows are sorted by (sequence, position) on the device once per plan; at its first call the plan picks
+the kernel for q's dtype and head dimension, and makes the tile summaries for that kernel's tile sizes:
+each query tile then visits only the key range its sequences can see, and the kernels skip key tiles
+that no query of the tile may see.
+
+Compiling: every constant a kernel shares with this file (tile sizes, thread counts, the shared-memory
+layout, its padding) is written here only and reaches the kernel as a #define in the preamble of the
+program text (kernel_source: preamble + kernels/common.cuh + the .cu source). The sources refuse to
+compile (#error) when one is missing.
 """
 from __future__ import annotations
 
 import functools
+import importlib.resources
 import math
 from pathlib import Path
 from typing import NamedTuple
@@ -22,10 +33,28 @@ from typing import NamedTuple
 import numpy as np
 
 import rshard_hpc
+from rshard_hpc.ops.attention_checks import check_qkv, check_rows, check_scale
 
-KERNEL_DIR = Path(rshard_hpc.__file__).resolve().parent.parent / "kernels"
+COMMON_HEADER = "common.cuh"  # prepended to every source (NVRTC compiles each program alone)
+NVRTC_OPTIONS = ("--std=c++17",)
+
+MAX_HEAD_DIM = 256     # the largest head dimension accepted (both kernels are tested up to it)
+SIMT_THREADS = 128     # threads per block of the CUDA-core kernel
+SIMT_MAX_DPT = 64      # at most this many dimensions of q and o per thread of the CUDA-core kernel (registers)
+SMEM_PAD = 8           # bf16 elements added to each shared row of the tensor-core kernel: a row is then an odd
+#                        number of 16-byte chunks, so the 8 rows one ldmatrix reads lie in 8 different 16-byte bank
+#                        groups (no bank conflicts)
+SMEM_DEFAULT_LIMIT = 48 * 1024  # dynamic shared memory a launch gets without asking (CUDA); more must be asked for
+ORDER_THREADS = 256    # threads per block of the preparation kernels (attention_order.cu, merge.cu: any size)
 
 
+def _cupy():
+    import cupy
+
+    return cupy
+
+
+# ---------------------------------------------------------------------------------------------- kernels
 class MmaConfig(NamedTuple):
     """One configuration of the tensor-core kernel (kernels/partial_attention.cu, preprocessor defines)."""
 
@@ -37,59 +66,198 @@ class MmaConfig(NamedTuple):
     minb: int = 1      # MMA_MINB: blocks per multiprocessor the register allocation must allow
 
 
-# head dim -> configuration of the tensor-core kernel; a plain tuple is read as MmaConfig(*tuple)
+# head dim -> default configuration of the tensor-core kernel; a plain tuple is read as MmaConfig(*tuple)
 # (bench.bench_variants measures the choices). D=64: 4 warps x 16 rows, 64-key tiles, 2 stages was the fastest
 # of the configurations timed on the H200 (docs/bench_kernel_h200.md); D=128 was not re-timed after v4.
+# Other head dims: one slab per warp, Q in registers up to D = 64.
 MMA_CONFIG = {16: (2, 1), 32: (2, 1), 64: (1, 1), 128: (2, 0)}
-SIMT_THREADS = 128
-MAX_HEAD_DIM = 256
 
 
-def _cupy():
-    import cupy
+def default_mma_config(head_dim: int) -> MmaConfig:
+    return MmaConfig(*MMA_CONFIG.get(head_dim, (1, 1 if head_dim <= 64 else 0)))
 
-    return cupy
+
+class SimtKernel(NamedTuple):
+    """attn_fwd_simt for one head dim and input dtype: tpr threads per query row."""
+
+    head_dim: int
+    bf16: bool
+    tpr: int
+
+    source = "partial_attention.cu"
+    name = "attn_fwd_simt"
+    threads = SIMT_THREADS
+    smem_bytes = 0  # static shared memory only
+
+    @property
+    def bm(self) -> int:
+        """Query rows per block."""
+        return SIMT_THREADS // self.tpr
+
+    @property
+    def bn(self) -> int:
+        """Keys per shared tile (static shared memory 2 * bn * D floats: 32 KiB at D = 256)."""
+        return 16 if self.head_dim > 128 else 32
+
+    def defines(self) -> dict:
+        return {"ATTN_MMA": 0, "HEAD_DIM": self.head_dim, "IN_BF16": int(self.bf16), "SIMT_THREADS": SIMT_THREADS,
+                "SIMT_TPR": self.tpr, "SIMT_BM": self.bm, "SIMT_BN": self.bn}
+
+
+class MmaKernel(NamedTuple):
+    """attn_fwd_mma (bf16 inputs) for one head dim and configuration."""
+
+    head_dim: int
+    cfg: MmaConfig
+
+    source = "partial_attention.cu"
+    name = "attn_fwd_mma"
+    bf16 = True
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.cfg.warps
+
+    @property
+    def bm(self) -> int:
+        """Query rows per block: mt slabs of 16 rows per warp."""
+        return 16 * self.cfg.mt * self.cfg.warps
+
+    @property
+    def bn(self) -> int:
+        return self.cfg.bn
+
+    def smem_layout(self) -> dict:
+        """Dynamic shared memory, byte offsets: sQ [bm][row] bf16 at 0, then sK and sV [stages][bn][row] bf16,
+        sPos and sSeq [stages][bn] int32; SMEM_BYTES the total (the launch's shared_mem)."""
+        row = self.head_dim + SMEM_PAD
+        kv = self.cfg.stages * self.bn * row * 2
+        ids = self.cfg.stages * self.bn * 4
+        k = self.bm * row * 2
+        return {"SMEM_ROW": row, "SMEM_K": k, "SMEM_V": k + kv, "SMEM_POS": k + 2 * kv,
+                "SMEM_SEQ": k + 2 * kv + ids, "SMEM_BYTES": k + 2 * kv + 2 * ids}
+
+    @property
+    def smem_bytes(self) -> int:
+        return self.smem_layout()["SMEM_BYTES"]
+
+    def defines(self) -> dict:
+        c = self.cfg
+        return {"ATTN_MMA": 1, "HEAD_DIM": self.head_dim, "IN_BF16": 1, "MMA_MT": c.mt, "Q_IN_REGS": c.q_regs,
+                "MMA_WARPS": c.warps, "MMA_THREADS": self.threads, "MMA_BM": self.bm, "MMA_BN": c.bn,
+                "MMA_STAGES": c.stages, "MMA_MINB": c.minb, **self.smem_layout()}
+
+
+def simt_tpr(head_dim: int) -> int | None:
+    """Threads per query row of the CUDA-core kernel: the fewest (a power of 2, at most 32) that divide
+    head_dim into slices of at most SIMT_MAX_DPT dimensions; None if there is none."""
+    tpr = 1
+    while head_dim // tpr > SIMT_MAX_DPT or head_dim % tpr:
+        tpr *= 2
+        if tpr > 32:
+            return None
+    return tpr
+
+
+def choose_kernel(head_dim: int, bf16: bool, mma_config=None):
+    """The kernel for this head dim and input dtype: MmaKernel for bf16 with head_dim % 16 == 0 (mma_config,
+    a MmaConfig or tuple, else the default), else SimtKernel. ValueError for a head dim no kernel supports."""
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head dimension {head_dim} is not supported by the GPU kernels (1 to {MAX_HEAD_DIM})")
+    if bf16 and head_dim % 16 == 0:
+        cfg = default_mma_config(head_dim) if mma_config is None else MmaConfig(*mma_config)
+        return MmaKernel(head_dim, cfg)
+    tpr = simt_tpr(head_dim)
+    if tpr is None:
+        raise ValueError(f"head dimension {head_dim} is not supported by the GPU kernels: above {SIMT_MAX_DPT} it must "
+                         f"split into at most {SIMT_MAX_DPT} dimensions per thread (e.g. even up to "
+                         f"{2 * SIMT_MAX_DPT}, a multiple of 4 up to {MAX_HEAD_DIM})")
+    return SimtKernel(head_dim, bool(bf16), tpr)
+
+
+def head_dim_classes(bf16: bool) -> dict:
+    """{kernel class: [head dims]} over every head dim choose_kernel accepts (default configurations) for
+    one input dtype. A class is one code path apart from D itself: (name, threads per row, key tile) of
+    the CUDA-core kernel, (name, MmaConfig) of the tensor-core kernel. Tests run the ends of each class."""
+    classes = {}
+    for head_dim in range(1, MAX_HEAD_DIM + 1):
+        try:
+            kernel = choose_kernel(head_dim, bf16)
+        except ValueError:
+            continue
+        key = (kernel.name, kernel.cfg) if isinstance(kernel, MmaKernel) else (kernel.name, kernel.tpr, kernel.bn)
+        classes.setdefault(key, []).append(head_dim)
+    return classes
+
+
+def class_ends(bf16: bool) -> list:
+    """The smallest and largest head dim of each class (head_dim_classes), sorted."""
+    return sorted({d for dims in head_dim_classes(bf16).values() for d in (dims[0], dims[-1])})
 
 
 # ---------------------------------------------------------------------------------------------- loading
+def preamble(defines: dict) -> str:
+    return "".join(f"#define {name} {value}\n" for name, value in defines.items())
+
+
+def kernel_dir():
+    """Where the CUDA sources are: the installed package data rshard_hpc.kernels (a wheel or an editable
+    install), else kernels/ beside the package in a source checkout on PYTHONPATH (the same files)."""
+    try:
+        return importlib.resources.files("rshard_hpc.kernels")
+    except ModuleNotFoundError:
+        return Path(rshard_hpc.__file__).resolve().parent.parent / "kernels"
+
+
+def kernel_source(source: str, defines: dict | None = None) -> str:
+    """The program text compiled for kernels/<source>: the #define preamble, kernels/common.cuh, the source."""
+    parts = []
+    folder = kernel_dir()
+    for name in (COMMON_HEADER, source):
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"CUDA source {name} is missing from {folder} (rshard_hpc.kernels: reinstall "
+                                    f"the package)")
+        parts.append(f"// ---- kernels/{name}\n" + path.read_text())
+    return preamble(defines or {}) + "\n".join(parts)
+
+
 @functools.lru_cache(maxsize=None)
-def _module(source: str, preamble: str, device_id: int):
-    """The compiled RawModule of kernels/<source> with `preamble` prepended, for one device (memoized)."""
+def _module(source: str, defines: tuple, device_id: int):
+    """The compiled RawModule of kernel_source(source, dict(defines)) for one device (memoized)."""
     cupy = _cupy()
-    path = KERNEL_DIR / source
-    if not path.exists():
-        raise FileNotFoundError(f"CUDA source {path} is missing (the kernels/ folder ships beside the package)")
-    code = preamble + "\n" + path.read_text()
     with cupy.cuda.Device(device_id):
-        module = cupy.RawModule(code=code, options=("--std=c++17",))
+        module = cupy.RawModule(code=kernel_source(source, dict(defines)), options=NVRTC_OPTIONS)
         module.compile()
     return module
 
 
-def _kernel(source: str, name: str, preamble: str):
-    return _module(source, preamble, _cupy().cuda.Device().id).get_function(name)
+def _kernel(source: str, name: str, defines: dict | None = None):
+    key = tuple((defines or {}).items())
+    return _module(source, key, _cupy().cuda.Device().id).get_function(name)
 
 
-def _mma_config(head_dim: int) -> MmaConfig:
-    return MmaConfig(*MMA_CONFIG.get(head_dim, (1, 1 if head_dim <= 64 else 0)))
+def _load_attention_kernel(kernel):
+    """The compiled function of a SimtKernel / MmaKernel, allowed its dynamic shared memory."""
+    fn = _kernel(kernel.source, kernel.name, kernel.defines())
+    if kernel.smem_bytes > SMEM_DEFAULT_LIMIT:
+        fn.max_dynamic_shared_size_bytes = kernel.smem_bytes
+    return fn
 
 
-def _simt_tpr(head_dim: int) -> int:
-    """Threads per query row in the CUDA-core kernel: at most 64 dimensions each, dividing head_dim."""
-    tpr = 1
-    while head_dim // tpr > 64 or head_dim % tpr:
-        tpr *= 2
-        if tpr > 32:
-            raise ValueError(f"head dimension {head_dim} is not supported by the GPU kernel")
-    return tpr
+def _blocks(n: int, threads: int = ORDER_THREADS, most: int = 65535) -> tuple:
+    """Grid of a grid-stride kernel over n elements."""
+    return (max(1, min(-(-n // threads), most)),)
 
 
 # ---------------------------------------------------------------------------------------------- dtypes
-def _prepare(x):
+def _as_kernel_input(x):
     """(array for the kernel, is_bf16): contiguous float32, or contiguous uint16 bf16 bits."""
     cupy = _cupy()
     if x.dtype.name == "bfloat16":
         x = x.view(cupy.uint16)
+    if x.dtype == cupy.float64:  # no fp64 kernel (the fp64 references live in the tests)
+        x = x.astype(cupy.float32)
     bf16 = x.dtype == cupy.uint16
     x = cupy.ascontiguousarray(x, dtype=cupy.uint16 if bf16 else cupy.float32)
     if x.data.ptr % 16:  # a view at an odd offset: the tensor-core kernel loads 16-byte chunks
@@ -101,147 +269,144 @@ def _prepare(x):
 POISON_OUTPUTS = False  # tests: fill outputs with NaN before the kernels run, so unwritten elements show
 
 
-def partial_attention(q, q_pos, q_seq, k, v, k_pos, k_seq, causal: bool, scale: float, launches=None):
-    """q: (nq, Hq, D); k, v: (nk, Hkv, D); positions/seqs: (nq,), (nk,) ints (CuPy or NumPy).
+def prepare_attention(q_pos, q_seq, k_pos, k_seq, *, causal: bool, scale: float, mma_config=None):
+    """A plan for partial attention over these rows (CuPy or NumPy ints; kept on the current device)."""
+    return CudaAttentionPlan(q_pos, q_seq, k_pos, k_seq, causal=causal, scale=scale, mma_config=mma_config)
 
-    Returns o: (nq, Hq, D) float32 and lse: (nq, Hq) float32, CuPy arrays on the current device.
-    `launches`: a dict the caller keeps while the positions stay the same (an AttnNode: every layer of one
-    step); the sorted order and tile summaries are then made once and reused.
+
+def partial_attention(q, q_pos, q_seq, k, v, k_pos, k_seq, causal: bool, scale: float):
+    """One-shot prepare_attention(...)(q, k, v). q: (nq, Hq, D); k, v: (nk, Hkv, D)."""
+    return prepare_attention(q_pos, q_seq, k_pos, k_seq, causal=causal, scale=scale)(q, k, v)
+
+
+class CudaAttentionPlan:
+    """The rows of one problem sorted by (sequence, position), once. The first call binds the plan to q's
+    dtype and head dim: it picks the kernel (choose_kernel), compiles it (memoized per process) and makes the
+    tile summaries for its tile sizes. Later calls with the same dtype and head dim only launch (the K/V
+    gather and the kernel); another dtype or head dim is a ValueError (prepare another plan).
+
+    mma_config: configuration of the tensor-core kernel, used when the calls are bf16 with D % 16 == 0.
     """
-    cupy = _cupy()
-    q, k, v = cupy.asarray(q), cupy.asarray(k), cupy.asarray(v)
-    nq, n_heads, head_dim = q.shape
-    nk, n_kv = k.shape[0], k.shape[1]
-    if k.shape != v.shape or k.shape[2] != head_dim or n_kv == 0 or n_heads % n_kv:
-        raise ValueError(f"shape mismatch: q {q.shape}, k {k.shape}, v {v.shape}")
-    if nq == 0 or nk == 0:
-        o = cupy.zeros((nq, n_heads, head_dim), dtype=cupy.float32)
-        return o, cupy.full((nq, n_heads), -cupy.inf, dtype=cupy.float32)
-    if q.dtype == cupy.float64:  # no fp64 kernel (the fp64 references live in the tests)
-        q, k, v = (a.astype(cupy.float32) for a in (q, k, v))
-    q, q_bf = _prepare(q)
-    k, k_bf = _prepare(k)
-    v, v_bf = _prepare(v)
-    if not (q_bf == k_bf == v_bf):
-        raise ValueError("q, k and v must all be bf16 or all be floating point")
-    key = (head_dim, q_bf, bool(causal), nq, nk)
-    launch = launches.get(key) if launches is not None else None
-    if launch is None:
-        launch = AttentionLaunch(q_pos, q_seq, k_pos, k_seq, causal, head_dim, q_bf)
-        if launches is not None:
-            launches[key] = launch
-    return launch(q, k, v, scale)
 
+    def __init__(self, q_pos, q_seq, k_pos, k_seq, *, causal: bool, scale: float, mma_config=None):
+        cupy = _cupy()
+        self.scale = check_scale(scale)
+        self.causal = bool(causal)
+        self.mma_config = None if mma_config is None else MmaConfig(*mma_config)
+        q_pos, q_seq, k_pos, k_seq = (cupy.asarray(a) for a in (q_pos, q_seq, k_pos, k_seq))
+        self.nq = check_rows(q_pos, q_seq, "query")
+        self.nk = check_rows(k_pos, k_seq, "key")
+        empty = self.nq == 0 or self.nk == 0
+        self.q_rows = None if empty else _SortedRows(q_pos, q_seq)
+        self.k_rows = None if empty else _SortedRows(k_pos, k_seq)
+        self.kernel = self.fn = self.tiles = None  # bound at the first call
 
-class AttentionLaunch:
-    """One (positions, mask, head dim, dtype) problem made ready: the sorted order, tile summaries and
-    the compiled kernel. Calling it runs the kernel only (the benchmark times exactly that)."""
+    def __call__(self, q, k, v):
+        """q: (nq, Hq, D); k, v: (nk, Hkv, D). Returns o: (nq, Hq, D) float32, lse: (nq, Hq) float32 (CuPy)."""
+        cupy = _cupy()
+        q, k, v = (cupy.asarray(a) for a in (q, k, v))
+        check_qkv(q, k, v, self.nq, self.nk)
+        nq, n_heads, head_dim = q.shape
+        if self.q_rows is None:  # no query or no key: every row sees nothing
+            o = cupy.zeros((nq, n_heads, head_dim), dtype=cupy.float32)
+            return o, cupy.full((nq, n_heads), -cupy.inf, dtype=cupy.float32)
+        (q, q_bf), (k, k_bf), (v, v_bf) = (_as_kernel_input(a) for a in (q, k, v))
+        if not (q_bf == k_bf == v_bf):
+            raise ValueError("q, k and v must all be bf16 or all be floating point")
+        self._bind(head_dim, q_bf)
+        return self._launch(q, k, v)
 
-    def __init__(self, q_pos, q_seq, k_pos, k_seq, causal: bool, head_dim: int, bf16: bool):
-        if head_dim > MAX_HEAD_DIM:
-            raise ValueError(f"head dimension {head_dim} > {MAX_HEAD_DIM} is not supported on the GPU")
-        self.causal, self.head_dim, self.bf16 = bool(causal), head_dim, bf16
-        self.use_mma = bf16 and head_dim % 16 == 0
-        tpr = 1 if self.use_mma else _simt_tpr(head_dim)
-        if self.use_mma:
-            cfg = _mma_config(head_dim)
-            bm, bn = 16 * cfg.mt * cfg.warps, cfg.bn
-            preamble = (f"#define HEAD_DIM {head_dim}\n#define IN_BF16 1\n#define MMA_MT {cfg.mt}\n"
-                        f"#define Q_IN_REGS {cfg.q_regs}\n#define MMA_WARPS {cfg.warps}\n#define MMA_BN {bn}\n"
-                        f"#define MMA_STAGES {cfg.stages}\n#define MMA_MINB {cfg.minb}\n")
-            self.fn = _kernel("partial_attention.cu", "attn_fwd_mma", preamble)
-            dp = head_dim + 8
-            self.smem = (bm * dp + 2 * cfg.stages * bn * dp) * 2 + 2 * cfg.stages * bn * 4
-            if self.smem > 48 * 1024:
-                self.fn.max_dynamic_shared_size_bytes = self.smem
-            self.threads = 32 * cfg.warps
-        else:
-            bm, bn = SIMT_THREADS // tpr, (16 if head_dim > 128 else 32)
-            preamble = f"#define HEAD_DIM {head_dim}\n#define IN_BF16 {int(bf16)}\n#define SIMT_TPR {tpr}\n"
-            self.fn = _kernel("partial_attention.cu", "attn_fwd_simt", preamble)
-            self.smem = 0
-            self.threads = SIMT_THREADS
-        self.bn = bn
-        self.order = _Order(q_pos, q_seq, k_pos, k_seq, causal, bm, bn)
+    def _bind(self, head_dim: int, bf16: bool):
+        """Kernel and tile summaries for (head_dim, bf16), at the first call; later calls must match."""
+        if self.kernel is None:
+            kernel = choose_kernel(head_dim, bf16, self.mma_config)
+            self.fn = _load_attention_kernel(kernel)
+            self.tiles = _TileSummaries(self.q_rows, self.k_rows, self.causal, kernel.bm, kernel.bn)
+            self.kernel = kernel
+        elif (self.kernel.head_dim, self.kernel.bf16) != (head_dim, bf16):
+            had = f"{'bf16' if self.kernel.bf16 else 'float32'} D={self.kernel.head_dim}"
+            raise ValueError(f"this plan runs {had} (bound at its first call), not {'bf16' if bf16 else 'float32'} "
+                             f"D={head_dim}; prepare another plan")
 
-    def __call__(self, q, k, v, scale: float):
-        """q, k, v: contiguous float32, or uint16 bf16 bits when made with bf16=True."""
+    def _launch(self, q, k, v):
+        """o, lse from contiguous float32 or uint16 (bf16) q, k, v of the bound dtype."""
         cupy = _cupy()
         nq, n_heads, head_dim = q.shape
-        nk, n_kv = k.shape[0], k.shape[1]
-        order = self.order
-        if len(order.q_idx) != nq or len(order.k_idx) != nk or head_dim != self.head_dim:
-            raise ValueError("arrays do not match the prepared problem")
-        for a in (q, k, v):
-            if not a.flags.c_contiguous or (self.use_mma and a.data.ptr % 16) or \
-                    a.dtype != (cupy.uint16 if self.bf16 else cupy.float32):
-                raise ValueError("q, k, v must be contiguous, 16-byte aligned, and of the prepared dtype")
+        n_kv = k.shape[1]
         o = cupy.empty((nq, n_heads, head_dim), dtype=cupy.float32)
         lse = cupy.empty((nq, n_heads), dtype=cupy.float32)
         if POISON_OUTPUTS:
             o.fill(cupy.nan)
             lse.fill(cupy.nan)
-        scale_log2 = np.float32(scale * math.log2(math.e))
-        if self.use_mma:  # K, V gathered to (Hkv, nk_pad, D) in sorted order: contiguous key tiles
-            nk_pad = -(-nk // self.bn) * self.bn
-            chunks = head_dim // 8
-            kg = cupy.empty((n_kv, nk_pad, head_dim), dtype=cupy.uint16)
-            vg = cupy.empty_like(kg)
-            total = n_kv * nk_pad * chunks
-            _kernel("attention_order.cu", "gather_kv", "")(
-                (min(-(-total // 256), 65535),), (256,),
-                (k, v, order.k_idx, np.int32(nk), np.int32(nk_pad), np.int32(n_kv), np.int32(chunks), kg, vg))
-            k, v, second = kg, vg, np.int32(nk_pad)
+        kr, qr, t = self.k_rows, self.q_rows, self.tiles
+        if isinstance(self.kernel, MmaKernel):  # K, V gathered to (Hkv, nk_pad, D): contiguous key tiles
+            k, v, nk_pad = _gather_kv(k, v, kr.idx, self.kernel.bn)
+            second = np.int32(nk_pad)
         else:
-            second = order.k_idx
-        args = (q, k, v, order.q_idx, second, order.qs_pos, order.qs_seq, order.ks_pos, order.ks_seq,
-                order.q_info, order.k_info, order.k_range, o, lse,
-                np.int32(nq), np.int32(nk), np.int32(n_heads), np.int32(n_kv), scale_log2,
-                np.int32(self.causal))
-        self.fn((order.n_q_tiles, n_heads), (self.threads,), args, shared_mem=self.smem)
+            second = kr.idx
+        args = (q, k, v, qr.idx, second, qr.pos, qr.seq, kr.pos, kr.seq, t.q_info, t.k_info, t.k_range, o, lse,
+                np.int32(nq), np.int32(self.nk), np.int32(n_heads), np.int32(n_kv),
+                np.float32(self.scale * math.log2(math.e)), np.int32(self.causal))
+        self.fn((t.n_q_tiles, n_heads), (self.kernel.threads,), args, shared_mem=self.kernel.smem_bytes)
         return o, lse
 
 
-class _Order:
-    """Sorted (sequence, position) order of queries and keys, and the per-tile summaries the kernels use
-    (kernels/attention_order.cu: a handful of launches and two device sorts, no host synchronization)."""
+def _gather_kv(k, v, k_idx, bn: int):
+    """K, V (nk, Hkv, D) uint16 -> (Hkv, nk_pad, D) in sorted key order, zero rows up to nk_pad (bn | nk_pad)."""
+    cupy = _cupy()
+    nk, n_kv, head_dim = k.shape
+    nk_pad = -(-nk // bn) * bn
+    chunks = head_dim * 2 // 16  # 16-byte chunks (uint4) per row of bf16
+    kg = cupy.empty((n_kv, nk_pad, head_dim), dtype=cupy.uint16)
+    vg = cupy.empty_like(kg)
+    _kernel("attention_order.cu", "gather_kv")(
+        _blocks(n_kv * nk_pad * chunks), (ORDER_THREADS,),
+        (k, v, k_idx, np.int32(nk), np.int32(nk_pad), np.int32(n_kv), np.int32(chunks), kg, vg))
+    return kg, vg, nk_pad
 
-    def __init__(self, q_pos, q_seq, k_pos, k_seq, causal: bool, bm: int, bn: int):
+
+class _SortedRows:
+    """Rows sorted by (sequence, position) (kernels/attention_order.cu: two launches and a device sort).
+
+    idx[slot] = original row of sorted slot; pos, seq, key: the sorted rows' values, all (n,)."""
+
+    def __init__(self, pos, seq):
         cupy = _cupy()
-        nq, nk = len(q_pos), len(k_pos)
+        pos = cupy.ascontiguousarray(pos, dtype=cupy.int32)
+        seq = cupy.ascontiguousarray(seq, dtype=cupy.int32)
+        n = len(pos)
+        key = cupy.empty(n, dtype=cupy.int64)
+        grid = _blocks(n, most=4096)
+        _kernel("attention_order.cu", "make_keys")(grid, (ORDER_THREADS,), (pos, seq, key, np.int32(n)))
+        order = cupy.argsort(key)
+        self.idx = cupy.empty(n, dtype=cupy.int32)
+        self.pos, self.seq = cupy.empty_like(self.idx), cupy.empty_like(self.idx)
+        self.key = cupy.empty_like(key)
+        _kernel("attention_order.cu", "gather_sorted")(
+            grid, (ORDER_THREADS,), (order, pos, seq, key, self.idx, self.pos, self.seq, self.key, np.int32(n)))
+
+
+class _TileSummaries:
+    """Per tile of bm sorted queries / bn sorted keys: q_info, k_info (n_tiles, 4) int32 tile summaries
+    (kernels/common.cuh) and k_range (n_q_tiles, 2): the sorted keys the query tile may see."""
+
+    def __init__(self, q_rows: _SortedRows, k_rows: _SortedRows, causal: bool, bm: int, bn: int):
+        cupy = _cupy()
+        nq, nk = len(q_rows.idx), len(k_rows.idx)
         self.n_q_tiles = -(-nq // bm)
         n_k_tiles = -(-nk // bn)
-        self.q_idx, self.qs_pos, self.qs_seq, qk = _sorted_rows(q_pos, q_seq)
-        self.k_idx, self.ks_pos, self.ks_seq, kk = _sorted_rows(k_pos, k_seq)
-        self.q_info = cupy.empty(4 * self.n_q_tiles, dtype=cupy.int32)
-        self.k_info = cupy.empty(4 * n_k_tiles, dtype=cupy.int32)
-        self.k_range = cupy.empty(2 * self.n_q_tiles, dtype=cupy.int32)
-        info = _kernel("attention_order.cu", "tile_info", "")
-        info((-(-self.n_q_tiles // 128),), (128,), (self.qs_pos, self.qs_seq, np.int32(nq), np.int32(bm),
-                                                   np.int32(self.n_q_tiles), self.q_info))
-        info((-(-n_k_tiles // 128),), (128,), (self.ks_pos, self.ks_seq, np.int32(nk), np.int32(bn),
-                                               np.int32(n_k_tiles), self.k_info))
-        ranges = _kernel("attention_order.cu", "key_ranges", "")
-        ranges((-(-self.n_q_tiles // 128),), (128,), (qk, np.int32(nq), np.int32(bm), np.int32(self.n_q_tiles),
-                                                     kk, np.int32(nk), np.int32(bool(causal)), self.k_range))
-
-
-def _sorted_rows(pos, seq):
-    """(idx, sorted pos, sorted seq, sorted keys) for rows ordered by (seq, pos); idx[slot] = original row."""
-    cupy = _cupy()
-    pos = cupy.asarray(pos).astype(cupy.int32, copy=False)
-    seq = cupy.asarray(seq).astype(cupy.int32, copy=False)
-    n = len(pos)
-    blocks = (min(-(-n // 256), 4096),)
-    key = cupy.empty(n, dtype=cupy.int64)
-    _kernel("attention_order.cu", "make_keys", "")(blocks, (256,), (pos, seq, key, np.int32(n)))
-    order = cupy.argsort(key)
-    idx = cupy.empty(n, dtype=cupy.int32)
-    s_pos, s_seq = cupy.empty_like(idx), cupy.empty_like(idx)
-    s_key = cupy.empty_like(key)
-    _kernel("attention_order.cu", "gather_sorted", "")(blocks, (256,), (order, pos, seq, key, idx, s_pos, s_seq,
-                                                                        s_key, np.int32(n)))
-    return idx, s_pos, s_seq, s_key
+        self.q_info = cupy.empty((self.n_q_tiles, 4), dtype=cupy.int32)
+        self.k_info = cupy.empty((n_k_tiles, 4), dtype=cupy.int32)
+        self.k_range = cupy.empty((self.n_q_tiles, 2), dtype=cupy.int32)
+        info = _kernel("attention_order.cu", "tile_info")
+        for rows, tile, n_tiles, out in ((q_rows, bm, self.n_q_tiles, self.q_info),
+                                         (k_rows, bn, n_k_tiles, self.k_info)):
+            info(_blocks(n_tiles), (ORDER_THREADS,),
+                 (rows.pos, rows.seq, np.int32(len(rows.idx)), np.int32(tile), np.int32(n_tiles), out))
+        _kernel("attention_order.cu", "key_ranges")(
+            _blocks(self.n_q_tiles), (ORDER_THREADS,),
+            (q_rows.key, np.int32(nq), np.int32(bm), np.int32(self.n_q_tiles), k_rows.key, np.int32(nk),
+             np.int32(bool(causal)), self.k_range))
 
 
 # ---------------------------------------------------------------------------------------------- merge
@@ -274,9 +439,7 @@ def merge_partials(o_parts, lse_parts):
         return o, lse
     so = [np.int64(s // 4) for s in o_parts.strides]
     sl = [np.int64(s // 4) for s in lse_parts.strides]
-    fn = _kernel("merge.cu", "merge_partials", "")
-    threads = 256
-    blocks = min(-(-total // threads), 65535 * 8)
-    fn((blocks,), (threads,), (o_parts, lse_parts, o, lse, np.int32(n_parts), np.int32(n), np.int32(n_heads),
-                               np.int32(head_dim), *so, *sl))
+    fn = _kernel("merge.cu", "merge_partials")
+    fn(_blocks(total, most=65535 * 8), (ORDER_THREADS,),
+       (o_parts, lse_parts, o, lse, np.int32(n_parts), np.int32(n), np.int32(n_heads), np.int32(head_dim), *so, *sl))
     return o, lse

@@ -94,23 +94,69 @@ def ragged_problem(rng, lens, beta=3, c_a=2, qi=0, kj=1, shuffle=True):
     return q_pos, q_seq, k_pos, k_seq
 
 
-def run_case(rng, q_pos, q_seq, k_pos, k_seq, n_heads, n_kv, head_dim, dtype, causal):
+def run_case(rng, q_pos, q_seq, k_pos, k_seq, n_heads, n_kv, head_dim, dtype, causal, mma_config=None):
     dev, host = make_inputs(rng, len(q_pos), len(k_pos), n_heads, n_kv, head_dim, dtype)
     scale = 1.0 / np.sqrt(head_dim)
-    got = attention_cuda.partial_attention(dev[0], cupy.asarray(q_pos), cupy.asarray(q_seq), dev[1], dev[2],
-                                          cupy.asarray(k_pos), cupy.asarray(k_seq), causal, scale)
+    plan = attention_cuda.prepare_attention(cupy.asarray(q_pos), cupy.asarray(q_seq), cupy.asarray(k_pos),
+                                           cupy.asarray(k_seq), causal=causal, scale=scale, mma_config=mma_config)
+    got = plan(*dev)
     want = ref_attention(host[0], q_pos, q_seq, host[1], host[2], k_pos, k_seq, causal, scale)
     return check(got, want, dtype)
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("head_dim", [16, 32, 40, 64, 80, 128])
+# Every class of head dim the host accepts (attention_cuda.head_dim_classes: CUDA-core kernel by threads per row
+# and key tile, tensor-core kernel by configuration), at both ends of each, up to MAX_HEAD_DIM.
+HEAD_DIMS = [(dtype, d) for dtype in ("fp32", "bf16") for d in attention_cuda.class_ends(dtype == "bf16")]
+
+
+def test_head_dims_reach_the_maximum():
+    assert ("fp32", attention_cuda.MAX_HEAD_DIM) in HEAD_DIMS and ("bf16", attention_cuda.MAX_HEAD_DIM) in HEAD_DIMS
+
+
+@pytest.mark.parametrize("dtype,head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("causal", [True, False])
 def test_ragged_strided_gqa(dtype, head_dim, causal):
     rng = np.random.default_rng()
     # lengths include 1 and 2 (sequences with no key of group 1: fully masked rows) and a multi-tile one
     q_pos, q_seq, k_pos, k_seq = ragged_problem(rng, [1, 37, 300, 2, 5, 700, 64])
     run_case(rng, q_pos, q_seq, k_pos, k_seq, 9, 3, head_dim, dtype, causal)
+
+
+@pytest.mark.parametrize("head_dim", [attention_cuda.MAX_HEAD_DIM + 1, attention_cuda.MAX_HEAD_DIM + 64, 65, 130])
+def test_unsupported_head_dims_are_refused(head_dim):
+    """A head dim no kernel takes is a ValueError when the plan binds its kernel (the first call)."""
+    pos = cupy.arange(8, dtype=cupy.int32)
+    plan = attention_cuda.prepare_attention(pos, pos * 0, pos, pos * 0, causal=True, scale=0.1)
+    x = cupy.ones((8, 2, head_dim), cupy.float32)
+    with pytest.raises(ValueError, match="head dimension"):
+        plan(x, x, x)
+
+
+def test_plan_reused_across_layers_and_checked():
+    """One plan, several layers' q, k, v (as the engine calls it): each equals the one-shot call; wrong row
+    counts, another dtype or head dim, and a bad scale are ValueErrors."""
+    rng = np.random.default_rng()
+    q_pos, q_seq, k_pos, k_seq = ragged_problem(rng, [300, 2, 700])
+    pos = [cupy.asarray(a) for a in (q_pos, q_seq, k_pos, k_seq)]
+    plan = attention_cuda.prepare_attention(*pos, causal=True, scale=0.125)
+    for _layer in range(3):
+        (q, k, v), _ = make_inputs(rng, len(q_pos), len(k_pos), 8, 2, 64, "bf16")
+        o, lse = plan(q, k, v)
+        o1, lse1 = attention_cuda.partial_attention(q, *pos[:2], k, v, *pos[2:], True, 0.125)
+        assert cupy.array_equal(o, o1) and cupy.array_equal(lse, lse1)
+    with pytest.raises(ValueError, match="prepared for"):
+        plan(q[1:], k, v)
+    with pytest.raises(ValueError, match="prepared for"):
+        plan(q, k[1:], v[1:])
+    (q32, k32, v32), _ = make_inputs(rng, len(q_pos), len(k_pos), 8, 2, 64, "fp32")
+    with pytest.raises(ValueError, match="prepare another plan"):
+        plan(q32, k32, v32)
+    (q2, k2, v2), _ = make_inputs(rng, len(q_pos), len(k_pos), 8, 2, 32, "bf16")
+    with pytest.raises(ValueError, match="prepare another plan"):
+        plan(q2, k2, v2)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scale"):
+            attention_cuda.prepare_attention(*pos, causal=True, scale=bad)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -165,6 +211,15 @@ def test_dispatch_matches_numpy_path():
     o_gpu, lse_gpu = attention.partial_attention(q, cupy.asarray(q_pos), cupy.asarray(q_seq), k, v,
                                                  cupy.asarray(k_pos), cupy.asarray(k_seq), True, 0.17)
     check((o_gpu, lse_gpu), (o_np.astype(np.float64), lse_np.astype(np.float64)), "fp32")
+    # prepare_attention dispatches on the positions' module, or on xp= (NumPy positions, CuPy plan)
+    plan = attention.prepare_attention(cupy.asarray(q_pos), cupy.asarray(q_seq), cupy.asarray(k_pos),
+                                       cupy.asarray(k_seq), causal=True, scale=0.17)
+    assert isinstance(plan, attention_cuda.CudaAttentionPlan)
+    plan = attention.prepare_attention(q_pos, q_seq, k_pos, k_seq, causal=True, scale=0.17, xp=cupy)
+    assert isinstance(plan, attention_cuda.CudaAttentionPlan)
+    check(plan(q, k, v), (o_np.astype(np.float64), lse_np.astype(np.float64)), "fp32")
+    assert isinstance(attention.prepare_attention(q_pos, q_seq, k_pos, k_seq, causal=True, scale=0.17),
+                      attention.AttentionPlan)
 
 
 def ref_merge(o_parts, lse_parts):
@@ -216,21 +271,21 @@ def test_merge_equals_unsplit_attention():
 
 
 def _variant_configs():
-    from rshard_hpc.bench import kernel as bench_kernel
+    from rshard_hpc.bench import kernel as bench
 
-    return [(hd, tuple(attention_cuda.MmaConfig(*c))) for hd, cs in bench_kernel.VARIANTS.items() for c in cs]
+    return [(hd, tuple(attention_cuda.MmaConfig(*c))) for hd, cs in bench.VARIANTS.items() for c in cs]
 
 
 @pytest.mark.parametrize("head_dim,config", _variant_configs(), ids=lambda x: str(x).replace(" ", ""))
-def test_mma_configurations(monkeypatch, head_dim, config):
+def test_mma_configurations(head_dim, config):
     """Every tensor-core configuration the benchmark may choose (query-tile rows, warps, key-tile size,
-    stages): ragged GQA blocks with fully masked rows, causal and not, and one long causal sequence."""
-    monkeypatch.setitem(attention_cuda.MMA_CONFIG, head_dim, config)
+    stages), given to the plan: ragged GQA blocks with fully masked rows, causal and not, and one long
+    causal sequence."""
     rng = np.random.default_rng()
     for causal in (True, False):
         q_pos, q_seq, k_pos, k_seq = ragged_problem(rng, [1, 37, 300, 2, 5, 700, 64])
-        run_case(rng, q_pos, q_seq, k_pos, k_seq, 9, 3, head_dim, "bf16", causal)
+        run_case(rng, q_pos, q_seq, k_pos, k_seq, 9, 3, head_dim, "bf16", causal, mma_config=config)
     # one contiguous causal sequence: skipped, full and masked tiles, more than 32 key tiles (the kernel
     # decides which tiles to visit 32 at a time)
     q_pos = k_pos = np.arange(2500, dtype=np.int32)
-    run_case(rng, q_pos, q_pos * 0, k_pos, k_pos * 0, 3, 1, head_dim, "bf16", True)
+    run_case(rng, q_pos, q_pos * 0, k_pos, k_pos * 0, 3, 1, head_dim, "bf16", True, mma_config=config)

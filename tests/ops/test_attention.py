@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from rshard_hpc.ops.attention import merge_partials, partial_attention, visible
+from rshard_hpc.ops.attention import AttentionPlan, merge_partials, partial_attention, prepare_attention, visible
 
 
 def full_attention64(q, q_pos, q_seq, k, v, k_pos, k_seq, causal, scale):
@@ -48,6 +48,44 @@ def test_partial_attention_matches_float64(causal, n_heads, n_kv, seed):
     np.testing.assert_allclose(lse[finite], lse_ref[finite], atol=2e-5, rtol=1e-5)
     np.testing.assert_allclose(o, o_ref, atol=2e-5, rtol=1e-5)
     assert np.all(o[~finite] == 0)
+
+
+def test_prepared_plan_is_reused_across_layers():
+    """One plan, several (q, k, v) on the same rows (the layers of an engine step): each call equals the
+    one-shot partial_attention and the float64 reference."""
+    rng = np.random.default_rng(5)
+    _, q_pos, q_seq, _, _, k_pos, k_seq = random_case(rng, 70, 90, 6, 2, 16, 3)
+    plan = prepare_attention(q_pos, q_seq, k_pos, k_seq, causal=True, scale=0.25)
+    assert isinstance(plan, AttentionPlan)
+    for layer in range(3):
+        q, _, _, k, v, _, _ = random_case(np.random.default_rng(layer), 70, 90, 6, 2, 16, 3)
+        o, lse = plan(q, k, v)
+        o1, lse1 = partial_attention(q, q_pos, q_seq, k, v, k_pos, k_seq, True, 0.25)
+        np.testing.assert_array_equal(o, o1)
+        np.testing.assert_array_equal(lse, lse1)
+        o_ref, _ = full_attention64(q, q_pos, q_seq, k, v, k_pos, k_seq, True, 0.25)
+        np.testing.assert_allclose(o, o_ref, atol=2e-5, rtol=1e-5)
+
+
+def test_plan_checks_rows_shapes_and_scale():
+    rng = np.random.default_rng(6)
+    q, q_pos, q_seq, k, v, k_pos, k_seq = random_case(rng, 20, 30, 4, 2, 8, 2)
+    plan = prepare_attention(q_pos, q_seq, k_pos, k_seq, causal=False, scale=0.5)
+    with pytest.raises(ValueError, match="prepared for 20 query and 30 key"):
+        plan(q[:19], k, v)
+    with pytest.raises(ValueError, match="prepared for 20 query and 30 key"):
+        plan(q, k[:29], v[:29])
+    with pytest.raises(ValueError, match="shape mismatch"):
+        plan(q, k, v[:, :, :4])
+    with pytest.raises(ValueError, match="shape mismatch"):
+        plan(q[:, :3], k, v)  # 3 query heads over 2 KV heads
+    with pytest.raises(ValueError, match="same length|one length"):
+        prepare_attention(q_pos, q_seq[:5], k_pos, k_seq, causal=False, scale=0.5)
+    for bad in (0.0, -0.1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="scale"):
+            prepare_attention(q_pos, q_seq, k_pos, k_seq, causal=False, scale=bad)
+    with pytest.raises(ValueError, match="CUDA"):
+        prepare_attention(q_pos, q_seq, k_pos, k_seq, causal=False, scale=0.5, mma_config=(1, 1, 4, 64, 2, 1))
 
 
 def test_fully_masked_rows_give_zero_and_minus_inf():

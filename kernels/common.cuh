@@ -1,0 +1,26 @@
+// Definitions shared by the CUDA sources in kernels/.
+//
+// NVRTC compiles each source as its own program (one CuPy RawModule per source and preamble), with no
+// include path into this folder, so the host does the including: rshard_hpc/ops/attention_cuda.py
+// (kernel_source) builds every program as
+//   its #define preamble  +  this file  +  the .cu source
+// A definition that two sources (or two kernels of one source) need is written here once. This file
+// needs no define from the host.
+
+#define NEG_INF __int_as_float(0xff800000)
+
+// Tile summary: one int4 per tile of rows sorted by (sequence, position), over the tile's rows
+//   x = seq_min, y = seq_max, z = pos_min, w = pos_max.
+// attention_order.cu (tile_info) writes them; partial_attention.cu reads them through tile_kind.
+
+// What key tile ki is to query tile qi. Visible: same sequence and, when causal, pos_k <= pos_q.
+//   0: no key of the tile is visible to any query of the tile (skip it)
+//   1: every key is visible to every query (no element mask)
+//   2: anything else (mask element by element)
+// full: the key tile has no rows past the last key (a partial last tile always takes the mask).
+__device__ __forceinline__ int tile_kind(int4 qi, int4 ki, int causal, int full) {
+    if (ki.y < qi.x || ki.x > qi.y) return 0;               // no common sequence
+    if (causal && ki.z > qi.w) return 0;                     // every key after every query
+    if (full && qi.x == qi.y && ki.x == ki.y && qi.x == ki.x && (!causal || ki.w <= qi.z)) return 1;
+    return 2;
+}
