@@ -14,7 +14,7 @@ step() { echo "=== $1 ($(date -u +%T))"; }
 cat "$OUT/env.log"
 if [ "${1:-}" != bench ]; then
 step "kernel tests" | tee "$OUT/tests.log"
-timeout 300 python3 -m pytest -q --tb=short -p no:cacheprovider -n 8 tests/test_gpu_kernels.py >> "$OUT/tests.log" 2>&1
+timeout 300 python3 -m pytest -q --tb=short -p no:cacheprovider -n 8 tests/ops/test_gpu_kernels.py >> "$OUT/tests.log" 2>&1
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 25
 step transport | tee "$OUT/engine.log"
 timeout 60 $MPI -n 4 python3 tests/mpi/gpu_transport.py auto 2>&1 | tail -n 5 | tee -a "$OUT/engine.log"
