@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 #SBATCH --job-name=rshard
 #SBATCH --time=01:00:00
+#SBATCH --output=logs/%x-%j.out
 # rshard on a Slurm cluster: one job file (slurm/job.toml) holds the job's `rshard run` options.
 #
 #   slurm/run.sh slurm/job.toml [rshard run options]             # outside Slurm: submits itself with
 #                                                                 # --ntasks = 1 + alpha + beta^2
 #   sbatch --ntasks=13 slurm/run.sh slurm/job.toml [options]      # or submit it yourself
+#
+# The job's output goes to logs/rshard-JOBID.out under the submit directory. sbatch does not create that
+# folder (a job whose output folder is missing fails without a word): run.sh makes it when it submits itself;
+# make it yourself (mkdir -p logs) before `sbatch slurm/run.sh`, or pass --output.
 #
 # Options after the job file override it (e.g. --out other.h5 --resume). Inside the allocation run.sh
 # checks that SLURM_NTASKS is 1 + alpha + beta^2, adds --device gpu when the job has GPUs (each rank takes
@@ -17,11 +22,14 @@
 #   srun --mpi=pmi2   MPICH (the pip `mpich` wheel) and MVAPICH
 #   mpiexec           the MPI library's own launcher inside the allocation (MPICH's hydra starts its
 #                     proxies with srun)
+# A srun plugin is tried only when `srun --mpi=list` names it, and pmi2 before pmix when mpi4py's MPI
+# library is MPICH or MVAPICH (which speak PMI-2), so that the log does not open with a failed PMIx launch.
 # srun gets --kill-on-bad-exit=1: a rank that dies ends the whole step (hydra does so by itself).
 #
 # Environment:
 #   RSHARD_LAUNCHER="srun --mpi=cray_shasta"  the site's launcher (used as is, followed by -n W; no fallback)
-#   RSHARD_LAUNCHERS="srun-pmi2 mpiexec"      the order to try (default: srun-pmix srun-pmi2 mpiexec)
+#   RSHARD_LAUNCHERS="srun-pmi2 mpiexec"      the order to try (default: the srun plugins `srun --mpi=list`
+#                                             names, pmi2 first for MPICH, then mpiexec)
 #   RSHARD_PREFLIGHT=0                        skip the doctor check (take the first launcher)
 #   RSHARD_PYTHON=python3                     the Python that has rshard_hpc installed
 #   RSHARD_GPUS_PER_NODE=4                    when submitting: ask for GPUs (and as many tasks per node)
@@ -39,6 +47,7 @@ if [[ -z ${SLURM_JOB_ID:-} ]]; then  # not inside an allocation: submit this scr
   submit=(--ntasks="$ntasks")
   gpus=${RSHARD_GPUS_PER_NODE:-0}
   if (( gpus > 0 )); then submit+=(--gpus-per-node="$gpus" --ntasks-per-node="$gpus"); fi
+  mkdir -p logs  # the default --output folder: sbatch does not make it
   # shellcheck disable=SC2086  # RSHARD_SBATCH_ARGS is a list of options
   exec sbatch "${submit[@]}" ${RSHARD_SBATCH_ARGS:-} "$0" "$job" "$@"
 fi
@@ -71,10 +80,23 @@ launch() {  # launch NAME COMMAND...: run COMMAND on $ntasks ranks with launcher
   esac
 }
 
+default_launchers() {  # the srun plugins this Slurm has, in the order the MPI library likes, then mpiexec
+  local plugins vendor order=(srun-pmix srun-pmi2) out=()
+  plugins=$(srun --mpi=list 2>&1 || true)
+  vendor=$("$py" -c 'import mpi4py; mpi4py.rc.initialize = False; from mpi4py import MPI; print(MPI.get_vendor()[0])' \
+           2>/dev/null || true)
+  if [[ $vendor == MPICH || $vendor == MVAPICH* ]]; then order=(srun-pmi2 srun-pmix); fi
+  for name in "${order[@]}"; do
+    if grep -qw -- "${name#srun-}" <<< "$plugins"; then out+=("$name"); fi
+  done
+  echo "${out[*]} mpiexec"
+}
+
 if [[ -n ${RSHARD_LAUNCHER:-} ]]; then
   candidates=(site)
 else
-  read -r -a candidates <<< "${RSHARD_LAUNCHERS:-srun-pmix srun-pmi2 mpiexec}"
+  read -r -a candidates <<< "${RSHARD_LAUNCHERS:-$(default_launchers)}"
+  echo "run.sh: launchers to try: ${candidates[*]}" >&2
 fi
 chosen=
 for name in "${candidates[@]}"; do

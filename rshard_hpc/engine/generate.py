@@ -103,16 +103,25 @@ class _Sequence:
         return self.prompt_len + len(self.new)
 
 
-def generate_batch(client, codec, cfg, head: LmHead, prompts, prompt_ids, settings: GenerateSettings):
-    """Decode a batch together; finished sequences drop out. Returns (token id lists, texts)."""
+def generate_batch(client, codec, cfg, head: LmHead, prompts, prompt_ids, settings: GenerateSettings,
+                   progress=None):
+    """Decode a batch together; finished sequences drop out. Returns (token id lists, texts).
+
+    progress(step, new_tokens), when given, is called after the prefill (step 0, no token) and after each
+    sampling step s >= 1 with the tokens it generated (run/progress.Progress.generate_step)."""
+    progress = progress or (lambda step, new_tokens: None)
     seqs = [_Sequence(p, prompt_rng(settings, pid)) for p, pid in zip(prompts, prompt_ids)]
     client.begin_batch([s.prompt_len + settings.max_new_tokens for s in seqs])
     rows = client.step([(0, s.prompt_len) for s in seqs], prompts, "last")  # (B, d)
+    progress(0, 0)
     live = list(range(len(seqs)))
+    step = 0
     while True:
         logits = head.logits(rows)  # (len(live), vocab)
         for row, b in enumerate(live):
             _accept(seqs[b], sample(logits[row], settings, seqs[b].rng), codec, cfg, settings)
+        step += 1
+        progress(step, len(live))
         live = [b for b in live if not seqs[b].done]
         if not live:
             break

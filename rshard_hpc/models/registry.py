@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from rshard_hpc.errors import InputError
@@ -32,17 +34,34 @@ def bundled_source(name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / inner
 
 
-def resolve_model(model: str) -> Path:
-    """A weight file path for `model` (a file, or a bundled name converted on first use)."""
+def resolve_model(model: str, watch=None) -> Path:
+    """A weight file path for `model` (a file, or a bundled name converted on first use).
+
+    The conversion is said: watch(start, end) is a context manager around it that prints `start`, shows the
+    progress of the object it yields (handed to convert_any) and `end` (run/progress.Stages, the job's); by
+    default the `start` line alone goes to stderr."""
     if model in BUNDLED:
         out = cache_dir() / f"{model}.h5"
         if not out.exists():
-            from rshard_hpc.convert import convert_any
-
-            convert_any(bundled_source(model), out)
+            _convert_bundled(model, out, watch or _say_start)
         return out
     path = Path(model)
     if not path.exists():
         raise InputError(f"model {model!r} is neither a weight file nor a bundled model "
                          f"({', '.join(BUNDLED)})")
     return path
+
+
+def _convert_bundled(model: str, out: Path, watch) -> None:
+    from rshard_hpc.convert import convert_any
+
+    source = bundled_source(model)  # a missing package is said first
+    with watch(f"converting the bundled model {model} to HDF5 (first use, cached in {out.parent})",
+               f"converted {model} to {out}") as progress:
+        convert_any(source, out, progress)
+
+
+@contextmanager
+def _say_start(start: str, end: str):
+    print(f"[rshard] {start}", file=sys.stderr, flush=True)
+    yield None

@@ -11,7 +11,8 @@ import numpy as np
 from rshard_hpc.dist.topology import node_label, world_size_for
 from rshard_hpc.plan.ledger import visible_key_counts
 from rshard_hpc.plan.schemes import PlanSpec, make_plan
-from rshard_hpc.plan.views import DEFAULT_VOCAB, INF, _first_unknown, node_report, plan_views, view_runs
+from rshard_hpc.plan.views import (DEFAULT_VOCAB, INF, _first_unknown, blocks_of, format_blocks, node_report,
+                                   plan_views, view_runs)
 
 SEARCH_MAX = 8  # the layout search tries alpha, beta in 1 … SEARCH_MAX
 
@@ -32,11 +33,16 @@ def partial_summary(comp: np.ndarray, group: np.ndarray, k: int, beta: int, caus
 # ------------------------------------------------------------------------------------------ plan report
 def plan_report(spec: PlanSpec, n: int, public_prefix: int = 0, vocab: int = DEFAULT_VOCAB,
                 causal: bool = True) -> dict:
-    """Every node's view of one sequence of n positions under `spec`, and the plan's δ at that length."""
+    """Every node's view of one sequence of n positions under `spec`, and the plan's δ at that length.
+
+    A node's "positions" are those of its view past the public prefix: its runs are of its known positions
+    (architecture.md §4), so each listed run is one run of the report (the first may reach back into the prefix)
+    and a public position alone is none. "seen" and "fraction_seen" count its whole view."""
     comp, group = make_plan(spec, n)
     nodes = {}
     for name, view in plan_views(comp, group, spec.alpha, spec.beta).items():
         nodes[name] = node_report(view, n, public_prefix, vocab)
+        nodes[name]["positions"] = format_blocks(blocks_of(view[view >= public_prefix]))
         if name.startswith("comp"):
             nodes[name]["partials"] = partial_summary(comp, group, int(name[4:]), spec.beta, causal)
     whole = [name for name, r in nodes.items() if r["sees_all"]]

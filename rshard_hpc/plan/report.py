@@ -114,13 +114,17 @@ def render_plan(doc: dict) -> str:
              f"delta = {doc['delta']:g} (smallest gap before a later run, over all nodes"
              + (f"; {', '.join(node_label(x) for x in doc['seen_whole_by'])} see every position" if doc["seen_whole_by"] else "")
              + f"): {'meets' if doc['meets'] else 'BELOW'} --delta {doc['required_delta']:g}",
-             doc["suggestion_text"][0].upper() + doc["suggestion_text"][1:] + ".",
-             "", "rank layout:"]
+             doc["suggestion_text"][0].upper() + doc["suggestion_text"][1:] + "."]
+    lines += [doc["layout_chosen"]] if doc.get("layout_chosen") else []
+    if doc.get("defaults_from"):
+        lines.append(f"vocabulary, mask and public prefix from {doc['defaults_from']}")
+    lines += ["", "rank layout:"]
     lines += [f"  rank {row['rank']:>3}  {row['label']}" for row in doc["layout"]]
     lines += ["", "views (runs: start positions; gap = unseen positions before the run; cost = log10 V^(gap+1)):"]
-    n = doc["length"]
+    n, past = doc["length"], "; past the public prefix" if doc["public_prefix"] else ""
     for name, r in doc["nodes"].items():
-        lines.append(f"{node_label(name)}: sees {r['seen']}/{n} ({100 * r['fraction_seen']:.1f}%): {r['positions']}"
+        lines.append(f"{node_label(name)}: sees {r['seen']}/{n} ({100 * r['fraction_seen']:.1f}%){past}: "
+                     f"{r['positions']}"
                      + ("  [SEES EVERY POSITION]" if r["sees_all"] else ""))
         first = r["first_run"]
         if first:
@@ -138,6 +142,29 @@ def render_plan(doc: dict) -> str:
                          f"({q['empty']} empty, {q['single_key']} single-key); with one foreign key: "
                          f"{q['one_foreign_key']}")
     return "\n".join(lines)
+
+
+def plan_defaults(model, public_prefix=None, vocab=None, causal=None) -> dict:
+    """The public prefix, vocabulary size and mask `rshard plan` reports with: those given, the others from --model,
+    else from `rshard run`'s default model (DEFAULT_MODEL) where its package is installed, so that the plan and a
+    job's /privacy agree; else 0, DEFAULT_VOCAB and causal. "from" says where the others came from (None: all given)."""
+    from rshard_hpc.models.registry import DEFAULT_MODEL, bundled_source
+
+    given = {"public_prefix": public_prefix, "vocab": vocab, "causal": causal}
+    facts, where = {}, None
+    if None in given.values():
+        try:
+            if not model:
+                bundled_source(DEFAULT_MODEL)  # an InputError where its package is not installed
+            facts = model_facts(model or DEFAULT_MODEL)
+            where = f"model {model}" if model else f"{DEFAULT_MODEL} (rshard run's default model; --model to change)"
+        except InputError:
+            if model:
+                raise
+            facts, where = {"public_prefix": 0, "vocab": DEFAULT_VOCAB, "causal": True}, (
+                f"no model: {DEFAULT_MODEL}, rshard run's default, is not installed")
+    out = {k: facts[k] if v is None else v for k, v in given.items()}
+    return {**out, "from": where}
 
 
 def model_facts(model: str) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from rshard_hpc.errors import InputError, RshardError
 from rshard_hpc.plan.schemes import PlanSpec
 from rshard_hpc.run import termination, testhooks
 from rshard_hpc.run.options import TASKS, RunOptions
-from rshard_hpc.run.progress import Progress, say
+from rshard_hpc.run.progress import Progress, Stages, say
 from rshard_hpc.run.prompts import id_key
 
 
@@ -51,7 +52,7 @@ class ClientJob:
         self.topo, self.opts, self.spec = topo, opts, spec
         if opts.task not in TASKS:
             raise InputError(f"unknown task {opts.task!r} ({', '.join(TASKS)})")
-        model_path = resolve_model(opts.model)
+        model_path = resolve_model(opts.model, watch=lambda start, end: Stages(start, end, enabled=opts.progress))
         check_out_path(opts.out, prompts=opts.prompts, model=model_path, plan_file=opts.plan_file)
         self.cfg = weights.read_config(model_path)
         self._check_task()
@@ -115,11 +116,11 @@ class ClientJob:
             say(f"warning: running a plan below the required delta (--allow-weak-plan): {v['message']}")
         exposed = v["exposed_prompts"]
         if exposed:
-            shown = ", ".join(f"{pid} ({e['length']} tokens; {node_label(e['seen_whole_by'][0])})"
+            shown = "; ".join(f"{pid} ({_tokens(e['length'])}: {', '.join(map(node_label, e['seen_whole_by']))})"
                               for pid, e in list(exposed.items())[:5])
-            more = f" and {len(exposed) - 5} more" if len(exposed) > 5 else ""
+            more = f"; and {len(exposed) - 5} more" if len(exposed) > 5 else ""
             say(f"warning: {len(exposed)} prompt{'s are' if len(exposed) > 1 else ' is'} too short for this plan "
-                f"to split: a node sees {'them' if len(exposed) > 1 else 'it'} whole: {shown}{more}")
+                f"to split: the nodes named see {'them' if len(exposed) > 1 else 'it'} whole: {shown}{more}")
 
     def _check_task(self) -> None:
         if self.opts.task == "embed" and self.cfg.pooling == "none":
@@ -171,12 +172,15 @@ class ClientJob:
             say(f"resume: dropped {self.writer.unfinished_rows} rows of a batch that was cut short")
         if self.skipped:
             say(f"resume: {self.skipped} prompts already in {opts.out}, {len(self.todo)} to do")
-        say(f"{opts.task} with {self.cfg.name}: {len(self.todo)} prompts, {total_tokens} tokens, "
+        say(f"{opts.task} with {opts.model}: {len(self.todo)} prompts, {total_tokens} tokens, "
             f"alpha={opts.alpha} beta={opts.beta} ({self.topo.world.Get_size()} ranks), plan {self.spec.scheme} "
             f"c={self.spec.c} c_a={self.spec.c_a}, device {opts.device}")
         self._say_privacy()
-        progress = Progress(len(self.todo), total_tokens, enabled=opts.progress)
-        for batch in self.batches():
+        batches = list(self.batches())
+        generating = self.settings.max_new_tokens if opts.task == "generate" else 0
+        progress = Progress(len(self.todo), total_tokens, enabled=opts.progress, total_batches=len(batches),
+                            max_new_tokens=generating)
+        for batch in batches:
             seqs = [self.token_ids[i] for i in batch]
             ids = [self.todo[i].id for i in batch]
             if opts.task == "embed":
@@ -184,8 +188,9 @@ class ClientJob:
                 append = lambda: self.writer.append_embeddings(ids, embeddings)  # noqa: E731
             else:
                 streams = [id_key(pid) for pid in ids]  # each prompt samples from its own stream
+                steps = partial(progress.generate_step, len(batch), int(sum(len(s) for s in seqs)))
                 token_ids, texts = generate_batch(client, self.codec, self.cfg, self.head, seqs, streams,
-                                                  self.settings)
+                                                  self.settings, progress=steps)
                 append = lambda: self.writer.append_generated(ids, token_ids, texts)  # noqa: E731
             with termination.protected():  # a SIGTERM waits for the batch's rows and its ledger
                 append()
@@ -200,10 +205,16 @@ class ClientJob:
             self._write_reports(stats)
         moved = sum(s["bytes_sent"] for s in stats)
         modes = ", ".join(sorted({s["transport"] for s in stats[1:]}))  # the workers' (the client's is host)
-        say(f"done: {len(self.todo)} prompts, {total_tokens} tokens in {elapsed:.2f} s "
-            f"({total_tokens / max(elapsed, 1e-9):,.0f} tokens/s), {moved / 1e6:.1f} MB moved between ranks "
-            f"({opts.dtype}, {modes})")
+        say(f"done: {len(self.todo)} prompts, {self._work(total_tokens, progress.generated, elapsed)}, "
+            f"{moved / 1e6:.1f} MB moved between ranks ({opts.dtype}, {modes})")
         say(f"results: {Path(opts.out).resolve()}")
+
+    def _work(self, tokens: int, generated: int, elapsed: float) -> str:
+        """The summary's throughput: prompt tokens/s when embedding, generated tokens/s when generating."""
+        if self.opts.task != "generate":
+            return f"{tokens} tokens in {elapsed:.2f} s ({tokens / max(elapsed, 1e-9):,.0f} tokens/s)"
+        return (f"{tokens} prompt tokens, {generated} tokens generated in {elapsed:.2f} s "
+                f"({generated / max(elapsed, 1e-9):,.0f} tokens/s generated)")
 
     def _saved_so_far(self) -> str:
         """For the message a SIGTERM prints: what the results file holds and how to finish."""
@@ -253,3 +264,7 @@ class ClientJob:
         }))
         columns = {key: [s[key] for s in stats] for key in stats[0]}
         self.writer.write_table("stats", columns)
+
+
+def _tokens(n: int) -> str:
+    return f"{n} token{'s' if n != 1 else ''}"

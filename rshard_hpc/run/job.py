@@ -11,13 +11,17 @@ from rshard_hpc.errors import JobAborted, RshardError
 from rshard_hpc.run import termination, testhooks
 from rshard_hpc.run.client_job import _prepare_client
 from rshard_hpc.run.options import RunOptions
+from rshard_hpc.run.progress import say
 
 
 def run(opts: RunOptions) -> None:
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD
+    opts, chosen = opts.with_layout(world.Get_size())  # a pure function of the size: alike on every rank
     topo = Topology.build(world, opts.alpha, opts.beta)  # a bad size raises on every rank alike
+    if chosen and topo.is_client:
+        say(chosen)
     termination.set_role(topo.is_client, topo.describe)
     testhooks.at("rank_started", rank=topo.rank)  # off unless RSHARD_PID_DIR / RSHARD_TEST_FAIL_RANK
     spec = opts.plan_spec()

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from rshard_hpc.dist.topology import world_size_for
 from rshard_hpc.errors import InputError
 from rshard_hpc.models.registry import DEFAULT_MODEL
+from rshard_hpc.plan.check import strided_delta
 from rshard_hpc.plan.schemes import DEFAULT_DELTA, PlanSpec, check_explicit
 
 
@@ -16,17 +19,19 @@ TASKS = ("embed", "generate")
 @dataclass
 class RunOptions:
     """Every option of `rshard run` with its default: the one place those defaults are written (the CLI reads
-    them from here; the plan's come from PlanSpec)."""
+    them from here; the plan's come from PlanSpec). alpha, beta, c and c_a are None when not given: with_layout
+    fills in alpha, beta (and c_a) from the world size when neither alpha nor beta is given (default_layout), and
+    PlanSpec's values stand for the others."""
 
     task: str = TASKS[0]
     model: str = DEFAULT_MODEL
     prompts: str = ""
     out: str = ""
-    alpha: int = PlanSpec.alpha
-    beta: int = PlanSpec.beta
+    alpha: int | None = None  # None with beta None: the most private layout for the world size (default_layout)
+    beta: int | None = None
     scheme: str = PlanSpec.scheme
-    c: int = PlanSpec.c
-    c_a: int = PlanSpec.c_a
+    c: int | None = None  # None: PlanSpec's (1)
+    c_a: int | None = None  # None: the default layout's when it is chosen, else PlanSpec's (1)
     seed: int = PlanSpec.seed
     plan_file: str | None = None
     batch_tokens: int = 8192
@@ -51,10 +56,35 @@ class RunOptions:
         if self.plan_file and self.scheme != "explicit":
             raise InputError(f"--plan-file {self.plan_file} needs --scheme explicit (the scheme is {self.scheme!r}: "
                              f"the file would be ignored)")
-        spec = PlanSpec(self.scheme, self.alpha, self.beta, self.c, self.c_a, self.seed, self._read_plan_file(),
+        spec = PlanSpec(self.scheme, *self._layout(), self.seed, self._read_plan_file(),
                         target_delta=max(1, self.min_delta))
         spec.check()
         return spec
+
+    def _layout(self) -> tuple[int, int, int, int]:
+        """(alpha, beta, c, c_a), PlanSpec's values where not given."""
+        values = (self.alpha, self.beta, self.c, self.c_a)
+        return tuple(getattr(PlanSpec, k) if v is None else v for k, v in zip(("alpha", "beta", "c", "c_a"), values))
+
+    def with_layout(self, world_size: int | None) -> tuple["RunOptions", str | None]:
+        """These options with alpha and beta filled in, and the line that says how (None when given): with neither
+        given, default_layout for `world_size` (the same on every rank, no communication needed; None: the fewest
+        ranks reaching --min-delta); with one, PlanSpec's for the other. An InputError, alike on every rank, when
+        no layout of this size reaches --min-delta (unless --allow-weak-plan) or an explicit plan has no layout."""
+        if self.alpha is not None or self.beta is not None:
+            alpha, beta = self._layout()[:2]
+            return replace(self, alpha=alpha, beta=beta), None
+        if self.scheme == "explicit":
+            raise InputError("--scheme explicit needs --alpha and --beta: the layout the plan file was made for")
+        PlanSpec(self.scheme, 1, 1, *self._layout()[2:]).check()  # chunk lengths >= 1
+        if world_size is None:  # (`rshard plan` without --ranks)
+            world_size = smallest_world(self.min_delta, self.c, self.c_a) or world_size_for(3, 3)
+        found = default_layout(world_size, self.min_delta, self.c, self.c_a)
+        if found is None or (found["delta"] < self.min_delta and not self.allow_weak_plan):
+            raise InputError(_no_layout(world_size, found, self.min_delta, self.c, self.c_a))
+        chosen = replace(self, alpha=found["alpha"], beta=found["beta"], c_a=found["c_a"])
+        return chosen, (f"layout: alpha={found['alpha']} beta={found['beta']} c_a={found['c_a']} (the most private "
+                        f"for {world_size} ranks; give --alpha/--beta to choose)")
 
     def _read_plan_file(self):
         if not self.plan_file:
@@ -63,5 +93,58 @@ class RunOptions:
             plan = json.loads(Path(self.plan_file).read_text())
         except (OSError, ValueError) as exc:
             raise InputError(f"cannot read plan file {self.plan_file}: {exc}") from exc
-        check_explicit(plan, self.alpha, self.beta, f"plan file {self.plan_file}")
+        check_explicit(plan, *self._layout()[:2], f"plan file {self.plan_file}")
         return plan
+
+
+# ------------------------------------------------------------------------------------------ the default layout
+def default_layout(world_size: int, min_delta: float = DEFAULT_DELTA, c: int | None = None,
+                   c_a: int | None = None) -> dict | None:
+    """The layout `rshard run` takes on `world_size` ranks when --alpha and --beta are not given: among the
+    layouts with 1 + alpha + beta² = world_size, the strided plan with the largest δ on long prompts
+    (plan/check.py's strided_delta: min((alpha−1)·c, c_a) for alpha >= 2 and beta >= 3, else 0), then the smallest
+    share of positions any node sees (1/alpha for a CompNode, 2/beta for an AttnNode), then the larger beta.
+    c is the user's (1 by default); c_a the user's, else the shortest chunk reaching --min-delta and at least 2.
+
+    A pure function of the world size and the options: prompt lengths are not needed, so every rank finds the
+    same layout by itself. {"alpha", "beta", "c", "c_a", "delta"}, or None below 3 ranks (no layout)."""
+    c = PlanSpec.c if c is None else c
+    c_a = max(DEFAULT_DELTA, math.ceil(min_delta)) if c_a is None else c_a
+    options = []
+    for beta in range(1, math.isqrt(max(world_size - 2, 0)) + 1):
+        alpha = world_size - 1 - beta * beta
+        delta = _long_delta(PlanSpec("strided", alpha, beta, c, c_a))
+        options.append(((-delta, max(1 / alpha, min(1.0, 2 / beta)), -beta),
+                        {"alpha": alpha, "beta": beta, "c": c, "c_a": c_a, "delta": delta}))
+    return min(options, key=lambda o: o[0])[1] if options else None
+
+
+def _long_delta(spec: PlanSpec) -> float:
+    """A strided plan's δ on long prompts: at a length past alpha chunks of c and three chunks of c_a."""
+    return strided_delta(spec, 2 * (spec.alpha * spec.c + spec.beta * spec.c_a) + 1)
+
+
+def smallest_world(min_delta: float, c: int | None = None, c_a: int | None = None) -> int | None:
+    """The fewest ranks whose default layout reaches min_delta (None when c_a caps the AttnNode gaps below it):
+    beta = 3 and alpha − 1 >= min_delta / c (architecture.md §4)."""
+    if min_delta <= 0:
+        return world_size_for(1, 1)
+    found = default_layout(world_size_for(1, 3), min_delta, c, c_a)
+    if found["c_a"] < min_delta:
+        return None
+    return world_size_for(1 + max(1, math.ceil(min_delta / found["c"])), 3)
+
+
+def _no_layout(world_size: int, found: dict | None, min_delta: float, c, c_a) -> str:
+    """Why no layout of world_size ranks will do, and the world size that would."""
+    best = (f"the most private, alpha={found['alpha']} beta={found['beta']} c={found['c']} c_a={found['c_a']}, has "
+            f"delta={found['delta']:g} on long prompts" if found else "none exists: 1 + alpha + beta^2 >= 3")
+    fewest = smallest_world(min_delta, c, c_a)
+    if fewest is None:
+        where = f"none does with --c-a {c_a} (no AttnNode gap exceeds c_a): give --c-a {math.ceil(min_delta)} or more"
+    else:
+        at = default_layout(fewest, min_delta, c, c_a)
+        where = (f"the smallest world size that does is {fewest} (mpiexec -n {fewest}: alpha={at['alpha']} "
+                 f"beta={at['beta']} c_a={at['c_a']})")
+    return (f"no layout of {world_size} ranks reaches --min-delta {min_delta:g} ({best}); {where}. Or give --alpha "
+            f"and --beta (with --allow-weak-plan to run a weaker plan; docs/privacy.md)")

@@ -165,7 +165,8 @@ def test_rshard_plan_command():
     assert node["first_run"] == {"start": 0, "length": 2, "gap": 0, "cost_log10": round(math.log10(30522), 3)}
     assert node["partials"]["under_two_keys"] == 0  # bidirectional: every partial covers a whole group
     assert doc["nodes"]["attn0_0"]["runs"][-1]["gap"] == 4
-    text = runner.invoke(cli_main, ["plan", "--alpha", 2, "--beta", 2, "--length", 12])
+    text = runner.invoke(cli_main, ["plan", "--alpha", 2, "--beta", 2, "--length", 12, "--vocab", 49152, "--causal",
+                                    "--public-prefix", 0])  # not the default model's (tests/plan/test_report_counts)
     assert text.exit_code == 0
     assert "SEES EVERY POSITION" in text.output and "BELOW --delta 2" in text.output
     assert "--alpha 3 --beta 3 --c 1 --c-a 2 (mpiexec -n 13)" in text.output
