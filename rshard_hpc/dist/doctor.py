@@ -74,9 +74,19 @@ def gpu_of(local_rank: int) -> tuple[bool, str]:
         device = local_rank % count
         name = cupy.cuda.runtime.getDeviceProperties(device)["name"]
         name = name.decode() if isinstance(name, bytes) else str(name)
-        return True, f"{device}: {name}" + (f" (of {count})" if count > 1 else "")
+        return True, f"{device}: {name}" + (f" (of {count})" if count > 1 else "") + f", {cuda_versions(cupy)}"
     except Exception as exc:  # noqa: BLE001 - a broken driver is something to report, not to crash on
         return False, f"none ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+
+
+def cuda_versions(cupy) -> str:
+    """"CUDA runtime 13.0 (CuPy's), driver 13.0": CuPy's CUDA major must not exceed the driver's (install the
+    cupy-cudaNNx wheel of the driver's major or lower)."""
+    def dotted(v: int) -> str:
+        return f"{v // 1000}.{v % 1000 // 10}"
+
+    runtime, driver = cupy.cuda.runtime.runtimeGetVersion(), cupy.cuda.runtime.driverGetVersion()
+    return f"CUDA runtime {dotted(runtime)} (CuPy's), driver {dotted(driver)}"
 
 
 def short_library(text: str) -> str:

@@ -68,3 +68,13 @@ def test_doctor_detects_singletons():
     assert result.returncode == 3, result.stdout + result.stderr
     assert "launcher started 7 processes: they are separate singletons" in result.stdout
     assert "--mpi=pmi2" in result.stdout
+
+
+def test_doctor_names_cupys_cuda_and_the_driver():
+    from types import SimpleNamespace
+
+    from rshard_hpc.dist.doctor import cuda_versions
+
+    runtime = SimpleNamespace(runtimeGetVersion=lambda: 12080, driverGetVersion=lambda: 13000)
+    assert cuda_versions(SimpleNamespace(cuda=SimpleNamespace(runtime=runtime))) == \
+        "CUDA runtime 12.8 (CuPy's), driver 13.0"
