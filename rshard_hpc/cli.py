@@ -8,7 +8,7 @@ import click
 
 from rshard_hpc import __version__
 from rshard_hpc.dist.launcher import tune_mpi_env, world_rank
-from rshard_hpc.errors import JobAborted, RshardError
+from rshard_hpc.errors import InputError, JobAborted, RshardError
 from rshard_hpc.dist.cuda_aware import GPU_AWARE_MODES
 from rshard_hpc.dist.cuda_ipc import IPC_MODES
 from rshard_hpc.engine.generate import GenerateSettings
@@ -17,6 +17,7 @@ from rshard_hpc.ops.arrays import DEVICES
 from rshard_hpc.ops.precision import DTYPES
 from rshard_hpc.plan.check import SEARCH_MAX
 from rshard_hpc.plan.schemes import SCHEMES
+from rshard_hpc.run.export import FORMATS as EXPORT_FORMATS
 from rshard_hpc.run.options import TASKS, RunOptions
 from rshard_hpc.run import termination, testhooks
 from rshard_hpc.run.jobfile import config_callback
@@ -55,19 +56,33 @@ def _describe_rank() -> str:
 
 def plan_options(*names, **defaults):
     """The layout and plan options (architecture.md §2, §3), declared once: `run` and `plan` take them all,
-    `bench job`, `audit` and `doctor` a few. Defaults are RunOptions' unless a command names its own."""
+    `bench job`, `audit` and `doctor` a few. Defaults are RunOptions' (their help says what an option not given
+    means) unless a command names its own."""
     names = names or tuple(_PLAN_OPTIONS)
-    return lambda command: _stack(command, [_PLAN_OPTIONS[n](defaults.get(n, getattr(RunOptions, n))) for n in names])
+    return lambda command: _stack(command, [_PLAN_OPTIONS[n](*_plan_default(n, defaults)) for n in names])
+
+
+def _plan_default(name, defaults) -> tuple:
+    """(default, what the help adds about it) of a plan option."""
+    if name in defaults:
+        return defaults[name], ""
+    return getattr(RunOptions, name), _NOT_GIVEN.get(name, "")
+
+
+_LAYOUT_NOT_GIVEN = (" Default: with neither --alpha nor --beta, the most private layout for the number of ranks "
+                     "(README); with one of them, 1.")
+_NOT_GIVEN = {"alpha": _LAYOUT_NOT_GIVEN, "beta": _LAYOUT_NOT_GIVEN, "c": " Default: 1.",
+              "c_a": " Default: the layout's (2 for --min-delta 2) when --alpha and --beta are not given, else 1."}
 
 
 def _choice_option(flag, choices, help_text):
-    return lambda default: click.option(flag, type=click.Choice(choices), default=default, show_default=True,
-                                        help=help_text)
+    return lambda default, note="": click.option(flag, type=click.Choice(choices), default=default, show_default=True,
+                                                 help=help_text + note)
 
 
 def _int_option(flag, dest, help_text):
-    return lambda default: click.option(flag, dest, type=int, default=default, show_default=default is not None,
-                                        help=help_text)
+    return lambda default, note="": click.option(flag, dest, type=int, default=default,
+                                                 show_default=default is not None, help=help_text + note)
 
 
 _PLAN_OPTIONS = {
@@ -78,8 +93,9 @@ _PLAN_OPTIONS = {
     "c": _int_option("--c", "c", "CompNode chunk length."),
     "c_a": _int_option("--c-a", "c_a", "Index-group chunk length."),
     "seed": _int_option("--seed", "seed", "Seed of the random plan scheme."),
-    "plan_file": lambda default: click.option("--plan-file", default=default,
-                                              help="JSON {\"comp\": [...], \"group\": [...]} for --scheme explicit."),
+    "plan_file": lambda default, note="": click.option("--plan-file", default=default,
+                                                       help="JSON {\"comp\": [...], \"group\": [...]} for --scheme "
+                                                            "explicit."),
 }
 
 
@@ -169,7 +185,8 @@ def convert(source, out):
 @click.option("--chat", is_flag=True, help="generate: wrap each prompt in the model's chat template.")
 @click.option("--quiet", is_flag=True, help="No progress lines (the summary is still printed).")
 def run(quiet, max_new_tokens, temperature, top_k, top_p, sample_seed, stop, chat, **kwargs):
-    """Run a batch job; launch with mpiexec -n (1 + alpha + beta^2)."""
+    """Run a batch job; launch with mpiexec -n (1 + alpha + beta^2), or on any -n without --alpha/--beta (the
+    most private layout for that many ranks)."""
     tune_mpi_env()
     from rshard_hpc.run.job import run as run_job
     from rshard_hpc.run.options import RunOptions
@@ -200,8 +217,9 @@ def doctor(alpha, beta, device):
     from rshard_hpc.dist.doctor import check_layout_options, run_doctor
 
     try:
-        if click.get_current_context().default_map is not None:  # --config: what `rshard run` would take
-            alpha, beta = (RunOptions.alpha if alpha is None else alpha), (RunOptions.beta if beta is None else beta)
+        if click.get_current_context().default_map is not None and (alpha, beta) != (None, None):
+            given = RunOptions(alpha=alpha, beta=beta).with_layout(0)[0]  # --config: one given, the other as in `run`
+            alpha, beta = given.alpha, given.beta
         check_layout_options(alpha, beta)
         status = run_doctor(alpha, beta, device, echo=click.echo)
     except BaseException as exc:  # noqa: BLE001 - a failing rank must not leave the others waiting
@@ -215,40 +233,89 @@ def doctor(alpha, beta, device):
 @plan_options()
 @click.option("--length", "n", type=int, default=64, show_default=True,
               help="Sequence length (a prompt, plus the new tokens when generating).")
+@click.option("--ranks", type=int, default=None,
+              help="With neither --alpha nor --beta: the layout `rshard run` takes on this many ranks. Default: the "
+                   "fewest ranks reaching --delta (13 for 2).")
 @click.option("--public-prefix", type=int, default=None,
-              help="Leading positions known to everyone. Default: what --model's tokenizer adds, else 0.")
+              help="Leading positions known to everyone. Default: what the model's tokenizer adds.")
 @click.option("--model", default=None, help="A weight file (.h5) or bundled name: vocabulary size, mask and public "
-                                            "prefix from it.")
-@click.option("--vocab", type=int, default=None, help="Vocabulary size V for the cost exponents (default: the "
-                                                      "model's, else 49152).")
+                                            "prefix from it. Default: rshard run's (all-MiniLM-L6-v2) where "
+                                            "installed, else V=49152, causal, no public prefix.")
+@click.option("--vocab", type=int, default=None, help="Vocabulary size V for the cost exponents. Default: the "
+                                                      "model's.")
 @click.option("--causal/--bidirectional", default=None,
-              help="Attention mask for the partial counts (default: the model's, else causal).")
+              help="Attention mask for the partial counts. Default: the model's.")
 @click.option("--delta", type=int, default=RunOptions.min_delta, show_default=True,
               help="Report the smallest alpha, beta reaching this delta at this length.")
 @click.option("--search-max", type=int, default=SEARCH_MAX, show_default=True, help="Largest alpha and beta searched.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def plan_cmd(alpha, beta, scheme, c, c_a, seed, plan_file, n, public_prefix, model, vocab, causal, delta, search_max,
-             as_json):
+@click.option("--picture", default=None, help="Also draw who sees what to this .png or .svg file (needs matplotlib).")
+def plan_cmd(alpha, beta, scheme, c, c_a, seed, plan_file, n, ranks, public_prefix, model, vocab, causal, delta,
+             search_max, as_json, picture):
     """Show a plan's privacy without MPI: rank layout, every node's view, runs, gaps, cost exponents,
     first-run exposure, partials over few keys, and the smallest layout reaching --delta (docs/privacy.md)."""
     import json
 
-    from rshard_hpc.plan.report import check_request, jsonable, model_facts, plan_document, render_plan
-    from rshard_hpc.plan.views import DEFAULT_VOCAB
+    from rshard_hpc.plan.report import check_request, jsonable, plan_defaults, plan_document, render_plan
     from rshard_hpc.run.options import RunOptions
 
     try:
         check_request(n, public_prefix, vocab, delta, search_max)
-        spec = RunOptions(alpha=alpha, beta=beta, scheme=scheme, c=c, c_a=c_a, seed=seed, plan_file=plan_file,
-                          min_delta=delta).plan_spec()
-        facts = model_facts(model) if model else {}
-        doc = plan_document(spec, n,
-                            public_prefix if public_prefix is not None else facts.get("public_prefix", 0),
-                            vocab if vocab is not None else facts.get("vocab", DEFAULT_VOCAB),
-                            causal if causal is not None else facts.get("causal", True), delta, search_max)
+        opts, chosen = RunOptions(alpha=alpha, beta=beta, scheme=scheme, c=c, c_a=c_a, seed=seed, plan_file=plan_file,
+                                  min_delta=delta, allow_weak_plan=True).with_layout(ranks)
+        spec = opts.plan_spec()
+        facts = plan_defaults(model, public_prefix, vocab, causal)  # as `rshard run` takes them
+        doc = plan_document(spec, n, facts["public_prefix"], facts["vocab"], facts["causal"], delta, search_max)
+        doc.update(layout_chosen=chosen, defaults_from=facts["from"])
+        if picture:
+            from rshard_hpc.plan.picture import draw, plan_picture
+
+            draw(plan_picture(spec, n, doc["public_prefix"]), picture)
     except RshardError as exc:
         _fail(exc)
     click.echo(json.dumps(jsonable(doc), indent=1) if as_json else render_plan(doc))
+    if picture:
+        click.echo(f"picture in {picture}", err=True)
+
+
+@main.command()
+@click.argument("results")
+@click.option("--picture", default=None,
+              help="Also draw what each rank received for one prompt to this .png or .svg file (needs matplotlib).")
+@click.option("--prompt", default=None, help="The prompt --picture draws, its id as reports spell it (default: the "
+                                             "first).")
+def show(results, picture, prompt):
+    """Sum up a results file: model, task, prompts, precision, plan, privacy verdict, time and bytes, version."""
+    from rshard_hpc.run.show import draw_prompt, render_summary, summarize
+
+    try:
+        if prompt is not None and not picture:
+            raise InputError("--prompt chooses the prompt --picture draws: pass --picture FILE too")
+        text = render_summary(summarize(results))
+        drawn = draw_prompt(results, picture, prompt) if picture else None
+    except RshardError as exc:
+        _fail(exc)
+    click.echo(text)
+    if drawn:
+        click.echo(drawn)
+
+
+@main.command()
+@click.argument("results")
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default=None,
+              help="jsonl: {\"id\", \"embedding\" | \"text\"} a line; csv: a header, then a row a prompt; npy: the "
+                   "embeddings, ids in NAME.ids.json. Default: from --out's suffix.")
+@click.option("--out", required=True, help="The file to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+def export(results, fmt, out, overwrite):
+    """Write a results file's ids with their embeddings or generated text for the next tool."""
+    from rshard_hpc.run.export import export_results
+
+    try:
+        written = export_results(results, out, fmt, overwrite)
+    except RshardError as exc:
+        _fail(exc)
+    click.echo(f"wrote {', '.join(map(str, written))}")
 
 
 @main.group()
@@ -258,9 +325,10 @@ def bench():
 
 @bench.command("kernel")
 @click.option("--out", default="bench_kernel.md", show_default=True, help="Write the table here.")
-@click.option("--lengths", default="1024,2048,4096,8192,16384,32768", show_default=True)
-@click.option("--head-dims", default="64,128", show_default=True)
-@click.option("--dtypes", default="bf16,fp32", show_default=True)
+@click.option("--lengths", default="1024,2048,4096,8192,16384,32768", show_default=True,
+              help="Sequence lengths (comma-separated).")
+@click.option("--head-dims", default="64,128", show_default=True, help="Head dimensions D (comma-separated).")
+@click.option("--dtypes", default="bf16,fp32", show_default=True, help="Input precisions (comma-separated).")
 def bench_kernel_cmd(out, lengths, head_dims, dtypes):
     """The partial-attention kernel against torch SDPA on this GPU (needs CuPy, torch and a GPU)."""
     from rshard_hpc.bench.kernel import bench_kernel
@@ -270,16 +338,16 @@ def bench_kernel_cmd(out, lengths, head_dims, dtypes):
 
 
 @bench.command("job")
-@plan_options("alpha", "beta", "c", "c_a", alpha=2, beta=2)
+@plan_options("alpha", "beta", "c", "c_a", alpha=2, beta=2, c=1, c_a=1)
 @click.option("--shape", type=click.Choice(["smollm2", "llama-1b", "tiny"]), default="smollm2", show_default=True,
               help="Random-weight Llama shape.")
 @click.option("--layers", type=int, default=None, help="Override the shape's layer count.")
 @click.option("--tokens", default="4096,8192", show_default=True, help="Prompt lengths (comma-separated).")
-@click.option("--decode-steps", type=int, default=8, show_default=True)
+@click.option("--decode-steps", type=int, default=8, show_default=True, help="Decode steps timed after each prefill.")
 @device_options("Engine precision (the plaintext side runs the same precision in torch).")
 @click.option("--plaintext/--no-plaintext", default=True, show_default=True,
               help="Also time transformers on one device with the same weights (needs torch + transformers).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights and prompts.")
 @click.option("--out", default="bench_job.md", show_default=True, help="Append the table here.")
 def bench_job_cmd(alpha, beta, tokens, **opts):
     """The sharded job against plaintext single-device inference; run under mpiexec -n (1 + alpha + beta^2)."""
@@ -302,11 +370,11 @@ def bench_job_cmd(alpha, beta, tokens, **opts):
 @device_options("Precision of the pieces (as `rshard run --dtype`).", "device", "dtype")
 @click.option("--shape", type=click.Choice(["smollm2", "llama-1b", "tiny"]), default="smollm2", show_default=True,
               help="Random-weight Llama shape.")
-@click.option("--tokens", type=int, default=8192, show_default=True)
+@click.option("--tokens", type=int, default=8192, show_default=True, help="Tokens in the layer's input.")
 @click.option("--repeat", type=int, default=20, show_default=True, help="Timed calls per piece (median).")
 @click.option("--torch/--no-torch", "with_torch", default=True, show_default=True,
               help="Also time transformers' LlamaDecoderLayer at the same shape and precision.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights and input.")
 @click.option("--out", default="bench_passes.md", show_default=True, help="Append the table here.")
 def bench_passes_cmd(with_torch, **opts):
     """One layer's pieces (norms, GEMMs, RoPE, packing, attention, merge, MLP) timed one by one in one process,
@@ -325,7 +393,7 @@ def bench_passes_cmd(with_torch, **opts):
 @click.option("--model", default=DEFAULT_DECODER, show_default=True,
               help="A Llama weight file (.h5) or a bundled decoder name.")
 @click.option("--prompts", required=True, help="Plain text (a prompt a line) or JSONL ({\"text\"} a line).")
-@plan_options("alpha", "beta", "scheme", "c", "c_a", "seed", alpha=3, beta=3, c_a=2)
+@plan_options("alpha", "beta", "scheme", "c", "c_a", "seed", alpha=3, beta=3, c=1, c_a=2)
 @click.option("--layer", type=int, default=1, show_default=True, help="Attack the rows of this layer (0 = context-free).")
 @click.option("--top-k", type=int, default=8, show_default=True, help="Candidates per position from the model's ranking.")
 @click.option("--budget", type=int, default=4096, show_default=True,
