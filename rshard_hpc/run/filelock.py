@@ -40,6 +40,7 @@ class ResultsLock:
 
     def _open(self, results_path) -> int:
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)  # --out's folder, as the results file needs it
             return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise InputError(f"cannot create the lock file {self.path} for --out {results_path}: {exc}") from exc

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from rshard_hpc.dist.launcher import world_rank
 from rshard_hpc.dist.topology import world_size_for
+from rshard_hpc.plan.schemes import DEFAULT_DELTA
 from rshard_hpc.errors import InputError
 from rshard_hpc.run import testhooks
 
@@ -115,23 +116,41 @@ def _refuse(ctx, exc: InputError) -> None:
 
 
 def layout(path, argv=()) -> tuple[int, int]:
-    """(alpha, beta) of the job file at `path`, with --alpha/--beta in argv taking precedence."""
+    """(alpha, beta) of the job file at `path`, with --alpha/--beta in argv taking precedence. Neither given:
+    the layout `rshard run` takes on the fewest ranks reaching the job's --min-delta (run/options.py)."""
     data = load(path)
-    values = {"alpha": data.get("alpha", 1), "beta": data.get("beta", 1)}
+    values = {key: data.get(key) for key in ("alpha", "beta", "min_delta")}
     args = list(argv)
     for n, arg in enumerate(args):
         for key in values:
-            if arg == f"--{key}" and n + 1 < len(args):
+            flag = f"--{key.replace('_', '-')}"
+            if arg == flag and n + 1 < len(args):
                 values[key] = args[n + 1]
-            elif arg.startswith(f"--{key}="):
+            elif arg.startswith(f"{flag}="):
                 values[key] = arg.split("=", 1)[1]
+    if values["alpha"] is None and values["beta"] is None:
+        return _default_layout(path, values["min_delta"])
     try:
-        alpha, beta = int(values["alpha"]), int(values["beta"])
+        alpha, beta = int(values["alpha"] or 1), int(values["beta"] or 1)
     except (TypeError, ValueError) as exc:
         raise InputError(f"job file {path}: alpha and beta must be integers ({exc})") from exc
     if alpha < 1 or beta < 1:
         raise InputError(f"job file {path}: alpha and beta must be >= 1 (got alpha={alpha}, beta={beta})")
     return alpha, beta
+
+
+def _default_layout(path, min_delta) -> tuple[int, int]:
+    from rshard_hpc.run.options import default_layout, smallest_world
+
+    try:
+        min_delta = DEFAULT_DELTA if min_delta is None else float(min_delta)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"job file {path}: min_delta must be a number ({exc})") from exc
+    world = smallest_world(min_delta)
+    if world is None:
+        raise InputError(f"job file {path}: no default layout reaches min_delta {min_delta:g}: give alpha and beta")
+    found = default_layout(world, min_delta)
+    return found["alpha"], found["beta"]
 
 
 def main(argv=None) -> int:

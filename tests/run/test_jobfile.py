@@ -74,3 +74,14 @@ def test_world_size_for_run_sh(tmp_path, capsys):
     assert jobfile.main([str(job), "--out", "x.h5", "--alpha", "2", "--beta=1"]) == 0
     assert capsys.readouterr().out.split() == ["4", "2", "1"]
     assert jobfile.main([str(tmp_path / "nope.toml")]) == 2
+
+
+def test_a_job_file_without_a_layout_asks_for_the_default_one(tmp_path):
+    """run.sh sizes the job from the job file: no alpha/beta means rshard run's default layout on the fewest
+    ranks reaching the job's min_delta (13 for delta 2: alpha=3 beta=3)."""
+    job = tmp_path / "job.toml"
+    job.write_text('task = "embed"\n')
+    assert jobfile.layout(job) == (3, 3)
+    assert jobfile.layout(job, ["--alpha", "2"]) == (2, 1)  # one given: the other is 1, as in rshard run
+    job.write_text('min_delta = 3\n')
+    assert jobfile.layout(job) == (4, 3)

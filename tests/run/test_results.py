@@ -82,3 +82,13 @@ def test_resume_drops_the_rows_of_a_batch_cut_short(tmp_path, task):
     last = ResultWriter(path, attrs, fp, task, resume=True)
     assert last.unfinished_rows == 0
     last.close()
+
+
+def test_out_in_a_folder_that_does_not_exist_yet(tmp_path):
+    out = tmp_path / "results" / "deeper" / "r.h5"
+    writer = ResultWriter(out, {"task": "embed"}, {"task": "embed"}, "embed")
+    writer.append_embeddings([1, "b"], np.ones((2, 3), np.float32))
+    writer.close()
+    with h5py.File(out, "r") as f:
+        assert list(f["ids"][()]) == [b"1", b"b"] and list(f["id_is_int"][()]) == [1, 0]
+    assert not (out.parent / "r.h5.lock").exists()
