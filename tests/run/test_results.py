@@ -1,3 +1,5 @@
+import json
+
 import h5py
 import numpy as np
 import pytest
@@ -92,3 +94,30 @@ def test_out_in_a_folder_that_does_not_exist_yet(tmp_path):
     with h5py.File(out, "r") as f:
         assert list(f["ids"][()]) == [b"1", b"b"] and list(f["id_is_int"][()]) == [1, 0]
     assert not (out.parent / "r.h5.lock").exists()
+
+
+def test_a_full_disk_during_a_report_leaves_the_old_report_whole(tmp_path, monkeypatch):
+    """The end-of-run reports are written beside the old ones and swapped in: a write that fails for want of
+    space (here injected) says so plainly, leaves the old /privacy/json readable and no half-written copy."""
+    import errno
+
+    from rshard_hpc.run import results
+
+    out = tmp_path / "r.h5"
+    writer = ResultWriter(out, {"task": "embed"}, {"task": "embed"}, "embed")
+    writer.append_embeddings(["a"], np.ones((1, 3), np.float32))
+    writer.write_json("privacy", {"run": 1})
+    real = results._replace
+
+    def full(group, key, create):
+        def failing(g, name):
+            create(g, name)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(group, key, failing)
+
+    monkeypatch.setattr(results, "_replace", full)
+    with pytest.raises(results.DiskFull, match=r"disk full while writing .*: 1 prompts are in .*--resume"):
+        writer.write_json("privacy", {"run": 2})
+    writer.close()
+    with h5py.File(out, "r") as f:
+        assert json.loads(f["privacy/json"][()]) == {"run": 1} and list(f["privacy"]) == ["json"]
