@@ -251,12 +251,15 @@ def bench():
               help="Sequence lengths (comma-separated).")
 @click.option("--head-dims", default="64,128", show_default=True, help="Head dimensions D (comma-separated).")
 @click.option("--dtypes", default="bf16,fp32", show_default=True, help="Input precisions (comma-separated).")
-def bench_kernel_cmd(out, lengths, head_dims, dtypes):
+@click.option("--variants", is_flag=True,
+              help="First time the tensor-core kernel's configurations and use the fastest per head dim.")
+def bench_kernel_cmd(out, lengths, head_dims, dtypes, variants):
     """The partial-attention kernel against torch SDPA on this GPU (needs CuPy, torch and a GPU)."""
-    from rshard_hpc.bench.kernel import bench_kernel
+    from rshard_hpc.bench.kernel import bench_kernel, bench_variants
 
     bench_kernel(out, lengths=[int(x) for x in lengths.split(",")],
-                 head_dims=[int(x) for x in head_dims.split(",")], dtypes=dtypes.split(","))
+                 head_dims=[int(x) for x in head_dims.split(",")], dtypes=dtypes.split(","),
+                 mma_configs=bench_variants() if variants else None)
 
 
 @bench.command("job")
