@@ -4,6 +4,7 @@ run the batches through the engine, write results, the privacy report and the st
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -18,7 +19,7 @@ from rshard_hpc.errors import InputError, RshardError
 from rshard_hpc.plan.schemes import PlanSpec
 from rshard_hpc.run import termination, testhooks
 from rshard_hpc.run.options import TASKS, RunOptions
-from rshard_hpc.run.progress import Progress, Stages, say
+from rshard_hpc.run.progress import Progress, Stages, process_seconds, say, wall_line
 from rshard_hpc.run.prompts import id_key
 
 
@@ -180,6 +181,7 @@ class ClientJob:
         generating = self.settings.max_new_tokens if opts.task == "generate" else 0
         progress = Progress(len(self.todo), total_tokens, enabled=opts.progress, total_batches=len(batches),
                             max_new_tokens=generating)
+        started = process_seconds()
         for batch in batches:
             seqs = [self.token_ids[i] for i in batch]
             ids = [self.todo[i].id for i in batch]
@@ -199,6 +201,7 @@ class ClientJob:
             testhooks.at("batch_finished", batch=progress.batches)  # off unless RSHARD_PID_DIR / RSHARD_TEST_SLOW_BATCH_S
         client.stop()
         elapsed = progress.finish()
+        winding = time.perf_counter()
         stats = collectives.gather_objects(self.topo.world, rank_stats(self.topo, client.timer.seconds, client.transport))
         with termination.protected():  # the reports are one write a SIGTERM waits for
             testhooks.at("writing_reports")  # off unless RSHARD_TEST_SLOW_REPORTS_S
@@ -207,6 +210,7 @@ class ClientJob:
         modes = ", ".join(sorted({s["transport"] for s in stats[1:]}))  # the workers' (the client's is host)
         say(f"done: {len(self.todo)} prompts, {self._work(total_tokens, progress.generated, elapsed)}, "
             f"{moved / 1e6:.1f} MB moved between ranks ({opts.dtype}, {modes})")
+        say(wall_line(started, elapsed, time.perf_counter() - winding))
         say(f"results: {Path(opts.out).resolve()}")
 
     def _work(self, tokens: int, generated: int, elapsed: float) -> str:

@@ -210,3 +210,26 @@ class Stages:
 
 def say(message: str) -> None:
     print(f"[rshard] {message}", file=sys.stderr, flush=True)
+
+
+_IMPORTED_AT = time.monotonic()
+
+
+def process_seconds() -> float:
+    """Seconds since this process started (Linux /proc: interpreter start and imports included), else since
+    this module was imported."""
+    try:
+        with open("/proc/self/stat") as stat:
+            started_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])  # field 22: start time
+        with open("/proc/uptime") as uptime:
+            up = float(uptime.read().split()[0])
+        return max(0.0, up - started_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.monotonic() - _IMPORTED_AT
+
+
+def wall_line(started: float, batches: float, wind_down: float) -> str:
+    """Where the client's wall time went: start-up (until the first batch), the batches, the wind-down."""
+    total = started + batches + wind_down
+    return (f"wall {total:.2f} s: start-up {started:.2f} s (Python, MPI, model, prompts, plan check), batches "
+            f"{batches:.2f} s, wind-down {wind_down:.2f} s (stats, privacy report)")

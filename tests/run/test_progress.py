@@ -195,3 +195,15 @@ def test_first_use_of_the_default_model_in_a_job(tmp_path):
                         "2 (3 tokens: AttnNode (0, 1), AttnNode (1, 0))")
     assert lines[7].startswith("[rshard] batch 1/1: 2/2 prompts, 14/14 tokens, ")
     assert re.match(r"\[rshard\] done: 2 prompts, 14 tokens in [\d.]+ s \([\d,]+ tokens/s\), ", lines[8])
+
+
+def test_the_wall_time_is_accounted_for():
+    import time
+
+    from rshard_hpc.run.progress import process_seconds, wall_line
+
+    first = process_seconds()
+    time.sleep(0.05)
+    assert first > 0 and process_seconds() - first >= 0.04  # the process's age, growing with the clock
+    assert wall_line(2.0, 1.25, 0.5) == ("wall 3.75 s: start-up 2.00 s (Python, MPI, model, prompts, plan check), "
+                                         "batches 1.25 s, wind-down 0.50 s (stats, privacy report)")
