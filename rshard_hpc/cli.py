@@ -21,24 +21,26 @@ from rshard_hpc.run.options import TASKS, RunOptions
 
 def _fail(exc: BaseException) -> None:
     """End the job on an error: collective user errors exit cleanly, anything else aborts every rank."""
-    rank = world_rank()
     if isinstance(exc, JobAborted):  # a user-facing error mid-run: said plainly by the rank that met it
         click.echo(f"rshard: error: {exc}", err=True)
-        testhooks.at("rank_exiting", rank=world_rank(), code=exc.exit_code)
-        from rshard_hpc.dist import collectives
-
-        collectives.abort(exc.exit_code)
+        _exit(exc.exit_code, abort=True)
     if isinstance(exc, RshardError):
-        if rank == 0:
+        if world_rank() == 0:
             click.echo(f"rshard: error: {exc}", err=True)
-        testhooks.at("rank_exiting", rank=world_rank(), code=exc.exit_code)
-        sys.exit(exc.exit_code)
+        _exit(exc.exit_code, abort=False)
     role = _describe_rank()
     click.echo(f"rshard: {role} failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}", err=True)
-    testhooks.at("rank_exiting", rank=world_rank(), code=1)
+    _exit(1, abort=True)
+
+
+def _exit(code: int, abort: bool) -> None:
+    """Exit this rank with `code` (every rank does, after a collective error), or end the whole job by abort."""
+    testhooks.at("rank_exiting", rank=world_rank(), code=code)
+    if not abort:
+        sys.exit(code)
     from rshard_hpc.dist import collectives
 
-    collectives.abort(1)
+    collectives.abort(code)
 
 
 def _describe_rank() -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from rshard_hpc.errors import InputError
-from rshard_hpc.models import weights
 from rshard_hpc.models.weights import check_output
 
 
@@ -17,13 +16,9 @@ def convert_any(source, out, progress=None) -> Path:
     source = Path(source)
     check_output(out)
     if source.is_file() and source.suffix == ".gguf":
-        from rshard_hpc.convert.gguf import read_gguf
+        from rshard_hpc.convert.gguf import convert_gguf
 
-        stage(f"reading and dequantizing {source.name} (stage 1/2)")
-        cfg, tensors, tokenizer_json = read_gguf(source)
-        stage(f"writing {Path(out).name} (stage 2/2)")
-        weights.write_weights(out, cfg, {"json": tokenizer_json}, tensors, source=source)
-        return Path(out)
+        return convert_gguf(source, out, stage)
     if source.is_dir():
         from rshard_hpc.convert.safetensors import convert_hf_folder
 

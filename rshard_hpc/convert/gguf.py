@@ -302,7 +302,10 @@ def read_gguf(path):
     return cfg, tensors, tokenizer_json
 
 
-def convert_gguf(path, out) -> Path:
+def convert_gguf(path, out, stage=lambda name: None) -> Path:
+    """The GGUF file at `path` as the HDF5 weight file `out`; stage(name) is told each of the two stages."""
+    stage(f"reading and dequantizing {Path(path).name} (stage 1/2)")
     cfg, tensors, tokenizer_json = read_gguf(path)
+    stage(f"writing {Path(out).name} (stage 2/2)")
     weights.write_weights(out, cfg, {"json": tokenizer_json}, tensors, source=path)
     return Path(out)

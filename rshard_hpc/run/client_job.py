@@ -69,7 +69,7 @@ class ClientJob:
                  "backend": opts.device, "precision": opts.dtype, "world_size": topo.world.Get_size(),
                  "version": __version__}
         fingerprint = job_fingerprint(opts, self.cfg, weights_digest(model_path), self.settings, spec)
-        self.writer = ResultWriter(opts.out, attrs, fingerprint, opts.task, resume=opts.resume,
+        self.writer = ResultWriter(opts.out, attrs, fingerprint, resume=opts.resume,
                                    overwrite=opts.overwrite)
         self.todo = [p for p in prompts if p.id not in self.writer.done_ids]
         self.skipped = len(prompts) - len(self.todo)

@@ -59,7 +59,8 @@ def ids_path(out) -> Path:
 def read_rows(path) -> tuple[list, str, object]:
     """(typed ids, task, rows): the (n, d) float32 embeddings or the n generated texts of the committed prompts."""
     # imported here: show.py brings h5py, which `rshard` need not load for every command
-    from rshard_hpc.run.show import committed, open_results, read_ids
+    from rshard_hpc.run.results import committed, read_ids
+    from rshard_hpc.run.show import open_results
 
     with open_results(path) as f:
         ids, task, n = read_ids(f), f.attrs["task"], committed(f)

@@ -140,17 +140,15 @@ def layout(path, argv=()) -> tuple[int, int]:
 
 
 def _default_layout(path, min_delta) -> tuple[int, int]:
-    from rshard_hpc.run.options import default_layout, smallest_world
+    """The layout `rshard run` takes (RunOptions.with_layout) on the fewest ranks reaching min_delta."""
+    from rshard_hpc.run.options import RunOptions
 
     try:
-        min_delta = DEFAULT_DELTA if min_delta is None else float(min_delta)
+        opts = RunOptions(min_delta=DEFAULT_DELTA if min_delta is None else float(min_delta))
     except (TypeError, ValueError) as exc:
         raise InputError(f"job file {path}: min_delta must be a number ({exc})") from exc
-    world = smallest_world(min_delta)
-    if world is None:
-        raise InputError(f"job file {path}: no default layout reaches min_delta {min_delta:g}: give alpha and beta")
-    found = default_layout(world, min_delta)
-    return found["alpha"], found["beta"]
+    chosen, _ = opts.with_layout(None)
+    return chosen.alpha, chosen.beta
 
 
 def main(argv=None) -> int:

@@ -78,8 +78,7 @@ def terminal_of(stream) -> str | None:
             target = os.readlink(f"/proc/{pid}/fd/2")
             if not target.startswith("pipe:"):
                 return target if target.startswith(("/dev/pts/", "/dev/tty")) else None
-            with open(f"/proc/{pid}/stat") as f:
-                pid = int(f.read().rsplit(")", 1)[1].split()[1])  # the parent's
+            pid = int(_proc_stat(pid)[1])  # the parent's
     except (OSError, ValueError, IndexError):
         pass
     return None
@@ -219,13 +218,18 @@ def process_seconds() -> float:
     """Seconds since this process started (Linux /proc: interpreter start and imports included), else since
     this module was imported."""
     try:
-        with open("/proc/self/stat") as stat:
-            started_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])  # field 22: start time
+        started_ticks = int(_proc_stat("self")[19])  # field 22: start time
         with open("/proc/uptime") as uptime:
             up = float(uptime.read().split()[0])
         return max(0.0, up - started_ticks / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError):
         return time.monotonic() - _IMPORTED_AT
+
+
+def _proc_stat(pid) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (field 3 on): state, parent pid, …"""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
 
 
 def wall_line(started: float, batches: float, wind_down: float) -> str:

@@ -51,10 +51,8 @@ class ResultWriter:
     """Appends one batch at a time to the results HDF5 (open, append, flush, close), so a crash loses at most
     the batch in flight. `done_ids` are the ids already present (for --resume), with their types."""
 
-    def __init__(self, path, attrs: dict, fingerprint: dict, task: str, resume: bool = False,
-                 overwrite: bool = False):
+    def __init__(self, path, attrs: dict, fingerprint: dict, resume: bool = False, overwrite: bool = False):
         self.path = Path(path)
-        self.task = task
         self.attrs = dict(attrs, fingerprint=json.dumps(fingerprint, sort_keys=True))
         self.done_ids: set = set()
         self.unfinished_rows = 0  # rows of a batch cut short, dropped by --resume
@@ -78,16 +76,13 @@ class ResultWriter:
             with h5py.File(self.path, "r") as f:
                 recorded = f.attrs.get("fingerprint")
                 check_same(self.path, json.loads(recorded) if recorded is not None else None, fingerprint)
-                ids, kinds = f["ids"][()], f[ID_KINDS][()]
-                lengths = [f[name].shape[0] for name in ROW_DATASETS if name in f]
+                counts, done = row_counts(f), read_ids(f)
         except (OSError, KeyError, ValueError) as exc:
             raise InputError(f"cannot resume {self.path}: not a readable results file ({exc})") from exc
-        counts = [len(ids), len(kinds)] + lengths
-        committed = min(counts)
-        self.unfinished_rows = max(counts) - committed
+        self.unfinished_rows = max(counts) - len(done)
         if self.unfinished_rows:
-            self._drop_rows_after(committed)
-        self.done_ids = {_typed_id(x, k) for x, k in zip(ids[:committed], kinds[:committed])}
+            self._drop_rows_after(len(done))
+        self.done_ids = set(done)
 
     def _drop_rows_after(self, committed: int) -> None:
         """Cut every per-prompt dataset to the rows whose ids are in (a batch cut short by a crash)."""
@@ -246,9 +241,22 @@ def _replace(group, key: str, create) -> None:
     group.move(fresh, key)
 
 
-def _typed_id(text, is_int) -> str | int:
-    text = _s(text)
-    return int(text) if is_int else text
+def row_counts(f) -> list[int]:
+    """Lengths of /ids, /id_is_int and every row dataset of an open results file."""
+    return [f["ids"].shape[0], f[ID_KINDS].shape[0]] + [f[n].shape[0] for n in ROW_DATASETS if n in f]
+
+
+def committed(f) -> int:
+    """Prompts whose ids are in: the shortest of /ids, /id_is_int and the row datasets (rows past it are a
+    batch cut short, architecture.md §6)."""
+    return min(row_counts(f))
+
+
+def read_ids(f) -> list:
+    """The committed ids of an open results file in input order, integers as int and strings as str."""
+    n = committed(f)
+    texts = f["ids"].asstr()[:n].tolist()
+    return [int(t) if k else t for t, k in zip(texts, f[ID_KINDS][:n].tolist())]
 
 
 def _is_disk_full(exc: Exception) -> bool:

@@ -13,7 +13,7 @@ import numpy as np
 
 from rshard_hpc.errors import InputError
 from rshard_hpc.run.prompts import id_key
-from rshard_hpc.run.results import ID_KINDS, ROW_DATASETS
+from rshard_hpc.run.results import ID_KINDS, ROW_DATASETS, committed, read_ids
 
 PHASES = ("prepass", "attention", "postpass", "mpi", "staging")  # /stats/<phase>_s
 
@@ -40,19 +40,6 @@ def open_results(path):
         if "ids" not in f or ID_KINDS not in f or "task" not in f.attrs:
             raise InputError(f"{path} is not a results file (no /ids, /{ID_KINDS} or task attribute)")
         yield f
-
-
-def committed(f) -> int:
-    """Prompts whose ids are in: the shortest of /ids, /id_is_int and the row datasets (rows past it are a
-    batch cut short, architecture.md §6)."""
-    return min([f["ids"].shape[0], f[ID_KINDS].shape[0]] + [f[n].shape[0] for n in ROW_DATASETS if n in f])
-
-
-def read_ids(f) -> list:
-    """The committed ids in input order, integers as int and strings as str."""
-    n = committed(f)
-    texts = f["ids"].asstr()[:n].tolist()
-    return [int(t) if k else t for t, k in zip(texts, f[ID_KINDS][:n].tolist())]
 
 
 def read_json(f, name: str):

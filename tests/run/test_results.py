@@ -58,7 +58,7 @@ def test_resume_drops_the_rows_of_a_batch_cut_short(tmp_path, task):
     """Rows go in before their ids (the commit): a crash between leaves rows past len(ids), which --resume drops,
     so those prompts are computed again; an older file with ids past its rows is cut the same way."""
     path, attrs, fp = tmp_path / "r.h5", {"model": "m", "task": task}, {"task": task}
-    writer = ResultWriter(path, attrs, fp, task)
+    writer = ResultWriter(path, attrs, fp)
     if task == "embed":
         writer.append_embeddings(["a", "b"], np.ones((2, 4), np.float32))
     else:
@@ -67,7 +67,7 @@ def test_resume_drops_the_rows_of_a_batch_cut_short(tmp_path, task):
     with h5py.File(path, "a") as f:  # a batch of 3 rows whose ids never went in
         f[rows].resize(5, axis=0)
     writer.close()
-    resumed = ResultWriter(path, attrs, fp, task, resume=True)
+    resumed = ResultWriter(path, attrs, fp, resume=True)
     assert resumed.done_ids == {"a", "b"} and resumed.unfinished_rows == 3
     resumed.close()
     with h5py.File(path, "r") as f:
@@ -78,17 +78,17 @@ def test_resume_drops_the_rows_of_a_batch_cut_short(tmp_path, task):
         for name in ("ids", "id_is_int"):
             f[name].resize(3, axis=0)
         f["ids"][2] = "c"
-    again = ResultWriter(path, attrs, fp, task, resume=True)
+    again = ResultWriter(path, attrs, fp, resume=True)
     assert again.done_ids == {"a", "b"} and again.unfinished_rows == 1
     again.close()
-    last = ResultWriter(path, attrs, fp, task, resume=True)
+    last = ResultWriter(path, attrs, fp, resume=True)
     assert last.unfinished_rows == 0
     last.close()
 
 
 def test_out_in_a_folder_that_does_not_exist_yet(tmp_path):
     out = tmp_path / "results" / "deeper" / "r.h5"
-    writer = ResultWriter(out, {"task": "embed"}, {"task": "embed"}, "embed")
+    writer = ResultWriter(out, {"task": "embed"}, {"task": "embed"})
     writer.append_embeddings([1, "b"], np.ones((2, 3), np.float32))
     writer.close()
     with h5py.File(out, "r") as f:
@@ -104,7 +104,7 @@ def test_a_full_disk_during_a_report_leaves_the_old_report_whole(tmp_path, monke
     from rshard_hpc.run import results
 
     out = tmp_path / "r.h5"
-    writer = ResultWriter(out, {"task": "embed"}, {"task": "embed"}, "embed")
+    writer = ResultWriter(out, {"task": "embed"}, {"task": "embed"})
     writer.append_embeddings(["a"], np.ones((1, 3), np.float32))
     writer.write_json("privacy", {"run": 1})
     real = results._replace
