@@ -13,7 +13,7 @@ from rshard_hpc.engine.generate import GenerateSettings
 from rshard_hpc.errors import InputError, JobAborted, RshardError
 from rshard_hpc.models.registry import BUNDLED, DEFAULT_DECODER
 from rshard_hpc.plan.check import SEARCH_MAX
-from rshard_hpc.run import termination, testhooks
+from rshard_hpc.run import profiling, termination, testhooks
 from rshard_hpc.run.export import FORMATS as EXPORT_FORMATS
 from rshard_hpc.run.jobfile import config_callback
 from rshard_hpc.run.options import TASKS, RunOptions
@@ -56,6 +56,7 @@ def _describe_rank() -> str:
 @click.version_option(__version__, prog_name="rshard")
 def main():
     """rshard: token-sharded private LLM inference (see README.md)."""
+    profiling.start_if_asked()
 
 
 @main.command()

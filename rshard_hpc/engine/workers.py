@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from rshard_hpc.dist import collectives
+from rshard_hpc.engine.kv_cache import KVCache, key_capacity
 from rshard_hpc.engine.routing import Routing, StepTokens, step_tokens, wanted_local_rows
 from rshard_hpc.engine.stats import PhaseTimer
 from rshard_hpc.ops.attention import merge_partials, prepare_attention
@@ -157,13 +158,15 @@ class AttnWorker(_Worker):
 
     def __init__(self, topo, spec, cfg, transport, xp=np, dtype="float32"):
         super().__init__(topo, spec, cfg, transport, xp, dtype)  # q/k/v stay in the KV cache in the wire's type
-        self.cache = {}  # layer -> (k (n, Hkv, D), v, pos (n,), seq (n,))
+        self.cache = None  # KVCache of the batch under way, sized at its start (engine/kv_cache.py)
 
     def begin_batch(self):
-        self.cache = {}
+        cfg = self.cfg
+        capacity = key_capacity(self.plans, self.topo.attn_coords[1])
+        self.cache = KVCache(self.xp, cfg.n_layers, capacity, cfg.n_kv_heads, cfg.head_dim, self.wire)
 
     def end_batch(self):
-        self.cache = {}
+        self.cache = None
 
     def step(self, tokens: StepTokens, routing: Routing, want: str) -> None:
         xp, cfg, topo = self.xp, self.cfg, self.topo
@@ -173,49 +176,48 @@ class AttnWorker(_Worker):
         self.record("k", tokens, kv_tok)
         self.record("v", tokens, kv_tok)
         q_pos, q_seq = xp.asarray(tokens.pos[q_tok]), xp.asarray(tokens.seq[q_tok])
-        qw = cfg.n_heads * cfg.head_dim
-        kvw = cfg.n_kv_heads * cfg.head_dim
-        n_work = topo.work_comm.Get_size()
-        recv_counts = np.zeros(n_work, dtype=np.int64)
-        for k in range(topo.alpha):
-            recv_counts[topo.comp_work_rank(k)] = routing.counts[k, i] * qw + 2 * routing.counts[k, j] * kvw
-        back_counts = np.zeros(n_work, dtype=np.int64)
-        width = cfg.n_heads * self.slots
-        for k in range(topo.alpha):
-            back_counts[topo.comp_work_rank(k)] = routing.counts[k, i] * width
-        scale = 1.0 / np.sqrt(cfg.head_dim)
-        plan = None  # every layer of a step has the same query and key positions: one preparation a step
+        k_pos, k_seq = self.cache.begin_step(tokens.pos[kv_tok], tokens.seq[kv_tok])
+        recv_counts, back_counts = self._counts(routing)
+        no_counts = np.zeros_like(recv_counts)
+        # every layer of a step has the same query and key positions: one preparation a step
+        plan = prepare_attention(q_pos, q_seq, k_pos, k_seq, causal=cfg.causal, scale=1.0 / np.sqrt(cfg.head_dim),
+                                 xp=xp)
         for layer in range(cfg.n_layers):
-            recv = self.transport.alltoallv(topo.work_comm, xp.zeros(0, self.wire),
-                                            np.zeros(n_work, dtype=np.int64), recv_counts)
+            recv = self.transport.alltoallv(topo.work_comm, xp.zeros(0, self.wire), no_counts, recv_counts)
             with self.timer("attention"):
-                q, key, val = self._unpack(routing, recv, i, j)
-                k_all, v_all, k_pos, k_seq = self._append_cache(layer, key, val, tokens, kv_tok)
-                if plan is None:
-                    plan = prepare_attention(q_pos, q_seq, k_pos, k_seq, causal=cfg.causal, scale=scale, xp=xp)
-                o, lse = plan(q, k_all, v_all)
+                q = self._unpack(routing, recv, layer)
+                o, lse = plan(q, *self.cache.rows(layer))
                 send = pack_partial(o, lse, self.wire).ravel()  # (nq, H, partial_slots) per row
-            self.transport.alltoallv(topo.work_comm, send, back_counts, np.zeros(n_work, dtype=np.int64))
+            self.transport.alltoallv(topo.work_comm, send, back_counts, no_counts)
+        self.cache.end_step()
 
-    def _unpack(self, routing: Routing, recv, i: int, j: int):
-        """Split the receive buffer into q (nq, H, D), k, v (nkv, Hkv, D), stacked over CompNodes."""
+    def _counts(self, routing: Routing):
+        """Elements each CompNode sends me a layer (q of group i, k and v of group j) and I send it back."""
+        cfg, topo = self.cfg, self.topo
+        i, j = topo.attn_coords
+        recv_counts = np.zeros(topo.work_comm.Get_size(), dtype=np.int64)
+        back_counts = np.zeros_like(recv_counts)
+        for k in range(topo.alpha):
+            rank = topo.comp_work_rank(k)
+            recv_counts[rank] = (routing.counts[k, i] * cfg.n_heads + 2 * routing.counts[k, j] * cfg.n_kv_heads) \
+                * cfg.head_dim
+            back_counts[rank] = routing.counts[k, i] * cfg.n_heads * self.slots
+        return recv_counts, back_counts
+
+    def _unpack(self, routing: Routing, recv, layer: int):
+        """Split the receive buffer, stacked over CompNodes: q (nq, H, D) returned, k and v (nkv, Hkv, D)
+        written straight into the cache's new rows of this layer."""
         xp, cfg = self.xp, self.cfg
-        qs, ks, vs = [], [], []
-        offset = 0
+        i, j = self.topo.attn_coords
+        k_new, v_new = self.cache.new_rows(layer)
+        qs, offset, row = [], 0, 0
+        q_width, kv_width = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         for k in range(self.topo.alpha):
             nq, nkv = int(routing.counts[k, i]), int(routing.counts[k, j])
-            for n_rows, heads, out in ((nq, cfg.n_heads, qs), (nkv, cfg.n_kv_heads, ks), (nkv, cfg.n_kv_heads, vs)):
-                size = n_rows * heads * cfg.head_dim
-                out.append(recv[offset:offset + size].reshape(n_rows, heads, cfg.head_dim))
-                offset += size
-        return xp.concatenate(qs), xp.concatenate(ks), xp.concatenate(vs)
-
-    def _append_cache(self, layer, key, val, tokens, kv_tok):
-        xp = self.xp
-        pos, seq = xp.asarray(tokens.pos[kv_tok]), xp.asarray(tokens.seq[kv_tok])
-        if layer in self.cache:
-            k0, v0, p0, s0 = self.cache[layer]
-            key, val = xp.concatenate([k0, key]), xp.concatenate([v0, val])
-            pos, seq = xp.concatenate([p0, pos]), xp.concatenate([s0, seq])
-        self.cache[layer] = (key, val, pos, seq)
-        return key, val, pos, seq
+            qs.append(recv[offset:offset + nq * q_width].reshape(nq, cfg.n_heads, cfg.head_dim))
+            offset += nq * q_width
+            for out in (k_new, v_new):
+                out[row:row + nkv] = recv[offset:offset + nkv * kv_width].reshape(nkv, cfg.n_kv_heads, cfg.head_dim)
+                offset += nkv * kv_width
+            row += nkv
+        return qs[0] if len(qs) == 1 else xp.concatenate(qs)
