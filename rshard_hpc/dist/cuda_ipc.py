@@ -16,6 +16,10 @@ _MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: unified addressing picks the direction
 
 
 _IPC_LAZY_PEER_ACCESS = 1  # cudaIpcMemLazyEnablePeerAccess
+IPC_HANDLE_BYTES = 64  # CUDA_IPC_HANDLE_SIZE
+# what a rank tells each peer a call: a fixed-size record, so the exchange is one buffer Alltoall
+NOTE = np.dtype([("parity", np.int64), ("generation", np.int64), ("offset", np.int64), ("nbytes", np.int64),
+                 ("has_handle", np.int64), ("handle", np.uint8, IPC_HANDLE_BYTES)])
 
 
 class DeviceIpc:
@@ -74,19 +78,17 @@ class DeviceIpc:
         if send.nbytes:
             runtime.memcpyAsync(memory.ptr, send.data.ptr, send.nbytes, _MEMCPY_DEFAULT, stream.ptr)
         stream.synchronize()  # my outbox is written before anyone learns where to read
-        offsets = _displs(send_counts) * itemsize
-        notes = []
-        for peer in range(self.size):
-            new = self.told[parity][peer] != generation and peer != self.rank
-            self.told[parity][peer] = generation
-            notes.append((parity, generation, handle if new else None, int(offsets[peer]),
-                          int(send_counts[peer]) * itemsize))
+        notes = self._notes(parity, generation, handle, _displs(send_counts) * itemsize,
+                            np.asarray(send_counts, dtype=np.int64) * itemsize)
         t1 = time.perf_counter()
-        got = self.comm.alltoall(notes)
+        got = np.empty_like(notes)
+        self.comm.Alltoall(notes.view(np.uint8), got.view(np.uint8))  # fixed-size records: no pickling
         t2 = time.perf_counter()
         recv = cupy.empty(int(np.sum(recv_counts)), dtype=send.dtype)
         at = 0
-        for src, (src_parity, src_gen, src_handle, offset, nbytes) in enumerate(got):
+        for src, note in enumerate(got):
+            src_parity, src_gen, offset, nbytes = (int(note[f]) for f in ("parity", "generation", "offset", "nbytes"))
+            src_handle = bytes(note["handle"]) if note["has_handle"] else None
             if nbytes != int(recv_counts[src]) * itemsize:
                 raise RuntimeError(f"CUDA IPC: rank {src} sends {nbytes} bytes, rank {self.rank} expects "
                                    f"{int(recv_counts[src]) * itemsize}")
@@ -97,6 +99,18 @@ class DeviceIpc:
         stream.synchronize()  # my reads of the peers' outboxes are done before I leave (see the class note)
         t3 = time.perf_counter()
         return recv, {"mpi": t2 - t1, "copy": (t1 - t0) + (t3 - t2)}
+
+    def _notes(self, parity: int, generation: int, handle: bytes, offsets, nbytes):
+        """My record for each peer: where in my outbox its bytes lie, and my outbox's IPC handle when that peer has
+        not been sent this generation's yet."""
+        notes = np.zeros(self.size, dtype=NOTE)
+        notes["parity"], notes["generation"], notes["offset"], notes["nbytes"] = parity, generation, offsets, nbytes
+        for peer in range(self.size):
+            if self.told[parity][peer] != generation and peer != self.rank:
+                notes["has_handle"][peer] = 1
+                notes["handle"][peer] = np.frombuffer(handle, dtype=np.uint8)
+            self.told[parity][peer] = generation
+        return notes
 
 
 def _try_device_ipc(comm):
