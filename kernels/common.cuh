@@ -24,3 +24,20 @@ __device__ __forceinline__ int tile_kind(int4 qi, int4 ki, int causal, int full)
     if (full && qi.x == qi.y && ki.x == ki.y && qi.x == ki.x && (!causal || ki.w <= qi.z)) return 1;
     return 2;
 }
+
+// Key split (flash-decoding): with gridDim.z > 1 the key tiles a query tile may see ([lo, hi) of k_range, in
+// tiles of bn keys) are shared out among the blocks z = 0 … gridDim.z-1 in contiguous equal runs; block z
+// writes its own partial (o, lse) at slot z of (gridDim.z, nq, heads, …) outputs and the host merges the
+// slots exactly (merge.cu). A block whose run is empty writes (0, -inf). gridDim.z == 1 is the whole range.
+struct KeySplit { int lo, hi; long long o_offset; };
+
+__device__ __forceinline__ KeySplit key_split(const int* k_range, int qt, int bn) {
+    const int first = k_range[2 * qt] / bn;
+    const int end = (k_range[2 * qt + 1] + bn - 1) / bn;
+    const int per = (end - first + (int)gridDim.z - 1) / (int)gridDim.z;
+    KeySplit share;
+    share.lo = min(end, first + (int)blockIdx.z * per);
+    share.hi = min(end, share.lo + per);
+    share.o_offset = blockIdx.z;
+    return share;
+}

@@ -112,8 +112,10 @@ attn_fwd_simt(const in_t* __restrict__ q, const in_t* __restrict__ k, const in_t
 
     const int4 qi = *(const int4*)(q_info + 4 * qt);
     const int4* k_info4 = (const int4*)k_info;
-    const int lo = k_range[2 * qt], hi = k_range[2 * qt + 1];
-    for (int kt = lo / SIMT_BN; kt * SIMT_BN < hi; ++kt) {
+    const KeySplit share = key_split(k_range, qt, SIMT_BN);
+    o += share.o_offset * nq * n_heads * HEAD_DIM;
+    lse += share.o_offset * nq * n_heads;
+    for (int kt = share.lo; kt < share.hi; ++kt) {
         const int base = kt * SIMT_BN;
         const int kind = tile_kind(qi, k_info4[kt], causal, base + SIMT_BN <= nk);
         if (kind == 0) continue;                          // uniform over the block
@@ -669,8 +671,10 @@ attn_fwd_mma(const unsigned short* __restrict__ q, const unsigned short* __restr
     load_q_tile(sm, q, q_idx, qt, h, nq, (long long)n_heads * HEAD_DIM, tid);
 
     const int4 qi = *(const int4*)(q_info + 4 * qt);
-    const int lo = k_range[2 * qt], hi = k_range[2 * qt + 1];
-    const int kt_end = (hi + MMA_BN - 1) / MMA_BN;
+    const KeySplit share = key_split(k_range, qt, MMA_BN);
+    o += share.o_offset * nq * n_heads * HEAD_DIM;
+    lse += share.o_offset * nq * n_heads;
+    const int kt_end = share.hi;
     const int4* k_info4 = (const int4*)k_info;
     TileScan scan;
     scan.base = -64;   // empty window: the first call fills it
@@ -681,7 +685,7 @@ attn_fwd_mma(const unsigned short* __restrict__ q, const unsigned short* __restr
     // Prologue: the query tile and the first MMA_STAGES - 1 visited key tiles, one commit group each
     // (the query tile rides with the first).
     Pipe pipe;
-    pipe.tile[0] = next_tile(scan, lo / MMA_BN, kt_end, qi, k_info4, causal, nk, lane, pipe.masked[0]);
+    pipe.tile[0] = next_tile(scan, share.lo, kt_end, qi, k_info4, causal, nk, lane, pipe.masked[0]);
 #pragma unroll
     for (int s = 1; s < MMA_STAGES; ++s)
         pipe.tile[s] = next_tile(scan, pipe.tile[s - 1] + 1, kt_end, qi, k_info4, causal, nk, lane, pipe.masked[s]);

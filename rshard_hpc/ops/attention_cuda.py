@@ -333,12 +333,14 @@ class CudaAttentionPlan:
         cupy = _cupy()
         nq, n_heads, head_dim = q.shape
         n_kv = k.shape[1]
-        o = cupy.empty((nq, n_heads, head_dim), dtype=cupy.float32)
-        lse = cupy.empty((nq, n_heads), dtype=cupy.float32)
+        t = self.tiles
+        splits = key_splits(t.n_q_tiles * n_heads, -(-self.nk // self.kernel.bn))
+        o = cupy.empty((splits, nq, n_heads, head_dim), dtype=cupy.float32)  # one partial per key share
+        lse = cupy.empty((splits, nq, n_heads), dtype=cupy.float32)
         if POISON_OUTPUTS:
             o.fill(cupy.nan)
             lse.fill(cupy.nan)
-        kr, qr, t = self.k_rows, self.q_rows, self.tiles
+        kr, qr = self.k_rows, self.q_rows
         if isinstance(self.kernel, MmaKernel):  # K, V gathered to (Hkv, nk_pad, D): contiguous key tiles
             k, v, nk_pad = _gather_kv(k, v, kr.idx, self.kernel.bn)
             second = np.int32(nk_pad)
@@ -347,8 +349,36 @@ class CudaAttentionPlan:
         args = (q, k, v, qr.idx, second, qr.pos, qr.seq, kr.pos, kr.seq, t.q_info, t.k_info, t.k_range, o, lse,
                 np.int32(nq), np.int32(self.nk), np.int32(n_heads), np.int32(n_kv),
                 np.float32(self.scale * math.log2(math.e)), np.int32(self.causal))
-        self.fn((t.n_q_tiles, n_heads), (self.kernel.threads,), args, shared_mem=self.kernel.smem_bytes)
-        return o, lse
+        self.fn((t.n_q_tiles, n_heads, splits), (self.kernel.threads,), args, shared_mem=self.kernel.smem_bytes)
+        if splits == 1:
+            return o[0], lse[0]
+        return merge_partials(o, lse)  # exact merge of the key shares (kernels/merge.cu)
+
+
+KEY_SPLIT_MAX = 32  # most blocks sharing one query tile's keys
+KEY_SPLIT_MIN_TILES = 4  # fewest key tiles a share gets
+KEY_SPLITS = None  # tests: force this many shares (else key_splits decides)
+
+
+def key_splits(n_blocks: int, n_key_tiles: int) -> int:
+    """How many blocks share each query tile's key tiles (flash-decoding): 1 when the grid of (query tile, head)
+    blocks already fills the GPU; else enough shares for about two blocks an SM, each of at least
+    KEY_SPLIT_MIN_TILES key tiles. Decode steps (a query tile per head) are the case this is for."""
+    if KEY_SPLITS is not None:
+        return int(KEY_SPLITS)
+    sms = _sm_count()
+    if n_blocks >= sms:
+        return 1
+    return max(1, min(-(-2 * sms // max(n_blocks, 1)), n_key_tiles // KEY_SPLIT_MIN_TILES, KEY_SPLIT_MAX))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_of(device_id: int) -> int:
+    return int(_cupy().cuda.Device(device_id).attributes["MultiProcessorCount"])
+
+
+def _sm_count() -> int:
+    return _sm_count_of(_cupy().cuda.Device().id)
 
 
 def _gather_kv(k, v, k_idx, bn: int):

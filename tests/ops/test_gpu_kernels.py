@@ -289,3 +289,27 @@ def test_mma_configurations(head_dim, config):
     # decides which tiles to visit 32 at a time)
     q_pos = k_pos = np.arange(2500, dtype=np.int32)
     run_case(rng, q_pos, q_pos * 0, k_pos, k_pos * 0, 3, 1, head_dim, "bf16", True, mma_config=config)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("splits", [2, 5, 64])
+@pytest.mark.parametrize("causal", [True, False])
+def test_key_split_shares_merge_exactly(monkeypatch, dtype, splits, causal):
+    """Forced key shares (more shares than key tiles too: empty shares give (0, -inf) and merge away) on a
+    ragged block with fully masked rows."""
+    monkeypatch.setattr(attention_cuda, "KEY_SPLITS", splits)
+    rng = np.random.default_rng()
+    q_pos, q_seq, k_pos, k_seq = ragged_problem(rng, [1, 37, 300, 2, 700])
+    run_case(rng, q_pos, q_seq, k_pos, k_seq, 9, 3, 64, dtype, causal)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_decode_step_splits_keys(dtype):
+    """A decode step's shape (one new query per sequence against thousands of keys) takes several key shares
+    on its own, and stays exact."""
+    rng = np.random.default_rng()
+    k_pos = np.arange(4096, dtype=np.int32)
+    k_seq = np.zeros(4096, np.int32)
+    q_pos, q_seq = np.array([4095], np.int32), np.array([0], np.int32)
+    assert attention_cuda.key_splits(9, 4096 // 64) > 1
+    run_case(rng, q_pos, q_seq, k_pos, k_seq, 9, 3, 64, dtype, True)
