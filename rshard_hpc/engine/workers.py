@@ -8,6 +8,7 @@ import numpy as np
 from rshard_hpc.dist import collectives
 from rshard_hpc.engine.routing import Routing, StepTokens, step_tokens, wanted_local_rows
 from rshard_hpc.engine.stats import PhaseTimer
+from rshard_hpc.models.client_layers import comp_input_form
 from rshard_hpc.ops.attention import merge_partials, prepare_attention
 from rshard_hpc.ops.precision import pack_partial, partial_slots, to_bf16_bits, unpack_partial, wire_dtype
 from rshard_hpc.plan.ledger import compact_ledger, visible_key_counts
@@ -17,8 +18,9 @@ from rshard_hpc.plan.schemes import PlanSpec, make_plan
 class _Worker:
     """State shared by CompNode and AttnNode loops."""
 
-    def __init__(self, topo, spec: PlanSpec, cfg, transport, xp=np, dtype="float32"):
+    def __init__(self, topo, spec: PlanSpec, cfg, transport, xp=np, dtype="float32", first_layer: int = 0):
         self.topo, self.spec, self.cfg, self.transport, self.xp = topo, spec, cfg, transport, xp
+        self.first_layer = first_layer  # --client-layers K: the client ran layers 0 … K-1, the servers start at K
         self.wire = wire_dtype(dtype)  # element type of q/k/v and partials on the wire: float32 or bf16 bits
         self.slots = partial_slots(cfg.head_dim, self.wire)  # wire elements per (row, head) of a partial
         self.timer = PhaseTimer(xp)
@@ -58,8 +60,8 @@ class _Worker:
 class CompWorker(_Worker):
     """A CompNode: per-token work on its own positions."""
 
-    def __init__(self, topo, spec, model, transport, xp=np, dtype="float32"):
-        super().__init__(topo, spec, model.cfg, transport, xp, dtype)
+    def __init__(self, topo, spec, model, transport, xp=np, dtype="float32", first_layer: int = 0):
+        super().__init__(topo, spec, model.cfg, transport, xp, dtype, first_layer)
         if model.dtype != dtype:
             raise ValueError(f"the model's weights were placed for {model.dtype}, the worker runs {dtype}")
         self.model = model
@@ -67,14 +69,11 @@ class CompWorker(_Worker):
     def step(self, tokens: StepTokens, routing: Routing, want: str) -> None:
         k, xp, cfg = self.topo.comp_index, self.xp, self.cfg
         mine = routing.comp_tokens[k]
-        ids = self.transport.scatter_ids(self.topo.client_comm, None)
-        self.record("token_id", tokens, mine)
         pos = xp.asarray(tokens.pos[mine])
+        h = self._receive_input(tokens, mine, pos)  # (n_k, d)
         rows_of_group = [xp.asarray(ix) for ix in routing.by_group[k]]  # on the device once a step, not a layer
         back_counts = self._back_counts(routing)
-        with self.timer("prepass"):
-            h = self.model.embed(xp.asarray(ids), pos)  # (n_k, d)
-        for layer in range(cfg.n_layers):
+        for layer in range(self.first_layer, cfg.n_layers):
             with self.timer("prepass"):
                 q, key, val = self.model.pre(layer, h, pos)
                 send, counts = self._pack_qkv(rows_of_group, q, key, val)
@@ -86,6 +85,16 @@ class CompWorker(_Worker):
         self.record_partials(tokens, mine)
         rows = self.model.final_rows(h)[xp.asarray(wanted_local_rows(tokens, routing, k, want))]
         self.transport.gather_rows(self.topo.client_comm, rows, cfg.hidden)
+
+    def _receive_input(self, tokens: StepTokens, mine: np.ndarray, pos):
+        """My positions' token ids, embedded; or, with client layers (first_layer K > 0), their layer-K hidden rows
+        as the client computed them. Recorded in the ledger as received: "token_id" or "hidden@K"."""
+        self.record(comp_input_form(self.first_layer), tokens, mine)
+        if self.first_layer:
+            return self.xp.asarray(self.transport.scatter_rows(self.topo.client_comm, None, self.cfg.hidden))
+        ids = self.transport.scatter_ids(self.topo.client_comm, None)
+        with self.timer("prepass"):
+            return self.model.embed(self.xp.asarray(ids), pos)
 
     def record_partials(self, tokens: StepTokens, mine: np.ndarray) -> None:
         """Ledger: for each of my queries, the key count of the partial from each AttnNode of its row (every
@@ -155,8 +164,8 @@ class CompWorker(_Worker):
 class AttnWorker(_Worker):
     """AttnNode (i, j): queries of group i against keys/values of group j (kept as the KV cache)."""
 
-    def __init__(self, topo, spec, cfg, transport, xp=np, dtype="float32"):
-        super().__init__(topo, spec, cfg, transport, xp, dtype)  # q/k/v stay in the KV cache in the wire's type
+    def __init__(self, topo, spec, cfg, transport, xp=np, dtype="float32", first_layer: int = 0):
+        super().__init__(topo, spec, cfg, transport, xp, dtype, first_layer)  # q/k/v stay cached in the wire's type
         self.cache = {}  # layer -> (k (n, Hkv, D), v, pos (n,), seq (n,))
 
     def begin_batch(self):
@@ -185,7 +194,7 @@ class AttnWorker(_Worker):
             back_counts[topo.comp_work_rank(k)] = routing.counts[k, i] * width
         scale = 1.0 / np.sqrt(cfg.head_dim)
         plan = None  # every layer of a step has the same query and key positions: one preparation a step
-        for layer in range(cfg.n_layers):
+        for layer in range(self.first_layer, cfg.n_layers):
             recv = self.transport.alltoallv(topo.work_comm, xp.zeros(0, self.wire),
                                             np.zeros(n_work, dtype=np.int64), recv_counts)
             with self.timer("attention"):
