@@ -320,6 +320,24 @@ def bench_passes_cmd(with_torch, **opts):
         raise click.ClickException(str(exc))
 
 
+@bench.command("client")
+@click.option("--model", default=DEFAULT_DECODER, show_default=True, help="A weight file (.h5) or a bundled name.")
+@click.option("--k", "ks", default="1,2", show_default=True, help="Client layers K to measure (comma-separated).")
+@click.option("--tokens", type=int, default=128, show_default=True, help="Prompt length.")
+@click.option("--repeat", type=int, default=3, show_default=True, help="Timed prefills (median).")
+@device_options("Precision of the client's layers.", "device", "dtype")
+@click.option("--out", default="bench_client.md", show_default=True, help="Append the tables here.")
+def bench_client_cmd(ks, **opts):
+    """What --client-layers K costs the client: measured on --model (seconds a prompt, a decode step, weights and
+    KV cache bytes), and estimated by FLOPs and bytes for the SmolLM2, Llama-1B and Llama-8B shapes (no MPI)."""
+    from rshard_hpc.bench.client_cost import run_client_cost
+
+    try:
+        click.echo(run_client_cost(dict(opts, ks=[int(x) for x in ks.split(",")])))
+    except RshardError as exc:
+        raise click.ClickException(str(exc))
+
+
 @main.command()
 @click.option("--model", default=DEFAULT_DECODER, show_default=True,
               help="A Llama weight file (.h5) or a bundled decoder name.")

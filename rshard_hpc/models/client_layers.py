@@ -44,7 +44,7 @@ def client_tensor_keys(cfg: ModelConfig, k: int) -> list:
     return model_class(cut).tensor_keys(cut)
 
 
-def load_client_layers(path, cfg: ModelConfig, k: int, dtype: str = "float32", xp=None) -> "ClientLayers | None":
+def load_client_layers(path, cfg: ModelConfig, k: int, dtype: str = "float32", xp=None) -> ClientLayers | None:
     """The client's first k layers read from a weight file (None for k = 0: the client sends token ids)."""
     from rshard_hpc.models import weights
 
