@@ -135,10 +135,12 @@ def test_tiny_llama_generation_with_client_layers_is_exact(tiny_llama, llama3_re
     assert f"K={k}:" in result.stdout
 
 
-@pytest.mark.parametrize("k", [1, 2])
-def test_smollm2_generation_with_client_layers_matches_transformers(smollm2, smollm2_reference, k):  # noqa: F811
+@pytest.mark.parametrize("k,alpha,beta", [(1, 1, 1), (2, 2, 2)])  # 3 and 7 ranks (K = 0: test_generate.py)
+def test_smollm2_generation_with_client_layers_matches_transformers(smollm2, smollm2_reference, k, alpha, beta):  # noqa: F811
+    """6 prompts x 24 greedy tokens and the prefill logits of the real SmolLM2 against transformers."""
     _, weights_path = smollm2
-    result = mpiexec(7, [sys.executable, GENERATE_SCRIPT, weights_path, smollm2_reference, 2, 2, 1, 1, "cpu", k],
+    result = mpiexec(1 + alpha + beta * beta,
+                     [sys.executable, GENERATE_SCRIPT, weights_path, smollm2_reference, alpha, beta, 1, 1, "cpu", k],
                      timeout=600)
     print(result.stdout)
     assert result.returncode == 0, result.stdout + result.stderr
