@@ -116,6 +116,14 @@ def test_embed_client_layers_equal_reference(bert3, k, alpha, beta, c, c_a):
     assert f"K={k}: max abs diff" in result.stdout
 
 
+def test_bf16_client_layers(tiny_llama):
+    """--dtype bfloat16: the client's layers round q, k, v as the wire does; within 2e-2 relative of float32."""
+    result = mpiexec(7, [sys.executable, EQUIVALENCE, tiny_llama, 2, 2, 1, 1, 5, "bfloat16", 1])
+    print(result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "K=1: max relative error to float32" in result.stdout
+
+
 @pytest.mark.parametrize("k", [1, 2])
 def test_minilm_client_layers_equal_reference(minilm, k):
     result = mpiexec(7, [sys.executable, EQUIVALENCE, minilm, 2, 2, 1, 1, 3, "float32", k])
