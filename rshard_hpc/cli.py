@@ -90,6 +90,10 @@ def convert(source, out):
 @click.option("--allow-weak-plan", is_flag=True, help="Run a plan below --min-delta anyway (with a warning).")
 @click.option("--public-prefix", type=int, default=RunOptions.public_prefix,
               help="Leading positions known to everyone (BOS, [CLS], a template). Default: what the tokenizer adds.")
+@click.option("--client-layers", type=int, default=RunOptions.client_layers, show_default=True,
+              help="K: the client runs the first K layers on each whole prompt and sends CompNodes the layer-K "
+                   "hidden rows of their positions instead of token ids; the servers start at layer K. "
+                   "docs/privacy.md.")
 @click.option("--batch-tokens", type=int, default=RunOptions.batch_tokens, show_default=True, help="Tokens per batch (at least one prompt).")
 @click.option("--resume", is_flag=True, help="Skip prompt ids already in --out and append the rest.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
@@ -313,6 +317,24 @@ def bench_passes_cmd(with_torch, **opts):
         raise click.UsageError("--tokens and --repeat must be >= 1")
     try:
         click.echo(report(run_passes(dict(opts, torch=with_torch)), opts))
+    except RshardError as exc:
+        raise click.ClickException(str(exc))
+
+
+@bench.command("client")
+@click.option("--model", default=DEFAULT_DECODER, show_default=True, help="A weight file (.h5) or a bundled name.")
+@click.option("--k", "ks", default="1,2", show_default=True, help="Client layers K to measure (comma-separated).")
+@click.option("--tokens", type=int, default=128, show_default=True, help="Prompt length.")
+@click.option("--repeat", type=int, default=3, show_default=True, help="Timed prefills (median).")
+@device_options("Precision of the client's layers.", "device", "dtype")
+@click.option("--out", default="bench_client.md", show_default=True, help="Append the tables here.")
+def bench_client_cmd(ks, **opts):
+    """What --client-layers K costs the client: measured on --model (seconds a prompt, a decode step, weights and
+    KV cache bytes), and estimated by FLOPs and bytes for the SmolLM2, Llama-1B and Llama-8B shapes (no MPI)."""
+    from rshard_hpc.bench.client_cost import run_client_cost
+
+    try:
+        click.echo(run_client_cost(dict(opts, ks=[int(x) for x in ks.split(",")])))
     except RshardError as exc:
         raise click.ClickException(str(exc))
 

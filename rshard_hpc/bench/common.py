@@ -11,6 +11,8 @@ SHAPES = {  # name -> ModelConfig overrides for a Llama of that shape
                     intermediate=1536, vocab_size=49152, rope_theta=100000.0, tie_embeddings=True),
     "llama-1b": dict(name="Llama-3.2-1B-shaped", hidden=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
                      intermediate=8192, vocab_size=128256, rope_theta=500000.0, tie_embeddings=True),
+    "llama-8b": dict(name="Llama-3.1-8B-shaped", hidden=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+                     intermediate=14336, vocab_size=128256, rope_theta=500000.0, tie_embeddings=False),
     "tiny": dict(name="tiny", hidden=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, intermediate=128,
                  vocab_size=97),
 }

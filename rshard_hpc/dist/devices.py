@@ -34,13 +34,16 @@ def use_gpu(topo):
     return array_module("gpu")
 
 
-def rank_backend(topo, device: str, gpu_aware_mode: str = "auto"):
-    """(array module, comm.Transport) for this rank: the client stays on NumPy; CompNodes and AttnNodes go
-    to a GPU of their node for --device gpu, with MPI given device buffers only on evidence (see comm)."""
+def rank_backend(topo, device: str, gpu_aware_mode: str = "auto", client_gpu: bool = False):
+    """(array module, comm.Transport) for this rank: CompNodes and AttnNodes go to a GPU of their node for
+    --device gpu, with MPI given device buffers only on evidence (see comm). The client stays on NumPy unless
+    `client_gpu` (it runs layers itself: --client-layers); its transport is host-side either way."""
     from rshard_hpc.dist.transport import Transport
 
     if device == "gpu" and not topo.is_client:
         return use_gpu(topo), Transport(gpu_aware=choose_gpu_aware(gpu_aware_mode), device=True)
+    if device == "gpu" and client_gpu:
+        return use_gpu(topo), Transport()
     return np, Transport()
 
 

@@ -1,5 +1,6 @@
 """The per-layer data movement on work_comm: Alltoallv of flat float32 or bf16-bit buffers (host, staged
-through pinned buffers, CUDA-aware MPI, or CUDA IPC), and the client's scatter of ids and gather of rows.
+through pinned buffers, CUDA-aware MPI, or CUDA IPC), and the client's scatter of ids (or, with --client-layers,
+of hidden rows) and gather of rows.
 """
 from __future__ import annotations
 
@@ -136,6 +137,23 @@ class Transport:
         else:
             comm.Scatterv(None, [recv, MPI.INT64_T], root=0)
         return recv
+
+    def scatter_rows(self, comm, per_rank, width: int):
+        """Client (root of comm) sends per_rank[r] ((n_r, width) float32 rows, host or device) to rank r; returns
+        this rank's (n, width) float32 rows on the host (--client-layers: the layer-K hidden rows)."""
+        MPI = _mpi()
+        rank = comm.Get_rank()
+        if rank == 0:
+            per_rank = [np.ascontiguousarray(to_host(a), dtype=np.float32).reshape(-1, width) for a in per_rank]
+        counts = comm.bcast([a.size for a in per_rank] if rank == 0 else None, root=0)
+        counts = np.asarray(counts, dtype=np.int64)
+        recv = np.empty(counts[rank], dtype=np.float32)
+        if rank == 0:
+            send = np.concatenate([a.ravel() for a in per_rank])
+            comm.Scatterv([send, (counts, _displs(counts)), MPI.FLOAT], [recv, MPI.FLOAT])
+        else:
+            comm.Scatterv(None, [recv, MPI.FLOAT], root=0)
+        return recv.reshape(-1, width)
 
     def gather_rows(self, comm, rows, width: int):
         """Each non-root rank sends rows (n_r, width) float32 to the client; root gets a list per rank."""

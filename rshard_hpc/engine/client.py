@@ -1,5 +1,6 @@
 """Rank 0's side of the per-layer choreography: drives batches and steps with small broadcast headers (no token
-content), scatters each CompNode only the ids of its own positions, gathers back only the final rows.
+content), scatters each CompNode only the ids of its own positions (with --client-layers K, their layer-K hidden
+rows: the client runs the first K layers itself), gathers back only the final rows.
 
   {"op": "batch", "lens": [...]}        a new batch; plans are made for these total lengths
   {"op": "step", "ranges": [(a, b)...], "want": "all" | "last"}
@@ -15,14 +16,16 @@ import numpy as np
 from rshard_hpc.dist import collectives
 from rshard_hpc.engine.routing import Routing, last_of_each_sequence, step_tokens, wanted_local_rows
 from rshard_hpc.engine.stats import PhaseTimer
+from rshard_hpc.ops.arrays import to_host
 from rshard_hpc.plan.schemes import PlanSpec, make_plan
 
 
 class Client:
     """Rank 0: drives batches and steps; holds whole prompts; receives only final rows it is entitled to."""
 
-    def __init__(self, topo, spec: PlanSpec, cfg, transport):
+    def __init__(self, topo, spec: PlanSpec, cfg, transport, layers=None):
         self.topo, self.spec, self.cfg, self.transport = topo, spec, cfg, transport
+        self.layers = layers  # models.client_layers.ClientLayers (--client-layers K > 0), else None: ids go out
         self.plans = []
         self.timer = PhaseTimer()
         self.ledgers = []  # per finished batch: the gathered ledgers, by world rank (None for the client)
@@ -31,6 +34,8 @@ class Client:
         lens = [int(n) for n in lens]
         collectives.bcast(self.topo.world, {"op": "batch", "lens": lens})
         self.plans = [make_plan(self.spec, n) for n in lens]
+        if self.layers is not None:
+            self.layers.reset()
 
     def step(self, ranges, ids_per_seq, want: str = "all"):
         """ids_per_seq[b]: token ids of positions ranges[b]. Returns the final rows (n_rows, d) in step order
@@ -40,8 +45,7 @@ class Client:
         tokens = step_tokens(self.plans, ranges)
         routing = Routing(tokens, self.topo.alpha, self.topo.beta)
         flat_ids = np.concatenate([np.asarray(x, dtype=np.int64) for x in ids_per_seq]) if len(tokens) else np.zeros(0, np.int64)
-        per_rank = [np.zeros(0, np.int64)] + [flat_ids[routing.comp_tokens[k]] for k in range(self.topo.alpha)]
-        self.transport.scatter_ids(self.topo.client_comm, per_rank)
+        self._send_inputs(tokens, routing, flat_ids)
         parts = self.transport.gather_rows(self.topo.client_comm, np.zeros((0, self.cfg.hidden), np.float32),
                                            self.cfg.hidden)
         rows = np.empty((len(tokens), self.cfg.hidden), dtype=np.float32)
@@ -51,8 +55,21 @@ class Client:
             return rows
         return rows[last_of_each_sequence(tokens)]
 
+    def _send_inputs(self, tokens, routing: Routing, flat_ids: np.ndarray) -> None:
+        """Each CompNode gets its positions' token ids, or with client layers their layer-K hidden rows."""
+        mine = [routing.comp_tokens[k] for k in range(self.topo.alpha)]
+        if self.layers is None:
+            self.transport.scatter_ids(self.topo.client_comm, [np.zeros(0, np.int64)] + [flat_ids[m] for m in mine])
+            return
+        with self.timer("client_layers"):
+            hidden = to_host(self.layers.forward(flat_ids, tokens.pos, tokens.seq))  # (n, d), step order
+        empty = np.zeros((0, self.cfg.hidden), np.float32)
+        self.transport.scatter_rows(self.topo.client_comm, [empty] + [hidden[m] for m in mine], self.cfg.hidden)
+
     def end_batch(self) -> None:
         collectives.bcast(self.topo.world, {"op": "end"})
+        if self.layers is not None:
+            self.layers.reset()
         self.ledgers.append(collectives.gather_ledger(self.topo.world, None))
 
     def take_ledgers(self) -> list:

@@ -60,7 +60,7 @@ class PhaseTimer:
 def rank_stats(topo, seconds: dict, transport) -> dict:
     """One rank's time per phase and its transport's MPI/staging time and bytes (for /stats and benchmarks)."""
     out = {"rank": topo.rank, "role": topo.describe(), "transport": transport.mode}
-    for phase in ("prepass", "attention", "postpass"):
+    for phase in ("prepass", "attention", "postpass", "client_layers"):  # client_layers: --client-layers K > 0
         out[f"{phase}_s"] = seconds.get(phase, 0.0)
     out.update(transport.stats())
     return out

@@ -9,6 +9,7 @@ from rshard_hpc.dist import collectives
 from rshard_hpc.engine.kv_cache import KVCache, key_capacity
 from rshard_hpc.engine.routing import Routing, StepTokens, step_tokens, wanted_local_rows
 from rshard_hpc.engine.stats import PhaseTimer
+from rshard_hpc.models.client_layers import comp_input_form
 from rshard_hpc.ops.attention import merge_partials, prepare_attention
 from rshard_hpc.ops.precision import pack_partial, partial_slots, to_bf16_bits, unpack_partial, wire_dtype
 from rshard_hpc.plan.ledger import compact_ledger, visible_key_counts
@@ -18,8 +19,9 @@ from rshard_hpc.plan.schemes import PlanSpec, make_plan
 class _Worker:
     """State shared by CompNode and AttnNode loops."""
 
-    def __init__(self, topo, spec: PlanSpec, cfg, transport, xp=np, dtype="float32"):
+    def __init__(self, topo, spec: PlanSpec, cfg, transport, xp=np, dtype="float32", first_layer: int = 0):
         self.topo, self.spec, self.cfg, self.transport, self.xp = topo, spec, cfg, transport, xp
+        self.first_layer = first_layer  # --client-layers K: the client ran layers 0 … K-1, the servers start at K
         self.wire = wire_dtype(dtype)  # element type of q/k/v and partials on the wire: float32 or bf16 bits
         self.slots = partial_slots(cfg.head_dim, self.wire)  # wire elements per (row, head) of a partial
         self.timer = PhaseTimer(xp)
@@ -59,8 +61,8 @@ class _Worker:
 class CompWorker(_Worker):
     """A CompNode: per-token work on its own positions."""
 
-    def __init__(self, topo, spec, model, transport, xp=np, dtype="float32"):
-        super().__init__(topo, spec, model.cfg, transport, xp, dtype)
+    def __init__(self, topo, spec, model, transport, xp=np, dtype="float32", first_layer: int = 0):
+        super().__init__(topo, spec, model.cfg, transport, xp, dtype, first_layer)
         if model.dtype != dtype:
             raise ValueError(f"the model's weights were placed for {model.dtype}, the worker runs {dtype}")
         self.model = model
@@ -68,14 +70,11 @@ class CompWorker(_Worker):
     def step(self, tokens: StepTokens, routing: Routing, want: str) -> None:
         k, xp, cfg = self.topo.comp_index, self.xp, self.cfg
         mine = routing.comp_tokens[k]
-        ids = self.transport.scatter_ids(self.topo.client_comm, None)
-        self.record("token_id", tokens, mine)
         pos = xp.asarray(tokens.pos[mine])
+        h = self._receive_input(tokens, mine, pos)  # (n_k, d)
         rows_of_group = [xp.asarray(ix) for ix in routing.by_group[k]]  # on the device once a step, not a layer
         back_counts = self._back_counts(routing)
-        with self.timer("prepass"):
-            h = self.model.embed(xp.asarray(ids), pos)  # (n_k, d)
-        for layer in range(cfg.n_layers):
+        for layer in range(self.first_layer, cfg.n_layers):
             with self.timer("prepass"):
                 q, key, val = self.model.pre(layer, h, pos)
                 send, counts = self._pack_qkv(rows_of_group, q, key, val)
@@ -87,6 +86,16 @@ class CompWorker(_Worker):
         self.record_partials(tokens, mine)
         rows = self.model.final_rows(h)[xp.asarray(wanted_local_rows(tokens, routing, k, want))]
         self.transport.gather_rows(self.topo.client_comm, rows, cfg.hidden)
+
+    def _receive_input(self, tokens: StepTokens, mine: np.ndarray, pos):
+        """My positions' token ids, embedded; or, with client layers (first_layer K > 0), their layer-K hidden rows
+        as the client computed them. Recorded in the ledger as received: "token_id" or "hidden@K"."""
+        self.record(comp_input_form(self.first_layer), tokens, mine)
+        if self.first_layer:
+            return self.xp.asarray(self.transport.scatter_rows(self.topo.client_comm, None, self.cfg.hidden))
+        ids = self.transport.scatter_ids(self.topo.client_comm, None)
+        with self.timer("prepass"):
+            return self.model.embed(self.xp.asarray(ids), pos)
 
     def record_partials(self, tokens: StepTokens, mine: np.ndarray) -> None:
         """Ledger: for each of my queries, the key count of the partial from each AttnNode of its row (every
@@ -156,14 +165,15 @@ class CompWorker(_Worker):
 class AttnWorker(_Worker):
     """AttnNode (i, j): queries of group i against keys/values of group j (kept as the KV cache)."""
 
-    def __init__(self, topo, spec, cfg, transport, xp=np, dtype="float32"):
-        super().__init__(topo, spec, cfg, transport, xp, dtype)  # q/k/v stay in the KV cache in the wire's type
+    def __init__(self, topo, spec, cfg, transport, xp=np, dtype="float32", first_layer: int = 0):
+        super().__init__(topo, spec, cfg, transport, xp, dtype, first_layer)  # q/k/v stay cached in the wire's type
         self.cache = None  # KVCache of the batch under way, sized at its start (engine/kv_cache.py)
 
     def begin_batch(self):
         cfg = self.cfg
         capacity = key_capacity(self.plans, self.topo.attn_coords[1])
-        self.cache = KVCache(self.xp, cfg.n_layers, capacity, cfg.n_kv_heads, cfg.head_dim, self.wire)
+        layers = cfg.n_layers - self.first_layer  # the layers this AttnNode runs
+        self.cache = KVCache(self.xp, layers, capacity, cfg.n_kv_heads, cfg.head_dim, self.wire)
 
     def end_batch(self):
         self.cache = None
@@ -182,11 +192,12 @@ class AttnWorker(_Worker):
         # every layer of a step has the same query and key positions: one preparation a step
         plan = prepare_attention(q_pos, q_seq, k_pos, k_seq, causal=cfg.causal, scale=1.0 / np.sqrt(cfg.head_dim),
                                  xp=xp)
-        for layer in range(cfg.n_layers):
+        for layer in range(self.first_layer, cfg.n_layers):
             recv = self.transport.alltoallv(topo.work_comm, xp.zeros(0, self.wire), no_counts, recv_counts)
             with self.timer("attention"):
-                q = self._unpack(routing, recv, layer)
-                o, lse = plan(q, *self.cache.rows(layer))
+                slot = layer - self.first_layer  # the cache holds the layers this AttnNode runs
+                q = self._unpack(routing, recv, slot)
+                o, lse = plan(q, *self.cache.rows(slot))
                 send = pack_partial(o, lse, self.wire).ravel()  # (nq, H, partial_slots) per row
             self.transport.alltoallv(topo.work_comm, send, back_counts, no_counts)
         self.cache.end_step()
@@ -204,12 +215,12 @@ class AttnWorker(_Worker):
             back_counts[rank] = routing.counts[k, i] * cfg.n_heads * self.slots
         return recv_counts, back_counts
 
-    def _unpack(self, routing: Routing, recv, layer: int):
+    def _unpack(self, routing: Routing, recv, slot: int):
         """Split the receive buffer, stacked over CompNodes: q (nq, H, D) returned, k and v (nkv, Hkv, D)
         written straight into the cache's new rows of this layer."""
         xp, cfg = self.xp, self.cfg
         i, j = self.topo.attn_coords
-        k_new, v_new = self.cache.new_rows(layer)
+        k_new, v_new = self.cache.new_rows(slot)
         qs, offset, row = [], 0, 0
         q_width, kv_width = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         for k in range(self.topo.alpha):

@@ -16,6 +16,7 @@ from rshard_hpc.dist import collectives
 from rshard_hpc.engine.generate import GenerateSettings, LmHead, generate_batch
 from rshard_hpc.engine.stats import rank_stats
 from rshard_hpc.errors import InputError, RshardError
+from rshard_hpc.models.client_layers import check_client_layers, comp_input_form
 from rshard_hpc.plan.schemes import PlanSpec
 from rshard_hpc.run import termination, testhooks
 from rshard_hpc.run.options import TASKS, RunOptions
@@ -57,6 +58,7 @@ class ClientJob:
         check_out_path(opts.out, prompts=opts.prompts, model=model_path, plan_file=opts.plan_file)
         self.cfg = weights.read_config(model_path)
         self._check_task()
+        check_client_layers(opts.client_layers, self.cfg.n_layers, str(opts.model))
         prompts = read_prompts(opts.prompts)
         self.codec = TextCodec(model_path, self.cfg)
         self.settings = GenerateSettings.from_dict(opts.generate)
@@ -67,7 +69,7 @@ class ClientJob:
         attrs = {"model": str(opts.model), "model_name": self.cfg.name, "task": opts.task, "alpha": opts.alpha,
                  "beta": opts.beta, "plan_scheme": spec.scheme, "plan_params": json.dumps(spec.params()),
                  "backend": opts.device, "precision": opts.dtype, "world_size": topo.world.Get_size(),
-                 "version": __version__}
+                 "client_layers": opts.client_layers, "version": __version__}
         fingerprint = job_fingerprint(opts, self.cfg, weights_digest(model_path), self.settings, spec)
         self.writer = ResultWriter(opts.out, attrs, fingerprint, resume=opts.resume,
                                    overwrite=opts.overwrite)
@@ -177,6 +179,9 @@ class ClientJob:
             f"alpha={opts.alpha} beta={opts.beta} ({self.topo.world.Get_size()} ranks), plan {self.spec.scheme} "
             f"c={self.spec.c} c_a={self.spec.c_a}, device {opts.device}")
         self._say_privacy()
+        if opts.client_layers:
+            say(f"client layers: the client runs layers 0-{opts.client_layers - 1} of {self.cfg.n_layers} and sends "
+                f"CompNodes layer-{opts.client_layers} hidden rows, not token ids")
         batches = list(self.batches())
         generating = self.settings.max_new_tokens if opts.task == "generate" else 0
         progress = Progress(len(self.todo), total_tokens, enabled=opts.progress, total_batches=len(batches),
@@ -260,6 +265,8 @@ class ClientJob:
             "plan": self.spec.params(), "layout": rank_layout(self.opts.alpha, self.opts.beta),
             "public_prefix": pp, "vocab": vocab, "causal": causal,
             "min_delta": self.opts.min_delta, "allow_weak_plan": self.opts.allow_weak_plan,
+            "client_layers": self.opts.client_layers, "n_layers": self.cfg.n_layers,  # the client ran 0 … K-1
+            "comp_input": comp_input_form(self.opts.client_layers),  # what CompNodes received: ids or layer-K rows
             "delta": verdict["delta"], "meets_min_delta": verdict["ok"], "suggestion": verdict["suggestion"],
             "exposed_prompts": verdict["exposed_prompts"],
             "prompts": len(plan_lens),

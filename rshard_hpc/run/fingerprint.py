@@ -1,7 +1,7 @@
 """What a results file's rows depend on, recorded in the file so that `--resume` never mixes rows made
 under different settings: the weights (a digest), the model config, precision, task, generation and pooling
-settings, truncation, the plan and the package version. A resume whose fingerprint differs is refused,
-naming the settings that differ."""
+settings, truncation, the plan, the client's layers (--client-layers) and the package version. A resume whose
+fingerprint differs is refused, naming the settings that differ."""
 from __future__ import annotations
 
 import hashlib
@@ -42,7 +42,8 @@ def job_fingerprint(opts, cfg, weights: str, settings, spec) -> dict:
     out = {"weights": weights, "model_config": hashlib.sha256(cfg.to_json().encode()).hexdigest(),
            "task": opts.task, "dtype": opts.dtype, "truncate": bool(opts.truncate),
            "pooling": f"{cfg.pooling}, normalize={cfg.normalize}" if opts.task == "embed" else "",
-           "plan": json.dumps(spec.params(), sort_keys=True), "version": __version__}
+           "plan": json.dumps(spec.params(), sort_keys=True), "client_layers": int(opts.client_layers),
+           "version": __version__}
     if opts.task == "generate":
         out["generation"] = json.dumps({"max_new_tokens": settings.max_new_tokens, "temperature": settings.temperature,
                                         "top_k": settings.top_k, "top_p": settings.top_p, "seed": settings.seed,

@@ -8,6 +8,7 @@ from rshard_hpc.dist.devices import connect_workers, rank_backend
 from rshard_hpc.dist.topology import Topology
 from rshard_hpc.engine.stats import rank_stats
 from rshard_hpc.errors import JobAborted, RshardError
+from rshard_hpc.models.client_layers import check_client_layers
 from rshard_hpc.run import termination, testhooks
 from rshard_hpc.run.client_job import _prepare_client
 from rshard_hpc.run.options import RunOptions
@@ -19,6 +20,7 @@ def run(opts: RunOptions) -> None:
 
     world = MPI.COMM_WORLD
     opts, chosen = opts.with_layout(world.Get_size())  # a pure function of the size: alike on every rank
+    check_client_layers(opts.client_layers)  # a negative K: refused on every rank alike (K >= layers: by the client)
     topo = Topology.build(world, opts.alpha, opts.beta)  # a bad size raises on every rank alike
     if chosen and topo.is_client:
         say(chosen)
@@ -41,14 +43,14 @@ def _set_up(world, topo, opts: RunOptions, spec, job):
         raise RshardError(prepared.error)
     xp, transport, error = np, None, None
     try:
-        xp, transport = rank_backend(topo, opts.device, opts.gpu_aware_mpi)
+        xp, transport = rank_backend(topo, opts.device, opts.gpu_aware_mpi, client_gpu=opts.client_layers > 0)
     except RshardError as exc:
         error = str(exc)
     collectives.agree(world, error)  # every rank has its device before the workers probe CUDA IPC together
     worker, error = None, None
     try:
         connect_workers(topo, transport, opts.gpu_ipc)
-        worker = _make_worker(topo, spec, prepared.model_path, xp, transport, opts.dtype)
+        worker = _make_worker(topo, spec, prepared.model_path, xp, transport, opts.dtype, opts.client_layers)
     except RshardError as exc:
         error = str(exc)
     collectives.agree(world, error)
@@ -71,15 +73,18 @@ def _play(world, topo, job, worker) -> None:
     collectives.barrier(world)  # the client's reports are written: no rank ends (or is signalled out) before
 
 
-def _make_worker(topo, spec, model_path, xp, transport, dtype="float32"):
+def _make_worker(topo, spec, model_path, xp, transport, dtype="float32", client_layers: int = 0):
     from rshard_hpc.engine.client import Client
     from rshard_hpc.engine.workers import AttnWorker, CompWorker
     from rshard_hpc.models import build_model, read_model_tensors, weights
+    from rshard_hpc.models.client_layers import load_client_layers
 
     cfg = weights.read_config(model_path)
     if topo.role == "comp":  # CompNode 0 reads the weights; the others receive them over comp_comm
         tensors = collectives.load_on_root(topo.comp_comm, lambda: read_model_tensors(model_path, cfg))
-        return CompWorker(topo, spec, build_model(cfg, tensors, dtype, xp), transport, xp=xp, dtype=dtype)
+        return CompWorker(topo, spec, build_model(cfg, tensors, dtype, xp), transport, xp=xp, dtype=dtype,
+                          first_layer=client_layers)
     if topo.role == "attn":
-        return AttnWorker(topo, spec, cfg, transport, xp=xp, dtype=dtype)
-    return Client(topo, spec, cfg, transport)
+        return AttnWorker(topo, spec, cfg, transport, xp=xp, dtype=dtype, first_layer=client_layers)
+    # the client reads only the first K layers and the embeddings (none for K = 0)
+    return Client(topo, spec, cfg, transport, layers=load_client_layers(model_path, cfg, client_layers, dtype, xp))

@@ -47,6 +47,7 @@ class RunOptions:
     min_delta: int = DEFAULT_DELTA  # refuse a plan whose δ is below this (architecture.md §4, docs/privacy.md)
     allow_weak_plan: bool = False  # run a plan below min_delta anyway (with a warning)
     public_prefix: int = -1  # positions known to all (BOS, [CLS], a template); -1: what the tokenizer adds
+    client_layers: int = 0  # K: the client runs layers 0 … K-1 and sends CompNodes layer-K rows, not token ids
 
     def plan_spec(self) -> PlanSpec:
         """The plan these options describe, checked: a bad plan file, a plan file without --scheme explicit,

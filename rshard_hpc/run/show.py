@@ -15,7 +15,7 @@ from rshard_hpc.errors import InputError
 from rshard_hpc.run.prompts import id_key
 from rshard_hpc.run.results import ID_KINDS, ROW_DATASETS, committed, read_ids
 
-PHASES = ("prepass", "attention", "postpass", "mpi", "staging")  # /stats/<phase>_s
+PHASES = ("prepass", "attention", "postpass", "client_layers", "mpi", "staging")  # /stats/<phase>_s
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -86,7 +86,8 @@ def _privacy(doc) -> dict | None:
             "prompts": doc["prompts"], "consistent": check.get("consistent"),
             "inside_views": check.get("inside_views"),
             "prompts_seen_whole": len({x["prompt"] for x in check.get("seen_whole", [])}),
-            "exposed_prompts": len(doc.get("exposed_prompts", {}))}
+            "exposed_prompts": len(doc.get("exposed_prompts", {})), "client_layers": doc.get("client_layers", 0),
+            "comp_input": doc.get("comp_input", "token_id")}
 
 
 def _stats(group) -> dict:
@@ -95,7 +96,7 @@ def _stats(group) -> dict:
     roles = group["role"].asstr()[()].tolist()
     out = {"phases": {}, "ranks": len(roles)}
     for phase in PHASES:
-        if f"{phase}_s" in group:
+        if f"{phase}_s" in group and (phase != "client_layers" or group[f"{phase}_s"][()].any()):  # K > 0 only
             seconds = group[f"{phase}_s"][()]
             slowest = int(np.argmax(seconds))
             out["phases"][phase] = {"max": float(seconds[slowest]), "sum": float(seconds.sum()),
@@ -155,6 +156,9 @@ def _privacy_lines(p: dict | None) -> list:
     whole = p["prompts_seen_whole"]
     lines.append(f"ledger:    {check}; " + (f"{whole} prompts seen whole by some rank" if whole
                                             else "no rank saw a whole prompt"))
+    if p["client_layers"]:
+        lines.append(f"client:    ran the first {p['client_layers']} layers; CompNodes received {p['comp_input']} rows, "
+                     f"not token ids")
     if p["exposed_prompts"]:
         lines.append(f"warning:   {p['exposed_prompts']} prompts too short for the plan to split")
     return lines

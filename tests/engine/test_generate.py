@@ -188,3 +188,23 @@ def test_smollm2_gpu_generation_matches_transformers(gpu, smollm2, smollm2_refer
                      [sys.executable, SCRIPT, weights_path, smollm2_reference, alpha, beta, c, c_a, "gpu"], timeout=600)
     print(result.stdout)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --client-layers K on the real model (the tiny-model cases: test_client_layers.py); here, to share the reference
+@pytest.mark.parametrize("k,alpha,beta", [(2, 1, 1)])  # 3 ranks; K = 1 and 7 ranks: tiny models (test_client_layers.py)
+def test_smollm2_generation_with_client_layers_matches_transformers(smollm2, smollm2_reference, k, alpha, beta):
+    """6 prompts x 24 greedy tokens and the prefill logits of the real SmolLM2 against transformers."""
+    _, weights_path = smollm2
+    result = mpiexec(1 + alpha + beta * beta,
+                     [sys.executable, SCRIPT, weights_path, smollm2_reference, alpha, beta, 1, 1, "cpu", k],
+                     timeout=600)
+    print(result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_smollm2_gpu_generation_with_client_layers(gpu, smollm2, smollm2_reference):
+    _, weights_path = smollm2
+    result = mpiexec(7, [sys.executable, SCRIPT, weights_path, smollm2_reference, 2, 2, 1, 1, "gpu", 2],
+                     timeout=600)
+    print(result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr

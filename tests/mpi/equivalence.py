@@ -1,6 +1,7 @@
 """Run under mpiexec: the sharded engine against the single-process reference on a random model.
 
-usage: mpiexec -n W python tests/mpi/equivalence.py MODEL.h5 ALPHA BETA C C_A SEED [DTYPE]
+usage: mpiexec -n W python tests/mpi/equivalence.py MODEL.h5 ALPHA BETA C C_A SEED [DTYPE [K]]
+K (default 0): --client-layers, the client runs the first K layers and sends CompNodes hidden rows.
 DTYPE float32 (default): max abs difference to the reference <= 1e-5.
 DTYPE bfloat16: relative error ‖got − ref‖/‖ref‖ per sequence to the float32 reference <= 2e-2, and
 > 1e-5 (bf16 did take effect); the bf16 single-process forward (same rounding) is printed beside it.
@@ -16,6 +17,7 @@ from rshard_hpc.dist.transport import Transport
 from rshard_hpc.engine.client import Client
 from rshard_hpc.engine.workers import AttnWorker, CompWorker
 from rshard_hpc.models import load_model, weights
+from rshard_hpc.models.client_layers import load_client_layers
 from rshard_hpc.models.reference import reference_forward
 from rshard_hpc.plan.schemes import PlanSpec
 
@@ -36,6 +38,7 @@ def ragged_batch(rng, vocab):
 def main():
     path, alpha, beta, c, c_a, seed = sys.argv[1], *map(int, sys.argv[2:7])
     dtype = sys.argv[7] if len(sys.argv) > 7 else "float32"
+    k = int(sys.argv[8]) if len(sys.argv) > 8 else 0
     world = MPI.COMM_WORLD
     topo = Topology.build(world, alpha, beta)
     spec = PlanSpec("strided", alpha, beta, c, c_a)
@@ -44,14 +47,14 @@ def main():
     ok = 1
     if topo.role == "client":
         seqs = ragged_batch(np.random.default_rng(seed), cfg.vocab_size)
-        client = Client(topo, spec, cfg, transport)
+        client = Client(topo, spec, cfg, transport, layers=load_client_layers(path, cfg, k, dtype))
         got = client.encode(seqs)
         got2 = client.encode(seqs[::-1])  # a second batch reuses every worker
         client.stop()
         both = got + got2[::-1]
         ref = reference_forward(load_model(path, dtype=dtype), seqs)
         same = max(float(np.abs(g - r).max()) for g, r in zip(both, ref + ref))
-        tag = f"alpha={alpha} beta={beta} c={c} c_a={c_a} {dtype}"
+        tag = f"alpha={alpha} beta={beta} c={c} c_a={c_a} {dtype} K={k}"
         if dtype == "float32":
             ok = int(same <= TOL)
             print(f"{tag}: max abs diff {same:.3e}", flush=True)
@@ -63,9 +66,9 @@ def main():
             print(f"{tag}: max relative error to float32 {rel:.3e} (single-process bf16: {ref_rel:.3e}); "
                   f"max abs diff to the bf16 single-process forward {same:.3e}", flush=True)
     elif topo.role == "comp":
-        CompWorker(topo, spec, load_model(path, dtype=dtype), transport, dtype=dtype).serve()
+        CompWorker(topo, spec, load_model(path, dtype=dtype), transport, dtype=dtype, first_layer=k).serve()
     else:
-        AttnWorker(topo, spec, cfg, transport, dtype=dtype).serve()
+        AttnWorker(topo, spec, cfg, transport, dtype=dtype, first_layer=k).serve()
     ok = world.allreduce(ok, op=MPI.MIN)
     sys.exit(0 if ok else 1)
 

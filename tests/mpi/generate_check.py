@@ -1,6 +1,8 @@
 """Run under mpiexec: sharded prefill logits and greedy generation against a reference saved in an .npz.
 
-usage: mpiexec -n W python tests/mpi/generate_check.py MODEL.h5 REF.npz ALPHA BETA C C_A [cpu|gpu]
+usage: mpiexec -n W python tests/mpi/generate_check.py MODEL.h5 REF.npz ALPHA BETA C C_A [cpu|gpu [K]]
+K (default 0): --client-layers, the client runs the first K layers (prefill and every decode step) and sends
+CompNodes hidden rows; on gpu the client's layers run on its GPU too.
 REF.npz holds prompts (object array of id lists), logits (n, vocab) at each prompt's last position,
 greedy ids (n, T) and margins (n, T) (top-2 logit gap of the reference at each step).
 Every rank exits 0 only if all checks pass (a collective verdict); rank 0 prints the measured numbers.
@@ -18,6 +20,7 @@ from rshard_hpc.engine.client import Client
 from rshard_hpc.engine.generate import GenerateSettings, LmHead, generate_batch
 from rshard_hpc.engine.workers import AttnWorker, CompWorker
 from rshard_hpc.models import load_model, weights
+from rshard_hpc.models.client_layers import load_client_layers
 from rshard_hpc.plan.schemes import PlanSpec
 
 LOGIT_TOL = 1e-3
@@ -39,9 +42,9 @@ def agreeing_prefix_ok(got, want, margins) -> bool:
     return len(got) >= len(want)
 
 
-def client_checks(topo, spec, cfg, path, ref) -> bool:
+def client_checks(topo, spec, cfg, path, ref, layers=None) -> bool:
     prompts = [np.asarray(p, dtype=np.int64) for p in ref["prompts"]]
-    client = Client(topo, spec, cfg, Transport())
+    client = Client(topo, spec, cfg, Transport(), layers=layers)
     head = LmHead(path, cfg)
     client.begin_batch([len(p) for p in prompts])
     rows = client.step([(0, len(p)) for p in prompts], prompts, "last")
@@ -55,7 +58,9 @@ def client_checks(topo, spec, cfg, path, ref) -> bool:
     client.stop()
     same = [agreeing_prefix_ok(g, list(w), m) for g, w, m in zip(got, ref["greedy"], ref["margins"])]
     exact = sum(int(list(g) == list(w)) for g, w in zip(got, ref["greedy"]))
-    print(f"alpha={topo.alpha} beta={topo.beta} c={spec.c} c_a={spec.c_a} {sys.argv[7] if len(sys.argv) > 7 else 'cpu'}: last-position logits max abs diff "
+    k = layers.n_layers if layers else 0
+    print(f"alpha={topo.alpha} beta={topo.beta} c={spec.c} c_a={spec.c_a} {sys.argv[7] if len(sys.argv) > 7 else 'cpu'} "
+          f"K={k}: last-position logits max abs diff "
           f"{logit_err:.2e}; greedy ids identical for {exact}/{len(prompts)} prompts x {steps} tokens; "
           f"agree up to the first low-margin step: {sum(same)}/{len(prompts)}", flush=True)
     for g, w in zip(got, ref["greedy"]):
@@ -68,20 +73,21 @@ def main():
     path, ref_path = sys.argv[1], sys.argv[2]
     alpha, beta, c, c_a = map(int, sys.argv[3:7])
     device = sys.argv[7] if len(sys.argv) > 7 else "cpu"
+    k = int(sys.argv[8]) if len(sys.argv) > 8 else 0
     world = MPI.COMM_WORLD
     topo = Topology.build(world, alpha, beta)
     spec = PlanSpec("strided", alpha, beta, c, c_a)
     cfg = weights.read_config(path)
-    xp, transport = rank_backend(topo, device)
+    xp, transport = rank_backend(topo, device, client_gpu=k > 0)
     connect_workers(topo, transport)
     ok = True
     if topo.role == "client":
         ref = np.load(ref_path, allow_pickle=True)
-        ok = client_checks(topo, spec, cfg, path, ref)
+        ok = client_checks(topo, spec, cfg, path, ref, load_client_layers(path, cfg, k, xp=xp))
     elif topo.role == "comp":
-        CompWorker(topo, spec, load_model(path, xp=xp), transport, xp=xp).serve()
+        CompWorker(topo, spec, load_model(path, xp=xp), transport, xp=xp, first_layer=k).serve()
     else:
-        AttnWorker(topo, spec, cfg, transport, xp=xp).serve()
+        AttnWorker(topo, spec, cfg, transport, xp=xp, first_layer=k).serve()
     verdict = world.allreduce(int(ok), op=MPI.MIN)
     sys.exit(0 if verdict else 1)
 
