@@ -14,8 +14,9 @@ nvidia-smi -L; nvidia-smi topo -m 2>/dev/null | head -4
   echo "=== doctor $(date -u +%T)"
   timeout 60 mpirun -n 3 python3 -m rshard_hpc doctor --alpha 1 --beta 1 --device gpu 2>&1 | tail -n 12
   echo "=== transport over two GPUs $(date -u +%T)"
-  timeout 90 mpirun -n 4 python3 tests/mpi/gpu_transport.py off ipc-auto 2>&1 | tail -n 2
-  timeout 90 mpirun -n 4 python3 tests/mpi/gpu_transport.py off ipc-off 2>&1 | tail -n 2
+  timeout 90 mpirun -n 4 python3 tests/mpi/gpu_transport.py ipc 2>&1 | tail -n 2
+  timeout 90 mpirun -n 4 python3 tests/mpi/gpu_transport.py staged 2>&1 | tail -n 2
+  timeout 90 mpirun -n 2 python3 tests/mpi/gpu_transport.py nccl 2>&1 | tail -n 2   # one rank a GPU
   echo "=== engine, one worker per GPU $(date -u +%T)"
   python3 tools/make_test_models.py /tmp/models 2 > /dev/null
   for dtype in float32 bfloat16; do

@@ -1,0 +1,87 @@
+"""Which transport the GPU workers use (`--transport auto|staged|mpi|ipc|nccl`, architecture.md §7), decided
+together over the workers' communicator from evidence, never from a guess.
+
+auto, in order: `nccl` where NCCL loads on every worker and each has a GPU of its own; else `ipc` where all
+workers share one node and a CUDA IPC probe is exact on every rank; else `mpi` (device buffers to MPI) where
+every rank's MPI library says it is CUDA-aware; else `staged` (pinned host buffers). An explicit `nccl` or `ipc`
+that cannot work is an RshardError naming why; an explicit `mpi` is trusted (the evidence is reported).
+"""
+from __future__ import annotations
+
+from rshard_hpc.dist import cuda_aware
+from rshard_hpc.dist import nccl as nccl_transport
+from rshard_hpc.dist.cuda_ipc import _try_device_ipc
+from rshard_hpc.errors import RshardError
+
+TRANSPORTS = ("auto", "staged", "mpi", "ipc", "nccl")
+
+
+def choose_transport(comm, transport, mode: str, *, load_nccl=nccl_transport.load_nccl,
+                     identity=nccl_transport.gpu_identity, xp=None) -> str:
+    """Collective over comm (the GPU workers): set up `transport` (a dist.transport.Transport) for `mode` and
+    return why it moves buffers the way it does. Every rank takes the same decision."""
+    if mode not in TRANSPORTS:
+        raise RshardError(f"unknown --transport {mode!r}; choose one of {', '.join(TRANSPORTS)}")
+    if mode == "staged":
+        return "--transport staged"
+    passed = []  # auto: why each faster transport was not taken
+    if mode in ("auto", "nccl"):
+        refusal = nccl_refusal(comm, load_nccl, identity)
+        if not refusal:
+            nccl = load_nccl()[0]
+            transport.nccl = nccl_transport.NcclExchange(comm, nccl_transport.bootstrap(comm, nccl), nccl,
+                                                         xp if xp is not None else _cupy())
+            return f"NCCL {nccl_transport.nccl_version(nccl)} among {comm.Get_size()} ranks, one GPU each"
+        if mode == "nccl":
+            raise RshardError(f"--transport nccl cannot be used: {refusal}")
+        passed.append(f"not NCCL: {refusal}")
+    if mode in ("auto", "ipc"):
+        used, why = _try_device_ipc(comm)
+        if used:
+            transport.ipc = used
+            return why
+        if mode == "ipc":
+            raise RshardError(f"--transport ipc: CUDA IPC cannot be used here ({why})")
+        passed.append(f"not CUDA IPC: {why}")
+    aware, evidence = _agreed_cuda_aware(comm)
+    if mode == "mpi" or aware:
+        transport.gpu_aware = True
+        said = "CUDA-aware" if aware else "CUDA-awareness not confirmed"
+        return f"{'--transport mpi' if mode == 'mpi' else 'CUDA-aware MPI'} ({said}: {evidence})"
+    passed.append(f"MPI not CUDA-aware: {evidence}")
+    return "staged through pinned host buffers (" + "; ".join(passed) + ")"
+
+
+def nccl_refusal(comm, load_nccl=nccl_transport.load_nccl, identity=nccl_transport.gpu_identity) -> str:
+    """Collective over comm: "" when NCCL can join every rank of comm, else why not (the same on every rank):
+    NCCL missing on some rank, or two ranks on one GPU (NCCL refuses a communicator with both)."""
+    _, why = load_nccl()
+    ident = None
+    if not why:
+        try:
+            ident = tuple(identity())
+        except Exception as exc:  # noqa: BLE001 - a rank without a usable device says so
+            why = f"no GPU identity ({type(exc).__name__}: {exc})"
+    gathered = comm.allgather((why, ident))
+    for rank, (why, _) in enumerate(gathered):
+        if why:
+            return f"rank {rank} of the workers: {why}"
+    shared = nccl_transport.gpu_sharing([ident for _, ident in gathered])
+    if shared:
+        return f"workers share a GPU ({shared}); NCCL needs one rank per GPU (use more GPUs or fewer ranks)"
+    return ""
+
+
+def _agreed_cuda_aware(comm) -> tuple[bool, str]:
+    """(every rank's MPI library is CUDA-aware by evidence, the evidence): one verdict for all ranks."""
+    verdicts = comm.allgather(cuda_aware.detect_cuda_aware())
+    for aware, evidence in verdicts:
+        if not aware:
+            return False, evidence
+    return True, verdicts[0][1]
+
+
+def _cupy():
+    import cupy
+
+    return cupy
