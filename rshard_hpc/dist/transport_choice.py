@@ -52,6 +52,30 @@ def choose_transport(comm, transport, mode: str, *, load_nccl=nccl_transport.loa
     return "staged through pinned host buffers (" + "; ".join(passed) + ")"
 
 
+def predict(mode: str, *, nccl: str, shared: str, hosts: int, aware: bool, evidence: str) -> tuple[str, str]:
+    """What choose_transport will take for `mode`, from the evidence `rshard doctor` gathers without
+    communicating as the job does (the IPC probe runs at the job's start): (transport, why), transport "refused"
+    where an explicit request cannot work. nccl: "" where NCCL loads on every worker, else why not; shared:
+    "" where each worker has its own GPU, else which share; hosts: the workers' node count."""
+    if mode == "staged":
+        return "staged", "--transport staged"
+    not_nccl = nccl or (f"workers share a GPU ({shared}); NCCL needs one rank per GPU" if shared else "")
+    if mode == "nccl":
+        return ("refused", f"--transport nccl cannot be used: {not_nccl}") if not_nccl else ("nccl", "one GPU a worker")
+    if mode == "auto" and not not_nccl:
+        return "nccl", "NCCL on every worker, one GPU each"
+    mpi = ("mpi", f"CUDA-aware MPI ({evidence})") if aware else ("staged", f"MPI not CUDA-aware: {evidence}")
+    if mode == "mpi":
+        return "mpi", f"--transport mpi ({'CUDA-aware' if aware else 'CUDA-awareness not confirmed'}: {evidence})"
+    if hosts > 1:
+        if mode == "ipc":
+            return "refused", "--transport ipc: the workers span several nodes"
+        return mpi[0], f"not NCCL: {not_nccl}; not CUDA IPC: several nodes; {mpi[1]}"
+    if mode == "ipc":
+        return "ipc", "one node: if the CUDA IPC probe passes at start (else the job stops)"
+    return "ipc", f"not NCCL: {not_nccl}; one node: CUDA IPC if its probe passes at start, else {mpi[0]} ({mpi[1]})"
+
+
 def nccl_refusal(comm, load_nccl=nccl_transport.load_nccl, identity=nccl_transport.gpu_identity) -> str:
     """Collective over comm: "" when NCCL can join every rank of comm, else why not (the same on every rank):
     NCCL missing on some rank, or two ranks on one GPU (NCCL refuses a communicator with both)."""
