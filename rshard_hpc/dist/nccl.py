@@ -39,8 +39,13 @@ def gpu_identity() -> tuple[str, str]:
 
     import cupy
 
-    device = cupy.cuda.Device()
-    return socket.gethostname(), str(device.pci_bus_id)
+    device, runtime = cupy.cuda.Device(), cupy.cuda.runtime
+    try:
+        bus = runtime.deviceGetPCIBusId(device.id)
+    except AttributeError:  # an older CuPy: the same numbers from the device's properties
+        props = runtime.getDeviceProperties(device.id)
+        bus = f"{props['pciDomainID']:04x}:{props['pciBusID']:02x}:{props['pciDeviceID']:02x}.0"
+    return socket.gethostname(), str(bus)
 
 
 def gpu_sharing(identities: list) -> str:
