@@ -10,7 +10,7 @@
 #                      LD_LIBRARY_PATH and PYTHONPATH from wherever the folder lies
 #   CUDA_HOME          the CUDA toolkit (default: from nvcc on PATH, else /usr/local/cuda*)
 #   JOBS=$(nproc)  BUILD=/tmp/ompi-build  WITH_UCX=1 (also build the UCX PML where ucp/api/ucp.h exists)
-# On 16 cores the Open MPI build takes about 4-6 minutes (no Fortran, Java, OpenSHMEM, ROMIO), mpi4py 1-2.
+# Left out to keep the build short (a few minutes on 16 cores): Fortran, Java, OpenSHMEM, ROMIO; mpi4py at -O1.
 set -euo pipefail
 WHAT=${1:-all}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
