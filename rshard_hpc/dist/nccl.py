@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 
+from rshard_hpc.dist import collectives
 from rshard_hpc.dist.collectives import _displs
 
 
@@ -63,7 +64,7 @@ def bootstrap(comm, nccl):
     """Collective over comm: the NCCL communicator of its ranks. Rank 0 makes the unique id, MPI broadcasts it,
     every rank joins with its comm rank (ncclCommInitRank, blocking until all have joined)."""
     uid = nccl.get_unique_id() if comm.Get_rank() == 0 else None
-    uid = comm.bcast(uid, root=0)
+    uid = collectives.bcast(comm, uid, root=0)
     return nccl.NcclCommunicator(comm.Get_size(), uid, comm.Get_rank())
 
 

@@ -29,9 +29,10 @@ def choose_transport(comm, transport, mode: str, *, load_nccl=nccl_transport.loa
         refusal = nccl_refusal(comm, load_nccl, identity)
         if not refusal:
             nccl = load_nccl()[0]
-            transport.nccl = nccl_transport.NcclExchange(comm, nccl_transport.bootstrap(comm, nccl), nccl,
-                                                         xp if xp is not None else _cupy())
-            return f"NCCL {nccl_transport.nccl_version(nccl)} among {comm.Get_size()} ranks, one GPU each"
+            communicator, refusal = _join_nccl(comm, nccl)
+            if communicator is not None:
+                transport.nccl = nccl_transport.NcclExchange(comm, communicator, nccl, xp if xp is not None else _cupy())
+                return f"NCCL {nccl_transport.nccl_version(nccl)} among {comm.Get_size()} ranks, one GPU each"
         if mode == "nccl":
             raise RshardError(f"--transport nccl cannot be used: {refusal}")
         passed.append(f"not NCCL: {refusal}")
@@ -94,6 +95,22 @@ def nccl_refusal(comm, load_nccl=nccl_transport.load_nccl, identity=nccl_transpo
     if shared:
         return f"workers share a GPU ({shared}); NCCL needs one rank per GPU (use more GPUs or fewer ranks)"
     return ""
+
+
+def _join_nccl(comm, nccl):
+    """Collective: (the NCCL communicator, "") when every rank made it, else (None, the first failure): the
+    ranks that made one abort it, so that all take the same next step."""
+    communicator, error = None, ""
+    try:
+        communicator = nccl_transport.bootstrap(comm, nccl)
+    except Exception as exc:  # noqa: BLE001 - NCCL's own errors (no shared memory, no network, ...) are reported
+        error = f"{type(exc).__name__}: {exc}"
+    failed = [(rank, e) for rank, e in enumerate(comm.allgather(error)) if e]
+    if not failed:
+        return communicator, ""
+    if communicator is not None:
+        communicator.abort()
+    return None, f"NCCL could not make its communicator (rank {failed[0][0]} of the workers: {failed[0][1]})"
 
 
 def _agreed_cuda_aware(comm) -> tuple[bool, str]:

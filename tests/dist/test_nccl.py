@@ -107,9 +107,10 @@ def test_gpu_sharing_names_the_shared_devices():
 def test_bootstrap_and_refusal_over_mpiexec():
     """3 real ranks, fake NCCL: the unique id is made on rank 0 only and reaches every rank's communicator, the
     exchange over it is exact (its groups carried by MPI); workers on one GPU are refused by name for
-    --transport nccl, and auto then passes NCCL by, saying why; a rank without NCCL is named."""
+    --transport nccl, and auto then passes NCCL by, saying why; a rank without NCCL is named; a communicator
+    that fails on one rank is aborted on the others and auto moves on."""
     res = mpiexec(3, [sys.executable, str(REPO / "tests" / "mpi" / "nccl_mock.py")])
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
-    for check in ("bootstrap", "exchange", "refusal", "auto", "missing"):
+    for check in ("bootstrap", "exchange", "refusal", "auto", "missing", "initfail"):
         assert f"PASS {check}" in res.stdout, out[-3000:]

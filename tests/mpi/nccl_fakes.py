@@ -23,7 +23,7 @@ class FakeNccl:
     NCCL_UINT8 = 1
     available = True
 
-    def __init__(self, deliver=None, uid_seed=0):
+    def __init__(self, deliver=None, uid_seed=0, init_error=None):
         self.calls = []  # ("groupStart",), ("groupEnd",), (op, ptr, nbytes, dtype, peer, stream, in_group)
         self.in_group = False
         self.pending = []
@@ -31,6 +31,7 @@ class FakeNccl:
         self.communicators = []
         self.deliver = deliver  # called with a group's ops at groupEnd
         self._rng = np.random.default_rng(uid_seed)
+        self.init_error = init_error  # NcclCommunicator raises this, when given
 
     def get_version(self):
         return 22803
@@ -53,6 +54,8 @@ class FakeNccl:
             self.deliver(self.pending)
 
     def NcclCommunicator(self, ndev, uid, rank):
+        if self.init_error is not None:
+            raise self.init_error
         comm = FakeCommunicator(self, ndev, uid, rank)
         self.communicators.append(comm)
         return comm
@@ -64,6 +67,10 @@ class FakeNccl:
 class FakeCommunicator:
     def __init__(self, nccl, ndev, uid, rank):
         self.nccl, self.ndev, self.uid, self.rank = nccl, ndev, uid, rank
+        self.aborted = False
+
+    def abort(self):
+        self.aborted = True
 
     def _post(self, op, ptr, count, datatype, peer, stream):
         call = (op, ptr, count, datatype, peer, stream, self.nccl.in_group)

@@ -83,4 +83,11 @@ check("auto", transport.mode in ("staged", "cuda-aware MPI") and "not NCCL: work
 # a rank whose CuPy has no NCCL is named
 _, why = attempt("nccl", fake2, own_gpu, load=lambda: (None, "no libnccl") if rank == 1 else (fake2, ""))
 check("missing", why == "error: --transport nccl cannot be used: rank 1 of the workers: no libnccl", why)
+
+# NCCL fails to make its communicator on rank 2: auto moves on (the others abort theirs), nccl says so
+fake3 = FakeNccl(init_error=RuntimeError("NCCL_ERROR_SYSTEM_ERROR: no shm") if rank == 2 else None)
+transport, why = attempt("auto", fake3, own_gpu)
+check("initfail", transport.mode != "nccl" and "not NCCL: NCCL could not make its communicator (rank 2 of the "
+      "workers: RuntimeError: NCCL_ERROR_SYSTEM_ERROR: no shm)" in why and all(c.aborted for c in fake3.communicators)
+      and len(fake3.communicators) == (rank != 2), why)
 sys.exit(1 if failed else 0)
