@@ -136,8 +136,8 @@ def run(quiet, max_new_tokens, temperature, top_k, top_p, sample_seed, stop, cha
 @click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
               callback=config_callback(strict=False), help="A `rshard run` job file: its alpha, beta and device.")
 @plan_options("alpha", "beta", alpha=None, beta=None)
-@device_options("", "device")
-def doctor(alpha, beta, device):
+@device_options("", "device", "transport")
+def doctor(alpha, beta, device, transport):
     """Check a launch: per rank host, role, GPU, MPI library, CUDA-awareness, versions; then a verdict.
 
     Launch it like the job (mpiexec -n W rshard doctor --alpha A --beta B, or under srun). Exit status 0 when
@@ -150,7 +150,7 @@ def doctor(alpha, beta, device):
             given = RunOptions(alpha=alpha, beta=beta).with_layout(0)[0]  # --config: one given, the other as in `run`
             alpha, beta = given.alpha, given.beta
         check_layout_options(alpha, beta)
-        status = run_doctor(alpha, beta, device, echo=click.echo)
+        status = run_doctor(alpha, beta, device, echo=click.echo, transport=transport)
     except BaseException as exc:  # noqa: BLE001 - a failing rank must not leave the others waiting
         if isinstance(exc, SystemExit) and not exc.code:
             raise

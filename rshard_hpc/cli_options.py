@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import click
 
-from rshard_hpc.dist.cuda_aware import GPU_AWARE_MODES
-from rshard_hpc.dist.cuda_ipc import IPC_MODES
+from rshard_hpc.dist.transport_choice import TRANSPORTS
 from rshard_hpc.ops.arrays import DEVICES
 from rshard_hpc.ops.precision import DTYPES
 from rshard_hpc.plan.schemes import SCHEMES
@@ -64,14 +63,12 @@ def device_options(dtype_help: str, *names):
         "device": click.option("--device", type=click.Choice(list(DEVICES)), default=RunOptions.device,
                                show_default=True, help="cpu: NumPy on every rank; gpu: CompNodes and AttnNodes on "
                                                        "CuPy and the CUDA kernels, one GPU a rank (several may share)."),
-        "gpu_aware_mpi": click.option("--gpu-aware-mpi", type=click.Choice(list(GPU_AWARE_MODES)),
-                                      default=RunOptions.gpu_aware_mpi, show_default=True,
-                                      help="Give MPI device buffers: auto only where the library says it is "
-                                           "CUDA-aware; else stage through pinned host buffers."),
-        "gpu_ipc": click.option("--gpu-ipc", type=click.Choice(list(IPC_MODES)), default=RunOptions.gpu_ipc,
-                                show_default=True,
-                                help="GPU workers on one node move device buffers by CUDA IPC (MPI carries only "
-                                     "offsets); auto: where a probe proves it exact, else MPI."),
+        "transport": click.option("--transport", type=click.Choice(list(TRANSPORTS)), default=RunOptions.transport,
+                                  show_default=True,
+                                  help="How GPU workers move device buffers: staged (pinned host buffers and MPI), "
+                                       "mpi (device buffers to a CUDA-aware MPI), ipc (CUDA IPC, one node), nccl "
+                                       "(one rank per GPU). auto: nccl, else ipc, else mpi, each where evidence "
+                                       "says it works, else staged."),
         "dtype": click.option("--dtype", type=click.Choice(list(DTYPES)), default=RunOptions.dtype,
                               show_default=True, help=dtype_help),
     }

@@ -14,18 +14,23 @@ nvidia-smi -L; nvidia-smi topo -m 2>/dev/null | head -4
   echo "=== doctor $(date -u +%T)"
   timeout 60 mpirun -n 3 python3 -m rshard_hpc doctor --alpha 1 --beta 1 --device gpu 2>&1 | tail -n 12
   echo "=== transport over two GPUs $(date -u +%T)"
-  timeout 90 mpirun -n 4 python3 tests/mpi/gpu_transport.py off ipc-auto 2>&1 | tail -n 2
-  timeout 90 mpirun -n 4 python3 tests/mpi/gpu_transport.py off ipc-off 2>&1 | tail -n 2
+  timeout 90 mpirun -n 4 python3 tests/mpi/gpu_transport.py ipc 2>&1 | tail -n 2
+  timeout 90 mpirun -n 4 python3 tests/mpi/gpu_transport.py staged 2>&1 | tail -n 2
+  timeout 90 mpirun -n 2 python3 tests/mpi/gpu_transport.py nccl 2>&1 | tail -n 2   # one rank a GPU
   echo "=== engine, one worker per GPU $(date -u +%T)"
   python3 tools/make_test_models.py /tmp/models 2 > /dev/null
-  for dtype in float32 bfloat16; do
-    timeout 150 mpirun -n 3 python3 tests/mpi/gpu_equivalence.py --model /tmp/models/llama.h5 --alpha 1 --beta 1 \
-      --case short --dtype $dtype 2>&1 | grep -E "rank 1|PASS|FAIL|Error"
+  for dtype in float32 bfloat16; do  # auto takes NCCL here (a GPU a worker); then the IPC path beside it
+    for t in auto ipc; do
+      timeout 150 mpirun -n 3 python3 tests/mpi/gpu_equivalence.py --model /tmp/models/llama.h5 --alpha 1 --beta 1 \
+        --case short --dtype $dtype --transport $t 2>&1 | grep -E "rank 1|PASS|FAIL|Error"
+    done
   done
   echo "=== bench job $(date -u +%T)"
   for dtype in float32 bfloat16; do
-    timeout 150 mpirun -n 3 python3 -m rshard_hpc bench job --alpha 1 --beta 1 --device gpu --shape smollm2 \
-      --tokens ${TOKENS:-8192,16384} --decode-steps 4 --dtype $dtype --out "$OUT/bench_job_x2.md" 2>&1 | grep -E "^\| [0-9]|transport|Error"
+    for t in ${TRANSPORTS:-nccl ipc}; do
+      timeout 150 mpirun -n 3 python3 -m rshard_hpc bench job --alpha 1 --beta 1 --device gpu --shape smollm2 --transport $t \
+        --tokens ${TOKENS:-8192,16384} --decode-steps 4 --dtype $dtype --out "$OUT/bench_job_x2.md" 2>&1 | grep -E "^\| [0-9]|transport|Error"
+    done
     [ -n "${WITH_A2:-}" ] && timeout 150 mpirun -n 7 python3 -m rshard_hpc bench job --alpha 2 --beta 2 --device gpu --shape smollm2 \
       --tokens 8192 --decode-steps 4 --dtype $dtype --out "$OUT/bench_job_x2.md" 2>&1 | grep -E "^\| [0-9]|transport|Error"
   done

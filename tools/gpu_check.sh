@@ -17,8 +17,9 @@ step "kernel tests" | tee "$OUT/tests.log"
 timeout 300 python3 -m pytest -q --tb=short -p no:cacheprovider -n 8 tests/ops/test_gpu_kernels.py >> "$OUT/tests.log" 2>&1
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 25
 step transport | tee "$OUT/engine.log"
-timeout 60 $MPI -n 4 python3 tests/mpi/gpu_transport.py auto 2>&1 | tail -n 5 | tee -a "$OUT/engine.log"
-timeout 60 $MPI -n 4 python3 tests/mpi/gpu_transport.py off 2>&1 | tail -n 3 | tee -a "$OUT/engine.log"
+for t in auto staged mpi ipc nccl; do
+  timeout 60 $MPI -n 4 python3 tests/mpi/gpu_transport.py $t 2>&1 | grep -E "transport:|Error" | tail -n 2 | tee -a "$OUT/engine.log"
+done
 step models | tee -a "$OUT/engine.log"
 python3 tools/make_test_models.py /tmp/models 2 2>&1 | tee -a "$OUT/engine.log"
 run_eq() { timeout 240 $MPI -n "$1" python3 tests/mpi/gpu_equivalence.py "${@:2}" 2>&1 | grep -v "^\s*$" | tail -n 6 | tee -a "$OUT/engine.log"; }

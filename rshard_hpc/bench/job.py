@@ -39,8 +39,8 @@ def run_bench(topo, opts: dict) -> None:
 
     cfg = bench_config(opts["shape"], max(opts["tokens"]), opts.get("layers"))
     spec = PlanSpec("strided", topo.alpha, topo.beta, opts["c"], opts["c_a"])
-    xp, transport = rank_backend(topo, opts["device"], opts["gpu_aware_mpi"])
-    connect_workers(topo, transport, opts.get("gpu_ipc", "auto"))
+    xp, transport = rank_backend(topo, opts["device"])
+    connect_workers(topo, transport, opts.get("transport", "auto"))
     tensors = random_tensors(cfg, seed=opts["seed"]) if topo.role != "attn" else None
     if topo.role == "comp":
         worker = CompWorker(topo, spec, Llama(cfg, tensors, xp, dtype=opts["dtype"]), transport, xp=xp,

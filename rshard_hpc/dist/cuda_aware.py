@@ -1,4 +1,4 @@
-"""Is the loaded MPI library CUDA-aware? `--gpu-aware-mpi auto` says yes only on evidence (architecture.md §7)."""
+"""Is the loaded MPI library CUDA-aware? `--transport auto` gives MPI device buffers only on evidence (architecture.md §7)."""
 from __future__ import annotations
 
 import ctypes
@@ -7,21 +7,6 @@ import shutil
 import subprocess
 
 from rshard_hpc.dist.collectives import _mpi
-from rshard_hpc.errors import RshardError
-
-# ------------------------------------------------------------------------------------------ CUDA-awareness
-GPU_AWARE_MODES = ("auto", "on", "off")
-
-
-def resolve_gpu_aware(mode: str) -> tuple[bool, str]:
-    """(use device buffers in MPI calls, why). "auto" says yes only on positive evidence (architecture.md §7)."""
-    if mode == "off":
-        return False, "--gpu-aware-mpi off"
-    if mode == "on":
-        return True, "--gpu-aware-mpi on (not checked)"
-    if mode != "auto":
-        raise RshardError(f"unknown --gpu-aware-mpi {mode!r}; choose one of {', '.join(GPU_AWARE_MODES)}")
-    return detect_cuda_aware()
 
 
 def detect_cuda_aware() -> tuple[bool, str]:

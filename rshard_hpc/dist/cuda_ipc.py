@@ -1,5 +1,5 @@
 """Alltoallv among one node's GPU ranks through CUDA IPC (device outboxes mapped by the peers; MPI carries only
-the offsets), enabled after a collective probe proves it exact (`--gpu-ipc`, architecture.md §7).
+the offsets), enabled after a collective probe proves it exact (`--transport ipc`, architecture.md §7).
 """
 from __future__ import annotations
 
@@ -8,9 +8,6 @@ import time
 import numpy as np
 
 from rshard_hpc.dist.collectives import _displs, _mpi, _node_placement
-
-IPC_MODES = ("auto", "on", "off")
-
 
 _MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: unified addressing picks the direction (and the peer device)
 

@@ -34,29 +34,26 @@ def use_gpu(topo):
     return array_module("gpu")
 
 
-def rank_backend(topo, device: str, gpu_aware_mode: str = "auto", client_gpu: bool = False):
-    """(array module, comm.Transport) for this rank: CompNodes and AttnNodes go to a GPU of their node for
-    --device gpu, with MPI given device buffers only on evidence (see comm). The client stays on NumPy unless
-    `client_gpu` (it runs layers itself: --client-layers); its transport is host-side either way."""
+def rank_backend(topo, device: str, client_gpu: bool = False):
+    """(array module, Transport) for this rank: CompNodes and AttnNodes go to a GPU of their node for --device gpu
+    (connect_workers then decides how their device buffers move). The client stays on NumPy unless `client_gpu`
+    (it runs layers itself: --client-layers); its transport is host-side either way."""
     from rshard_hpc.dist.transport import Transport
 
     if device == "gpu" and not topo.is_client:
-        return use_gpu(topo), Transport(gpu_aware=choose_gpu_aware(gpu_aware_mode), device=True)
+        return use_gpu(topo), Transport(device=True)
     if device == "gpu" and client_gpu:
         return use_gpu(topo), Transport()
     return np, Transport()
 
 
-def connect_workers(topo, transport, ipc_mode: str = "auto") -> None:
-    """Collective over every rank of the job (the client takes no part in the exchange): GPU workers move
-    their device buffers by CUDA IPC when all of them share one node and a probe proves it exact
-    (--gpu-ipc auto|on|off; see comm.Transport.enable_device_ipc); `transport.mode` then says which."""
-    if transport.device:
-        transport.enable_device_ipc(topo.work_comm, ipc_mode)
+def connect_workers(topo, transport, mode: str = "auto") -> str:
+    """Collective over every rank of the job (the client takes no part in the exchange): the GPU workers pick
+    their transport together (--transport auto|staged|mpi|ipc|nccl, dist/transport_choice.py) and return why;
+    `transport.mode` then says which. "" on the client and on CPU ranks."""
+    if not transport.device:
+        return ""
+    from rshard_hpc.dist.transport_choice import choose_transport
 
-
-def choose_gpu_aware(mode: str) -> bool:
-    """--gpu-aware-mpi auto|on|off -> whether MPI gets device buffers (auto: only on evidence)."""
-    from rshard_hpc.dist import cuda_aware
-
-    return cuda_aware.resolve_gpu_aware(mode)[0]
+    transport.reason = choose_transport(topo.work_comm, transport, mode)
+    return transport.reason

@@ -2,7 +2,8 @@
 
 Run it exactly as the job will run (`mpiexec -n W rshard doctor --alpha A --beta B`, or inside `srun`): each
 rank reports its host, its role for the layout, its GPU, the MPI library and whether that library is
-CUDA-aware, and the versions of the packages that matter. Rank 0 prints a table and one verdict line.
+CUDA-aware, whether NCCL loads, and the versions of the packages that matter. Rank 0 prints a table, the
+transport `--transport` would take for the GPU workers with its evidence, and one verdict line.
 
 Exit status (the same on every rank): 0 the layout fits and nothing is wrong; 2 a problem (wrong world
 size, a worker rank without a GPU under --device gpu); 3 the processes are not one MPI job (for example
@@ -19,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from rshard_hpc import __version__
-from rshard_hpc.dist import collectives, cuda_aware
+from rshard_hpc.dist import collectives, cuda_aware, nccl, transport_choice
 from rshard_hpc.dist.launcher import announced_sizes
 from rshard_hpc.dist.topology import layouts_for, role_of, world_size_for
 from rshard_hpc.errors import InputError
@@ -42,6 +43,7 @@ class RankReport:
     has_gpu: bool
     mpi_library: str
     cuda_aware: str  # "yes (evidence)" / "no (why)"
+    nccl: str  # "2.28.9", or "no (why)"
     launched: dict  # launcher variable -> announced process count
     cpus: int
     packages: dict = field(default_factory=dict)
@@ -115,7 +117,27 @@ def collect(world, alpha, beta) -> RankReport:
     return RankReport(rank, size, socket.gethostname(), role_of(rank, alpha, beta, size), split_local,
                       f"{env_name}={env_local}" if env_name else "", gpu, has_gpu,
                       short_library(cuda_aware.mpi_library_version()), f"{'yes' if aware else 'no'} ({why})",
-                      launched, os.cpu_count() or 1, package_versions())
+                      nccl_of() if has_gpu else "no (no GPU)", launched, os.cpu_count() or 1, package_versions())
+
+
+def nccl_of() -> str:
+    """NCCL's version where CuPy loads it, else "no (why)"."""
+    module, why = nccl.load_nccl()
+    return nccl.nccl_version(module) if module is not None else f"no ({why})"
+
+
+def transport_line(reports: list[RankReport], mode: str) -> tuple[str, str]:
+    """(what --transport `mode` takes for the GPU workers (rank 0, the client, has none), why) from the
+    reports: NCCL on every worker, one GPU each or shared, their hosts, CUDA-aware MPI on every worker."""
+    workers = [r for r in reports if r.rank != 0] or reports
+    no_nccl = next((f"rank {r.rank}: {r.nccl[4:-1]}" for r in workers if r.nccl.startswith("no (")), "")
+    users = Counter((r.host, r.gpu) for r in workers)
+    shared = ", ".join(f"{n} ranks on {host} GPU {gpu.split(':')[0]}" for (host, gpu), n in sorted(users.items())
+                       if n > 1)
+    not_aware = next((r for r in workers if not r.cuda_aware.startswith("yes")), None)
+    evidence = (not_aware or workers[0]).cuda_aware.split(" (", 1)[-1].rstrip(")")
+    return transport_choice.predict(mode, nccl=no_nccl, shared=shared, hosts=len({r.host for r in workers}),
+                                    aware=not_aware is None, evidence=evidence)
 
 
 def check_layout_options(alpha, beta) -> None:
@@ -126,7 +148,7 @@ def check_layout_options(alpha, beta) -> None:
                          f"the layouts that fit)")
 
 
-def verdict(reports: list[RankReport], alpha, beta, device: str) -> tuple[int, list[str], str]:
+def verdict(reports: list[RankReport], alpha, beta, device: str, transport: str = "auto") -> tuple[int, list[str], str]:
     """(exit status, warnings, verdict line) from every rank's report."""
     size = len(reports)
     hosts = Counter(r.host for r in reports)
@@ -153,6 +175,8 @@ def verdict(reports: list[RankReport], alpha, beta, device: str) -> tuple[int, l
         missing = [r.rank for r in reports if not r.has_gpu and r.rank != 0]  # rank 0, the client, needs none
         if missing:
             problems.append(f"--device gpu, but rank(s) {_ranks(missing)} have no GPU")
+        elif transport_line(reports, transport)[0] == "refused":
+            problems.append(transport_line(reports, transport)[1])
     for package in sorted({p for r in reports for p in r.packages}):
         versions = {r.packages.get(package, "-") for r in reports}
         if len(versions) > 1:
@@ -188,8 +212,9 @@ def _ranks(ranks: list) -> str:
     return ", ".join(str(r) for r in ranks[:16]) + (f" and {len(ranks) - 16} more" if len(ranks) > 16 else "")
 
 
-def render(reports: list[RankReport]) -> list[str]:
-    """The table rank 0 prints: one line per rank, then the MPI library and package versions."""
+def render(reports: list[RankReport], device: str = "cpu", transport: str = "auto") -> list[str]:
+    """The table rank 0 prints: one line per rank, then the MPI library, NCCL, the GPU workers' transport
+    (under --device gpu) and package versions."""
     head = ("rank", "role", "host", "local", "gpu", "cuda-aware mpi")
     rows = [(str(r.rank), r.role, r.host, str(r.local_rank), r.gpu, r.cuda_aware.split(" (")[0]) for r in reports]
     widths = [max(len(row[i]) for row in rows + [head]) for i in range(len(head))]
@@ -199,6 +224,11 @@ def render(reports: list[RankReport]) -> list[str]:
         lines.append(f"MPI library: {library}")
     for why in sorted({r.cuda_aware for r in reports}):
         lines.append(f"CUDA-aware MPI: {why}")
+    for found in sorted({r.nccl for r in reports if r.rank != 0 and r.has_gpu}):
+        lines.append(f"NCCL: {found}")
+    if device == "gpu":
+        name, why = transport_line(reports, transport)
+        lines.append(f"transport (--transport {transport}): {name}: {why}")
     versions = Counter(tuple(sorted(r.packages.items())) for r in reports)
     for packages, n in versions.most_common():
         who = "all ranks" if n == len(reports) else f"{n} ranks"
@@ -206,7 +236,7 @@ def render(reports: list[RankReport]) -> list[str]:
     return lines
 
 
-def run_doctor(alpha: int | None, beta: int | None, device: str = "cpu", echo=print) -> int:
+def run_doctor(alpha: int | None, beta: int | None, device: str = "cpu", echo=print, transport: str = "auto") -> int:
     """Every rank calls this; rank 0 prints. Returns the exit status, the same on every rank."""
     from mpi4py import MPI
 
@@ -215,8 +245,8 @@ def run_doctor(alpha: int | None, beta: int | None, device: str = "cpu", echo=pr
     reports = collectives.gather_objects(world, report)
     status = None
     if world.Get_rank() == 0:
-        status, warnings, line = verdict(reports, alpha, beta, device)
-        for text in render(reports):
+        status, warnings, line = verdict(reports, alpha, beta, device, transport)
+        for text in render(reports, device, transport):
             echo(text)
         for text in warnings:
             echo(f"warning: {text}")

@@ -1,6 +1,6 @@
 """The per-layer data movement on work_comm: Alltoallv of flat float32 or bf16-bit buffers (host, staged
-through pinned buffers, CUDA-aware MPI, or CUDA IPC), and the client's scatter of ids (or, with --client-layers,
-of hidden rows) and gather of rows.
+through pinned buffers, CUDA-aware MPI, CUDA IPC or NCCL; transport_choice.py picks), and the client's scatter
+of ids (or, with --client-layers, of hidden rows) and gather of rows.
 """
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ import time
 import numpy as np
 
 from rshard_hpc.dist.collectives import _displs, _mpi
-from rshard_hpc.dist.cuda_ipc import IPC_MODES, _try_device_ipc
-from rshard_hpc.errors import RshardError
 from rshard_hpc.ops.arrays import to_host, xp_of
 
 
@@ -31,13 +29,16 @@ class Transport:
     CuPy buffers go to MPI directly when `gpu_aware` (a CUDA-aware MPI library), otherwise they are staged
     through pinned host buffers that are grown on demand and reused (one per direction and element type).
     Either way the current CUDA stream is synchronized before every MPI call, so MPI never reads a buffer
-    a kernel is still writing.
+    a kernel is still writing. `ipc` (a DeviceIpc) or `nccl` (an NcclExchange), when transport_choice set one
+    up for a communicator, moves that communicator's device buffers instead.
     """
 
     def __init__(self, gpu_aware: bool = False, device: bool = False):
         self.gpu_aware = gpu_aware
         self.device = device  # this rank's buffers live on a GPU
-        self.ipc = None  # a DeviceIpc for one communicator, when enable_device_ipc found it works
+        self.ipc = None  # a DeviceIpc for one communicator, when the CUDA IPC probe found it works
+        self.nccl = None  # an NcclExchange for one communicator (one rank a GPU)
+        self.reason = "NumPy buffers" if not device else "not chosen yet"  # why `mode` (for /stats and doctor)
         self._pinned = {}  # (direction, dtype) -> pinned host array, grown on demand and reused
         self.mpi_seconds = 0.0
         self.staging_seconds = 0.0
@@ -64,8 +65,9 @@ class Transport:
         n_recv = int(recv_counts.sum())
         on_gpu = xp is not np
         send = xp.ascontiguousarray(send).ravel()
-        if on_gpu and self.ipc is not None and self.ipc.comm is comm:
-            recv, seconds = self.ipc.alltoallv(send, send_counts, recv_counts)
+        exchange = self.nccl or self.ipc
+        if on_gpu and exchange is not None and exchange.comm is comm:
+            recv, seconds = exchange.alltoallv(send, send_counts, recv_counts)
             self._account(seconds["mpi"], seconds["copy"], send_counts, n_recv, dtype.itemsize)
             return recv
         staged = on_gpu and not self.gpu_aware
@@ -101,28 +103,14 @@ class Transport:
 
     @property
     def mode(self) -> str:
-        """How this rank's buffers move: "host" (NumPy ranks), "cuda-ipc", "cuda-aware MPI" or "staged"."""
+        """How this rank's buffers move: "host" (NumPy ranks), "nccl", "cuda-ipc", "cuda-aware MPI" or "staged"."""
         if not self.device:
             return "host"
+        if self.nccl is not None:
+            return "nccl"
         if self.ipc is not None:
             return "cuda-ipc"
         return "cuda-aware MPI" if self.gpu_aware else "staged"
-
-    def enable_device_ipc(self, comm, mode: str = "auto") -> tuple[bool, str]:
-        """Collective over comm: move device buffers between its ranks by CUDA IPC (MPI then carries only
-        offsets) when every rank of comm is on one node and a probe exchange through IPC is exact on every
-        rank. Returns (used, why). mode "off" never tries; "on" raises RshardError where it fails."""
-        if mode not in IPC_MODES:
-            raise RshardError(f"unknown --gpu-ipc {mode!r}; choose one of {', '.join(IPC_MODES)}")
-        if mode == "off":
-            return False, "--gpu-ipc off"
-        used, why = _try_device_ipc(comm)
-        if used:
-            self.ipc = used
-            return True, why
-        if mode == "on":
-            raise RshardError(f"--gpu-ipc on: CUDA IPC cannot be used here ({why})")
-        return False, why
 
     def scatter_ids(self, comm, per_rank):
         """Client (root of comm) sends per_rank[r] (int64 ids) to rank r; returns this rank's ids."""

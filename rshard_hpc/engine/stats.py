@@ -58,8 +58,9 @@ class PhaseTimer:
 
 
 def rank_stats(topo, seconds: dict, transport) -> dict:
-    """One rank's time per phase and its transport's MPI/staging time and bytes (for /stats and benchmarks)."""
-    out = {"rank": topo.rank, "role": topo.describe(), "transport": transport.mode}
+    """One rank's time per phase and its transport (which, and why) with its MPI/staging time and bytes (for
+    /stats and benchmarks)."""
+    out = {"rank": topo.rank, "role": topo.describe(), "transport": transport.mode, "transport_why": transport.reason}
     for phase in ("prepass", "attention", "postpass", "client_layers"):  # client_layers: --client-layers K > 0
         out[f"{phase}_s"] = seconds.get(phase, 0.0)
     out.update(transport.stats())

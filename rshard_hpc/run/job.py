@@ -43,13 +43,13 @@ def _set_up(world, topo, opts: RunOptions, spec, job):
         raise RshardError(prepared.error)
     xp, transport, error = np, None, None
     try:
-        xp, transport = rank_backend(topo, opts.device, opts.gpu_aware_mpi, client_gpu=opts.client_layers > 0)
+        xp, transport = rank_backend(topo, opts.device, client_gpu=opts.client_layers > 0)
     except RshardError as exc:
         error = str(exc)
     collectives.agree(world, error)  # every rank has its device before the workers probe CUDA IPC together
     worker, error = None, None
     try:
-        connect_workers(topo, transport, opts.gpu_ipc)
+        connect_workers(topo, transport, opts.transport)
         worker = _make_worker(topo, spec, prepared.model_path, xp, transport, opts.dtype, opts.client_layers)
     except RshardError as exc:
         error = str(exc)

@@ -39,8 +39,7 @@ class RunOptions:
     overwrite: bool = False
     truncate: bool = False
     device: str = "cpu"
-    gpu_aware_mpi: str = "auto"
-    gpu_ipc: str = "auto"
+    transport: str = "auto"  # GPU workers: auto|staged|mpi|ipc|nccl (dist/transport_choice.py)
     dtype: str = "float32"
     progress: bool = True
     generate: dict = field(default_factory=dict)  # generation settings (task "generate")

@@ -14,13 +14,15 @@ def test_launcher_local_rank_wins_over_slurm():
 
 
 def test_transport_modes_without_gpu():
-    """Without a GPU: host transports say so; --gpu-ipc off never probes; an unknown mode is an error."""
+    """Without a GPU: host transports say so; a device transport is staged until chosen otherwise; an unknown
+    --transport is an error before any communication."""
     from rshard_hpc.dist.transport import Transport
+    from rshard_hpc.dist.transport_choice import choose_transport
     from rshard_hpc.errors import RshardError
 
     assert Transport().mode == "host"
     t = Transport(device=True)
     assert t.mode == "staged" and Transport(gpu_aware=True, device=True).mode == "cuda-aware MPI"
-    assert t.enable_device_ipc(None, "off") == (False, "--gpu-ipc off") and t.ipc is None
-    with pytest.raises(RshardError, match="--gpu-ipc"):
-        t.enable_device_ipc(None, "sometimes")
+    assert choose_transport(None, t, "staged") == "--transport staged" and t.mode == "staged"
+    with pytest.raises(RshardError, match="--transport"):
+        choose_transport(None, t, "sometimes")

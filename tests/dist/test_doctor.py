@@ -78,3 +78,42 @@ def test_doctor_names_cupys_cuda_and_the_driver():
     runtime = SimpleNamespace(runtimeGetVersion=lambda: 12080, driverGetVersion=lambda: 13000)
     assert cuda_versions(SimpleNamespace(cuda=SimpleNamespace(runtime=runtime))) == \
         "CUDA runtime 12.8 (CuPy's), driver 13.0"
+
+
+def _gpu_reports(gpus, hosts=None, nccl="2.28.9", aware="no (MPIX_Query_cuda_support() = 0 in libmpi.so.40)"):
+    """Doctor reports of a client and len(gpus) GPU workers: gpus[i] the device index worker i uses."""
+    from rshard_hpc.dist.doctor import RankReport
+
+    hosts = hosts or ["h"] * len(gpus)
+    client = RankReport(0, len(gpus) + 1, hosts[0], "client", 0, "", "none (CuPy not installed)", False, "Open MPI",
+                        aware, "no (no GPU)", {}, 16)
+    return [client] + [RankReport(i + 1, len(gpus) + 1, host, "w", i, "", f"{gpu}: NVIDIA H200, CUDA 13.0", True,
+                                  "Open MPI", aware, nccl, {}, 16) for i, (gpu, host) in enumerate(zip(gpus, hosts))]
+
+
+def test_doctor_names_the_transport_and_refuses_nccl_on_a_shared_gpu():
+    """The transport line follows auto's rule from the reports' evidence; --transport nccl where workers share
+    a GPU is a PROBLEM naming them; the NCCL and CUDA-aware evidence is printed."""
+    from rshard_hpc.dist.doctor import render, transport_line, verdict
+
+    shared = _gpu_reports([0, 0, 0])  # one GPU, three workers
+    assert transport_line(shared, "auto")[0] == "ipc"
+    assert "not NCCL: workers share a GPU (3 ranks on h GPU 0)" in transport_line(shared, "auto")[1]
+    status, _, line = verdict(shared, 2, 1, "gpu", "nccl")
+    assert status == 2 and line == ("PROBLEM: 4 ranks on 1 host: --transport nccl cannot be used: workers share "
+                                    "a GPU (3 ranks on h GPU 0); NCCL needs one rank per GPU"), line
+    lines = render(shared, "gpu", "auto")
+    assert "NCCL: 2.28.9" in lines and any(l.startswith("transport (--transport auto): ipc: ") for l in lines)
+    own = _gpu_reports([0, 1, 2])
+    assert transport_line(own, "auto") == ("nccl", "NCCL on every worker, one GPU each")
+    assert verdict(own, 2, 1, "gpu", "nccl")[0] == 0
+    no_nccl = _gpu_reports([0, 1, 2], nccl="no (CuPy was built without NCCL)")
+    refused = "--transport nccl cannot be used: rank 1: CuPy was built without NCCL"
+    assert transport_line(no_nccl, "nccl") == ("refused", refused)
+    apart = _gpu_reports([0, 0, 0], hosts=["a", "b", "b"])
+    assert transport_line(apart, "auto")[0] == "staged" and "several nodes" in transport_line(apart, "auto")[1]
+    aware = _gpu_reports([0, 0, 0], hosts=["a", "b", "b"], aware="yes (MPIX_Query_cuda_support() = 1 in x)")
+    why = ("not NCCL: workers share a GPU (2 ranks on b GPU 0); NCCL needs one rank per GPU; not CUDA IPC: several "
+           "nodes; CUDA-aware MPI (MPIX_Query_cuda_support() = 1 in x)")
+    assert transport_line(aware, "auto") == ("mpi", why)
+    assert transport_line(apart, "ipc")[0] == "refused" and transport_line(apart, "mpi")[0] == "mpi"

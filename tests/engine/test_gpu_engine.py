@@ -36,29 +36,53 @@ def models(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("dtype,ipc", [("float32", "auto"), ("bfloat16", "auto"), ("float32", "off")])
+@pytest.mark.parametrize("dtype,transport", [("float32", "auto"), ("bfloat16", "auto"), ("float32", "staged"),
+                                             ("float32", "mpi"), ("bfloat16", "mpi")])
 @pytest.mark.parametrize("arch,alpha,beta,c,c_a", [("llama", 2, 2, 1, 1), ("bert", 2, 3, 1, 2)])
-def test_sharded_gpu_equals_numpy(models, arch, alpha, beta, c, c_a, dtype, ipc):
-    """GPU job vs the NumPy float32 forward: <= 1e-4 relative in float32, <= 2e-2 in bfloat16; over CUDA IPC
-    where it works (auto) and over MPI with host staging (off)."""
+def test_sharded_gpu_equals_numpy(models, arch, alpha, beta, c, c_a, dtype, transport):
+    """GPU job vs the NumPy float32 forward: <= 1e-4 relative in float32, <= 2e-2 in bfloat16; over what auto
+    picks (NCCL with a GPU a worker, else CUDA IPC where it works), host staging, and device buffers to MPI
+    (mpi: only where the library is CUDA-aware by evidence, else skipped)."""
+    if transport == "mpi":
+        require_cuda_aware_mpi()
     n = 1 + alpha + beta * beta
     cmd = launcher(n) + [str(ROOT / "tests" / "mpi" / "gpu_equivalence.py"), "--model", str(models / f"{arch}.h5"),
                          "--alpha", str(alpha), "--beta", str(beta), "--c", str(c), "--c-a", str(c_a),
-                         "--device", "gpu", "--case", "short", "--dtype", dtype, "--gpu-ipc", ipc]
+                         "--device", "gpu", "--case", "short", "--dtype", dtype, "--transport", transport]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
     print(res.stdout[-4000:], res.stderr[-4000:])
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "PASS" in res.stdout
 
 
-@pytest.mark.parametrize("mpi_mode,ipc_mode", [("auto", "ipc-off"), ("off", "ipc-off"), ("off", "ipc-auto")])
-def test_gpu_transport(mpi_mode, ipc_mode):
-    """Transport.alltoallv on device buffers (float32 and uint16, growing, shrinking, empty) is exact, staged
-    through host memory and over CUDA IPC; every rank agrees."""
-    res = subprocess.run(launcher(4) + [str(ROOT / "tests" / "mpi" / "gpu_transport.py"), mpi_mode, ipc_mode],
+def require_cuda_aware_mpi():
+    """Skip unless this process's MPI library is CUDA-aware by evidence (tools/build_cuda_mpi.sh builds one)."""
+    from rshard_hpc.dist.cuda_aware import detect_cuda_aware
+
+    aware, why = detect_cuda_aware()
+    if not aware:
+        pytest.skip(f"MPI is not CUDA-aware ({why})")
+
+
+MODE_OF = {"staged": "staged", "mpi": "cuda-aware MPI", "ipc": "cuda-ipc", "nccl": "nccl"}
+
+
+@pytest.mark.parametrize("transport", ["auto", "staged", "mpi", "ipc", "nccl"])
+def test_gpu_transport(transport):
+    """Transport.alltoallv on device buffers (float32 and uint16, growing, shrinking, empty, one-way) is exact
+    over every transport asked for by name; every rank agrees. NCCL on fewer GPUs than ranks is refused with
+    the reason, on every rank."""
+    if transport == "mpi":
+        require_cuda_aware_mpi()
+    ranks = 4
+    res = subprocess.run(launcher(ranks) + [str(ROOT / "tests" / "mpi" / "gpu_transport.py"), transport],
                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     print(res.stdout[-2000:], res.stderr[-2000:])
+    if transport == "nccl" and cupy.cuda.runtime.getDeviceCount() < ranks:
+        assert res.returncode != 0
+        assert "--transport nccl cannot be used: workers share a GPU" in res.stdout + res.stderr
+        return
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "PASS" in res.stdout
-    if ipc_mode == "ipc-off":
-        assert "mode staged" in res.stdout or "mode cuda-aware MPI" in res.stdout
+    if transport != "auto":
+        assert f": {MODE_OF[transport]} (" in res.stdout

@@ -1,7 +1,7 @@
 """Run under mpirun: the sharded engine on GPUs (or CPUs) against references, on a random model.
 
 usage: mpirun -n W python tests/mpi/gpu_equivalence.py --model M.h5 --alpha A --beta B [--c C] [--c-a CA]
-           [--device gpu|cpu] [--gpu-aware-mpi auto|on|off] [--gpu-ipc auto|on|off] [--case short|long] [--seed S]
+           [--device gpu|cpu] [--transport auto|staged|mpi|ipc|nccl] [--case short|long] [--seed S]
            [--dtype float32|bfloat16]
 
 case short: a ragged batch (lengths 1 … 1500), compared with the NumPy single-process forward on the client
@@ -19,9 +19,10 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from rshard_hpc.dist import cuda_aware, devices
+from rshard_hpc.dist import devices
 from rshard_hpc.dist.topology import Topology
 from rshard_hpc.dist.transport import Transport
+from rshard_hpc.dist.transport_choice import TRANSPORTS
 from rshard_hpc.engine.client import Client
 from rshard_hpc.engine.workers import AttnWorker, CompWorker
 from rshard_hpc.models import load_model, model_class, weights
@@ -98,8 +99,7 @@ def main():
     ap.add_argument("--c", type=int, default=1)
     ap.add_argument("--c-a", type=int, default=1)
     ap.add_argument("--device", choices=["cpu", "gpu"], default="gpu")
-    ap.add_argument("--gpu-aware-mpi", choices=["auto", "on", "off"], default="auto")
-    ap.add_argument("--gpu-ipc", choices=["auto", "on", "off"], default="auto")
+    ap.add_argument("--transport", choices=list(TRANSPORTS), default="auto")
     ap.add_argument("--case", choices=["short", "long"], default="short")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -112,18 +112,15 @@ def main():
     spec = PlanSpec("strided", args.alpha, args.beta, args.c, args.c_a)
     cfg = weights.read_config(args.model)
     xp = np
-    gpu_aware, why = False, "cpu"
     if args.device == "gpu":
         dev = devices.select_device()
         xp = arrays.array_module("gpu")
-        gpu_aware, why = cuda_aware.resolve_gpu_aware(args.gpu_aware_mpi)
         if topo.rank == 1:
-            print(f"rank 1: GPU {dev}; gpu-aware MPI: {gpu_aware} ({why})", flush=True)
-    transport = Transport(gpu_aware=gpu_aware, device=args.device == "gpu")
-    if args.device == "gpu" and topo.role != "client":  # the workers alone, together
-        used, why = transport.enable_device_ipc(topo.work_comm, args.gpu_ipc)
-        if topo.rank == 1:
-            print(f"rank 1: transport {transport.mode} ({why})", flush=True)
+            print(f"rank 1: GPU {dev}", flush=True)
+    transport = Transport(device=args.device == "gpu" and topo.role != "client")
+    why = devices.connect_workers(topo, transport, args.transport)  # the workers alone, together
+    if topo.rank == 1:
+        print(f"rank 1: transport {transport.mode} ({why})", flush=True)
     worst = None
     if topo.role == "client":
         seqs = batch(np.random.default_rng(args.seed), cfg.vocab_size, args.case)

@@ -55,3 +55,30 @@ def test_minilm_gpu_bf16_job_near_cpu_fp32_job(tmp_path, minilm_weights):
           f"GPU bf16 vs CPU bf16 {rel(gpu16, cpu16):.2e}")
     assert 1e-5 < rel(gpu16, cpu32) <= 2e-2
     assert rel(cpu16, cpu32) <= 2e-2
+
+
+MODES = {"staged": ["staged"], "mpi": ["cuda-aware MPI"], "ipc": ["cuda-ipc"],
+         "auto": ["nccl", "cuda-ipc", "cuda-aware MPI", "staged"]}
+
+
+@pytest.mark.parametrize("transport", list(MODES))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_minilm_gpu_job_over_each_transport(tmp_path, minilm_weights, transport, dtype):
+    """The real model's GPU job equals the CPU job over each --transport (mpi where MPI is CUDA-aware by
+    evidence), bf16 bits included; /stats names the transport every worker used and why."""
+    if transport == "mpi":
+        from rshard_hpc.dist.cuda_aware import detect_cuda_aware
+
+        aware, why = detect_cuda_aware()
+        if not aware:
+            pytest.skip(f"MPI is not CUDA-aware ({why})")
+    extra = ("--dtype", dtype)
+    cpu = embed(tmp_path, minilm_weights, "cpu", 2, 2, extra)
+    gpu = embed(tmp_path, minilm_weights, "gpu", 2, 2, extra + ("--transport", transport))
+    rel = np.abs(gpu - cpu).max() / np.abs(cpu).max()
+    with h5py.File(tmp_path / f"gpu{'-'.join(extra + ('--transport', transport))}.h5") as f:
+        modes = f["stats/transport"].asstr()[()].tolist()
+        why = f["stats/transport_why"].asstr()[()].tolist()
+    print(f"MiniLM {dtype} --transport {transport}: {modes[1]} ({why[1]}); GPU vs CPU {rel:.2e}")
+    assert rel <= (1e-4 if dtype == "float32" else 2e-2)
+    assert modes[0] == "host" and len(set(modes[1:])) == 1 and modes[1] in MODES[transport], modes
