@@ -107,6 +107,8 @@ def _client_one(topo, client, cfg, head, head_logits, n_tokens, opts, tensors) -
     for key in ("prepass_s", "attention_s", "postpass_s", "mpi_s", "staging_s"):
         row[key] = max(s[key] for s in stats)  # the slowest rank bounds the phase
     row["transport"] = ", ".join(sorted({s["transport"] for s in stats}))
+    if opts["decode_steps"]:
+        row["decode_split"] = _decode_split(stats_both, stats, opts["decode_steps"])
     if opts["plaintext"]:
         plain = _plaintext(cfg, tensors, prompt, opts)
         row["plain_tok_s"] = n_tokens / plain["seconds"]
@@ -114,6 +116,25 @@ def _client_one(topo, client, cfg, head, head_logits, n_tokens, opts, tensors) -
         row["logit_diff"] = float(np.abs(plain["logits"] - logits).max())
         row["logit_rel"] = row["logit_diff"] / max(float(np.abs(plain["logits"]).max()), 1e-30)
     return row
+
+
+DECODE_SPLIT = (("pre", "prepass"), ("attn", "attention"), ("post", "postpass"), ("mpi", "mpi"),
+                ("copy", "staging"))
+
+
+def _decode_split(with_decode: list, prefill_only: list, steps: int) -> str:
+    """Where a decode step's time goes, ms per step: the round with decode steps less the prefill-only round,
+    per rank, the slowest rank per phase. GPU phases give device/host ms (kernels / the host's launches)."""
+    cells = []
+    for label, key in DECODE_SPLIT:
+        parts = []
+        for suffix in ("_s", "_host_s"):
+            per_rank = [(a.get(key + suffix, 0.0) - b.get(key + suffix, 0.0)) for a, b in zip(with_decode, prefill_only)
+                        if key + suffix in a]
+            if per_rank:
+                parts.append(f"{1e3 * max(per_rank) / steps:.2f}")
+        cells.append(f"{label} {'/'.join(parts)}")
+    return ", ".join(cells)
 
 
 def _plaintext(cfg: ModelConfig, tensors: dict, prompt: np.ndarray, opts: dict) -> dict:
@@ -169,7 +190,7 @@ COLUMNS = [("tokens", "{:d}"), ("sharded_tok_s", "{:,.0f}"), ("plain_tok_s", "{:
            ("prefill_s", "{:.3f}"), ("prepass_s", "{:.3f}"), ("attention_s", "{:.3f}"), ("postpass_s", "{:.3f}"),
            ("mpi_s", "{:.3f}"), ("staging_s", "{:.3f}"), ("layer_bytes", "{:,.0f}"),
            ("expected_layer_bytes", "{:,.0f}"), ("decode_ms", "{:.1f}"), ("decode_step_bytes", "{:,.0f}"),
-           ("logit_diff", "{:.1e}"), ("logit_rel", "{:.1e}")]
+           ("logit_diff", "{:.1e}"), ("logit_rel", "{:.1e}"), ("decode_split", "{}")]
 
 
 def _report(rows, cfg, topo, opts) -> None:
@@ -184,6 +205,7 @@ def _report(rows, cfg, topo, opts) -> None:
     lines += ["", "phase times are the slowest rank's seconds for the prefill; layer_bytes = bytes sent by all "
               "ranks per layer in the prefill; expected_layer_bytes is what the routing implies; decode_ms is the "
               "median time of one decode step (one new token) and decode_step_bytes the bytes it moves (all layers); "
+              "decode_split is a decode step's ms per phase on the slowest rank (GPU phases: device/host ms); "
               "with cuda-ipc, mpi_s is the small offsets exchange and staging_s the device-to-device copies; "
               "logit_diff is the max abs difference of the last-position logits against the plaintext model, logit_rel "
               "that over the largest plaintext logit; both tokens/s are the median of 3 prefills after a same-length "

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 import numpy as np
 
 
+HOST = "_host"  # suffix of a GPU phase's host seconds (PhaseTimer.seconds["prepass_host"])
 MAX_PENDING = 4096  # GPU phases whose events are held before they are read
 
 
@@ -31,12 +32,15 @@ class PhaseTimer:
             return
         start = self._event()
         start.record()
+        t0 = time.perf_counter()
         try:
             yield
         finally:
             end = self._event()
             end.record()
             self._pending.append((phase, start, end))
+            host = phase + HOST  # the host's own time in the phase (launches, Python): what the GPU waits on
+            self._seconds[host] = self._seconds.get(host, 0.0) + time.perf_counter() - t0
             if len(self._pending) >= MAX_PENDING:
                 self.seconds  # noqa: B018 (read them: one wait per MAX_PENDING phases bounds the events held)
 
@@ -57,11 +61,17 @@ class PhaseTimer:
         return cupy.cuda.get_elapsed_time(start, end) / 1e3
 
 
+PHASES = ("prepass", "attention", "postpass", "client_layers")  # client_layers: --client-layers K > 0
+
+
 def rank_stats(topo, seconds: dict, transport) -> dict:
     """One rank's time per phase and its transport (which, and why) with its MPI/staging time and bytes (for
     /stats and benchmarks)."""
     out = {"rank": topo.rank, "role": topo.describe(), "transport": transport.mode, "transport_why": transport.reason}
-    for phase in ("prepass", "attention", "postpass", "client_layers"):  # client_layers: --client-layers K > 0
+    for phase in PHASES:
         out[f"{phase}_s"] = seconds.get(phase, 0.0)
+    for phase in PHASES[:3]:  # GPU ranks: the host's part of each worker phase (benchmarks; not written to /stats)
+        if phase + HOST in seconds:
+            out[f"{phase}{HOST}_s"] = seconds[phase + HOST]
     out.update(transport.stats())
     return out
