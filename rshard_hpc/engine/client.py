@@ -23,8 +23,9 @@ from rshard_hpc.plan.schemes import PlanSpec, make_plan
 class Client:
     """Rank 0: drives batches and steps; holds whole prompts; receives only final rows it is entitled to."""
 
-    def __init__(self, topo, spec: PlanSpec, cfg, transport, layers=None):
+    def __init__(self, topo, spec: PlanSpec, cfg, transport, layers=None, xp=np):
         self.topo, self.spec, self.cfg, self.transport = topo, spec, cfg, transport
+        self.xp = xp  # the client's array module: CuPy when it has a GPU (RunOptions.client_on_gpu)
         self.layers = layers  # models.client_layers.ClientLayers (--client-layers K > 0), else None: ids go out
         self.plans = []
         self.timer = PhaseTimer()

@@ -50,18 +50,20 @@ class GenerateSettings:
 
 
 class LmHead:
-    """Final RMSNorm and LM head, on the client only. rows: (n, d) -> logits (n, vocab) float32."""
+    """Final RMSNorm and LM head, on the client only, on its array module (CuPy when the client has a GPU).
+    rows: (n, d) -> logits (n, vocab) float32 NumPy (sampling runs on the host)."""
 
-    def __init__(self, path, cfg):
+    def __init__(self, path, cfg, xp=np):
         from rshard_hpc.models.llama import load_head
 
-        self.cfg = cfg
-        self.tensors = load_head(path, cfg)
+        self.cfg, self.xp = cfg, xp
+        self.tensors = load_head(path, cfg, xp=xp)
 
     def logits(self, rows: np.ndarray) -> np.ndarray:
         from rshard_hpc.models.llama import head_logits
+        from rshard_hpc.ops.arrays import to_host
 
-        return head_logits(self.cfg, self.tensors, rows)
+        return to_host(head_logits(self.cfg, self.tensors, self.xp.asarray(rows)))
 
 
 def sample(logits: np.ndarray, settings: GenerateSettings, rng: np.random.Generator) -> int:

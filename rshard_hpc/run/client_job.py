@@ -168,7 +168,7 @@ class ClientJob:
     def run(self, client) -> None:
         opts = self.opts
         if opts.task == "generate":
-            self.head = LmHead(self.model_path, self.cfg)
+            self.head = LmHead(self.model_path, self.cfg, client.xp)
         total_tokens = int(sum(len(x) for x in self.token_ids))
         termination.set_status(self._saved_so_far)
         if self.writer.unfinished_rows:

@@ -43,7 +43,7 @@ def _set_up(world, topo, opts: RunOptions, spec, job):
         raise RshardError(prepared.error)
     xp, transport, error = np, None, None
     try:
-        xp, transport = rank_backend(topo, opts.device, client_gpu=opts.client_layers > 0)
+        xp, transport = rank_backend(topo, opts.device, client_gpu=opts.client_on_gpu)
     except RshardError as exc:
         error = str(exc)
     collectives.agree(world, error)  # every rank has its device before the workers probe CUDA IPC together
@@ -87,4 +87,5 @@ def _make_worker(topo, spec, model_path, xp, transport, dtype="float32", client_
     if topo.role == "attn":
         return AttnWorker(topo, spec, cfg, transport, xp=xp, dtype=dtype, first_layer=client_layers)
     # the client reads only the first K layers and the embeddings (none for K = 0)
-    return Client(topo, spec, cfg, transport, layers=load_client_layers(model_path, cfg, client_layers, dtype, xp))
+    return Client(topo, spec, cfg, transport, layers=load_client_layers(model_path, cfg, client_layers, dtype, xp),
+                  xp=xp)

@@ -66,6 +66,12 @@ class RunOptions:
         values = (self.alpha, self.beta, self.c, self.c_a)
         return tuple(getattr(PlanSpec, k) if v is None else v for k, v in zip(("alpha", "beta", "c", "c_a"), values))
 
+    @property
+    def client_on_gpu(self) -> bool:
+        """The client takes its node's GPU (--device gpu) when it computes: the first K layers (--client-layers)
+        or the LM head of every generated token; else it stays on NumPy."""
+        return self.device == "gpu" and (self.client_layers > 0 or self.task == "generate")
+
     def with_layout(self, world_size: int | None) -> tuple["RunOptions", str | None]:
         """These options with alpha and beta filled in, and the line that says how (None when given): with neither
         given, default_layout for `world_size` (the same on every rank, no communication needed; None: the fewest

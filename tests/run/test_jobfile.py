@@ -85,3 +85,12 @@ def test_a_job_file_without_a_layout_asks_for_the_default_one(tmp_path):
     assert jobfile.layout(job, ["--alpha", "2"]) == (2, 1)  # one given: the other is 1, as in rshard run
     job.write_text('min_delta = 3\n')
     assert jobfile.layout(job) == (4, 3)
+
+
+def test_client_takes_a_gpu_only_when_it_computes():
+    from rshard_hpc.run.options import RunOptions
+
+    assert not RunOptions(device="cpu", task="generate").client_on_gpu
+    assert not RunOptions(device="gpu", task="embed").client_on_gpu
+    assert RunOptions(device="gpu", task="generate").client_on_gpu  # the LM head of every new token
+    assert RunOptions(device="gpu", task="embed", client_layers=1).client_on_gpu
