@@ -18,6 +18,7 @@ from rshard_hpc.ops.precision import BF16_NAN
 SOURCE = "passes.cu"
 PASS_THREADS = 256  # threads per block of every kernel in passes.cu (row kernels: one block per row)
 MAX_ROW_BLOCKS = 65535  # row kernels stride over rows beyond this many blocks
+POISON_OUTPUTS = False  # tests: fill outputs with NaN (bf16 bits: 0xFFFF) first, so unwritten elements show
 
 
 def defines() -> dict:
@@ -31,6 +32,14 @@ def _fn(name: str):
 
 def _f32(x):
     return _cupy().ascontiguousarray(x, dtype=_cupy().float32)
+
+
+def _empty(shape, dtype):
+    cupy = _cupy()
+    out = cupy.empty(shape, dtype=dtype)
+    if POISON_OUTPUTS:
+        out.fill(0xFFFF if out.dtype == cupy.uint16 else cupy.nan)
+    return out
 
 
 def _or_null(a):
@@ -56,9 +65,9 @@ def rms_norm(x, weight, eps: float, residual=None, bits: bool = False):
     x, shape = _rows_2d(x)
     n, d = x.shape
     r = None if residual is None else _f32(residual).reshape(n, d)
-    h = None if r is None else cupy.empty_like(x)
-    y = cupy.empty_like(x)
-    y_bits = cupy.empty((n, d), dtype=cupy.uint16) if bits else None
+    h = None if r is None else _empty(x.shape, cupy.float32)
+    y = _empty(x.shape, cupy.float32)
+    y_bits = _empty((n, d), cupy.uint16) if bits else None
     if n and d:
         _fn("rms_norm_rows")((min(n, MAX_ROW_BLOCKS),), (PASS_THREADS,),
                              (x, _or_null(r), _f32(weight), _or_null(h), y, _or_null(y_bits), np.int32(n),
@@ -74,7 +83,7 @@ def layer_norm(x, weight, bias, eps: float, residual=None, residual_bias=None):
     n, d = x.shape
     r = None if residual is None else _f32(residual).reshape(n, d)
     rb = None if residual is None or residual_bias is None else _f32(residual_bias)
-    y = cupy.empty_like(x)
+    y = _empty(x.shape, cupy.float32)
     if n and d:
         _fn("layer_norm_rows")((min(n, MAX_ROW_BLOCKS),), (PASS_THREADS,),
                                (x, _or_null(r), _or_null(rb), _f32(weight), _f32(bias), y, np.int32(n),
@@ -97,7 +106,7 @@ def rope_qk(q, k, pos32, inv_freq):
     if head_dim % 2 or k.shape[0] != n or k.shape[2] != head_dim or pos32.shape != (n,):
         raise ValueError(f"rope_qk: q {q.shape}, k {k.shape}, pos {pos32.shape} (an even head dim, one pos a row)")
     half = head_dim // 2
-    qo, ko = cupy.empty_like(q), cupy.empty_like(k)
+    qo, ko = _empty(q.shape, cupy.float32), _empty(k.shape, cupy.float32)
     _launch_elementwise("rope_qk", n * (hq + k.shape[1]) * half,
                         (q, k, pos32, _f32(inv_freq), qo, ko, np.int32(n), np.int32(hq), np.int32(k.shape[1]),
                          np.int32(half)))
@@ -110,8 +119,8 @@ def silu_mul(gate, up, bits: bool = False):
     gate, up = _f32(gate), _f32(up)
     if gate.shape != up.shape:
         raise ValueError(f"silu_mul: gate {gate.shape} and up {up.shape} differ")
-    out = cupy.empty_like(gate)
-    out_bits = cupy.empty(gate.shape, dtype=cupy.uint16) if bits else None
+    out = _empty(gate.shape, cupy.float32)
+    out_bits = _empty(gate.shape, cupy.uint16) if bits else None
     _launch_elementwise("silu_mul", gate.size, (gate, up, out, _or_null(out_bits), np.int64(gate.size)))
     return out, out_bits
 
@@ -124,8 +133,8 @@ def bias_gelu(y, bias, inv_sqrt2: float, bits: bool = False):
     bias = _f32(bias)
     if bias.shape != (y.shape[-1],):
         raise ValueError(f"bias_gelu: bias {bias.shape} does not fit y {y.shape}")
-    out = cupy.empty_like(y)
-    out_bits = cupy.empty(y.shape, dtype=cupy.uint16) if bits else None
+    out = _empty(y.shape, cupy.float32)
+    out_bits = _empty(y.shape, cupy.uint16) if bits else None
     _launch_elementwise("bias_gelu", y.size, (y, bias, out, _or_null(out_bits), np.int64(y.size), np.int32(y.shape[-1]),
                                               np.float32(inv_sqrt2)))
     return out, out_bits
@@ -137,7 +146,7 @@ def pack(q, k, v, src, unit: int, wire):
     cupy = _cupy()
     q, k, v = _f32(q), _f32(k), _f32(v)
     bf16 = np.dtype(wire) == np.uint16
-    out = cupy.empty(len(src) * unit, dtype=cupy.uint16 if bf16 else cupy.float32)
+    out = _empty(len(src) * unit, cupy.uint16 if bf16 else cupy.float32)
     _launch_elementwise("pack_bf16" if bf16 else "pack_f32", out.size,
                         (q, k, v, src, out, np.int64(out.size), np.int32(unit), np.int64(q.size // unit),
                          np.int64(k.size // unit)))
@@ -150,7 +159,7 @@ def unpack_merge(recv, src, parts: int, n: int, n_heads: int, head_dim: int, slo
     cupy = _cupy()
     bf16 = np.dtype(wire) == np.uint16
     recv = cupy.ascontiguousarray(recv, dtype=cupy.uint16 if bf16 else cupy.float32)
-    o = cupy.empty((n, n_heads, head_dim), dtype=cupy.float32)
+    o = _empty((n, n_heads, head_dim), cupy.float32)
     if parts == 0:
         o.fill(0)
         return o

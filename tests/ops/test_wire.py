@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from rshard_hpc.ops.attention import merge_partials
-from rshard_hpc.ops.precision import pack_partial, to_bf16_bits, unpack_partial, wire_dtype
+from rshard_hpc.ops.precision import (
+    pack_partial,
+    to_bf16_bits,
+    unpack_partial,
+    wire_dtype,
+)
 from rshard_hpc.ops.wire import WireRoutes
 
 SHAPES = [(4, 4, 16), (9, 3, 64), (6, 4, 8), (2, 1, 128), (3, 3, 5)]  # (H, Hkv, D)
