@@ -10,6 +10,8 @@ matrix product under --dtype bfloat16. Loaded and compiled as the attention kern
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from rshard_hpc.ops.attention_cuda import _blocks, _cupy, _kernel
@@ -27,6 +29,12 @@ def defines() -> dict:
 
 
 def _fn(name: str):
+    """The compiled kernel `name` for the current device (looked up once per device, not per launch)."""
+    return _function(name, _cupy().cuda.Device().id)
+
+
+@functools.cache
+def _function(name: str, device_id: int):
     return _kernel(SOURCE, name, defines())
 
 
