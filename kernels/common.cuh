@@ -41,3 +41,25 @@ __device__ __forceinline__ KeySplit key_split(const int* k_range, int qt, int bn
     share.o_offset = blockIdx.z;
     return share;
 }
+
+// The exact merge of P partial attention results for one element of o (architecture.md §1):
+//   L = logsumexp_p(lse_p),  o = sum_p exp(lse_p - L) o_p / sum_p exp(lse_p - L).
+// lse_of(p), o_of(p): part p's lse and o element. Writes L to *lse; all -inf parts give (0, -inf).
+// merge.cu (strided float32 views) and passes.cu (the packed receive buffer) both merge through this.
+template <class LseOf, class OOf>
+__device__ __forceinline__ float merge_element(int P, LseOf lse_of, OOf o_of, float* lse) {
+    float top = NEG_INF;
+    for (int p = 0; p < P; ++p) top = fmaxf(top, lse_of(p));
+    if (top == NEG_INF) {
+        *lse = NEG_INF;
+        return 0.f;
+    }
+    float wsum = 0.f, acc = 0.f;
+    for (int p = 0; p < P; ++p) {
+        const float w = expf(lse_of(p) - top);
+        wsum += w;
+        acc = fmaf(w, o_of(p), acc);
+    }
+    *lse = top + logf(wsum);
+    return acc / wsum;
+}

@@ -4,7 +4,8 @@
 // o_parts (P, n, H, D) and lse_parts (P, n, H) are float32 with arbitrary element strides, so views
 // (e.g. a slice of a packed receive buffer) need no copy. Outputs are contiguous: o (n, H, D), lse (n, H).
 // One thread per output element of o (grid-stride, any block size); the thread with d == 0 also writes lse.
-// Loaded by rshard_hpc/ops/attention_cuda.py after kernels/common.cuh (NEG_INF); needs no define.
+// Loaded by rshard_hpc/ops/attention_cuda.py after kernels/common.cuh (merge_element: the arithmetic); needs no
+// define.
 
 extern "C" __global__ void merge_partials(
     const float* __restrict__ o_parts, const float* __restrict__ lse_parts,
@@ -20,20 +21,11 @@ extern "C" __global__ void merge_partials(
         const long long rh = idx / D;
         const int hh = (int)(rh % H);
         const long long row = rh / H;
-        float top = NEG_INF;
-        for (int p = 0; p < P; ++p) top = fmaxf(top, lse_parts[p * sl0 + row * sl1 + hh * sl2]);
-        if (top == NEG_INF) {
-            o[idx] = 0.f;
-            if (d == 0) lse[rh] = NEG_INF;
-            continue;
-        }
-        float wsum = 0.f, acc = 0.f;
-        for (int p = 0; p < P; ++p) {
-            const float w = expf(lse_parts[p * sl0 + row * sl1 + hh * sl2] - top);
-            wsum += w;
-            acc = fmaf(w, o_parts[p * so0 + row * so1 + hh * so2 + d * so3], acc);
-        }
-        o[idx] = acc / wsum;
-        if (d == 0) lse[rh] = top + logf(wsum);
+        const float* lse_row = lse_parts + row * sl1 + hh * sl2;
+        const float* o_row = o_parts + row * so1 + hh * so2 + d * so3;
+        float row_lse;
+        o[idx] = merge_element(P, [&](int p) { return lse_row[p * sl0]; }, [&](int p) { return o_row[p * so0]; },
+                               &row_lse);
+        if (d == 0) lse[rh] = row_lse;
     }
 }

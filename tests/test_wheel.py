@@ -9,7 +9,7 @@ import pytest
 from conftest import REPO
 
 pytestmark = pytest.mark.slow
-KERNEL_FILES = {"partial_attention.cu", "merge.cu", "attention_order.cu", "common.cuh"}
+KERNEL_FILES = {"partial_attention.cu", "merge.cu", "attention_order.cu", "passes.cu", "common.cuh"}
 
 
 @pytest.fixture(scope="module")

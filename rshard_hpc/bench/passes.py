@@ -7,6 +7,8 @@ The layout timed is α = 1, β = 1: one CompNode holds every token, one AttnNode
 host_ms is the time the host spends issuing a piece, device_ms the time the device spends on it (on a GPU from
 CUDA events: cupyx.profiler.benchmark; on a CPU both are the wall time). A piece whose host_ms is close to its
 device_ms is bound by launches, not by arithmetic: fusing it with its neighbours is what would help.
+On a GPU the pieces run the fused kernels of kernels/passes.cu (what the engine runs); the rows named
+"chain: ..." time the same steps as the chains of CuPy operations those kernels replaced, for comparison.
 """
 from __future__ import annotations
 
@@ -15,12 +17,13 @@ import time
 import numpy as np
 
 from rshard_hpc.bench.common import append_table, bench_config
-from rshard_hpc.models.common import linear, rms_norm, silu
-from rshard_hpc.models.llama import Llama, apply_rope, rope_cos_sin
+from rshard_hpc.models.common import chained, fused, linear, rms_norm, rms_norm_input, silu, silu_mul_input
+from rshard_hpc.models.llama import Llama, apply_rope, rope_cos_sin, rope_qk, rope_tables
 from rshard_hpc.models.random_init import random_tensors
 from rshard_hpc.ops.arrays import array_module
 from rshard_hpc.ops.attention import merge_partials, prepare_attention
 from rshard_hpc.ops.precision import gemm_input, pack_partial, partial_slots, to_bf16_bits, unpack_partial, wire_dtype
+from rshard_hpc.ops.wire import WireRoutes
 
 COLUMNS = ("piece", "host_ms", "device_ms", "share")
 
@@ -36,6 +39,9 @@ def run_passes(opts: dict) -> list[dict]:
         timer(name, fn)
     for name, fn in layer.whole():
         timer(name, fn, part=False)
+    if xp is not np and opts.get("chain", True):
+        for name, fn in layer.chain():
+            timer(name, _chained(fn), part=False)
     if opts.get("torch", True):
         torch_ms = _torch_layer_ms(cfg, opts)
         if torch_ms is not None:
@@ -46,7 +52,10 @@ def run_passes(opts: dict) -> list[dict]:
 
 class _LayerPieces:
     """Inputs for one layer at n tokens and the pieces of model.pre / the AttnNode / model.post as callables.
-    The pieces call the functions Llama.pre and Llama.post call, in the same order, on the same shapes."""
+    The pieces call the functions Llama.pre, the CompWorker's wire (ops/wire.py) and Llama.post call, in the
+    same order, on the same shapes: on a GPU the fused kernels of kernels/passes.cu (models/common.py's switch).
+    `chain()` are the same steps as the chains of CuPy operations they replaced (GPU only: on a CPU they are
+    the same code)."""
 
     def __init__(self, model: Llama, n: int, dtype: str, seed: int):
         xp, cfg = model.xp, model.cfg
@@ -58,6 +67,9 @@ class _LayerPieces:
         self.seq = xp.zeros(n, dtype=xp.int64)
         self.scale = 1.0 / np.sqrt(cfg.head_dim)
         self.plan = prepare_attention(self.pos, self.seq, self.pos, self.seq, causal=cfg.causal, scale=self.scale)
+        # alpha = beta = 1: every row in group 0
+        self.routes = WireRoutes([np.arange(n)], n, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, self.wire, xp)
+        self._inputs()
 
     def w(self, name):
         return self.model._w(0, name)
@@ -65,46 +77,83 @@ class _LayerPieces:
     def to_wire(self, x):
         return to_bf16_bits(x) if self.wire == np.uint16 else x.astype(self.xp.float32, copy=False)
 
-    def pieces(self):
-        """(name, callable) in the order a layer runs them; each callable's inputs are made beforehand."""
+    def _inputs(self):
+        """Each piece's inputs, made once by running the layer through the same functions."""
         xp, c, n, w = self.xp, self.cfg, self.n, self.w
-        normed = rms_norm(self.h, w("attn_norm_w"), c.norm_eps)
-        x = gemm_input(normed, w("wq"))
-        q, k, v = self.model.pre(0, self.h, self.pos)  # (n, H, D), (n, Hkv, D) x 2
-        cos, sin = rope_cos_sin(self.model.inv_freq, self.pos, xp)
-        qw, kw, vw = (self.to_wire(a) for a in (q, k, v))
-        o, lse = self.plan(qw, kw, vw)
-        packed = pack_partial(o, lse, self.wire).reshape(1, n, c.n_heads, partial_slots(c.head_dim, self.wire))
-        o_parts, lse_parts = unpack_partial(packed, self.wire)
-        merged, _ = merge_partials(o_parts, lse_parts)
-        self.merged = merged  # (n, H, D): the attention the post-pass pieces start from
-        h2 = self.h + linear(merged.reshape(n, -1), w("wo"))
-        xm = gemm_input(rms_norm(h2, w("mlp_norm_w"), c.norm_eps), w("w_gate"))
-        gate, up = linear(xm, w("w_gate")), linear(xm, w("w_up"))
-        act = silu(gate) * up
+        _, self.x = rms_norm_input(self.h, w("attn_norm_w"), c.norm_eps, w("wq"))
+        self.q0, self.k0, self.v = (linear(self.x, w(key)).reshape(n, heads, c.head_dim)
+                                    for key, heads in (("wq", c.n_heads), ("wk", c.n_kv_heads), ("wv", c.n_kv_heads)))
+        self.tables = rope_tables(self.model.inv_freq, self.pos, xp, fused(self.q0))
+        self.q, self.k = rope_qk(self.q0, self.k0, self.tables, self.model.inv_freq)
+        self.qkv_wire = [self.to_wire(a) for a in (self.q, self.k, self.v)]
+        self.o, self.lse = self.plan(*self.qkv_wire)
+        self.recv = pack_partial(self.o, self.lse, self.wire).ravel()
+        self.merged = self.routes.merge(self.recv)  # (n, H, D): the attention the post-pass pieces start from
+        self.attn_out = linear(self.merged.reshape(n, -1), w("wo"))
+        self.h2, self.xm = rms_norm_input(self.h, w("mlp_norm_w"), c.norm_eps, w("w_gate"), residual=self.attn_out)
+        self.gate, self.up = linear(self.xm, w("w_gate")), linear(self.xm, w("w_up"))
+        self.act = silu_mul_input(self.gate, self.up, w("w_down"))
+
+    def pieces(self):
+        """(name, callable) in the order a layer runs them."""
+        c, n, w, model = self.cfg, self.n, self.w, self.model
         return [
-            ("pre: rms_norm", lambda: rms_norm(self.h, w("attn_norm_w"), c.norm_eps)),
-            ("pre: round to bf16 (gemm_input)", lambda: gemm_input(normed, w("wq"))),
-            ("pre: q, k, v GEMMs", lambda: [linear(x, w(key)) for key in ("wq", "wk", "wv")]),
-            ("pre: RoPE angles", lambda: rope_cos_sin(self.model.inv_freq, self.pos, xp)),
-            ("pre: RoPE on q and k", lambda: (apply_rope(q, cos, sin), apply_rope(k, cos, sin))),
-            ("pre: q, k, v to wire + pack", lambda: xp.concatenate([self.to_wire(a).ravel() for a in (q, k, v)])),
-            ("attn: partial attention (prepared)",
-             lambda: self.plan(qw, kw, vw)),
-            ("attn: pack partial", lambda: pack_partial(o, lse, self.wire)),
-            ("post: unpack partials", lambda: unpack_partial(packed, self.wire)),
-            ("post: merge partials", lambda: merge_partials(o_parts, lse_parts)),
-            ("post: O GEMM + residual", lambda: self.h + linear(merged.reshape(n, -1), w("wo"))),
-            ("post: rms_norm + round", lambda: gemm_input(rms_norm(h2, w("mlp_norm_w"), c.norm_eps), w("w_gate"))),
-            ("post: gate, up GEMMs", lambda: (linear(xm, w("w_gate")), linear(xm, w("w_up")))),
-            ("post: silu(gate) * up", lambda: silu(gate) * up),
-            ("post: down GEMM + residual", lambda: h2 + linear(act, w("w_down"))),
+            ("pre: rms_norm + round", lambda: rms_norm_input(self.h, w("attn_norm_w"), c.norm_eps, w("wq"))),
+            ("pre: q, k, v GEMMs", lambda: [linear(self.x, w(key)) for key in ("wq", "wk", "wv")]),
+            ("pre: RoPE on q and k", lambda: rope_qk(self.q0, self.k0, self.tables, model.inv_freq)),
+            ("pre: q, k, v to wire + pack", lambda: self.routes.pack(self.q, self.k, self.v)),
+            ("attn: partial attention (prepared)", lambda: self.plan(*self.qkv_wire)),
+            ("attn: pack partial", lambda: pack_partial(self.o, self.lse, self.wire)),
+            ("post: unpack + merge partials", lambda: self.routes.merge(self.recv)),
+            ("post: O GEMM", lambda: linear(self.merged.reshape(n, -1), w("wo"))),
+            ("post: residual + rms_norm + round",
+             lambda: rms_norm_input(self.h, w("mlp_norm_w"), c.norm_eps, w("w_gate"), residual=self.attn_out)),
+            ("post: gate, up GEMMs", lambda: (linear(self.xm, w("w_gate")), linear(self.xm, w("w_up")))),
+            ("post: silu(gate) * up", lambda: silu_mul_input(self.gate, self.up, w("w_down"))),
+            ("post: down GEMM + residual", lambda: self.h2 + linear(self.act, w("w_down"))),
         ]
 
     def whole(self):
         o = self.xp.zeros((self.n, self.cfg.n_heads, self.cfg.head_dim), dtype=self.xp.float32)  # (n, H, D)
-        return [("whole: model.pre", lambda: self.model.pre(0, self.h, self.pos)),
+        return [("step: RoPE tables (once a step)",
+                 lambda: rope_tables(self.model.inv_freq, self.pos, self.xp, fused(self.q0))),
+                ("whole: model.pre", lambda: self.model.pre(0, self.h, self.pos)),
                 ("whole: model.post", lambda: self.model.post(0, self.h, o))]
+
+    def chain(self):
+        """The replaced CuPy chains of the fused pieces, and the whole passes on them (run under chained())."""
+        xp, c, n, w = self.xp, self.cfg, self.n, self.w
+        slots = partial_slots(c.head_dim, self.wire)
+
+        def rope():
+            cos, sin = rope_cos_sin(self.model.inv_freq, self.pos, xp)
+            return apply_rope(self.q0, cos, sin), apply_rope(self.k0, cos, sin)
+
+        def merge():
+            o_parts, lse_parts = unpack_partial(self.recv.reshape(1, n, c.n_heads, slots), self.wire)
+            return merge_partials(o_parts, lse_parts)
+
+        o = xp.zeros((n, c.n_heads, c.head_dim), dtype=xp.float32)  # (n, H, D)
+        return [
+            ("chain: rms_norm + round", lambda: gemm_input(rms_norm(self.h, w("attn_norm_w"), c.norm_eps), w("wq"))),
+            ("chain: RoPE angles + RoPE on q and k", rope),
+            ("chain: q, k, v to wire + pack", lambda: xp.concatenate([self.to_wire(a).ravel() for a in
+                                                                      (self.q, self.k, self.v)])),
+            ("chain: unpack + merge partials", merge),
+            ("chain: residual + rms_norm + round",
+             lambda: gemm_input(rms_norm(self.h + self.attn_out, w("mlp_norm_w"), c.norm_eps), w("w_gate"))),
+            ("chain: silu(gate) * up", lambda: gemm_input(silu(self.gate) * self.up, w("w_down"))),
+            ("chain: whole model.pre", lambda: self.model.pre(0, self.h, self.pos)),
+            ("chain: whole model.post", lambda: self.model.post(0, self.h, o)),
+        ]
+
+
+def _chained(fn):
+    """fn run on the CuPy chains (models.common.chained) instead of the fused kernels."""
+    def run():
+        with chained():
+            return fn()
+    return run
 
 
 class _Timer:

@@ -10,8 +10,9 @@ from rshard_hpc.engine.kv_cache import KVCache, key_capacity
 from rshard_hpc.engine.routing import Routing, StepTokens, step_tokens, wanted_local_rows
 from rshard_hpc.engine.stats import PhaseTimer
 from rshard_hpc.models.client_layers import comp_input_form
-from rshard_hpc.ops.attention import merge_partials, prepare_attention
-from rshard_hpc.ops.precision import pack_partial, partial_slots, to_bf16_bits, unpack_partial, wire_dtype
+from rshard_hpc.ops.attention import prepare_attention
+from rshard_hpc.ops.precision import pack_partial, partial_slots, wire_dtype
+from rshard_hpc.ops.wire import WireRoutes
 from rshard_hpc.plan.ledger import compact_ledger, visible_key_counts
 from rshard_hpc.plan.schemes import PlanSpec, make_plan
 
@@ -72,16 +73,17 @@ class CompWorker(_Worker):
         mine = routing.comp_tokens[k]
         pos = xp.asarray(tokens.pos[mine])
         h = self._receive_input(tokens, mine, pos)  # (n_k, d)
-        rows_of_group = [xp.asarray(ix) for ix in routing.by_group[k]]  # on the device once a step, not a layer
-        back_counts = self._back_counts(routing)
+        # the wire's index arrays, on the device once a step, not a layer
+        routes = WireRoutes(routing.by_group[k], len(mine), cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, self.wire, xp)
+        send_counts, back_counts = self._send_counts(routes), self._back_counts(routing)
         for layer in range(self.first_layer, cfg.n_layers):
             with self.timer("prepass"):
                 q, key, val = self.model.pre(layer, h, pos)
-                send, counts = self._pack_qkv(rows_of_group, q, key, val)
-            self.transport.alltoallv(self.topo.work_comm, send, counts, np.zeros_like(counts))  # q/k/v out
-            o_parts, lse_parts = self._exchange_back(routing, rows_of_group, back_counts, len(mine))
+                send = routes.pack(q, key, val)  # one gather (one launch on a GPU), in the wire's type
+            self.transport.alltoallv(self.topo.work_comm, send, send_counts, np.zeros_like(send_counts))  # q/k/v out
+            recv = self._receive_partials(back_counts)
             with self.timer("postpass"):
-                o, _ = merge_partials(o_parts, lse_parts)  # (n_k, H, D)
+                o = routes.merge(recv)  # (n_k, H, D): unpack and merge, one launch on a GPU
                 h = self.model.post(layer, h, o)
         self.record_partials(tokens, mine)
         rows = self.model.final_rows(h)[xp.asarray(wanted_local_rows(tokens, routing, k, want))]
@@ -109,26 +111,13 @@ class CompWorker(_Worker):
                 self.ledger.append({"form": "partial", "seq": int(s), "pos": pos.tolist(), "key_group": j,
                                     "keys": counts[j].tolist()})
 
-    def _pack_qkv(self, rows_of_group, q, key, val):
-        """Flat send buffer (wire dtype): for AttnNode (i, j) in work order, q of group i then k, v of group j.
-        rows_of_group[g]: (device) indices of my rows in group g."""
-        xp, topo, beta = self.xp, self.topo, self.topo.beta
-        q, key, val = (self._to_wire(a) for a in (q, key, val))
-        pieces = []
-        counts = np.zeros(topo.work_comm.Get_size(), dtype=np.int64)
-        for i in range(beta):
-            for j in range(beta):
-                part = [q[rows_of_group[i]].ravel(), key[rows_of_group[j]].ravel(), val[rows_of_group[j]].ravel()]
-                pieces += part
-                counts[topo.attn_work_rank(i, j)] = sum(int(p.size) for p in part)
-        send = xp.concatenate(pieces) if pieces else xp.zeros(0, self.wire)
-        return send, counts
-
-    def _to_wire(self, x):
-        """(n, heads, D) float -> the wire's element type (bf16 bits are rounded to nearest even once here)."""
-        if self.wire == np.uint16:
-            return to_bf16_bits(x)
-        return x.astype(self.xp.float32, copy=False)
+    def _send_counts(self, routes: WireRoutes) -> np.ndarray:
+        """Elements I send each AttnNode (i, j): q of my rows of group i, k and v of my rows of group j."""
+        counts = np.zeros(self.topo.work_comm.Get_size(), dtype=np.int64)
+        for i in range(self.topo.beta):
+            for j in range(self.topo.beta):
+                counts[self.topo.attn_work_rank(i, j)] = routes.send_sizes[i][j]
+        return counts
 
     def _back_counts(self, routing: Routing) -> np.ndarray:
         """Elements each AttnNode (i, j) returns to me: an (o, lse) row per query of mine in group i."""
@@ -141,25 +130,11 @@ class CompWorker(_Worker):
                 counts[topo.attn_work_rank(i, j)] = routing.counts[k, i] * width
         return counts
 
-    def _exchange_back(self, routing: Routing, rows_of_group, recv_counts, n_local: int):
-        """Receive (o, lse) partials from every AttnNode of each of my tokens' rows; (β, n, H, D), (β, n, H)
-        float32 (bf16 o widened exactly)."""
-        xp, topo, cfg, beta = self.xp, self.topo, self.cfg, self.topo.beta
-        k = topo.comp_index
-        slots = self.slots
-        width = cfg.n_heads * slots
-        recv = self.transport.alltoallv(topo.work_comm, xp.zeros(0, self.wire),
+    def _receive_partials(self, recv_counts):
+        """The flat receive buffer of (o, lse) partials from every AttnNode of each of my tokens' rows
+        (ops/wire.py says its layout)."""
+        return self.transport.alltoallv(self.topo.work_comm, self.xp.zeros(0, self.wire),
                                         np.zeros_like(recv_counts), recv_counts)
-        with self.timer("postpass"):
-            packed = xp.zeros((beta, n_local, cfg.n_heads, slots), dtype=self.wire)
-            offset = 0
-            for i in range(beta):
-                n_rows = int(routing.counts[k, i])
-                for j in range(beta):
-                    seg = recv[offset:offset + n_rows * width]
-                    packed[j, rows_of_group[i]] = seg.reshape(n_rows, cfg.n_heads, slots)
-                    offset += n_rows * width
-            return unpack_partial(packed, self.wire)  # (β, n, H, D), (β, n, H) float32
 
 
 class AttnWorker(_Worker):

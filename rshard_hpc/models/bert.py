@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 
 from rshard_hpc.models import weights
-from rshard_hpc.models.common import gelu, layer_norm, linear, place_tensors
+from rshard_hpc.models.common import gelu_input, layer_norm, linear, place_tensors
 from rshard_hpc.models.config import ModelConfig
-from rshard_hpc.ops.precision import gemm_input
+from rshard_hpc.ops.precision import gemm_input, matmul_t
 
 EMBED_KEYS = ("embed/word", "embed/position", "embed/token_type", "embed/norm_w", "embed/norm_b")
 LAYER_KEYS = ("wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "attn_norm_w", "attn_norm_b",
@@ -52,10 +52,12 @@ class Bert:
         """h: (n, d), attn: (n, H, D) merged attention -> next h: (n, d)."""
         c, w = self.cfg, lambda name: self._w(layer, name)
         n = h.shape[0]
-        h = layer_norm(h + linear(attn.reshape(n, c.n_heads * c.head_dim), w("wo"), w("bo")),
-                       w("attn_norm_w"), w("attn_norm_b"), c.norm_eps)
-        mlp = linear(gelu(linear(h, w("w_up"), w("b_up"))), w("w_down"), w("b_down"))
-        return layer_norm(h + mlp, w("mlp_norm_w"), w("mlp_norm_b"), c.norm_eps)
+        # LayerNorm(h + (attn Woᵀ + bo)): the residual and the bias fused into the norm
+        h = layer_norm(h, w("attn_norm_w"), w("attn_norm_b"), c.norm_eps,
+                       residual=matmul_t(attn.reshape(n, c.n_heads * c.head_dim), w("wo")), residual_bias=w("bo"))
+        act = gelu_input(matmul_t(h, w("w_up")), w("b_up"), w("w_down"))  # (n, intermediate)
+        return layer_norm(h, w("mlp_norm_w"), w("mlp_norm_b"), c.norm_eps,
+                          residual=matmul_t(act, w("w_down")), residual_bias=w("b_down"))
 
     def final_rows(self, h):
         """What a CompNode returns to the client: the last hidden states (post-LN: already normed)."""

@@ -1,15 +1,62 @@
-"""Per-token building blocks shared by the model families (NumPy or CuPy arrays)."""
+"""Per-token building blocks shared by the model families (NumPy or CuPy arrays).
+
+The one switch to the fused kernels: float32 CuPy arrays go to ops/passes_cuda.py (kernels/passes.cu, one
+launch each) while FUSED is true (`chained()` turns it off, for the benchmark's comparison with the CuPy
+chain); NumPy arrays and other dtypes (the float64 references) take the array code here. The `*_input`
+functions return the next matrix product's input (precision.gemm_input: rounded to bf16 once when that
+weight is a Bf16Matrix), so the fused kernel writes the rounding in the same launch.
+"""
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import numpy as np
 
 from rshard_hpc.ops.arrays import xp_of
-from rshard_hpc.ops.precision import bf16_weights, check_dtype, matmul_t
+from rshard_hpc.ops.precision import (
+    Bf16Input,
+    Bf16Matrix,
+    bf16_weights,
+    check_dtype,
+    gemm_input,
+    matmul_t,
+)
+
+FUSED = True  # float32 CuPy arrays take kernels/passes.cu (False: the CuPy chain of the array code below)
+GELU_INV_SQRT2 = np.float32(1.0 / np.sqrt(2.0))  # erf's argument scale in gelu (also the fused kernel's)
 
 
-def layer_norm(x, weight, bias, eps: float):
-    """x: (n, d) -> (n, d), statistics in fp32."""
+def fused(x) -> bool:
+    """Whether x takes the fused kernels: a float32 CuPy array while FUSED."""
+    return FUSED and xp_of(x) is not np and x.dtype == np.float32
+
+
+@contextmanager
+def chained():
+    """Within: CuPy arrays take the array code (a chain of CuPy operations), as before the fused kernels."""
+    global FUSED
+    saved, FUSED = FUSED, False
+    try:
+        yield
+    finally:
+        FUSED = saved
+
+
+def _fused_input(out, bits, weight):
+    """A fused kernel's output as the input of a product with `weight` (its bf16 bits when that is bf16)."""
+    return Bf16Input.rounded(out, bits) if isinstance(weight, Bf16Matrix) else out
+
+
+def layer_norm(x, weight, bias, eps: float, residual=None, residual_bias=None):
+    """x: (n, d) -> (n, d), statistics in fp32: LayerNorm(x + (residual + residual_bias)) when residual
+    (n, d) is given (residual_bias (d,) optional): a residual add and a bias fused before the norm."""
     xp = xp_of(x)
+    if fused(x):
+        from rshard_hpc.ops import passes_cuda
+
+        return passes_cuda.layer_norm(x, weight, bias, eps, residual, residual_bias)
+    if residual is not None:
+        x = x + (residual if residual_bias is None else residual + residual_bias)
     x32 = x.astype(xp.float32)
     mean = x32.mean(axis=-1, keepdims=True)
     var = ((x32 - mean) ** 2).mean(axis=-1, keepdims=True)
@@ -19,9 +66,25 @@ def layer_norm(x, weight, bias, eps: float):
 def rms_norm(x, weight, eps: float):
     """x: (n, d) -> (n, d), statistics in fp32."""
     xp = xp_of(x)
+    if fused(x):
+        from rshard_hpc.ops import passes_cuda
+
+        return passes_cuda.rms_norm(x, weight, eps)[1]
     x32 = x.astype(xp.float32)
     scale = 1.0 / xp.sqrt((x32 * x32).mean(axis=-1, keepdims=True) + xp.float32(eps))
     return (x32 * scale).astype(x.dtype) * weight
+
+
+def rms_norm_input(x, weight, eps: float, matrix, residual=None):
+    """(h, gemm_input(rms_norm(h, weight, eps), matrix)) with h = x + residual (x without residual): the
+    residual add, the norm and the rounding for the products with `matrix` in one launch on CuPy."""
+    if fused(x):
+        from rshard_hpc.ops import passes_cuda
+
+        h, y, bits = passes_cuda.rms_norm(x, weight, eps, residual, bits=isinstance(matrix, Bf16Matrix))
+        return (x if h is None else h), _fused_input(y, bits, matrix)
+    h = x if residual is None else x + residual
+    return h, gemm_input(rms_norm(h, weight, eps), matrix)
 
 
 def gelu(x):
@@ -31,12 +94,33 @@ def gelu(x):
         from scipy.special import erf
     else:
         from cupyx.scipy.special import erf
-    return (x * 0.5 * (1.0 + erf(x * np.float32(1.0 / np.sqrt(2.0))))).astype(x.dtype)
+    return (x * 0.5 * (1.0 + erf(x * GELU_INV_SQRT2))).astype(x.dtype)
+
+
+def gelu_input(y, bias, matrix):
+    """gemm_input(gelu(y + bias), matrix): bias, GELU and the rounding for `matrix` in one launch on CuPy."""
+    if fused(y):
+        from rshard_hpc.ops import passes_cuda
+
+        out, bits = passes_cuda.bias_gelu(y, bias, GELU_INV_SQRT2, bits=isinstance(matrix, Bf16Matrix))
+        return _fused_input(out, bits, matrix)
+    return gemm_input(gelu(y + bias), matrix)
 
 
 def silu(x):
     xp = xp_of(x)
     return (x / (1.0 + xp.exp(-x))).astype(x.dtype)
+
+
+def silu_mul_input(gate, up, matrix):
+    """gemm_input(silu(gate) * up, matrix): SwiGLU's product and the rounding for `matrix` in one launch on
+    CuPy."""
+    if fused(gate):
+        from rshard_hpc.ops import passes_cuda
+
+        out, bits = passes_cuda.silu_mul(gate, up, bits=isinstance(matrix, Bf16Matrix))
+        return _fused_input(out, bits, matrix)
+    return gemm_input(silu(gate) * up, matrix)
 
 
 def linear(x, weight, bias=None):

@@ -14,10 +14,16 @@ import numpy as np
 
 from rshard_hpc.errors import InputError
 from rshard_hpc.models import weights
-from rshard_hpc.models.common import linear, place_tensors, rms_norm, silu
+from rshard_hpc.models.common import (
+    fused,
+    linear,
+    place_tensors,
+    rms_norm,
+    rms_norm_input,
+    silu_mul_input,
+)
 from rshard_hpc.models.config import ModelConfig
 from rshard_hpc.ops.arrays import xp_of
-from rshard_hpc.ops.precision import gemm_input
 
 LAYER_KEYS = ("attn_norm_w", "wq", "wk", "wv", "wo", "mlp_norm_w", "w_gate", "w_up", "w_down")
 MATRIX_KEYS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")  # bf16 under --dtype bfloat16
@@ -74,6 +80,26 @@ def apply_rope(x, cos, sin):
     return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
+def rope_tables(inv_freq, pos, xp, fused_kernel: bool):
+    """What RoPE needs for a step's positions pos (n,), made once a step: (cos, sin) (rope_cos_sin) for the
+    array code, the positions as the fused kernel reads them (passes_cuda.rope_positions) for the kernel."""
+    if fused_kernel:
+        from rshard_hpc.ops import passes_cuda
+
+        return passes_cuda.rope_positions(pos)
+    return rope_cos_sin(inv_freq, pos, xp)
+
+
+def rope_qk(q, k, tables, inv_freq):
+    """q: (n, H, D), k: (n, Hkv, D) -> both rotated; tables from rope_tables (one launch on CuPy)."""
+    if fused(q):
+        from rshard_hpc.ops import passes_cuda
+
+        return passes_cuda.rope_qk(q, k, tables, inv_freq)
+    cos, sin = tables
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
 def head_logits(cfg: ModelConfig, head: dict, rows):
     """Final rows (n, d) un-normed -> logits (n, vocab) float32: final RMSNorm, then the LM head.
 
@@ -98,6 +124,7 @@ class Llama:
         matrices = [weights.layer_key(i, name) for i in range(cfg.n_layers) for name in MATRIX_KEYS]
         self.t = place_tensors(tensors, xp, dtype, matrices)
         self.inv_freq = xp.asarray(rope_inv_freq(cfg))
+        self._rope_step = (None, None, None)  # (pos, fused?, tables): RoPE's tables for the step's positions
 
     @staticmethod
     def tensor_keys(cfg: ModelConfig) -> list:
@@ -121,20 +148,29 @@ class Llama:
         """h: (n, d), pos: (n,) absolute positions -> q: (n, H, D), k, v: (n, Hkv, D) (q, k rotated)."""
         c, w = self.cfg, lambda name: self._w(layer, name)
         n = h.shape[0]
-        x = gemm_input(rms_norm(h, w("attn_norm_w"), c.norm_eps), w("wq"))  # rounded once for q, k, v
+        _, x = rms_norm_input(h, w("attn_norm_w"), c.norm_eps, w("wq"))  # rounded once for q, k, v
         q = linear(x, w("wq")).reshape(n, c.n_heads, c.head_dim)
         k = linear(x, w("wk")).reshape(n, c.n_kv_heads, c.head_dim)
         v = linear(x, w("wv")).reshape(n, c.n_kv_heads, c.head_dim)
-        cos, sin = rope_cos_sin(self.inv_freq, pos, self.xp)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        q, k = rope_qk(q, k, self.rope_tables(pos, fused(q)), self.inv_freq)
+        return q, k, v
+
+    def rope_tables(self, pos, fused_kernel: bool):
+        """rope_tables for pos, made at the first layer that sees this pos array and kept for the others (a
+        step passes one pos array to every layer; a new array is a new step)."""
+        if self._rope_step[0] is not pos or self._rope_step[1] != fused_kernel:
+            self._rope_step = (pos, fused_kernel, rope_tables(self.inv_freq, pos, self.xp, fused_kernel))
+        return self._rope_step[2]
 
     def post(self, layer: int, h, attn):
         """h: (n, d) residual stream, attn: (n, H, D) merged attention -> next h: (n, d)."""
         c, w = self.cfg, lambda name: self._w(layer, name)
         n = h.shape[0]
-        h = h + linear(attn.reshape(n, c.n_heads * c.head_dim).astype(h.dtype), w("wo"))
-        x = gemm_input(rms_norm(h, w("mlp_norm_w"), c.norm_eps), w("w_gate"))  # rounded once for gate and up
-        return h + linear(silu(linear(x, w("w_gate"))) * linear(x, w("w_up")), w("w_down"))
+        attn_out = linear(attn.reshape(n, c.n_heads * c.head_dim).astype(h.dtype), w("wo"))
+        # h + attn_out, then its norm rounded once for gate and up
+        h, x = rms_norm_input(h, w("mlp_norm_w"), c.norm_eps, w("w_gate"), residual=attn_out)
+        act = silu_mul_input(linear(x, w("w_gate")), linear(x, w("w_up")), w("w_down"))
+        return h + linear(act, w("w_down"))
 
     def final_rows(self, h):
         """What a CompNode returns to the client: the residual stream, un-normed (the client applies the head)."""

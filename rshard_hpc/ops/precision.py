@@ -129,6 +129,13 @@ class Bf16Input:
         self.source, self.shape = x, x.shape
         self.operand = round_bf16(x) if xp_of(x) is np else _gpu_to_bits(x)
 
+    @classmethod
+    def rounded(cls, x, operand) -> Bf16Input:
+        """x with its operand already made (a fused kernel's bf16 output): what Bf16Input(x) would hold."""
+        new = cls.__new__(cls)
+        new.source, new.shape, new.operand = x, x.shape, operand
+        return new
+
 
 def gemm_input(x, weight):
     """x prepared for several products with weights like `weight`: rounded once when those are bf16."""

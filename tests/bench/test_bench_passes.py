@@ -8,10 +8,14 @@ from conftest import require_gpu
 
 from rshard_hpc.cli import main
 
-PIECES = ["pre: rms_norm", "pre: q, k, v GEMMs", "pre: RoPE on q and k", "pre: q, k, v to wire + pack",
-          "attn: partial attention (prepared)", "attn: pack partial", "post: merge partials",
-          "post: O GEMM + residual", "post: gate, up GEMMs", "post: silu(gate) * up", "post: down GEMM + residual",
-          "whole: model.pre", "whole: model.post", "sum of the pieces"]
+PIECES = ["pre: rms_norm + round", "pre: q, k, v GEMMs", "pre: RoPE on q and k", "pre: q, k, v to wire + pack",
+          "attn: partial attention (prepared)", "attn: pack partial", "post: unpack + merge partials",
+          "post: O GEMM", "post: residual + rms_norm + round", "post: gate, up GEMMs", "post: silu(gate) * up",
+          "post: down GEMM + residual", "step: RoPE tables (once a step)", "whole: model.pre", "whole: model.post",
+          "sum of the pieces"]
+CHAIN = ["chain: rms_norm + round", "chain: RoPE angles + RoPE on q and k", "chain: q, k, v to wire + pack",
+         "chain: unpack + merge partials", "chain: residual + rms_norm + round", "chain: silu(gate) * up",
+         "chain: whole model.pre", "chain: whole model.post"]  # GPU only: the CuPy chains the fused kernels replaced
 
 
 def _table_rows(text):
@@ -44,6 +48,7 @@ def test_bench_passes_cpu_table(tmp_path, dtype):
     assert second.exit_code == 0, second.output
     assert out.read_text().count("one layer's pieces") == 2  # appended, not overwritten
     assert "torch LlamaDecoderLayer" not in second.output
+    assert not any(piece in rows for piece in CHAIN)  # on a CPU the chain is the code the pieces run
 
 
 def _has_transformers():
@@ -51,7 +56,8 @@ def _has_transformers():
 
 
 def test_bench_passes_pieces_follow_the_post_pass():
-    """The post-pass pieces chained by hand give Llama.post's output: the pieces time what the model runs."""
+    """The post-pass pieces chained by hand give Llama.post's output, and the pre-pass pieces Llama.pre's: the
+    pieces time what the model runs."""
     from rshard_hpc.bench.common import bench_config
     from rshard_hpc.bench.passes import _LayerPieces
     from rshard_hpc.models.llama import Llama
@@ -63,6 +69,8 @@ def test_bench_passes_pieces_follow_the_post_pass():
     pieces = dict(layer.pieces())
     want = model.post(0, layer.h, layer.merged)
     np.testing.assert_array_equal(pieces["post: down GEMM + residual"](), want)
+    for got, want in zip((layer.q, layer.k, layer.v), model.pre(0, layer.h, layer.pos)):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_bench_passes_rejects_bad_arguments():
@@ -77,5 +85,5 @@ def test_bench_passes_gpu(tmp_path):
                                        "--repeat", "3", "--dtype", "bfloat16", "--out", str(out)])
     assert result.exit_code == 0, result.output
     rows = _table_rows(result.output)
-    assert all(piece in rows for piece in PIECES)
+    assert all(piece in rows for piece in PIECES + CHAIN), result.output
     assert "device gpu, bfloat16" in out.read_text()

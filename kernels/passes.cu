@@ -1,0 +1,237 @@
+// The CompNode's per-token passes, fused (architecture.md §7): each kernel is one launch of what the NumPy
+// path (rshard_hpc/models/common.py, models/llama.py, ops/precision.py, ops/wire.py) does in several steps.
+// Loaded by rshard_hpc/ops/passes_cuda.py after kernels/common.cuh (NEG_INF, merge_element).
+//
+// Numerics. Every elementwise step is one correctly rounded fp32 operation, in the NumPy path's order,
+// written with the _rn intrinsics so that no multiply-add is contracted into an fma: such a step gives the
+// NumPy path's value bit for bit. The differences, each within fp32 rounding:
+//   - row sums (RMSNorm's mean square, LayerNorm's mean and variance) are one thread's strided partial
+//     sums, then a tree over the block (a fixed order: the same result every run); NumPy sums pairwise;
+//   - cosf, sinf, expf, erff are CUDA's (within 2 ulp); NumPy's / SciPy's float32 functions may differ
+//     from them by an ulp. The CuPy chain these kernels replace calls the same CUDA functions.
+// bf16 outputs are uint16 bit patterns of the fp32 result, rounded to nearest even, NaN -> BF16_NAN:
+// exactly ops/precision.to_bf16_bits of the fp32 output.
+
+#ifndef PASS_THREADS
+#error "PASS_THREADS must be defined by the host (rshard_hpc passes launch layer)"
+#endif
+#ifndef BF16_NAN
+#error "BF16_NAN must be defined by the host (rshard_hpc passes launch layer)"
+#endif
+#if PASS_THREADS % 32 || PASS_THREADS > 1024 || (PASS_THREADS & (PASS_THREADS - 1))
+#error "PASS_THREADS must be a power of 2, a multiple of 32, at most 1024"
+#endif
+
+__device__ __forceinline__ unsigned short bf16_bits(float x) {
+    const unsigned int b = __float_as_uint(x);
+    return isnan(x) ? (unsigned short)BF16_NAN : (unsigned short)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+
+__device__ __forceinline__ float bf16_value(unsigned short bits) {
+    return __uint_as_float((unsigned int)bits << 16);
+}
+
+// The sum of v over the block (PASS_THREADS threads), returned to every thread. `red` holds PASS_THREADS / 32
+// floats. Order: each warp by xor-shuffle, then warp 0 over the warps' sums.
+__device__ __forceinline__ float block_sum(float v, float* red) {
+    for (int s = 16; s > 0; s >>= 1) v = __fadd_rn(v, __shfl_xor_sync(0xffffffffu, v, s));
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    __syncthreads();  // red may still be read by the previous call
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    v = lane < PASS_THREADS / 32 ? red[lane] : 0.f;
+    for (int s = 16; s > 0; s >>= 1) v = __fadd_rn(v, __shfl_xor_sync(0xffffffffu, v, s));
+    return v;
+}
+
+// RMSNorm, one block per row of x (n, d), fp32:
+//   v = x (+ r when r != nullptr; then also written to h_out), scale = 1 / sqrt(mean(v*v) + eps),
+//   y = (v * scale) * w; y_bits (when not nullptr) = bf16 bits of y.
+extern "C" __global__ void __launch_bounds__(PASS_THREADS)
+rms_norm_rows(const float* __restrict__ x, const float* __restrict__ r, const float* __restrict__ w,
+              float* __restrict__ h_out, float* __restrict__ y, unsigned short* __restrict__ y_bits,
+              int n, int d, float eps)
+{
+    __shared__ float red[PASS_THREADS / 32];
+    for (long long row = blockIdx.x; row < n; row += gridDim.x) {
+        const long long base = row * d;
+        float acc = 0.f;
+        for (int j = threadIdx.x; j < d; j += PASS_THREADS) {
+            const float v = r ? __fadd_rn(x[base + j], r[base + j]) : x[base + j];
+            if (r) h_out[base + j] = v;
+            acc = __fadd_rn(acc, __fmul_rn(v, v));
+        }
+        const float mean = __fdiv_rn(block_sum(acc, red), (float)d);
+        const float scale = __fdiv_rn(1.f, __fsqrt_rn(__fadd_rn(mean, eps)));
+        for (int j = threadIdx.x; j < d; j += PASS_THREADS) {
+            const float v = r ? __fadd_rn(x[base + j], r[base + j]) : x[base + j];
+            const float out = __fmul_rn(__fmul_rn(v, scale), w[j]);
+            y[base + j] = out;
+            if (y_bits) y_bits[base + j] = bf16_bits(out);
+        }
+    }
+}
+
+// LayerNorm (+ bias), one block per row of x (n, d), fp32, two passes over the row (mean, then variance):
+//   v = x (+ (r + rb) when r != nullptr; rb (d,) may be nullptr), mean = sum(v) / d,
+//   var = sum((v - mean)^2) / d, y = ((v - mean) / sqrt(var + eps)) * w + b.
+extern "C" __global__ void __launch_bounds__(PASS_THREADS)
+layer_norm_rows(const float* __restrict__ x, const float* __restrict__ r, const float* __restrict__ rb,
+                const float* __restrict__ w, const float* __restrict__ b, float* __restrict__ y,
+                int n, int d, float eps)
+{
+    __shared__ float red[PASS_THREADS / 32];
+    for (long long row = blockIdx.x; row < n; row += gridDim.x) {
+        const long long base = row * d;
+#define LN_VALUE(j) (r ? __fadd_rn(x[base + (j)], rb ? __fadd_rn(r[base + (j)], rb[j]) : r[base + (j)]) \
+                       : x[base + (j)])
+        float acc = 0.f;
+        for (int j = threadIdx.x; j < d; j += PASS_THREADS) acc = __fadd_rn(acc, LN_VALUE(j));
+        const float mean = __fdiv_rn(block_sum(acc, red), (float)d);
+        acc = 0.f;
+        for (int j = threadIdx.x; j < d; j += PASS_THREADS) {
+            const float c = __fsub_rn(LN_VALUE(j), mean);
+            acc = __fadd_rn(acc, __fmul_rn(c, c));
+        }
+        const float var = __fdiv_rn(block_sum(acc, red), (float)d);
+        const float den = __fsqrt_rn(__fadd_rn(var, eps));
+        for (int j = threadIdx.x; j < d; j += PASS_THREADS) {
+            const float c = __fsub_rn(LN_VALUE(j), mean);
+            y[base + j] = __fadd_rn(__fmul_rn(__fdiv_rn(c, den), w[j]), b[j]);
+        }
+#undef LN_VALUE
+    }
+}
+
+// RoPE (Hugging Face rotate_half) on q (n, Hq, D) and k (n, Hk, D) in one launch, fp32, into qo and ko.
+// One thread per pair (d, d + D/2) of one row and head; the angle pos * inv_freq[d] in fp32 (pos converted
+// to float, rounded to nearest, as NumPy's astype):
+//   out[d] = x[d] cos - x[d + D/2] sin,  out[d + D/2] = x[d + D/2] cos + x[d] sin.
+extern "C" __global__ void __launch_bounds__(PASS_THREADS)
+rope_qk(const float* __restrict__ q, const float* __restrict__ k, const int* __restrict__ pos,
+        const float* __restrict__ inv_freq, float* __restrict__ qo, float* __restrict__ ko,
+        int n, int hq, int hk, int half)
+{
+    const long long per_row = (long long)(hq + hk) * half;
+    const long long total = n * per_row;
+    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
+         idx += (long long)gridDim.x * blockDim.x) {
+        const long long row = idx / per_row;
+        const long long rest = idx % per_row;
+        const int head = (int)(rest / half), j = (int)(rest % half);
+        const bool is_q = head < hq;
+        const long long at = is_q ? (row * hq + head) * 2 * half : (row * hk + head - hq) * 2 * half;
+        const float* src = is_q ? q : k;
+        float* dst = is_q ? qo : ko;
+        const float angle = __fmul_rn((float)pos[row], inv_freq[j]);
+        const float c = cosf(angle), s = sinf(angle);
+        const float a = src[at + j], b = src[at + j + half];
+        dst[at + j] = __fadd_rn(__fmul_rn(a, c), __fmul_rn(-b, s));
+        dst[at + j + half] = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
+    }
+}
+
+// out = silu(gate) * up = (g / (1 + exp(-g))) * u over `total` elements; out_bits (when not nullptr) the
+// bf16 bits of out (the next product's input under --dtype bfloat16).
+extern "C" __global__ void __launch_bounds__(PASS_THREADS)
+silu_mul(const float* __restrict__ gate, const float* __restrict__ up, float* __restrict__ out,
+         unsigned short* __restrict__ out_bits, long long total)
+{
+    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
+         idx += (long long)gridDim.x * blockDim.x) {
+        const float g = gate[idx];
+        const float value = __fmul_rn(__fdiv_rn(g, __fadd_rn(1.f, expf(-g))), up[idx]);
+        out[idx] = value;
+        if (out_bits) out_bits[idx] = bf16_bits(value);
+    }
+}
+
+// out = gelu(y + b) = ((v * 0.5) * (1 + erf(v * inv_sqrt2))) with v = y + b[j] (the exact, erf form), over
+// y (n, d), b (d,); out_bits (when not nullptr) the bf16 bits of out.
+extern "C" __global__ void __launch_bounds__(PASS_THREADS)
+bias_gelu(const float* __restrict__ y, const float* __restrict__ b, float* __restrict__ out,
+          unsigned short* __restrict__ out_bits, long long total, int d, float inv_sqrt2)
+{
+    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
+         idx += (long long)gridDim.x * blockDim.x) {
+        const float v = __fadd_rn(y[idx], b[idx % d]);
+        const float value = __fmul_rn(__fmul_rn(v, 0.5f), __fadd_rn(1.f, erff(__fmul_rn(v, inv_sqrt2))));
+        out[idx] = value;
+        if (out_bits) out_bits[idx] = bf16_bits(value);
+    }
+}
+
+// ---- the wire (ops/wire.py: WireRoutes)
+// q, k, v are read as rows of `unit` floats: q's units first (n_q units), then k's (n_k), then v's. The send
+// buffer's unit u is source unit src[u]; pack_f32 copies it, pack_bf16 writes its bf16 bits.
+__device__ __forceinline__ float packed_value(const float* q, const float* k, const float* v, const int* src,
+                                              long long idx, int unit, long long n_q, long long n_k) {
+    const long long s = src[idx / unit];
+    const long long c = idx % unit;
+    if (s < n_q) return q[s * unit + c];
+    if (s < n_q + n_k) return k[(s - n_q) * unit + c];
+    return v[(s - n_q - n_k) * unit + c];
+}
+
+extern "C" __global__ void __launch_bounds__(PASS_THREADS)
+pack_f32(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+         const int* __restrict__ src, float* __restrict__ out, long long total, int unit, long long n_q,
+         long long n_k)
+{
+    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
+         idx += (long long)gridDim.x * blockDim.x)
+        out[idx] = packed_value(q, k, v, src, idx, unit, n_q, n_k);
+}
+
+extern "C" __global__ void __launch_bounds__(PASS_THREADS)
+pack_bf16(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+          const int* __restrict__ src, unsigned short* __restrict__ out, long long total, int unit, long long n_q,
+          long long n_k)
+{
+    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
+         idx += (long long)gridDim.x * blockDim.x)
+        out[idx] = bf16_bits(packed_value(q, k, v, src, idx, unit, n_q, n_k));
+}
+
+// Unpack + merge of the partials a CompNode receives: recv holds rows of H * slots wire elements, one per
+// (part p, local row) at recv row src[p * n + row]; per head, D values of o then the lse (one float32, or
+// its two uint16 halves, low half first, under bf16). o (n, H, D) float32 is the exact merge over the
+// P parts (common.cuh merge_element: the arithmetic of merge.cu); the merged lse is not needed and not written.
+extern "C" __global__ void __launch_bounds__(PASS_THREADS)
+unpack_merge_f32(const float* __restrict__ recv, const int* __restrict__ src, float* __restrict__ o,
+                 int P, int n, int H, int D, int slots)
+{
+    const long long total = (long long)n * H * D;
+    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
+         idx += (long long)gridDim.x * blockDim.x) {
+        const int d = (int)(idx % D);
+        const long long rh = idx / D;
+        const int hh = (int)(rh % H);
+        const long long row = rh / H;
+        auto at = [&](int p) { return ((long long)src[(long long)p * n + row] * H + hh) * slots; };
+        float lse;
+        o[idx] = merge_element(P, [&](int p) { return recv[at(p) + D]; }, [&](int p) { return recv[at(p) + d]; },
+                               &lse);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(PASS_THREADS)
+unpack_merge_bf16(const unsigned short* __restrict__ recv, const int* __restrict__ src, float* __restrict__ o,
+                  int P, int n, int H, int D, int slots)
+{
+    const long long total = (long long)n * H * D;
+    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
+         idx += (long long)gridDim.x * blockDim.x) {
+        const int d = (int)(idx % D);
+        const long long rh = idx / D;
+        const int hh = (int)(rh % H);
+        const long long row = rh / H;
+        auto at = [&](int p) { return ((long long)src[(long long)p * n + row] * H + hh) * slots; };
+        auto lse_of = [&](int p) {
+            const long long a = at(p) + D;
+            return __uint_as_float((unsigned int)recv[a] | ((unsigned int)recv[a + 1] << 16));
+        };
+        float lse;
+        o[idx] = merge_element(P, lse_of, [&](int p) { return bf16_value(recv[at(p) + d]); }, &lse);
+    }
+}

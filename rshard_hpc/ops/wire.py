@@ -1,0 +1,81 @@
+"""A CompNode's wire layout for one step (architecture.md §3): q, k, v rows into its send buffer, the returned
+partials back to its rows; index arrays made once a step, one gather (NumPy) or one launch (CuPy) a layer.
+
+Send buffer, for AttnNode (i, j) in order i = 0 … β-1, j = 0 … β-1: q of my rows of group i, then k and v
+of my rows of group j (each in local row order), in the wire's element type (float32, or bf16 bits
+rounded to nearest even). Receive buffer, in the same (i, j) order: one row of H * slots wire elements
+per query of mine in group i (ops/precision.pack_partial: o, then lse), the partial of key group j.
+
+Rows of q (H * D floats) and of k, v (Hkv * D floats) are gathered in units of gcd(H, Hkv) * D floats, so a
+single index array over the units of q, k and v (in that order) describes the whole send buffer.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from rshard_hpc.ops.arrays import xp_of
+from rshard_hpc.ops.attention import merge_partials
+from rshard_hpc.ops.precision import partial_slots, to_bf16_bits, unpack_partial
+
+
+class WireRoutes:
+    """rows_of_group[g]: indices of my local rows in group g (every row in exactly one group; NumPy ints).
+    n_local: my row count. xp: where the arrays live (the index arrays are copied there once)."""
+
+    def __init__(self, rows_of_group: list, n_local: int, n_heads: int, n_kv_heads: int, head_dim: int, wire,
+                 xp=np):
+        self.beta, self.n = len(rows_of_group), int(n_local)
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.wire, self.xp = np.dtype(wire), xp
+        self.slots = partial_slots(head_dim, self.wire)
+        self.unit = math.gcd(n_heads, n_kv_heads) * head_dim  # floats per gathered unit
+        self.q_units, self.kv_units = n_heads * head_dim // self.unit, n_kv_heads * head_dim // self.unit
+        rows = [np.asarray(r, dtype=np.int64) for r in rows_of_group]
+        self.send_sizes = [[(len(rows[i]) * n_heads + 2 * len(rows[j]) * n_kv_heads) * head_dim
+                            for j in range(self.beta)] for i in range(self.beta)]
+        self.send_units = xp.asarray(self._send_units(rows).astype(np.int32))
+        self.recv_rows = xp.asarray(self._recv_rows(rows).astype(np.int32))
+
+    def _send_units(self, rows: list) -> np.ndarray:
+        """(send units,) source unit of each unit of the send buffer: q units 0 … n*gq-1, then k's, then v's."""
+        n, gq, gk = self.n, self.q_units, self.kv_units
+        q_of = [(r[:, None] * gq + np.arange(gq)).ravel() for r in rows]
+        k_of = [(n * gq + r[:, None] * gk + np.arange(gk)).ravel() for r in rows]
+        v_of = [k + n * gk for k in k_of]
+        parts = [part for i in range(self.beta) for j in range(self.beta) for part in (q_of[i], k_of[j], v_of[j])]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+    def _recv_rows(self, rows: list) -> np.ndarray:
+        """(β * n,) for part j of local row r (at j * n + r): its row in the receive buffer."""
+        dest = [j * self.n + rows[i] for i in range(self.beta) for j in range(self.beta)]  # receive order
+        dest = np.concatenate(dest) if dest else np.zeros(0, np.int64)
+        if len(dest) != self.beta * self.n or (len(dest) and np.bincount(dest, minlength=len(dest)).max() != 1):
+            raise ValueError("rows_of_group must hold every local row exactly once")
+        src = np.empty(len(dest), dtype=np.int64)
+        src[dest] = np.arange(len(dest))
+        return src
+
+    def pack(self, q, k, v):
+        """q (n, H, D), k, v (n, Hkv, D) float -> the flat send buffer (wire dtype)."""
+        xp = xp_of(q)
+        if xp is not np:
+            from rshard_hpc.ops import passes_cuda
+
+            return passes_cuda.pack(q, k, v, self.send_units, self.unit, self.wire)
+        units = np.concatenate([a.reshape(-1, self.unit) for a in (q, k, v)])  # (n * (gq + 2 gk), unit)
+        units = to_bf16_bits(units) if self.wire == np.uint16 else units.astype(np.float32, copy=False)
+        return np.take(units, self.send_units, axis=0).ravel()
+
+    def merge(self, recv):
+        """The flat receive buffer -> o (n, H, D) float32, the exact merge of each row's β partials."""
+        xp = xp_of(recv)
+        H, D, n = self.n_heads, self.head_dim, self.n
+        if xp is not np:
+            from rshard_hpc.ops import passes_cuda
+
+            return passes_cuda.unpack_merge(recv, self.recv_rows, self.beta, n, H, D, self.slots, self.wire)
+        packed = np.take(recv.reshape(-1, H * self.slots), self.recv_rows, axis=0)  # (β * n, H * slots)
+        o_parts, lse_parts = unpack_partial(packed.reshape(self.beta, n, H, self.slots), self.wire)
+        return merge_partials(o_parts, lse_parts)[0]

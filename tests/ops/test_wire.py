@@ -1,0 +1,94 @@
+"""ops/wire.py (CPU): the index-array pack and unpack give the wire bytes and the partials of the per-(i, j)
+loops they replaced, byte for byte, at ragged group sizes (empty groups, n = 0, 1, odd), GQA head ratios and
+both wire types. The loops below are the previous CompWorker._pack_qkv / _exchange_back, kept as the spec;
+their unpack buffer is poisoned so a row the loop never fills would show."""
+import numpy as np
+import pytest
+
+from rshard_hpc.ops.attention import merge_partials
+from rshard_hpc.ops.precision import (
+    pack_partial,
+    to_bf16_bits,
+    unpack_partial,
+    wire_dtype,
+)
+from rshard_hpc.ops.wire import WireRoutes
+
+SHAPES = [(4, 4, 16), (9, 3, 64), (6, 4, 8), (2, 1, 128), (3, 3, 5)]  # (H, Hkv, D)
+
+
+def _groups(rng, n, beta):
+    """rows_of_group: each local row in one random group (some groups may be empty)."""
+    group = rng.integers(0, beta, size=n)
+    return [np.flatnonzero(group == g) for g in range(beta)]
+
+
+def _old_pack(rows, q, k, v, wire):
+    to_wire = (lambda a: to_bf16_bits(a)) if wire == np.uint16 else (lambda a: a.astype(np.float32, copy=False))
+    q, k, v = (to_wire(a) for a in (q, k, v))
+    beta = len(rows)
+    pieces = [p for i in range(beta) for j in range(beta) for p in (q[rows[i]].ravel(), k[rows[j]].ravel(),
+                                                                       v[rows[j]].ravel())]
+    return np.concatenate(pieces) if pieces else np.zeros(0, wire)
+
+
+def _old_unpack(rows, recv, n, n_heads, slots, wire):
+    beta = len(rows)
+    width = n_heads * slots
+    poison = np.uint16(0xFFFF) if wire == np.uint16 else np.float32(np.nan)
+    packed = np.full((beta, n, n_heads, slots), poison, dtype=wire)
+    offset = 0
+    for i in range(beta):
+        n_rows = len(rows[i])
+        for j in range(beta):
+            packed[j, rows[i]] = recv[offset:offset + n_rows * width].reshape(n_rows, n_heads, slots)
+            offset += n_rows * width
+    assert offset == recv.size
+    return unpack_partial(packed, wire)
+
+
+def _recv(rng, rows, n_heads, head_dim, wire):
+    """What the AttnNodes return, in (i, j) order: pack_partial of random o and lse (some lse -inf)."""
+    parts = []
+    beta = len(rows)
+    for i in range(beta):
+        for _ in range(beta):
+            o = rng.standard_normal((len(rows[i]), n_heads, head_dim)).astype(np.float32)
+            lse = rng.standard_normal((len(rows[i]), n_heads)).astype(np.float32) * 4
+            lse[rng.random(lse.shape) < 0.2] = -np.inf
+            parts.append(pack_partial(o, lse, wire).ravel())
+    return np.concatenate(parts) if parts else np.zeros(0, wire)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("n_heads,n_kv,head_dim", SHAPES)
+@pytest.mark.parametrize("n,beta", [(0, 2), (1, 3), (7, 3), (33, 2), (40, 1), (19, 5)])
+def test_pack_and_unpack_equal_the_loops(n, beta, n_heads, n_kv, head_dim, dtype):
+    rng = np.random.default_rng([n, beta, n_heads, n_kv, head_dim, len(dtype)])
+    wire = wire_dtype(dtype)
+    rows = _groups(rng, n, beta)
+    q = rng.standard_normal((n, n_heads, head_dim)).astype(np.float32)
+    k, v = (rng.standard_normal((n, n_kv, head_dim)).astype(np.float32) for _ in range(2))
+    routes = WireRoutes(rows, n, n_heads, n_kv, head_dim, wire)
+    send = routes.pack(q, k, v)
+    want = _old_pack(rows, q, k, v, wire)
+    assert send.dtype == want.dtype and send.tobytes() == want.tobytes()
+    sizes = [[(len(rows[i]) * n_heads + 2 * len(rows[j]) * n_kv) * head_dim for j in range(beta)]
+             for i in range(beta)]
+    assert routes.send_sizes == sizes and sum(map(sum, sizes)) == send.size
+
+    recv = _recv(rng, rows, n_heads, head_dim, wire)
+    o_parts, lse_parts = _old_unpack(rows, recv, n, n_heads, routes.slots, wire)
+    packed = np.take(recv.reshape(-1, n_heads * routes.slots), routes.recv_rows, axis=0)
+    o2, lse2 = unpack_partial(packed.reshape(beta, n, n_heads, routes.slots), wire)
+    assert o2.tobytes() == o_parts.tobytes() and lse2.tobytes() == lse_parts.tobytes()
+    got = routes.merge(recv)
+    assert got.shape == (n, n_heads, head_dim) and got.dtype == np.float32
+    assert got.tobytes() == merge_partials(o_parts, lse_parts)[0].tobytes()
+
+
+def test_rows_must_cover_every_local_row_once():
+    with pytest.raises(ValueError, match="exactly once"):
+        WireRoutes([np.array([0, 1]), np.array([1])], 3, 4, 4, 8, np.float32)
+    with pytest.raises(ValueError, match="exactly once"):
+        WireRoutes([np.array([0]), np.array([2])], 3, 4, 4, 8, np.float32)
