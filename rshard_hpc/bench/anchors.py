@@ -22,8 +22,9 @@ def torch_device(device: str) -> str:
 class Anchors:
     """Each anchor measured once per suite run and kept (every layout and MPS setting compares with it)."""
 
-    def __init__(self, device: str, repeats: int):
+    def __init__(self, device: str, repeats: int, st_folder: str | None = None):
         self.device, self.repeats = device, repeats
+        self._st_folder = st_folder  # sentence-transformers' model folder (None: the bundled package's)
         self._st = None
         self._numpy_model = None
         self._kept = {}
@@ -34,13 +35,19 @@ class Anchors:
         return self._kept[key]
 
     # ---------------------------------------------------------------- sentence-transformers (embeddings)
+    def st_folder(self) -> str:
+        if self._st_folder is None:
+            from rshard_hpc.models.registry import DEFAULT_MODEL, bundled_source
+
+            self._st_folder = str(bundled_source(DEFAULT_MODEL))
+        return self._st_folder
+
     def st_model(self):
         if self._st is None:
             from sentence_transformers import SentenceTransformer
 
-            from rshard_hpc.models.registry import bundled_source
-
-            self._st = SentenceTransformer(str(bundled_source("all-MiniLM-L6-v2")), device=torch_device(self.device))
+            # fp32 whatever the folder stores (fp16 safetensors load as fp16 otherwise)
+            self._st = SentenceTransformer(self.st_folder(), device=torch_device(self.device)).float()
         return self._st
 
     def st_encode(self, texts: list) -> dict:
@@ -53,15 +60,13 @@ class Anchors:
             t0 = time.perf_counter()
             emb = model.encode(texts, batch_size=ST_BATCH, convert_to_numpy=True)  # returns on the host: synced
             runs.append(time.perf_counter() - t0)
+        _free_gpu_memory()
         return {"seconds": float(np.median(runs)), "embeddings": np.asarray(emb, dtype=np.float32)}
 
     def st_wall(self, prompts_file, timeout_s: float) -> dict:
         """Wall seconds of a fresh process that imports sentence-transformers, loads the model and encodes the
         prompt file (st_anchor.py), and its own split; raises RuntimeError when it fails."""
-        from rshard_hpc.models.registry import bundled_source
-
-        done = run_command([sys.executable, "-m", "rshard_hpc.bench.st_anchor", bundled_source("all-MiniLM-L6-v2"),
-                            prompts_file, torch_device(self.device), ST_BATCH], timeout_s, env=job_env())
+        done = run_command([sys.executable, "-m", "rshard_hpc.bench.st_anchor", self.st_folder(), prompts_file, torch_device(self.device), ST_BATCH], timeout_s, env=job_env())
         if not done.ok:
             raise RuntimeError(f"sentence-transformers anchor process: {done.why()}")
         split = json.loads(done.stdout.strip().splitlines()[-1])

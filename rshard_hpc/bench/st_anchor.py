@@ -15,7 +15,7 @@ def main(argv: list) -> None:
     from sentence_transformers import SentenceTransformer
 
     t1 = time.perf_counter()
-    model = SentenceTransformer(folder, device=device)
+    model = SentenceTransformer(folder, device=device).float()  # fp32 also from fp16 safetensors
     with open(prompts) as f:
         texts = [json.loads(line)["text"] for line in f if line.strip()]
     t2 = time.perf_counter()

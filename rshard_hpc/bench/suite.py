@@ -31,7 +31,6 @@ CPU_ROWS = ("cpu-one", "cpu-batch")  # MiniLM on CPU ranks, whatever --device sa
 ROW_NAMES = ("embed-file", "embed-small", "decode", "prefill-512", "prefill-8k") + CPU_ROWS
 DEFAULT_ROWS = {"cpu": "cpu-one,cpu-batch,embed-small,embed-file", "gpu": "embed-file,embed-small,decode,prefill-512,"
                                                                           "prefill-8k"}
-MODEL = "all-MiniLM-L6-v2"
 QUOTED_CPU = "SPU-Puma 36.3 s, CrypTen 15.6 s for one 128-token input (quoted from their papers, not rerun)"
 
 
@@ -135,6 +134,8 @@ class Options:
     gpus: tuple = (1,)  # GPU counts a job sees (None: all)
     sizes: Sizes = FULL
     launcher: str = ""
+    model: str = "all-MiniLM-L6-v2"  # the embedding rows' rshard model (a bundled name or a weight file)
+    st_model: str | None = None  # sentence-transformers' folder of the same model (None: the bundled package's)
     batch_tokens: int | None = None
     timeout_s: float = 600  # one subprocess
     time_limit_s: float | None = None  # the whole suite: later rows are skipped
@@ -146,7 +147,7 @@ class Suite:
     def __init__(self, opts: Options, echo=print):
         self.opts, self.sizes, self.echo = opts, opts.sizes, echo
         self.launcher = opts.launcher or launch.default_launcher()
-        self.anchors = Anchors(opts.device, opts.sizes.repeats)
+        self.anchors = Anchors(opts.device, opts.sizes.repeats, opts.st_model)
         self.started = time.perf_counter()
         self.rows: list = []
         self.notes: list = []
@@ -213,7 +214,7 @@ class Suite:
         """`rshard run --task embed` of a prompt file: in-job seconds and tokens (its summary), wall seconds
         (this process's clock around it) and the embeddings in prompt order (its results file)."""
         out = self._work / f"{tag}.h5"
-        args = ["run", "--task", "embed", "--model", MODEL, "--prompts", prompts, "--out", out, "--overwrite",
+        args = ["run", "--task", "embed", "--model", self.opts.model, "--prompts", prompts, "--out", out, "--overwrite",
                 "--quiet", "--truncate", "--allow-weak-plan", "--device", setting.device] + setting.layout.args()
         if self.opts.batch_tokens:
             args += ["--batch-tokens", self.opts.batch_tokens]
@@ -354,7 +355,7 @@ def _cpu_rows(suite: Suite, setting: Setting, count: int) -> list:
     from rshard_hpc.models.registry import resolve_model
     from rshard_hpc.models.tokenizer import TextCodec
 
-    s, path = suite.sizes, resolve_model(MODEL)
+    s, path = suite.sizes, resolve_model(suite.opts.model)
     texts = suite.anchors.kept(("cpu texts", count), lambda: token_prompts(
         TextCodec(path, weights.read_config(path)), count, s.cpu_tokens, seed=2 + count))
     prompts = write_prompts(suite._work / f"cpu_{count}.jsonl", texts)

