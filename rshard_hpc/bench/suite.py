@@ -9,6 +9,7 @@ timeout, a missing package) is a failed row with the error's last lines, never t
 from __future__ import annotations
 
 import re
+import shutil
 import tempfile
 import time
 import traceback
@@ -200,6 +201,8 @@ class Suite:
             if row.failed:
                 self.echo(f"[suite]   {name} failed:\n{row.failed}")
         self.rows.extend(rows)
+        if self.opts.out:  # the table so far, in case the suite is cut short (OUT.partial; removed at the end)
+            Path(self.opts.out + ".partial").write_text(self.table() + "\n")
 
     # ------------------------------------------------------------------------------------------------ jobs
     def job(self, setting: Setting, args: list) -> launch.Finished:
@@ -440,9 +443,17 @@ def default_out(device: str) -> str:
 
 def run_suite(opts: Options, echo=print) -> str:
     """Run the suite, print and append its table to opts.out (default_out when empty); return the table."""
-    text = Suite(opts, echo).run()
+    opts = replace(opts, out=opts.out or default_out(opts.device))
+    Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
+    suite = Suite(opts, echo)
+    try:
+        text = suite.run()
+    finally:
+        if opts.workdir is None:  # prompt files, results files and bench job tables of this run
+            shutil.rmtree(suite._work, ignore_errors=True)
     echo(text)
-    append_table(opts.out or default_out(opts.device), text)
+    append_table(opts.out, text)
+    Path(opts.out + ".partial").unlink(missing_ok=True)
     return text
 
 
