@@ -264,18 +264,27 @@ class Suite:
                  f"{time.perf_counter() - self.started:.0f} s")
         lines = [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(row.cells()) + " |" for row in self.rows]
-        lines += ["", (f"ratio = anchor time / rshard time (rshard's speed relative to the anchor; >= 1: rshard is "
-                      f"faster). Anchors run in the suite's process on the same device after a warm-up, median of "
-                      f"{s.repeats}: sentence-transformers fp32 batch {ST_BATCH} (its wall: a fresh process that "
-                      f"imports, loads and encodes), transformers prefill (bench job's plaintext side, same random "
-                      f"{s.shape} weights) and `generate` (KV cache, greedy: the median time between successive "
-                      f"decode steps), rshard's NumPy single-process forward for the CPU rows. Output diff = max abs "
-                      f"difference of the L2-normalized embeddings or of the logits against the anchor. In-job "
-                      f"seconds are the run summary's `done:` time; wall is the launcher's whole process.")]
+        lines += ["", "ratio = anchor time / rshard time (rshard's speed relative to the anchor; >= 1: rshard is "
+                      f"faster). Anchors run in this process on the same device, after a warm-up, median of {s.repeats}: "
+                      + "; ".join(text for rows, text in self._anchor_notes() if set(rows) & set(self.opts.rows))
+                      + ". Output diff = max abs difference of the L2-normalized embeddings or of the logits against "
+                      "the anchor. In-job seconds are the run summary's `done:` time; wall is the launcher's whole "
+                      "process."]
         if any(r in self.opts.rows for r in CPU_ROWS):
             lines.append(f"CPU rows: other anchors, {QUOTED_CPU}; the jobs' times are medians of {s.repeats} jobs.")
         lines += [f"Note: {note}" for note in self.notes]
         return "\n".join(lines)
+
+
+    def _anchor_notes(self) -> list:
+        """(the rows it serves, how the anchor is measured)."""
+        st = (f"sentence-transformers fp32, batch {ST_BATCH} (its wall: a fresh process that imports, loads and "
+              "encodes)")
+        prefill = (f"transformers prefill (bench job's plaintext side: the same random {self.sizes.shape} weights, "
+                   "same precision)")
+        generate = "transformers `generate` fp32 (KV cache, greedy: the median time between successive decode steps)"
+        return [(("embed-file", "embed-small"), st), (("prefill-512", "prefill-8k"), prefill), (("decode",), generate),
+                (CPU_ROWS, "rshard's NumPy single-process forward")]
 
 
 class RowFailed(RuntimeError):
