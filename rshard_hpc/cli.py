@@ -11,7 +11,7 @@ from rshard_hpc.cli_options import device_options, plan_options
 from rshard_hpc.dist.launcher import tune_mpi_env, world_rank
 from rshard_hpc.engine.generate import GenerateSettings
 from rshard_hpc.errors import InputError, JobAborted, RshardError
-from rshard_hpc.models.registry import BUNDLED, DEFAULT_DECODER
+from rshard_hpc.models.registry import BUNDLED, DEFAULT_DECODER, DEFAULT_MODEL
 from rshard_hpc.plan.check import SEARCH_MAX
 from rshard_hpc.run import profiling, termination, testhooks
 from rshard_hpc.run.export import FORMATS as EXPORT_FORMATS
@@ -296,6 +296,59 @@ def bench_job_cmd(alpha, beta, tokens, **opts):
         if isinstance(exc, SystemExit) and not exc.code:
             raise
         _fail(exc)
+
+
+@bench.command("suite")
+@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+              help="Where the jobs and the anchors run (the cpu-* rows always run on CPUs).")
+@click.option("--rows", default=None, help="Rows to run (comma-separated): embed-file, embed-small, decode, "
+                                           "prefill-512, prefill-8k, cpu-one, cpu-batch. Default: the CPU rows and the "
+                                           "embedding rows on cpu, the embedding, decode and prefill rows on gpu.")
+@click.option("--layouts", default="3x3c2,2x2", show_default=True,
+              help="Layouts ALPHAxBETA[cC_A] (comma-separated); 3x3c2 is the default private layout (13 ranks).")
+@click.option("--mps", type=click.Choice(["on", "off", "both"]), default="off", show_default=True,
+              help="gpu: run the GPU rows under a private CUDA MPS daemon (nvidia-cuda-mps-control -d), without, "
+                   "or both.")
+@click.option("--gpus", default="1", show_default=True,
+              help="gpu: GPU counts each job sees (comma-separated; 'all': every GPU, one rank per GPU when they "
+                   "are as many as the ranks).")
+@click.option("--quick", is_flag=True, help="Tiny sizes (a tiny Llama shape, a few short prompts, one repeat): CI.")
+@click.option("--embed-prompts", type=int, default=None, help="embed-file: prompts generated (default 4096).")
+@click.option("--cpu-batch", type=int, default=None, help="cpu-batch: inputs in the job (default 64).")
+@click.option("--shape", type=click.Choice(["smollm2", "llama-1b", "tiny"]), default=None,
+              help="decode, prefill: random-weight Llama shape (default smollm2).")
+@click.option("--decode-tokens", type=int, default=None, help="decode: prompt length before the steps (default 8192).")
+@click.option("--decode-steps", type=int, default=None, help="decode: steps timed (default 8).")
+@click.option("--repeats", type=int, default=None, help="Timed repeats of anchors and CPU-row jobs (default 3).")
+@click.option("--batch-tokens", type=int, default=None, help="Embedding jobs' --batch-tokens (default: rshard run's).")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True,
+              help="Embedding rows: the model of the sharded jobs (a bundled name or a weight file .h5).")
+@click.option("--st-model", default=None, help="Embedding rows: sentence-transformers' folder of the same model "
+                                              "(default: the bundled package's).")
+@click.option("--launcher", default="", help="MPI launcher command, followed by -n N (default: mpiexec from PATH; "
+                                             "Open MPI's with --oversubscribe, and --allow-run-as-root as root).")
+@click.option("--timeout-s", type=float, default=600, show_default=True, help="Limit of each job or anchor process.")
+@click.option("--time-limit-s", type=float, default=None, help="Rows not started by then are reported as skipped.")
+@click.option("--out", default="", help="Append the table here. Default: docs/bench_suite_<device>.md (cpu, h200, …).")
+def bench_suite_cmd(device, rows, layouts, gpus, quick, mps, model, st_model, launcher, timeout_s, time_limit_s, out,
+                    batch_tokens, **sizes):
+    """Every row of the performance table (issue 13) against its plaintext anchor in one run: run it as a plain
+    process (not under mpiexec); it launches the sharded jobs itself and writes one markdown table."""
+    from rshard_hpc.bench.suite import (DEFAULT_ROWS, FULL, QUICK, ROW_NAMES, Options, parse_layouts, run_suite,
+                                        sizes_with)
+
+    chosen = [r.strip() for r in (rows or DEFAULT_ROWS[device]).split(",") if r.strip()]
+    unknown = [r for r in chosen if r not in ROW_NAMES]
+    if unknown:
+        raise click.UsageError(f"unknown rows {', '.join(unknown)} (choose from {', '.join(ROW_NAMES)})")
+    try:
+        counts = tuple(None if g.strip() == "all" else int(g) for g in gpus.split(","))
+        opts = Options(device=device, rows=tuple(chosen), layouts=tuple(parse_layouts(layouts)), mps=mps, gpus=counts,
+                       sizes=sizes_with(QUICK if quick else FULL, **sizes), launcher=launcher,
+                       model=model, st_model=st_model, batch_tokens=batch_tokens, timeout_s=timeout_s, time_limit_s=time_limit_s, out=out)
+    except ValueError as exc:
+        raise click.UsageError(str(exc))
+    run_suite(opts, echo=lambda line: click.echo(line, err=not line.startswith("rshard bench suite")))
 
 
 @bench.command("passes")

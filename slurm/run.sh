@@ -35,6 +35,12 @@
 #   RSHARD_GPUS_PER_NODE=4                    when submitting: ask for GPUs (and as many tasks per node)
 #   RSHARD_SBATCH_ARGS="--time=4:00:00 -p gpu" when submitting: more sbatch options
 #   RSHARD_DEVICE=cpu|gpu                     force the device (default: gpu when the job has GPUs)
+#   RSHARD_MPS=1                              GPU jobs: run the ranks under a CUDA MPS control daemon on each
+#                                             node (several ranks share a GPU better), started before the
+#                                             doctor check and stopped when run.sh ends; skipped with a note
+#                                             where nvidia-cuda-mps-control is missing. Pipes and logs go to
+#                                             CUDA_MPS_PIPE_DIRECTORY / CUDA_MPS_LOG_DIRECTORY (default: a
+#                                             folder of this job under /tmp)
 set -euo pipefail
 
 job=${1:?usage: run.sh JOB_FILE [rshard run options]  (see the comments at the top of slurm/run.sh)}
@@ -68,6 +74,39 @@ elif [[ ${RSHARD_DEVICE:-} == gpu || $gpus_here =~ ^[1-9] || -n ${SLURM_JOB_GPUS
   device=(--device gpu)
 fi
 
+mps_step=
+start_mps() {  # RSHARD_MPS=1 on a GPU job: a CUDA MPS control daemon on every node of the job
+  [[ ${RSHARD_MPS:-0} == 1 && ${#device[@]} -gt 0 ]] || return 0
+  if ! command -v nvidia-cuda-mps-control >/dev/null; then
+    echo "run.sh: RSHARD_MPS=1, but nvidia-cuda-mps-control is not on PATH: running without MPS" >&2
+    return 0
+  fi
+  export CUDA_MPS_PIPE_DIRECTORY=${CUDA_MPS_PIPE_DIRECTORY:-/tmp/rshard-mps-$SLURM_JOB_ID/pipe}
+  export CUDA_MPS_LOG_DIRECTORY=${CUDA_MPS_LOG_DIRECTORY:-/tmp/rshard-mps-$SLURM_JOB_ID/log}
+  local start='mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY" && nvidia-cuda-mps-control -d'
+  trap stop_mps EXIT
+  if (( ${SLURM_JOB_NUM_NODES:-1} > 1 )); then
+    # a step's processes end with it: one task a node starts its daemon and stays, beside the job's steps
+    srun --overlap --ntasks-per-node=1 -N "$SLURM_JOB_NUM_NODES" bash -c "$start && exec sleep infinity" &
+    mps_step=$!
+    sleep 3
+  else
+    bash -c "$start"
+  fi
+  echo "run.sh: CUDA MPS daemon started (pipes in $CUDA_MPS_PIPE_DIRECTORY)" >&2
+}
+
+stop_mps() {
+  local quit='echo quit | nvidia-cuda-mps-control'
+  if [[ -n $mps_step ]]; then
+    srun --overlap --ntasks-per-node=1 -N "$SLURM_JOB_NUM_NODES" bash -c "$quit" || true
+    kill "$mps_step" 2>/dev/null || true
+  else
+    bash -c "$quit" || true
+  fi
+  echo "run.sh: CUDA MPS daemon stopped" >&2
+}
+
 launch() {  # launch NAME COMMAND...: run COMMAND on $ntasks ranks with launcher NAME
   local name=$1; shift
   case $name in
@@ -92,6 +131,7 @@ default_launchers() {  # the srun plugins this Slurm has, in the order the MPI l
   echo "${out[*]} mpiexec"
 }
 
+start_mps
 if [[ -n ${RSHARD_LAUNCHER:-} ]]; then
   candidates=(site)
 else

@@ -66,8 +66,14 @@ def run_bench(topo, opts: dict) -> None:
     _report(rows, cfg, topo, opts)
 
 
+def bench_prompt(cfg: ModelConfig, n_tokens: int, seed: int) -> np.ndarray:
+    """The benchmark's prompt of n_tokens ids (seeded by the length: every length its own prompt)."""
+    return np.random.default_rng(seed + n_tokens).integers(3, cfg.vocab_size, n_tokens)
+
+
 def _client_round(topo, client, prompt, decode_steps, head_fn):
-    """One batch of one sequence: prefill, then greedy decode steps. Returns (prefill s, step times, stats)."""
+    """One batch of one sequence: prefill, then greedy decode steps. Returns (prefill s, step times, stats,
+    the prefill's last logits, the last decode step's logits or None, the tokens the decode steps fed)."""
     n_tokens = len(prompt)
     collectives.bcast(topo.world, True)
     client.begin_batch([n_tokens + max(decode_steps, 1)])
@@ -75,28 +81,29 @@ def _client_round(topo, client, prompt, decode_steps, head_fn):
     last = client.step([(0, n_tokens)], [prompt], "last")
     prefill_s = time.perf_counter() - t0
     logits = head_fn(last)
-    token, steps = int(np.argmax(logits[0])), []
+    token, steps, fed, step_logits = int(np.argmax(logits[0])), [], [], None
     for step in range(decode_steps):
         t0 = time.perf_counter()
         out = client.step([(n_tokens + step, n_tokens + step + 1)], [[token]], "last")
         steps.append(time.perf_counter() - t0)
-        token = int(np.argmax(head_fn(out)[0]))
+        fed.append(token)
+        step_logits = head_fn(out)[0]
+        token = int(np.argmax(step_logits))
     client.end_batch()
     client.stop()
     stats = collectives.gather_objects(topo.world, rank_stats(topo, {}, client.transport))[1:]
-    return prefill_s, steps, stats, logits[0]
+    return prefill_s, steps, stats, logits[0], step_logits, fed
 
 
 def _client_one(topo, client, cfg, head, head_logits, n_tokens, opts, tensors) -> dict:
-    rng = np.random.default_rng(opts["seed"] + n_tokens)
-    prompt = rng.integers(3, cfg.vocab_size, n_tokens)
+    prompt = bench_prompt(cfg, n_tokens, opts["seed"])
     head_fn = lambda rows: head_logits(cfg, head, rows)  # noqa: E731
     # round 1 warms up (kernel compilation, buffers) and times the decode steps
-    _, steps, stats_both, _ = _client_round(topo, client, prompt, opts["decode_steps"], head_fn)
+    _, steps, stats_both, _, step_logits, fed = _client_round(topo, client, prompt, opts["decode_steps"], head_fn)
     # then PLAIN_REPEATS rounds time the prefill alone; the median round is reported (its phase split too)
     timed = sorted((_client_round(topo, client, prompt, 0, head_fn) for _ in range(PLAIN_REPEATS)),
                    key=lambda r: r[0])
-    prefill_s, _, stats, logits = timed[len(timed) // 2]
+    prefill_s, _, stats, logits = timed[len(timed) // 2][:4]
     sent = sum(s["bytes_sent"] for s in stats)
     decode_bytes = (sum(s["bytes_sent"] for s in stats_both) - sent) / max(opts["decode_steps"], 1)
     row = {"tokens": n_tokens, "prefill_s": prefill_s, "sharded_tok_s": n_tokens / prefill_s,
@@ -115,6 +122,9 @@ def _client_one(topo, client, cfg, head, head_logits, n_tokens, opts, tensors) -
         row["ratio"] = row["sharded_tok_s"] / row["plain_tok_s"]
         row["logit_diff"] = float(np.abs(plain["logits"] - logits).max())
         row["logit_rel"] = row["logit_diff"] / max(float(np.abs(plain["logits"]).max()), 1e-30)
+        if fed:  # the last decode step's logits against the plaintext model on the prompt and the fed tokens
+            plain_step = plain_last_logits(plain["model"], np.concatenate([prompt, fed]))
+            row["decode_logit_diff"] = float(np.abs(plain_step - step_logits).max())
     return row
 
 
@@ -137,13 +147,14 @@ def _decode_split(with_decode: list, prefill_only: list, steps: int) -> str:
     return ", ".join(cells)
 
 
-def _plaintext(cfg: ModelConfig, tensors: dict, prompt: np.ndarray, opts: dict) -> dict:
-    """The same weights as a transformers LlamaForCausalLM on one device (GPU if asked), same precision."""
+def hf_model(cfg: ModelConfig, tensors: dict, device: str, dtype: str):
+    """The same weights as a transformers LlamaForCausalLM (SDPA) on one device ("gpu": cuda where torch sees
+    one), in `dtype` (float32 or bfloat16), in eval mode."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    device = "cuda" if opts["device"] == "gpu" and torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if opts["dtype"] == "bfloat16" else torch.float32
+    torch_device = "cuda" if device == "gpu" and torch.cuda.is_available() else "cpu"
+    torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     hf_cfg = LlamaConfig(hidden_size=cfg.hidden, intermediate_size=cfg.intermediate, num_hidden_layers=cfg.n_layers,
                          num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                          vocab_size=cfg.vocab_size, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps,
@@ -151,7 +162,55 @@ def _plaintext(cfg: ModelConfig, tensors: dict, prompt: np.ndarray, opts: dict) 
     hf_cfg._attn_implementation = "sdpa"
     model = LlamaForCausalLM(hf_cfg)
     model.load_state_dict(_hf_state_dict(cfg, tensors), strict=False)
-    model = model.to(device=device, dtype=dtype).eval()
+    return model.to(device=torch_device, dtype=torch_dtype).eval()
+
+
+def plain_last_logits(model, ids: np.ndarray) -> np.ndarray:
+    """The transformers model's float32 logits at the last of `ids` (one sequence)."""
+    import torch
+
+    with torch.no_grad():
+        out = model(torch.tensor(ids[None], device=model.device), logits_to_keep=1)
+    return out.logits[0, -1].float().cpu().numpy()
+
+
+def plain_decode_ms(model, prompt: np.ndarray, steps: int) -> float:
+    """transformers `generate` (greedy, KV cache) after `prompt`: milliseconds per new token, the median time
+    between successive decode steps (a logits processor notes when each step's logits are ready) over
+    PLAIN_REPEATS calls after a warm-up; the prefill (the first token) is not counted."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    cuda = model.device.type == "cuda"
+
+    class StepClock(LogitsProcessor):
+        def __init__(self):
+            self.times = []
+
+        def __call__(self, input_ids, scores):
+            if cuda:
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter())
+            return scores
+
+    ids = torch.tensor(prompt[None], device=model.device)
+    intervals = []
+    with torch.no_grad():
+        for run in range(PLAIN_REPEATS + 1):  # run 0 warms up
+            clock = StepClock()
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps + 1,
+                           min_new_tokens=steps + 1, do_sample=False, use_cache=True, pad_token_id=0,
+                           logits_processor=LogitsProcessorList([clock]))
+            intervals += list(np.diff(clock.times)) if run else []
+    return 1e3 * float(np.median(intervals))
+
+
+def _plaintext(cfg: ModelConfig, tensors: dict, prompt: np.ndarray, opts: dict) -> dict:
+    """The same weights as a transformers LlamaForCausalLM on one device (GPU if asked), same precision."""
+    import torch
+
+    model = hf_model(cfg, tensors, opts["device"], opts["dtype"])
+    device = model.device.type
     ids = torch.tensor(prompt[None], device=device)
 
     def prefill():
@@ -168,7 +227,7 @@ def _plaintext(cfg: ModelConfig, tensors: dict, prompt: np.ndarray, opts: dict) 
         runs = [prefill() for _ in range(PLAIN_REPEATS)]
         seconds = float(np.median([t for t, _ in runs]))
         logits = model.lm_head(runs[-1][1].last_hidden_state[:, -1])  # last_hidden_state is already normed
-    return {"seconds": seconds, "logits": logits[0].float().cpu().numpy()}
+    return {"seconds": seconds, "logits": logits[0].float().cpu().numpy(), "model": model}
 
 
 def _hf_state_dict(cfg: ModelConfig, tensors: dict) -> dict:
@@ -190,7 +249,7 @@ COLUMNS = [("tokens", "{:d}"), ("sharded_tok_s", "{:,.0f}"), ("plain_tok_s", "{:
            ("prefill_s", "{:.3f}"), ("prepass_s", "{:.3f}"), ("attention_s", "{:.3f}"), ("postpass_s", "{:.3f}"),
            ("mpi_s", "{:.3f}"), ("staging_s", "{:.3f}"), ("layer_bytes", "{:,.0f}"),
            ("expected_layer_bytes", "{:,.0f}"), ("decode_ms", "{:.1f}"), ("decode_step_bytes", "{:,.0f}"),
-           ("logit_diff", "{:.1e}"), ("logit_rel", "{:.1e}"), ("decode_split", "{}")]
+           ("logit_diff", "{:.1e}"), ("logit_rel", "{:.1e}"), ("decode_logit_diff", "{:.1e}"), ("decode_split", "{}")]
 
 
 def _report(rows, cfg, topo, opts) -> None:
@@ -208,7 +267,7 @@ def _report(rows, cfg, topo, opts) -> None:
               "decode_split is a decode step's ms per phase on the slowest rank (GPU phases: device/host ms); "
               "with cuda-ipc, mpi_s is the small offsets exchange and staging_s the device-to-device copies; "
               "logit_diff is the max abs difference of the last-position logits against the plaintext model, logit_rel "
-              "that over the largest plaintext logit; both tokens/s are the median of 3 prefills after a same-length "
+              "that over the largest plaintext logit, decode_logit_diff that of the last decode step's logits; both tokens/s are the median of 3 prefills after a same-length "
               "warm-up."]
     text = "\n".join(lines)
     print(text, flush=True)

@@ -20,3 +20,4 @@ def test_bench_job_tiny(tmp_path, dtype, logit_tol):
         assert cells["layer_bytes"] == cells["expected_layer_bytes"]
         print(dtype, cells["logit_diff"])
         assert float(cells["logit_diff"]) < logit_tol  # the sharded model is the plaintext model
+        assert float(cells["decode_logit_diff"]) < logit_tol  # decoding too (the last step's logits)

@@ -1,0 +1,474 @@
+"""`rshard bench suite`: every row of issue 13's performance table with its plaintext anchor, in one run.
+
+A plain process (not under MPI) that, for each row, layout and GPU setting, starts the sharded side as an MPI
+job (`LAUNCHER -n N python -m rshard_hpc.cli run|bench job …`), reads the job's own numbers (the run summary's
+in-job seconds, bench job's table) and its wall time, runs the plaintext anchor in this process on the same
+device (anchors.py), compares the outputs, and writes one markdown table. A row that fails (a job's error, a
+timeout, a missing package) is a failed row with the error's last lines, never the end of the suite.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from rshard_hpc.bench import launch
+from rshard_hpc.bench.anchors import ST_BATCH, Anchors
+from rshard_hpc.bench.common import append_table
+from rshard_hpc.bench.prompts import (
+    prompt_id,
+    token_prompts,
+    word_prompts,
+    write_prompts,
+)
+
+CPU_ROWS = ("cpu-one", "cpu-batch")  # MiniLM on CPU ranks, whatever --device says
+ROW_NAMES = ("embed-file", "embed-small", "decode", "prefill-512", "prefill-8k") + CPU_ROWS
+DEFAULT_ROWS = {"cpu": "cpu-one,cpu-batch,embed-small,embed-file", "gpu": "embed-file,embed-small,decode,prefill-512,"
+                                                                          "prefill-8k"}
+QUOTED_CPU = "SPU-Puma 36.3 s, CrypTen 15.6 s for one 128-token input (quoted from their papers, not rerun)"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The workloads' sizes: the issue's (FULL) or tiny ones for CI (QUICK); options override single fields."""
+    embed_prompts: int = 4096  # embed-file: prompts of 12-200 words
+    small_prompts: int = 12  # embed-small
+    cpu_tokens: int = 128  # cpu-one, cpu-batch: tokens of each input ([CLS] and [SEP] included)
+    cpu_batch: int = 64  # cpu-batch: inputs in one job
+    shape: str = "smollm2"  # decode, prefill: bench job's random-weight Llama shape
+    layers: int | None = None  # that shape's layers (None: all)
+    prefill_short: int = 512
+    prefill_long: int = 8192
+    decode_tokens: int = 8192  # the prompt before the decode steps
+    decode_steps: int = 8
+    repeats: int = 3  # timed repeats (median) of anchors and of the CPU rows' jobs
+
+
+FULL = Sizes()
+QUICK = Sizes(embed_prompts=16, small_prompts=4, cpu_tokens=24, cpu_batch=3, shape="tiny", prefill_short=32,
+              prefill_long=64, decode_tokens=64, decode_steps=2, repeats=1)
+
+
+@dataclass(frozen=True)
+class Layout:
+    alpha: int
+    beta: int
+    c_a: int = 1
+
+    @property
+    def ranks(self) -> int:
+        return 1 + self.alpha + self.beta ** 2
+
+    def args(self) -> list:
+        return ["--alpha", self.alpha, "--beta", self.beta, "--c-a", self.c_a]
+
+    def __str__(self) -> str:
+        return f"α={self.alpha} β={self.beta} c_a={self.c_a} ({self.ranks} ranks)"
+
+
+def parse_layouts(text: str) -> list:
+    """"3x3c2,2x2" -> [Layout(3, 3, 2), Layout(2, 2, 1)]."""
+    out = []
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        m = re.fullmatch(r"(\d+)x(\d+)(?:c(\d+))?", item)
+        if not m:
+            raise ValueError(f"layout {item!r}: write ALPHAxBETA or ALPHAxBETAcC_A, e.g. 3x3c2")
+        out.append(Layout(int(m[1]), int(m[2]), int(m[3] or 1)))
+    return out
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Where a row runs: the layout, the GPUs the job sees (None: all, or no GPU) and CUDA MPS."""
+    layout: Layout
+    device: str
+    gpus: int | None = None
+    mps: bool = False
+    env: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def label(self) -> str:
+        if self.device == "cpu":
+            return f"{self.layout}, CPU"
+        gpus = "all GPUs" if self.gpus is None else f"{self.gpus} GPU{'s' if self.gpus != 1 else ''}"
+        return f"{self.layout}, {gpus}, MPS {'on' if self.mps else 'off'}"
+
+
+@dataclass
+class Row:
+    workload: str
+    layout: str
+    rshard: str
+    anchor: str = "-"
+    ratio: float | None = None
+    target: str = "-"
+    met: bool | None = None
+    diff: str = "-"
+    failed: str = ""  # why, when the row failed
+
+    def cells(self) -> list:
+        if self.failed:
+            return [self.workload, self.layout, "FAILED: " + _one_line(self.failed), self.anchor, "-", self.target,
+                    "failed", "-"]
+        ratio = "-" if self.ratio is None else f"{self.ratio:.2f}x"
+        met = "-" if self.met is None else ("yes" if self.met else "no")
+        return [self.workload, self.layout, self.rshard, self.anchor, ratio, self.target, met, self.diff]
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    flat = " / ".join(line.strip() for line in text.strip().splitlines() if line.strip())
+    return flat[-limit:].replace("|", "\\|")
+
+
+@dataclass
+class Options:
+    device: str = "cpu"
+    rows: tuple = ()
+    layouts: tuple = ()
+    mps: str = "off"  # on | off | both (GPU only)
+    gpus: tuple = (1,)  # GPU counts a job sees (None: all)
+    sizes: Sizes = FULL
+    launcher: str = ""
+    model: str = "all-MiniLM-L6-v2"  # the embedding rows' rshard model (a bundled name or a weight file)
+    st_model: str | None = None  # sentence-transformers' folder of the same model (None: the bundled package's)
+    batch_tokens: int | None = None
+    timeout_s: float = 600  # one subprocess
+    time_limit_s: float | None = None  # the whole suite: later rows are skipped
+    out: str = ""
+    workdir: str | None = None
+
+
+class Suite:
+    def __init__(self, opts: Options, echo=print):
+        self.opts, self.sizes, self.echo = opts, opts.sizes, echo
+        self.launcher = opts.launcher or launch.default_launcher()
+        self.anchors = Anchors(opts.device, opts.sizes.repeats, opts.st_model)
+        self.started = time.perf_counter()
+        self.rows: list = []
+        self.notes: list = []
+        self._bench_tables = {}
+        self._work = Path(opts.workdir or tempfile.mkdtemp(prefix="rshard-bench-suite-"))
+
+    # ------------------------------------------------------------------------------------------------ driving
+    def run(self) -> str:
+        cpu_rows = [r for r in self.opts.rows if r in CPU_ROWS]
+        dev_rows = [r for r in self.opts.rows if r not in CPU_ROWS]
+        for layout in self.opts.layouts:
+            for name in cpu_rows:
+                self._run_row(name, Setting(layout, "cpu"))
+        if dev_rows and self.opts.device == "cpu":
+            for layout in self.opts.layouts:
+                for name in dev_rows:
+                    self._run_row(name, Setting(layout, "cpu"))
+        elif dev_rows:
+            for mps in {"on": [True], "off": [False], "both": [False, True]}[self.opts.mps]:
+                self._gpu_rows(dev_rows, mps)
+        return self.table()
+
+    def _gpu_rows(self, names: list, mps: bool) -> None:
+        with launch.mps_daemon(mps) as (mps_env, note):
+            if mps_env is None:
+                self.notes.append(note)
+                self.echo(f"[suite] {note}")
+                return
+            if note:
+                self.notes.append(note)
+            for gpus in self.opts.gpus:
+                for layout in self.opts.layouts:
+                    env = dict(mps_env, **launch.gpu_env(gpus))
+                    for name in names:
+                        self._run_row(name, Setting(layout, "gpu", gpus, mps, env))
+
+    def _run_row(self, name: str, setting: Setting) -> None:
+        limit = self.opts.time_limit_s
+        if limit is not None and time.perf_counter() - self.started > limit:
+            self.rows.append(Row(name, setting.label(), "skipped: the suite's --time-limit-s was reached"))
+            return
+        self.echo(f"[suite] {name}: {setting.label()} ({time.perf_counter() - self.started:.0f} s so far)")
+        try:
+            rows = ROWS[name](self, setting)
+        except Exception as exc:  # noqa: BLE001 - a failed row is reported, the suite goes on
+            why = str(exc) if isinstance(exc, RowFailed) else traceback.format_exc(limit=4)
+            rows = [Row(name, setting.label(), "", failed=why)]
+        for row in rows:
+            self.echo("[suite]   " + " | ".join(row.cells()))
+            if row.failed:
+                self.echo(f"[suite]   {name} failed:\n{row.failed}")
+        self.rows.extend(rows)
+        if self.opts.out:  # the table so far, in case the suite is cut short (OUT.partial; removed at the end)
+            Path(self.opts.out + ".partial").write_text(self.table() + "\n")
+
+    # ------------------------------------------------------------------------------------------------ jobs
+    def job(self, setting: Setting, args: list) -> launch.Finished:
+        """The sharded side: an MPI job of the layout's ranks; RowFailed with its last lines when it fails."""
+        cmd = launch.rshard_command(self.launcher, setting.layout.ranks, args)
+        done = launch.run_command(cmd, self.opts.timeout_s, env=launch.job_env(setting.env))
+        if not done.ok:
+            raise RowFailed(done.why())
+        return done
+
+    def embed_job(self, setting: Setting, prompts: Path, tag: str) -> dict:
+        """`rshard run --task embed` of a prompt file: in-job seconds and tokens (its summary), wall seconds
+        (this process's clock around it) and the embeddings in prompt order (its results file)."""
+        out = self._work / f"{tag}.h5"
+        args = ["run", "--task", "embed", "--model", self.opts.model, "--prompts", prompts, "--out", out, "--overwrite",
+                "--quiet", "--truncate", "--allow-weak-plan", "--device", setting.device] + setting.layout.args()
+        if self.opts.batch_tokens:
+            args += ["--batch-tokens", self.opts.batch_tokens]
+        done = self.job(setting, args)
+        summary = re.search(r"done: (\d+) prompts, (\d+) tokens in ([0-9.]+) s", done.stderr)
+        if summary is None:
+            raise RowFailed(f"no `done:` line in the job's output: {done.tail()}")
+        return {"job_s": float(summary[3]), "tokens": int(summary[2]), "wall_s": done.wall_s,
+                "embeddings": read_embeddings(out)}
+
+    def bench_table(self, setting: Setting, dtype: str) -> dict:
+        """bench job's rows by token count for this setting and precision (one job for all rows needing it)."""
+        key = (setting.layout, setting.gpus, setting.mps, dtype)
+        if key not in self._bench_tables:
+            self._bench_tables[key] = self._bench_job(setting, dtype)
+        table = self._bench_tables[key]
+        if isinstance(table, RowFailed):
+            raise table
+        return table
+
+    def _bench_job(self, setting: Setting, dtype: str):
+        s, rows = self.sizes, self.opts.rows
+        tokens = sorted({n for n, row in [(s.prefill_short, "prefill-512"), (s.prefill_long, "prefill-8k"),
+                                           (s.decode_tokens if dtype == "float32" else 0, "decode")]
+                         if n and row in rows})
+        steps = s.decode_steps if dtype == "float32" and "decode" in rows else 0
+        out = self._work / f"bench_job_{len(self._bench_tables)}.md"
+        args = ["bench", "job", "--shape", s.shape, "--tokens", ",".join(map(str, tokens)), "--decode-steps", steps,
+                "--device", setting.device, "--dtype", dtype, "--out", out] + setting.layout.args()
+        if s.layers:
+            args += ["--layers", s.layers]
+        try:
+            self.job(setting, args)
+            return read_bench_table(out)
+        except RowFailed as exc:
+            return exc  # kept: the other rows of this job fail with the same words, without running it again
+
+    # ------------------------------------------------------------------------------------------------ output
+    def table(self) -> str:
+        s = self.sizes
+        head = ["workload", "layout", "rshard", "anchor", "ratio", "target", "met?", "output diff"]
+        title = (f"rshard bench suite: device {self.opts.device} ({device_name(self.opts.device)}), launcher "
+                 f"`{self.launcher}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+                 f"{time.perf_counter() - self.started:.0f} s")
+        lines = [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(row.cells()) + " |" for row in self.rows]
+        lines += ["", "ratio = anchor time / rshard time (rshard's speed relative to the anchor; >= 1: rshard is "
+                      f"faster). Anchors run in this process on the same device, after a warm-up, median of {s.repeats}: "
+                      + "; ".join(text for rows, text in self._anchor_notes() if set(rows) & set(self.opts.rows))
+                      + ". Output diff = max abs difference of the L2-normalized embeddings or of the logits against "
+                      "the anchor. In-job seconds are the run summary's `done:` time; wall is the launcher's whole "
+                      "process."]
+        if any(r in self.opts.rows for r in CPU_ROWS):
+            lines.append(f"CPU rows: other anchors, {QUOTED_CPU}; the jobs' times are medians of {s.repeats} jobs.")
+        lines += [f"Note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+    def _anchor_notes(self) -> list:
+        """(the rows it serves, how the anchor is measured)."""
+        st = (f"sentence-transformers fp32, batch {ST_BATCH} (its wall: a fresh process that imports, loads and "
+              "encodes)")
+        prefill = (f"transformers prefill (bench job's plaintext side: the same random {self.sizes.shape} weights, "
+                   "same precision)")
+        generate = "transformers `generate` fp32 (KV cache, greedy: the median time between successive decode steps)"
+        return [(("embed-file", "embed-small"), st), (("prefill-512", "prefill-8k"), prefill), (("decode",), generate),
+                (CPU_ROWS, "rshard's NumPy single-process forward")]
+
+
+class RowFailed(RuntimeError):
+    """A row's job or anchor failed: the message is what the row shows."""
+
+
+# ---------------------------------------------------------------------------------------------------- rows
+def embed_file(suite: Suite, setting: Setting) -> list:
+    n = suite.sizes.embed_prompts
+    texts = suite.anchors.kept(("embed-file texts", n), lambda: word_prompts(n, seed=0))
+    prompts = suite.anchors.kept(("embed-file file", n), lambda: write_prompts(suite._work / "embed_file.jsonl",
+                                                                               texts))
+    anchor = suite.anchors.kept(("st", n), lambda: suite.anchors.st_encode(texts))
+    wall = suite.anchors.kept(("st wall", n), lambda: suite.anchors.st_wall(prompts, suite.opts.timeout_s))
+    job = suite.embed_job(setting, prompts, "embed_file")
+    diff = f"{max_abs(job['embeddings'], anchor['embeddings']):.1e}"
+    ratio = anchor["seconds"] / job["job_s"]
+    workload = f"embedding {n} prompts of 12-200 words ({job['tokens']:,} tokens)"
+    return [Row(workload, setting.label(), f"{job['job_s']:.2f} s in the job", f"{anchor['seconds']:.2f} s "
+                f"(sentence-transformers fp32, batch {ST_BATCH})", ratio, ">= 0.5x job time", ratio >= 0.5, diff),
+            Row("same job: wall, and time outside the job", setting.label(),
+                f"wall {job['wall_s']:.1f} s ({job['wall_s'] - job['job_s']:.1f} s outside the job)",
+                f"wall {wall['wall_s']:.1f} s ({wall['wall_s'] - wall['encode_s']:.1f} s outside encode)",
+                wall["wall_s"] / job["wall_s"], "wall <= 2x the anchor's", job["wall_s"] <= 2 * wall["wall_s"], diff)]
+
+
+def embed_small(suite: Suite, setting: Setting) -> list:
+    n = suite.sizes.small_prompts
+    texts = word_prompts(n, seed=1)
+    prompts = suite.anchors.kept(("small file", n), lambda: write_prompts(suite._work / "embed_small.jsonl", texts))
+    anchor = suite.anchors.kept(("st", "small", n), lambda: suite.anchors.st_encode(texts))
+    wall = suite.anchors.kept(("st wall", "small", n), lambda: suite.anchors.st_wall(prompts, suite.opts.timeout_s))
+    job = suite.embed_job(setting, prompts, "embed_small")
+    return [Row(f"a {n}-prompt embedding job", setting.label(),
+                f"{job['wall_s']:.2f} s wall ({job['job_s']:.2f} s in the job)",
+                f"{wall['wall_s']:.2f} s wall (sentence-transformers, fresh process)", wall["wall_s"] / job["wall_s"],
+                "<= 3 s wall", job["wall_s"] <= 3.0, f"{max_abs(job['embeddings'], anchor['embeddings']):.1e}")]
+
+
+def decode(suite: Suite, setting: Setting) -> list:
+    s = suite.sizes
+    row = bench_row(suite.bench_table(setting, "float32"), s.decode_tokens)
+    plain = suite.anchors.kept(("decode", s.shape, s.decode_tokens, s.decode_steps),
+                               lambda: suite.anchors.decode_ms(s.shape, s.decode_tokens, s.layers, s.decode_steps, 0))
+    ours = float(row["decode_ms"])
+    if row.get("decode_split", "-") != "-":
+        suite.notes.append(f"decode step at {setting.label()}, ms per phase on the slowest rank (GPU: device/host): "
+                           f"{row['decode_split']}")
+    return [Row(f"decode step, {s.shape} shape, {s.decode_tokens} prompt, fp32", setting.label(),
+                f"{ours:.1f} ms/step (median of {s.decode_steps})", f"{plain:.1f} ms/token (transformers generate "
+                f"fp32)", plain / ours, "<= plaintext", ours <= plain, row.get("decode_logit_diff", "-"))]
+
+
+def prefill(length_field: str, targets: dict):
+    def rows(suite: Suite, setting: Setting) -> list:
+        n = getattr(suite.sizes, length_field)
+        out = []
+        for dtype, (target, floor) in targets.items():
+            try:
+                row = bench_row(suite.bench_table(setting, dtype), n)
+            except RowFailed as exc:
+                out.append(Row(f"prefill {n} tokens, {dtype}", setting.label(), "", target=target, failed=str(exc)))
+                continue
+            ratio = float(row["ratio"])
+            out.append(Row(f"prefill {n} tokens, {dtype}, {suite.sizes.shape} shape", setting.label(),
+                           f"{row['sharded_tok_s']} tokens/s", f"{row['plain_tok_s']} tokens/s (transformers "
+                           f"{dtype})", ratio, target, ratio >= floor, row.get("logit_diff", "-")))
+        return out
+    return rows
+
+
+def cpu_one(suite: Suite, setting: Setting) -> list:
+    return _cpu_rows(suite, setting, 1)
+
+
+def cpu_batch(suite: Suite, setting: Setting) -> list:
+    return _cpu_rows(suite, setting, suite.sizes.cpu_batch)
+
+
+def _cpu_rows(suite: Suite, setting: Setting, count: int) -> list:
+    """MiniLM on `count` inputs of cpu_tokens tokens: median of `repeats` jobs against the NumPy forward."""
+    from rshard_hpc.models import weights
+    from rshard_hpc.models.registry import resolve_model
+    from rshard_hpc.models.tokenizer import TextCodec
+
+    s, path = suite.sizes, resolve_model(suite.opts.model)
+    texts = suite.anchors.kept(("cpu texts", count), lambda: token_prompts(
+        TextCodec(path, weights.read_config(path)), count, s.cpu_tokens, seed=2 + count))
+    prompts = write_prompts(suite._work / f"cpu_{count}.jsonl", texts)
+    anchor = suite.anchors.kept(("numpy", count), lambda: suite.anchors.numpy_forward(path, texts, batch=count > 1))
+    jobs = [suite.embed_job(setting, prompts, f"cpu_{count}") for _ in range(s.repeats)]
+    job_s, wall_s = float(np.median([j["job_s"] for j in jobs])), float(np.median([j["wall_s"] for j in jobs]))
+    diff = f"{max(max_abs(j['embeddings'], anchor['embeddings']) for j in jobs):.1e}"
+    ratio = anchor["seconds"] / job_s
+    if count == 1:
+        return [Row(f"CPU: one {s.cpu_tokens}-token input (MiniLM)", setting.label(),
+                    f"{job_s:.3f} s in the job ({wall_s:.1f} s wall)", f"{1e3 * anchor['seconds']:.0f} ms "
+                    f"(NumPy single-process forward)", ratio, "<= 0.36 s in the job", job_s <= 0.36, diff)]
+    per, plain_per = 1e3 * job_s / count, 1e3 * anchor["seconds"] / count
+    return [Row(f"CPU: {count} inputs of {s.cpu_tokens} tokens in one job (MiniLM)", setting.label(),
+                f"{per:.1f} ms/prompt in the job ({wall_s:.1f} s wall)", f"{plain_per:.1f} ms/prompt (NumPy "
+                f"single-process forward, one batch)", ratio, "<= 36 ms/prompt and >= 0.5x", per <= 36 and ratio >= 0.5,
+                diff)]
+
+
+ROWS = {"embed-file": embed_file, "embed-small": embed_small, "decode": decode,
+        "prefill-512": prefill("prefill_short", {"float32": (">= 0.5x", 0.5), "bfloat16": (">= 0.5x", 0.5)}),
+        "prefill-8k": prefill("prefill_long", {"float32": (">= 1x (stay)", 1.0), "bfloat16": (">= 0.5x", 0.5)}),
+        "cpu-one": cpu_one, "cpu-batch": cpu_batch}
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+def read_embeddings(path) -> np.ndarray:
+    """A results file's embeddings in prompt order (ids p00000, p00001, … as write_prompts names them)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        ids = f["ids"].asstr()[()].tolist()
+        emb = f["embeddings"][()]
+    order = {pid: i for i, pid in enumerate(ids)}
+    return emb[[order[prompt_id(i)] for i in range(len(ids))]]
+
+
+def read_bench_table(path) -> dict:
+    """bench job's markdown table: {tokens: {column: cell text}}."""
+    lines = Path(path).read_text().splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("| tokens |")), None)
+    if start is None:
+        raise RowFailed(f"bench job wrote no table to {path}")
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    table = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("| "):
+            break
+        cells = dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
+        table[int(cells["tokens"])] = cells
+    return table
+
+
+def bench_row(table: dict, tokens: int) -> dict:
+    if tokens not in table:
+        raise RowFailed(f"bench job has no row for {tokens} tokens")
+    return table[tokens]
+
+
+def max_abs(a: np.ndarray, b: np.ndarray) -> float:
+    if a.shape != b.shape:
+        raise RowFailed(f"the job's output has shape {a.shape}, the anchor's {b.shape}")
+    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
+
+
+def device_name(device: str) -> str:
+    if device != "gpu":
+        return "CPU"
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU seen by torch"
+    except ImportError:
+        return "GPU"
+
+
+def default_out(device: str) -> str:
+    """docs/bench_suite_<device>.md: cpu, or the GPU's model (h200)."""
+    name = device_name(device).split()[-1].lower() if device == "gpu" else "cpu"
+    return f"docs/bench_suite_{re.sub(r'[^a-z0-9]+', '', name) or device}.md"
+
+
+def run_suite(opts: Options, echo=print) -> str:
+    """Run the suite, print and append its table to opts.out (default_out when empty); return the table."""
+    opts = replace(opts, out=opts.out or default_out(opts.device))
+    Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
+    suite = Suite(opts, echo)
+    try:
+        text = suite.run()
+    finally:
+        if opts.workdir is None:  # prompt files, results files and bench job tables of this run
+            shutil.rmtree(suite._work, ignore_errors=True)
+    echo(text)
+    append_table(opts.out, text)
+    Path(opts.out + ".partial").unlink(missing_ok=True)
+    return text
+
+
+def sizes_with(sizes: Sizes, **over) -> Sizes:
+    """Sizes with the given fields replaced (None values ignored)."""
+    return replace(sizes, **{k: v for k, v in over.items() if v is not None})
