@@ -15,7 +15,7 @@ import numpy as np
 from rshard_hpc.dist import collectives
 from rshard_hpc.engine.routing import Routing, last_of_each_sequence, step_tokens, wanted_local_rows
 from rshard_hpc.engine.stats import PhaseTimer
-from rshard_hpc.plan.schemes import PlanSpec, make_plan
+from rshard_hpc.plan.schemes import PlanSpec, batch_plans
 
 
 class Client:
@@ -30,7 +30,7 @@ class Client:
     def begin_batch(self, lens) -> None:
         lens = [int(n) for n in lens]
         collectives.bcast(self.topo.world, {"op": "batch", "lens": lens})
-        self.plans = [make_plan(self.spec, n) for n in lens]
+        self.plans = batch_plans(self.spec, lens)
 
     def step(self, ranges, ids_per_seq, want: str = "all"):
         """ids_per_seq[b]: token ids of positions ranges[b]. Returns the final rows (n_rows, d) in step order
