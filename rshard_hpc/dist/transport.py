@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from rshard_hpc.dist.collectives import _displs, _mpi
+from rshard_hpc.dist.collectives import _displs, _mpi, settle, wait
 from rshard_hpc.dist.cuda_ipc import IPC_MODES, _try_device_ipc
 from rshard_hpc.errors import RshardError
 from rshard_hpc.ops.arrays import to_host, xp_of
@@ -79,8 +79,12 @@ class Transport:
         if on_gpu:
             xp.cuda.get_current_stream().synchronize()  # the stream must be idle before MPI touches memory
         t1 = time.perf_counter()
-        comm.Alltoallv([host_send, (send_counts, _displs(send_counts)), mpi_type],
-                       [host_recv, (recv_counts, _displs(recv_counts)), mpi_type])
+        buffers = ([host_send, (send_counts, _displs(send_counts)), mpi_type],
+                   [host_recv, (recv_counts, _displs(recv_counts)), mpi_type])
+        if on_gpu:
+            comm.Alltoallv(*buffers)
+        else:
+            wait(comm.Ialltoallv(*buffers))  # host buffers: a waiting rank may sleep (collectives.wait)
         t2 = time.perf_counter()
         if staged:
             recv = xp.empty(n_recv, dtype=dtype)
@@ -127,6 +131,7 @@ class Transport:
         """Client (root of comm) sends per_rank[r] (int64 ids) to rank r; returns this rank's ids."""
         MPI = _mpi()
         rank = comm.Get_rank()
+        settle(comm)
         counts = comm.bcast([len(a) for a in per_rank] if rank == 0 else None, root=0)
         counts = np.asarray(counts, dtype=np.int64)
         recv = np.empty(counts[rank], dtype=np.int64)
@@ -141,6 +146,7 @@ class Transport:
         """Each non-root rank sends rows (n_r, width) float32 to the client; root gets a list per rank."""
         MPI = _mpi()
         rows = np.ascontiguousarray(to_host(rows), dtype=np.float32).reshape(-1, width)
+        settle(comm)  # the client waits here for the whole layer stack
         counts = comm.gather(rows.size, root=0)
         if comm.Get_rank() != 0:
             comm.Gatherv([rows, MPI.FLOAT], None, root=0)
