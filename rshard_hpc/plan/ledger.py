@@ -77,7 +77,7 @@ class LedgerRecorder:
             seq = np.concatenate([c[0] for c in chunks])
             pos = np.concatenate([c[1] for c in chunks])
             per_form[form] = blocks_by_owner(seq, pos)
-            if form == "partial":
+            if form == "partial" and len(seq):
                 per_form[form] = self._partials(seq, pos, np.concatenate([c[2] for c in chunks], axis=1),
                                                 per_form[form])
         out: dict = {}

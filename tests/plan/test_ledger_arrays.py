@@ -201,6 +201,15 @@ def test_worker_ledger_and_check_equal_the_loops(spec, causal, generate):
                    for doc in new_docs for r, e in doc["ranks"].items())
 
 
+@pytest.mark.parametrize("spec,causal,generate", CASES)
+def test_ranks_without_tokens(spec, causal, generate):
+    """A batch of one short prompt leaves some CompNodes and AttnNodes without a token: an empty ledger."""
+    per_node = _batch_ledgers(spec, [1 + generate], [1], causal, generate)
+    assert any(new == {} for _, new in per_node.values())
+    for node, (old, new) in per_node.items():
+        assert json.dumps(new) == json.dumps(old), node
+
+
 def _plant(docs, rng, spec):
     """A copy of docs with one fault: a position outside a view, a wrong key count, a wrong node or key group."""
     docs = copy.deepcopy(docs)
