@@ -23,7 +23,8 @@ WAIT_LONGEST_S = 2e-3  # the longest pause: what a wait can overshoot by
 
 
 @lru_cache(maxsize=1)
-def _sleeping() -> bool:
+def sleeping_waits() -> bool:
+    """Whether this rank's waits sleep between polls (launcher.sleep_while_waiting, read once)."""
     from rshard_hpc.dist.launcher import sleep_while_waiting
 
     return sleep_while_waiting()
@@ -33,7 +34,7 @@ def wait(request) -> None:
     """Complete a nonblocking MPI request. Where ranks outnumber cores (launcher.sleep_while_waiting) the rank
     sleeps between tests, backing off, so that waiting ranks leave the cores to the ones working; otherwise
     MPI's own Wait."""
-    if not _sleeping():
+    if not sleeping_waits():
         request.Wait()
         return
     pause = WAIT_FIRST_S
@@ -45,7 +46,7 @@ def wait(request) -> None:
 def settle(comm) -> None:
     """Wait (as `wait` does) until every rank of comm is here: before a blocking collective that may wait long
     for a rank still working (the client preparing, reports being written, a layer computing)."""
-    if _sleeping():
+    if sleeping_waits():
         wait(comm.Ibarrier())
 
 
@@ -91,7 +92,10 @@ def _displs(counts: np.ndarray) -> np.ndarray:
 
 
 def barrier(comm) -> None:
-    wait(comm.Ibarrier())
+    if sleeping_waits():
+        wait(comm.Ibarrier())
+    else:
+        comm.Barrier()
 
 
 def gather_objects(comm, obj, root: int = 0):

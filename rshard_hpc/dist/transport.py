@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from rshard_hpc.dist.collectives import _displs, _mpi, settle, wait
+from rshard_hpc.dist.collectives import _displs, _mpi, settle, sleeping_waits, wait
 from rshard_hpc.dist.cuda_ipc import IPC_MODES, _try_device_ipc
 from rshard_hpc.errors import RshardError
 from rshard_hpc.ops.arrays import to_host, xp_of
@@ -81,10 +81,10 @@ class Transport:
         t1 = time.perf_counter()
         buffers = ([host_send, (send_counts, _displs(send_counts)), mpi_type],
                    [host_recv, (recv_counts, _displs(recv_counts)), mpi_type])
-        if on_gpu:
-            comm.Alltoallv(*buffers)
+        if sleeping_waits() and not on_gpu:
+            wait(comm.Ialltoallv(*buffers))  # host buffers, ranks outnumber cores: a waiting rank sleeps
         else:
-            wait(comm.Ialltoallv(*buffers))  # host buffers: a waiting rank may sleep (collectives.wait)
+            comm.Alltoallv(*buffers)
         t2 = time.perf_counter()
         if staged:
             recv = xp.empty(n_recv, dtype=dtype)
