@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from functools import lru_cache
 
 import numpy as np
 
@@ -16,13 +17,48 @@ def _mpi():
     return MPI
 
 
+# ------------------------------------------------------------------------------------------ waiting
+WAIT_FIRST_S = 50e-6  # a sleeping wait's first pause; it doubles up to WAIT_LONGEST_S
+WAIT_LONGEST_S = 2e-3  # the longest pause: what a wait can overshoot by
+
+
+@lru_cache(maxsize=1)
+def sleeping_waits() -> bool:
+    """Whether this rank's waits sleep between polls (launcher.sleep_while_waiting, read once)."""
+    from rshard_hpc.dist.launcher import sleep_while_waiting
+
+    return sleep_while_waiting()
+
+
+def wait(request) -> None:
+    """Complete a nonblocking MPI request. Where ranks outnumber cores (launcher.sleep_while_waiting) the rank
+    sleeps between tests, backing off, so that waiting ranks leave the cores to the ones working; otherwise
+    MPI's own Wait."""
+    if not sleeping_waits():
+        request.Wait()
+        return
+    pause = WAIT_FIRST_S
+    while not request.Test():
+        time.sleep(pause)
+        pause = min(2 * pause, WAIT_LONGEST_S)
+
+
+def settle(comm) -> None:
+    """Wait (as `wait` does) until every rank of comm is here: before a blocking collective that may wait long
+    for a rank still working (the client preparing, reports being written, a layer computing)."""
+    if sleeping_waits():
+        wait(comm.Ibarrier())
+
+
 def bcast(comm, obj, root: int = 0):
     """Pickled broadcast of a small control object (no token content)."""
+    settle(comm)
     return comm.bcast(obj, root=root)
 
 
 def agree(comm, error: str | None) -> None:
     """Collective: if any rank has an error message, every rank raises RshardError (the first message)."""
+    settle(comm)
     errors = comm.allgather(error)
     found = [e for e in errors if e]
     if found:
@@ -56,16 +92,21 @@ def _displs(counts: np.ndarray) -> np.ndarray:
 
 
 def barrier(comm) -> None:
-    comm.Barrier()
+    if sleeping_waits():
+        wait(comm.Ibarrier())
+    else:
+        comm.Barrier()
 
 
 def gather_objects(comm, obj, root: int = 0):
+    settle(comm)
     return comm.gather(obj, root=root)
 
 
 def gather_ledger(comm, ledger, root: int = 0):
     """Every rank's visibility ledger (a small dict of position ranges, no token content) to the client;
     the root gets the list by rank, the others None."""
+    settle(comm)
     return comm.gather(ledger, root=root)
 
 
@@ -104,7 +145,7 @@ def bcast_arrays(comm, arrays: dict | None, error: str | None = None, root: int 
     header = None
     if is_root:
         header = {"error": error} if error else {"meta": [(k, a.shape, a.dtype.str) for k, a in arrays.items()]}
-    header = comm.bcast(header, root=root)
+    header = bcast(comm, header, root=root)
     if header.get("error"):
         raise RshardError(header["error"])
     out = {}

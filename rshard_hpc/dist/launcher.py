@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from rshard_hpc.errors import InputError
+
 # Launcher variables holding a rank's index among the ranks of its node, most specific first: the MPI
 # launcher's own before Slurm's, since `mpiexec` inside an allocation inherits SLURM_LOCALID=0 on every rank.
 LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK", "SLURM_LOCALID")
@@ -28,11 +30,28 @@ def world_rank() -> int:
     return 0
 
 
+WAIT_ENV = "RSHARD_WAIT"  # how a rank waits for the others: "sleep", "spin", or unset (sleep when oversubscribed)
+
+
+def oversubscribed() -> bool:
+    """More ranks of this job on this node than it has cores (as the launcher announces them)."""
+    local = os.environ.get("MPI_LOCALNRANKS") or os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE") or _slurm_local_tasks()
+    return local.isdigit() and int(local) > (os.cpu_count() or 1)
+
+
+def sleep_while_waiting() -> bool:
+    """Whether a rank waiting for others sleeps between polls (leaving the cores to the ranks that work) rather
+    than spinning in MPI: RSHARD_WAIT=sleep|spin, else sleep when oversubscribed."""
+    mode = os.environ.get(WAIT_ENV, "").strip().lower()
+    if mode not in ("", "sleep", "spin"):
+        raise InputError(f"{WAIT_ENV} must be sleep or spin (got {mode!r})")
+    return mode == "sleep" or (not mode and oversubscribed())
+
+
 def tune_mpi_env() -> None:
     """Before MPI starts: when more ranks than cores share this node, let MPICH yield instead of spinning
     (busy-polling ranks otherwise starve each other). Set MPIR_CVAR_ENABLE_HEAVY_YIELD yourself to override."""
-    local = os.environ.get("MPI_LOCALNRANKS") or os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE") or _slurm_local_tasks()
-    if local.isdigit() and int(local) > (os.cpu_count() or 1):
+    if oversubscribed():
         os.environ.setdefault("MPIR_CVAR_ENABLE_HEAVY_YIELD", "1")
 
 

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from rshard_hpc.dist.collectives import _displs, _mpi
+from rshard_hpc.dist.collectives import _displs, _mpi, settle, sleeping_waits, wait
 from rshard_hpc.ops.arrays import to_host, xp_of
 
 
@@ -82,8 +82,12 @@ class Transport:
         if on_gpu:
             xp.cuda.get_current_stream().synchronize()  # the stream must be idle before MPI touches memory
         t1 = time.perf_counter()
-        comm.Alltoallv([host_send, (send_counts, _displs(send_counts)), mpi_type],
-                       [host_recv, (recv_counts, _displs(recv_counts)), mpi_type])
+        buffers = ([host_send, (send_counts, _displs(send_counts)), mpi_type],
+                   [host_recv, (recv_counts, _displs(recv_counts)), mpi_type])
+        if sleeping_waits() and not on_gpu:
+            wait(comm.Ialltoallv(*buffers))  # host buffers, ranks outnumber cores: a waiting rank sleeps
+        else:
+            comm.Alltoallv(*buffers)
         t2 = time.perf_counter()
         if staged:
             recv = xp.empty(n_recv, dtype=dtype)
@@ -116,6 +120,7 @@ class Transport:
         """Client (root of comm) sends per_rank[r] (int64 ids) to rank r; returns this rank's ids."""
         MPI = _mpi()
         rank = comm.Get_rank()
+        settle(comm)
         counts = comm.bcast([len(a) for a in per_rank] if rank == 0 else None, root=0)
         counts = np.asarray(counts, dtype=np.int64)
         recv = np.empty(counts[rank], dtype=np.int64)
@@ -147,6 +152,7 @@ class Transport:
         """Each non-root rank sends rows (n_r, width) float32 to the client; root gets a list per rank."""
         MPI = _mpi()
         rows = np.ascontiguousarray(to_host(rows), dtype=np.float32).reshape(-1, width)
+        settle(comm)  # the client waits here for the whole layer stack
         counts = comm.gather(rows.size, root=0)
         if comm.Get_rank() != 0:
             comm.Gatherv([rows, MPI.FLOAT], None, root=0)

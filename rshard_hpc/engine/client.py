@@ -17,7 +17,7 @@ from rshard_hpc.dist import collectives
 from rshard_hpc.engine.routing import Routing, last_of_each_sequence, step_tokens, wanted_local_rows
 from rshard_hpc.engine.stats import PhaseTimer
 from rshard_hpc.ops.arrays import to_host
-from rshard_hpc.plan.schemes import PlanSpec, make_plan
+from rshard_hpc.plan.schemes import PlanSpec, batch_plans
 
 
 class Client:
@@ -34,7 +34,7 @@ class Client:
     def begin_batch(self, lens) -> None:
         lens = [int(n) for n in lens]
         collectives.bcast(self.topo.world, {"op": "batch", "lens": lens})
-        self.plans = [make_plan(self.spec, n) for n in lens]
+        self.plans = batch_plans(self.spec, lens)
         if self.layers is not None:
             self.layers.reset()
 

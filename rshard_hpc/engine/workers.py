@@ -13,8 +13,8 @@ from rshard_hpc.models.client_layers import comp_input_form
 from rshard_hpc.ops.attention import prepare_attention
 from rshard_hpc.ops.precision import pack_partial, partial_slots, wire_dtype
 from rshard_hpc.ops.wire import WireRoutes
-from rshard_hpc.plan.ledger import compact_ledger, visible_key_counts
-from rshard_hpc.plan.schemes import PlanSpec, make_plan
+from rshard_hpc.plan.ledger import LedgerRecorder, step_key_counts
+from rshard_hpc.plan.schemes import PlanSpec, batch_plans
 
 
 class _Worker:
@@ -27,7 +27,7 @@ class _Worker:
         self.slots = partial_slots(cfg.head_dim, self.wire)  # wire elements per (row, head) of a partial
         self.timer = PhaseTimer(xp)
         self.plans = []
-        self.ledger = []  # (form, seq, positions) records of what this rank received (architecture.md §4)
+        self.ledger = LedgerRecorder()  # what this rank received (architecture.md §4)
 
     def serve(self) -> None:
         while True:
@@ -36,7 +36,7 @@ class _Worker:
             if op == "stop":
                 return
             if op == "batch":
-                self.plans = [make_plan(self.spec, n) for n in header["lens"]]
+                self.plans = batch_plans(self.spec, header["lens"])
                 self.begin_batch()
             elif op == "step":
                 tokens = step_tokens(self.plans, header["ranges"])
@@ -44,8 +44,8 @@ class _Worker:
             elif op == "end":
                 self.end_batch()
                 # the batch's visibility ledger goes to the client (architecture.md §4); token content never does
-                collectives.gather_ledger(self.topo.world, {"node": self.topo.node.name, "records": compact_ledger(self.ledger)})
-                self.ledger = []
+                collectives.gather_ledger(self.topo.world, {"node": self.topo.node.name, "records": self.ledger.compact()})
+                self.ledger = LedgerRecorder()
 
     def begin_batch(self):
         pass
@@ -53,10 +53,8 @@ class _Worker:
     def end_batch(self):
         pass
 
-    def record(self, form: str, tokens: StepTokens, idx: np.ndarray, **extra) -> None:
-        for s in np.unique(tokens.seq[idx]):
-            sel = idx[tokens.seq[idx] == s]
-            self.ledger.append({"form": form, "seq": int(s), "pos": tokens.pos[sel].tolist(), **extra})
+    def record(self, form: str, tokens: StepTokens, idx: np.ndarray) -> None:
+        self.ledger.add(form, tokens.seq[idx], tokens.pos[idx])
 
 
 class CompWorker(_Worker):
@@ -102,14 +100,13 @@ class CompWorker(_Worker):
     def record_partials(self, tokens: StepTokens, mine: np.ndarray) -> None:
         """Ledger: for each of my queries, the key count of the partial from each AttnNode of its row (every
         layer alike), from the plan: keys of group j computed so far, pos_k <= p when causal."""
-        for s in np.unique(tokens.seq[mine]):
-            sel = mine[tokens.seq[mine] == s]
-            upto = int(tokens.pos[tokens.seq == s].max()) + 1  # the AttnNodes hold keys 0 … upto-1 of s
-            pos = tokens.pos[sel]
-            counts = visible_key_counts(self.plans[s][1], pos, self.topo.beta, self.cfg.causal, upto=upto)
-            for j in range(self.topo.beta):
-                self.ledger.append({"form": "partial", "seq": int(s), "pos": pos.tolist(), "key_group": j,
-                                    "keys": counts[j].tolist()})
+        upto = np.zeros(len(self.plans), dtype=np.int64)  # sequence s: the AttnNodes hold keys 0 … upto[s]-1
+        np.maximum.at(upto, tokens.seq, tokens.pos.astype(np.int64) + 1)
+        plan_len = np.array([len(group) for _, group in self.plans], dtype=np.int64)
+        groups = {len(group): group for _, group in self.plans}  # one plan a length (batch_plans)
+        seq, pos = tokens.seq[mine], tokens.pos[mine]
+        counts = step_key_counts(groups, plan_len, seq, pos.astype(np.int64), upto, self.topo.beta, self.cfg.causal)
+        self.ledger.add_partials(seq, pos, counts)
 
     def _send_counts(self, routes: WireRoutes) -> np.ndarray:
         """Elements I send each AttnNode (i, j): q of my rows of group i, k and v of my rows of group j."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from rshard_hpc.models import weights
-from rshard_hpc.models.common import gelu_input, layer_norm, linear, place_tensors
+from rshard_hpc.models.common import erf_of, gelu_input, layer_norm, linear, place_tensors
 from rshard_hpc.models.config import ModelConfig
 from rshard_hpc.ops.precision import gemm_input, matmul_t
 
@@ -21,6 +21,7 @@ class Bert:
         self.cfg, self.xp, self.dtype = cfg, xp, dtype
         matrices = [weights.layer_key(i, name) for i in range(cfg.n_layers) for name in MATRIX_KEYS]
         self.t = place_tensors(tensors, xp, dtype, matrices)
+        erf_of(xp)  # GELU's erf imported now (start-up), not in the first forward
 
     @staticmethod
     def tensor_keys(cfg: ModelConfig) -> list:

@@ -87,13 +87,19 @@ def rms_norm_input(x, weight, eps: float, matrix, residual=None):
     return h, gemm_input(rms_norm(h, weight, eps), matrix)
 
 
-def gelu(x):
-    """Exact (erf) GELU, as BERT uses."""
-    xp = xp_of(x)
+def erf_of(xp):
+    """SciPy's erf for NumPy arrays, cupyx's for CuPy. scipy.special takes about a second to import: a model
+    that uses it asks for it when it is built, so that the import is start-up, not its first forward's time."""
     if xp is np:
         from scipy.special import erf
     else:
         from cupyx.scipy.special import erf
+    return erf
+
+
+def gelu(x):
+    """Exact (erf) GELU, as BERT uses."""
+    erf = erf_of(xp_of(x))
     return (x * 0.5 * (1.0 + erf(x * GELU_INV_SQRT2))).astype(x.dtype)
 
 

@@ -64,6 +64,13 @@ def make_plan(spec: PlanSpec, n: int) -> tuple[np.ndarray, np.ndarray]:
     return comp.astype(np.int32), group.astype(np.int32)
 
 
+def batch_plans(spec: PlanSpec, lens) -> list[tuple[np.ndarray, np.ndarray]]:
+    """make_plan for every sequence of a batch: a plan is a function of (spec, n), so sequences of one length
+    share one (read-only) plan."""
+    by_length = {n: make_plan(spec, n) for n in set(lens)}
+    return [by_length[n] for n in lens]
+
+
 def _random_chunks(rng, n: int, chunk: int, parts: int, window: int, third_distinct: bool = False) -> np.ndarray:
     """Chunks of `chunk` positions; each chunk's part is drawn uniformly among the parts not used by the
     `window` chunks before it (so a part's chunks are >= window * chunk positions apart). With

@@ -86,10 +86,35 @@ INF = float("inf")
 def blocks_of(positions) -> list[list[int]]:
     """Sorted unique positions as blocks [start, length, period, count]: `count` runs of `length` positions
     starting at start, start + period, … (period 0 when count is 1). A strided view is one or two blocks."""
-    runs = run_bounds(sorted_unique(positions))
+    starts, lengths = run_bounds(sorted_unique(positions))
+    return _merge_runs(starts.tolist(), lengths.tolist())
+
+
+def blocks_by_owner(owner, positions) -> dict:
+    """{owner: blocks_of(its positions)} for many owners at once (e.g. sequences of a batch): owner and positions
+    are (n,) ints; one sort for all of them, only the merging of runs into blocks is per owner."""
+    owner, positions = np.asarray(owner, dtype=np.int64), np.asarray(positions, dtype=np.int64)
+    if not owner.size:
+        return {}
+    order = np.lexsort((positions, owner))
+    owner, positions = owner[order], positions[order]
+    keep = np.concatenate([[True], (owner[1:] != owner[:-1]) | (positions[1:] != positions[:-1])])
+    owner, positions = owner[keep], positions[keep]
+    new_run = np.concatenate([[True], (owner[1:] != owner[:-1]) | (np.diff(positions) != 1)])
+    first = np.flatnonzero(new_run)
+    lengths = np.diff(np.append(first, len(positions)))
+    run_owner, starts = owner[first], positions[first]
+    cuts = np.flatnonzero(np.diff(run_owner)) + 1
+    bounds = zip(np.concatenate([[0], cuts]).tolist(), np.append(cuts, len(first)).tolist())
+    starts, lengths, owners = starts.tolist(), lengths.tolist(), run_owner.tolist()
+    return {owners[a]: _merge_runs(starts[a:b], lengths[a:b]) for a, b in bounds}
+
+
+def _merge_runs(starts: list, lengths: list) -> list[list[int]]:
+    """Runs (ascending starts) grouped greedily into blocks: a run joins the last block when it has the block's
+    length and, past the block's second run, follows at the block's period."""
     blocks: list[list[int]] = []
-    for start, length in zip(*runs):
-        start, length = int(start), int(length)
+    for start, length in zip(starts, lengths):
         if blocks:
             b = blocks[-1]
             last = b[0] + (b[3] - 1) * b[2]
@@ -106,6 +131,21 @@ def expand_blocks(blocks) -> np.ndarray:
     """The sorted positions of blocks_of's output."""
     parts = [np.arange(s + t * p, s + t * p + n) for s, n, p, count in blocks for t in range(count)]
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+def expand_blocks_many(block_lists) -> tuple[np.ndarray, np.ndarray]:
+    """(owner, positions) (n,) int64: the positions of every blocks_of output in block_lists, each in
+    expand_blocks's order, owner[t] the index of the list position t came from."""
+    rows = [(i, *b) for i, blocks in enumerate(block_lists) for b in blocks]
+    if not rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    owner, start, length, period, count = np.asarray(rows, dtype=np.int64).T
+    run_block = np.repeat(np.arange(len(rows)), count)  # (runs,)
+    step = np.arange(len(run_block)) - np.repeat(np.cumsum(count) - count, count)
+    run_start, run_length = start[run_block] + step * period[run_block], length[run_block]
+    run_of = np.repeat(np.arange(len(run_block)), run_length)  # (n,)
+    offset = np.arange(len(run_of)) - np.repeat(np.cumsum(run_length) - run_length, run_length)
+    return owner[run_block][run_of], run_start[run_of] + offset
 
 
 def format_blocks(blocks) -> str:
@@ -126,13 +166,11 @@ def format_blocks(blocks) -> str:
 
 def rle(values) -> list[list[int]]:
     """Run-length code [[value, repeat], …] of a sequence of ints."""
-    out: list[list[int]] = []
-    for v in np.asarray(values, dtype=np.int64).tolist():
-        if out and out[-1][0] == v:
-            out[-1][1] += 1
-        else:
-            out.append([v, 1])
-    return out
+    values = np.asarray(values, dtype=np.int64).ravel()
+    if not values.size:
+        return []
+    first = np.flatnonzero(np.concatenate([[True], values[1:] != values[:-1]]))
+    return np.stack([values[first], np.diff(np.append(first, values.size))], axis=1).tolist()
 
 
 def unrle(pairs) -> np.ndarray:

@@ -30,6 +30,7 @@ class Prepared:
 
     model_path: str
     error: str | None = None
+    cfg: object = None  # the model's ModelConfig, read once by the client (workers need not open the weight file)
 
 
 def _prepare_client(topo, opts: RunOptions, spec: PlanSpec):
@@ -77,7 +78,7 @@ class ClientJob:
         self.skipped = len(prompts) - len(self.todo)
         self.token_ids = [tokenized[p.id] for p in self.todo]
         self.model_path = model_path
-        self.prepared = Prepared(str(model_path))
+        self.prepared = Prepared(str(model_path), cfg=self.cfg)
 
     def close(self) -> None:
         if self.writer is not None:

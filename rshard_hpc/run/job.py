@@ -49,12 +49,20 @@ def _set_up(world, topo, opts: RunOptions, spec, job):
     collectives.agree(world, error)  # every rank has its device before the workers probe CUDA IPC together
     worker, error = None, None
     try:
+        _first_use_imports()
         connect_workers(topo, transport, opts.transport)
-        worker = _make_worker(topo, spec, prepared.model_path, xp, transport, opts.dtype, opts.client_layers)
+        worker = _make_worker(topo, spec, prepared.model_path, prepared.cfg, xp, transport, opts.dtype,
+                              opts.client_layers)
     except RshardError as exc:
         error = str(exc)
     collectives.agree(world, error)
     return worker
+
+
+def _first_use_imports() -> None:
+    """What NumPy imports on first use, imported in the set-up rather than inside the first batch: np.unique
+    loads numpy.ma (NumPy 2.x), 0.1 s a rank."""
+    import numpy.ma  # noqa: F401
 
 
 def _play(world, topo, job, worker) -> None:
@@ -73,14 +81,16 @@ def _play(world, topo, job, worker) -> None:
     collectives.barrier(world)  # the client's reports are written: no rank ends (or is signalled out) before
 
 
-def _make_worker(topo, spec, model_path, xp, transport, dtype="float32", client_layers: int = 0):
+def _make_worker(topo, spec, model_path, cfg, xp, transport, dtype="float32", client_layers: int = 0):
+    """cfg: the model's config as the client read it (an AttnNode never opens the weight file)."""
     from rshard_hpc.engine.client import Client
     from rshard_hpc.engine.workers import AttnWorker, CompWorker
-    from rshard_hpc.models import build_model, read_model_tensors, weights
     from rshard_hpc.models.client_layers import load_client_layers
 
-    cfg = weights.read_config(model_path)
-    if topo.role == "comp":  # CompNode 0 reads the weights; the others receive them over comp_comm
+    if topo.role == "comp":
+        from rshard_hpc.models import build_model, read_model_tensors
+
+        # CompNode 0 reads the weights; the others receive them over comp_comm
         tensors = collectives.load_on_root(topo.comp_comm, lambda: read_model_tensors(model_path, cfg))
         return CompWorker(topo, spec, build_model(cfg, tensors, dtype, xp), transport, xp=xp, dtype=dtype,
                           first_layer=client_layers)

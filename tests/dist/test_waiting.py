@@ -1,0 +1,39 @@
+"""Waiting ranks sleep between polls where ranks outnumber cores (issue 13): the choice, and that a job's results
+do not depend on it."""
+import h5py
+import pytest
+from conftest import rshard
+
+from rshard_hpc.dist.launcher import WAIT_ENV, oversubscribed, sleep_while_waiting
+from rshard_hpc.errors import InputError
+
+
+def test_sleep_when_oversubscribed_unless_told(monkeypatch):
+    for var in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_STEP_TASKS_PER_NODE", WAIT_ENV):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    assert not oversubscribed() and not sleep_while_waiting()
+    monkeypatch.setenv("MPI_LOCALNRANKS", "5")
+    assert oversubscribed() and sleep_while_waiting()
+    monkeypatch.setenv(WAIT_ENV, "spin")
+    assert not sleep_while_waiting()
+    monkeypatch.setenv("MPI_LOCALNRANKS", "4")
+    monkeypatch.setenv(WAIT_ENV, "Sleep")
+    assert sleep_while_waiting()
+    monkeypatch.setenv(WAIT_ENV, "nap")
+    with pytest.raises(InputError, match="RSHARD_WAIT must be sleep or spin"):
+        sleep_while_waiting()
+
+
+def test_results_alike_sleeping_or_spinning(tmp_path, tiny_bert):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"w{i} " * (3 + 7 * i) + "\n" for i in range(6)))
+    rows = {}
+    for mode in ("sleep", "spin"):
+        out = tmp_path / f"{mode}.h5"
+        result = rshard(7, ["run", "--model", tiny_bert, "--prompts", prompts, "--out", out, "--alpha", 2, "--beta", 2,
+                            "--batch-tokens", 40, "--quiet", "--allow-weak-plan"], env={WAIT_ENV: mode})
+        assert result.returncode == 0, result.stderr
+        with h5py.File(out) as f:
+            rows[mode] = (f["embeddings"][()].tobytes(), list(f["privacy/ledger"][()]))
+    assert rows["sleep"] == rows["spin"]
