@@ -9,6 +9,15 @@ import subprocess
 from rshard_hpc.dist.collectives import _mpi
 
 
+NO_EVIDENCE = "no evidence of CUDA support"  # the one verdict that is not a library's (or a setting's) own "no"
+
+
+def said_not_cuda_aware(evidence: str) -> bool:
+    """Whether a (False, evidence) of detect_cuda_aware is a definite no (an MPI that would crash on a device
+    buffer) rather than the absence of any evidence."""
+    return not evidence.startswith(NO_EVIDENCE)
+
+
 def detect_cuda_aware() -> tuple[bool, str]:
     """(True, evidence) only when the loaded MPI library says it moves CUDA device buffers; else (False, why).
 
@@ -37,7 +46,7 @@ def detect_cuda_aware() -> tuple[bool, str]:
         if built is not None:
             return built, f"ompi_info: mpi_built_with_cuda_support={str(built).lower()}"
     first_line = library.strip().splitlines()[0] if library.strip() else "unknown MPI"
-    return False, f"no evidence of CUDA support in {first_line}"
+    return False, f"{NO_EVIDENCE} in {first_line}"
 
 
 def mpi_library_version() -> str:

@@ -4,7 +4,8 @@ together over the workers' communicator from evidence, never from a guess.
 auto, in order: `nccl` where NCCL loads on every worker and each has a GPU of its own; else `ipc` where all
 workers share one node and a CUDA IPC probe is exact on every rank; else `mpi` (device buffers to MPI) where
 every rank's MPI library says it is CUDA-aware; else `staged` (pinned host buffers). An explicit `nccl` or `ipc`
-that cannot work is an RshardError naming why; an explicit `mpi` is trusted (the evidence is reported).
+that cannot work is an RshardError naming why; an explicit `mpi` is refused where the library says it is not
+CUDA-aware and trusted where there is no evidence either way (the evidence is reported).
 """
 from __future__ import annotations
 
@@ -45,6 +46,10 @@ def choose_transport(comm, transport, mode: str, *, load_nccl=nccl_transport.loa
             raise RshardError(f"--transport ipc: CUDA IPC cannot be used here ({why})")
         passed.append(f"not CUDA IPC: {why}")
     aware, evidence = _agreed_cuda_aware(comm)
+    if mode == "mpi" and not aware and cuda_aware.said_not_cuda_aware(evidence):
+        raise RshardError(f"--transport mpi: this MPI library is not CUDA-aware ({evidence}); handing it device "
+                          f"buffers would crash. Use --transport staged (or auto), or a CUDA-aware MPI "
+                          f"(README: GPU transports)")
     if mode == "mpi" or aware:
         transport.gpu_aware = True
         said = "CUDA-aware" if aware else "CUDA-awareness not confirmed"
@@ -66,6 +71,8 @@ def predict(mode: str, *, nccl: str, shared: str, hosts: int, aware: bool, evide
     if mode == "auto" and not not_nccl:
         return "nccl", "NCCL on every worker, one GPU each"
     mpi = ("mpi", f"CUDA-aware MPI ({evidence})") if aware else ("staged", f"MPI not CUDA-aware: {evidence}")
+    if mode == "mpi" and not aware and cuda_aware.said_not_cuda_aware(evidence):
+        return "refused", f"--transport mpi: this MPI library is not CUDA-aware ({evidence})"
     if mode == "mpi":
         return "mpi", f"--transport mpi ({'CUDA-aware' if aware else 'CUDA-awareness not confirmed'}: {evidence})"
     if hosts > 1:

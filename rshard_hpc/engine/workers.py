@@ -40,6 +40,7 @@ class _Worker:
                 self.begin_batch()
             elif op == "step":
                 tokens = step_tokens(self.plans, header["ranges"])
+                self.transport.begin_step(len(tokens))
                 self.step(tokens, Routing(tokens, self.topo.alpha, self.topo.beta), header["want"])
             elif op == "end":
                 self.end_batch()

@@ -26,3 +26,23 @@ def test_transport_modes_without_gpu():
     assert choose_transport(None, t, "staged") == "--transport staged" and t.mode == "staged"
     with pytest.raises(RshardError, match="--transport"):
         choose_transport(None, t, "sometimes")
+
+
+def test_explicit_mpi_transport_is_refused_where_the_library_says_no(monkeypatch):
+    """A library's own "not CUDA-aware" refuses --transport mpi (a device buffer would crash it); with no
+    evidence either way the request is trusted."""
+    from rshard_hpc.dist import cuda_aware, transport_choice
+    from rshard_hpc.dist.transport import Transport
+    from rshard_hpc.errors import RshardError
+
+    class OneRank:
+        def allgather(self, x):
+            return [x]
+
+    monkeypatch.setattr(transport_choice, "_try_device_ipc", lambda comm: (None, "not tried"))
+    monkeypatch.setattr(cuda_aware, "detect_cuda_aware", lambda: (False, "MPIX_Query_cuda_support() = 0 in libmpi"))
+    with pytest.raises(RshardError, match="not CUDA-aware.*--transport staged"):
+        transport_choice.choose_transport(OneRank(), Transport(device=True), "mpi")
+    monkeypatch.setattr(cuda_aware, "detect_cuda_aware", lambda: (False, cuda_aware.NO_EVIDENCE + " in MPICH"))
+    t = Transport(device=True)
+    assert "not confirmed" in transport_choice.choose_transport(OneRank(), t, "mpi") and t.gpu_aware
