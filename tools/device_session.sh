@@ -1,0 +1,79 @@
+#!/bin/bash
+# One call on the lent GPU (issues 13 and 14): the CUDA-aware Open MPI (a prefix built elsewhere and carried
+# as .carry/ompi-cuda.tar.gz, or built here from .carry's sources), mpi4py against it, then stages in order,
+# each skipped once the call's time budget (BUDGET_S, default 540) is near.   logs go to $OUT
+#   usage: bash tools/device_session.sh STAGE...   stages: mpi unit engine jobs passes decode transports suite
+# Carried: .carry/ (ompi-cuda.tar.gz or openmpi_4.1*.orig.tar.*, mpi4py-*.tar.gz), .minilm/ (all-MiniLM-L6-v2
+# as a sentence-transformers folder, fp16 safetensors).
+set -u
+OUT=${OUT:-device_out}; mkdir -p "$OUT"
+BUDGET_S=${BUDGET_S:-540}
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 RSHARD_CACHE=/tmp/cache
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+export OMPI_MCA_btl_vader_single_copy_mechanism=none
+PREFIX=/tmp/ompi-cuda
+left() { echo $((BUDGET_S - SECONDS)); }
+stage() { echo "=== $1 $(date -u +%T) (${SECONDS} s in, $(left) s left)"; }
+enough() { [ "$(left)" -gt "$1" ] || { echo "--- skipped $2: $(left) s left"; return 1; }; }
+PT="python3 -m pytest -q -p no:cacheprovider -rs"
+if [ -d .minilm ]; then
+  python3 -m rshard_hpc convert .minilm /tmp/minilm.h5 > /dev/null && export RSHARD_MINILM_H5=/tmp/minilm.h5
+fi
+for what in "$@"; do case $what in
+mpi)  # the CUDA-aware MPI: unpack or build, mpi4py against it (in the background), the checks
+  stage "CUDA-aware Open MPI"
+  if [ -f .carry/ompi-cuda.tar.gz ]; then tar -xzf .carry/ompi-cuda.tar.gz -C /tmp
+  else SRC=.carry PREFIX=$PREFIX JOBS=16 bash tools/build_cuda_mpi.sh ompi 2>&1 | tail -n 5; fi
+  (SRC=$PWD/.carry PREFIX=$PREFIX bash tools/build_cuda_mpi.sh mpi4py; PREFIX=$PREFIX bash tools/build_cuda_mpi.sh check) \
+    > "$OUT/mpi.log" 2>&1 &
+  MPI_PID=$! ;;
+unit)  # no MPI: the kernels (key split too), the fused passes, the wire
+  stage unit; enough 60 unit && timeout $(( $(left) < 240 ? $(left) - 30 : 210 )) $PT -x -n 8 tests/ops/test_gpu_kernels.py \
+    tests/ops/test_gpu_passes.py tests/ops/test_wire.py 2>&1 | tail -n 6 ;;
+engine)  # every transport, the engine against NumPy, client layers on the GPU
+  [ -n "${MPI_PID:-}" ] && { wait $MPI_PID; grep -E "check|FAILED|did not" "$OUT/mpi.log"; }
+  [ -f $PREFIX/env.sh ] && . $PREFIX/env.sh && echo "MPI: $(command -v mpirun)"
+  timeout 30 mpirun -n 7 python3 -m rshard_hpc doctor --alpha 2 --beta 2 --device gpu --transport nccl 2>&1 | \
+    grep -E "CUDA-aware MPI:|transport|PROBLEM" | sort | uniq -c | head -n 6
+  stage engine; enough 60 engine && timeout $(( $(left) - 20 )) $PT tests/engine/test_gpu_engine.py \
+    tests/engine/test_client_layers.py -k "${ENGINE_K:-gpu or transport}" 2>&1 | tee "$OUT/engine.log" | \
+    grep -E "passed|failed|Error|FAIL|SKIP" | tail -n 25 ;;
+jobs)  # the real MiniLM job per transport and dtype, against the CPU job
+  stage jobs; enough 90 jobs && timeout $(( $(left) - 20 )) $PT tests/run/test_gpu_jobs.py -k "${JOBS_K:-minilm}" 2>&1 | \
+    tee "$OUT/jobs.log" | grep -E "passed|failed|Error|FAIL|SKIP" | tail -n 15 ;;
+passes)
+  stage passes; enough 40 passes && timeout 60 python3 -m rshard_hpc bench passes --device gpu --shape smollm2 \
+    --tokens 64 --repeat 30 --no-torch --out "$OUT/bench_passes.md" 2>&1 | grep -E "^\| (whole|chain: whole|sum)" ;;
+decode)  # a decode step's split per transport (8k prompt, alpha=2 beta=2)
+  for t in ipc staged mpi; do
+    stage "decode $t"; enough 40 decode || break
+    timeout 90 mpirun -n 7 python3 -m rshard_hpc bench job --alpha 2 --beta 2 --device gpu --tokens 8192 \
+      --decode-steps 16 --no-plaintext --transport $t --out "$OUT/bench_decode.md" 2>&1 | grep -E "^\| [0-9]|rror" | \
+      awk -F'|' '{print "prefill_s",$6,"decode_ms",$14,"split",$(NF-1)}'
+  done ;;
+transports)  # issue 14's table: per-layer exchange and decode step per transport, alpha=2 beta=2 and alpha=3 beta=3 c_a=2
+  for layout in "7 --alpha 2 --beta 2" "13 --alpha 3 --beta 3 --c-a 2"; do
+    set -- $layout; n=$1; shift
+    for t in staged ipc mpi; do
+      stage "transports $t $n"; enough 40 transports || break 2
+      timeout 100 mpirun -n $n python3 -m rshard_hpc bench job "$@" --device gpu --tokens 8192 --decode-steps 8 \
+        --no-plaintext --transport $t --out "$OUT/bench_transports.md" 2>&1 | grep -E "^\| [0-9]|rror" | cut -c1-200
+    done
+  done ;;
+old)  # the same bench job on the code before this session (.old534: rshard_hpc/ and kernels/ of 534c922)
+  for spec in ${OLD_SPECS:-float32:8192:8}; do  # dtype:tokens:decode steps
+    set -- ${spec//:/ }
+    for side in old new; do  # with the plaintext side: each run's own anchor and logit difference
+      stage "bench job $side $1 $2"; enough 40 old || break 2
+      PYTHONPATH=$([ $side = old ] && echo $PWD/.old534 || echo $PWD) timeout 90 mpirun -n 7 python3 -m rshard_hpc \
+        bench job --alpha 2 --beta 2 --device gpu --tokens $2 --decode-steps $3 --dtype $1 --out "$OUT/bench_old_new.md" \
+        2>&1 | grep -E "^\| [0-9]|rror" | cut -c1-240
+    done
+  done ;;
+suite)
+  stage suite; enough 120 suite && timeout $(( $(left) - 15 )) python3 -m rshard_hpc bench suite --device gpu \
+    --rows ${ROWS:-embed-file,embed-small,decode,prefill-512,prefill-8k} --layouts ${LAYOUTS:-3x3c2,2x2} \
+    --mps ${MPS:-both} --gpus 1 --model /tmp/minilm.h5 --st-model .minilm --launcher "mpirun" \
+    --decode-steps 8 --timeout-s 200 --time-limit-s $(( $(left) - 60 )) --out "$OUT/bench_suite_h200.md" 2>&1 | tail -n 40 ;;
+esac; done
+stage done
