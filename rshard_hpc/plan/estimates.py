@@ -6,16 +6,24 @@ from __future__ import annotations
 
 from rshard_hpc.errors import InputError
 
-# Made by (SmolLM2-135M-Instruct, the audit's 8 held-apart prompts, first 48 tokens each; 2026-12-02):
-#   rshard audit --client-layers 0,1,2,4 --alpha 3 --beta 3 --c-a 2
+# Made by (SmolLM2-135M-Instruct, the audit's 8 held-apart prompts, 237 tokens; training text 1,647 tokens; CPU,
+# 2026-12-02; K = 0, 1 / 2, 4 / 8, 16 ran as three commands with the same settings, each K is independent):
+#   rshard audit --client-layers 0,1,2,4 --match-prompts 1 --alpha 3 --beta 3 --c-a 2 --json --out audit.json
+#   rshard audit --client-layers 8,16 --match-nodes "" --no-fill --alpha 3 --beta 3 --c-a 2 --json
 # Per K and node kind: the largest fraction of the prompt tokens (seen and unseen, over all prompts) that the best
-# attack recovered from one node of that kind ("best": the attack of that node recovering the most).
-AUDIT_COMMAND = "rshard audit --client-layers 0,1,2,4 --alpha 3 --beta 3 --c-a 2"
+# attack recovered from one node of that kind (docs/privacy.md has the full table).
+AUDIT_COMMAND = "rshard audit --client-layers 0,1,2,4 --match-prompts 1 --alpha 3 --beta 3 --c-a 2"
 AUDIT_LAYOUT = {"scheme": "strided", "alpha": 3, "beta": 3, "c": 1, "c_a": 2}
 AUDIT_MODEL = "SmolLM2-135M-Instruct"
 AUDIT_BEST = {  # K -> node kind -> (best attack, recovered fraction of a prompt)
-    0: {"CompNode": ("ids", 0.0), "AttnNode i=j": ("nn", 0.0), "AttnNode i≠j": ("nn", 0.0)},
+    0: {"CompNode": ("ids", 0.380), "AttnNode i=j": ("nn", 0.392), "AttnNode i≠j": ("nn", 0.734)},
+    1: {"CompNode": ("linear", 0.346), "AttnNode i=j": ("linear", 0.359), "AttnNode i≠j": ("linear", 0.671)},
+    2: {"CompNode": ("linear", 0.346), "AttnNode i=j": ("linear", 0.333), "AttnNode i≠j": ("linear", 0.595)},
+    4: {"CompNode": ("linear", 0.287), "AttnNode i=j": ("linear", 0.270), "AttnNode i≠j": ("linear", 0.477)},
+    8: {"CompNode": ("linear", 0.236), "AttnNode i=j": ("linear", 0.207), "AttnNode i≠j": ("mlp", 0.409)},
+    16: {"CompNode": ("mlp", 0.211), "AttnNode i=j": ("linear", 0.198), "AttnNode i≠j": ("mlp", 0.350)},
 }
+RECOMMENDED_CLIENT_LAYERS = 4  # the knee of the table above (docs/privacy.md, "Decision")
 GOAL = 0.10  # issue 15: at most 10% of a prompt's tokens from any single node
 
 

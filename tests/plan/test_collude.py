@@ -99,3 +99,14 @@ def test_cli_collude():
 def test_cli_collude_errors(value, message):
     res = _plan("--collude", value)
     assert res.exit_code == 2 and message in res.output, res.output
+
+
+def test_audit_estimate():
+    from rshard_hpc.plan.estimates import AUDIT_BEST, RECOMMENDED_CLIENT_LAYERS, audit_estimate
+
+    got = audit_estimate(RECOMMENDED_CLIENT_LAYERS)
+    assert got["measured_at"] == RECOMMENDED_CLIENT_LAYERS and set(got["best_attack"]) == set(AUDIT_BEST[0])
+    assert audit_estimate(3)["measured_at"] == 2 and audit_estimate(40)["measured_at"] == max(AUDIT_BEST)
+    assert got["meets_goal"] == (got["worst_node_fraction"] <= 0.10)
+    with pytest.raises(InputError):
+        audit_estimate(-1)
