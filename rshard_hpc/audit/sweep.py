@@ -405,8 +405,9 @@ def format_sweep(rep: dict) -> str:
     m = rep["match"]
     head = (f"plan {p['scheme']} α={p['alpha']} β={p['beta']} c={p['c']} c_a={p['c_a']} δ={rep['delta']:g}; "
             f"{rep['prompts']} held-apart prompts, {rep['tokens']} tokens; training text {rep['train_tokens']} "
-            f"tokens; match: {', '.join(m['nodes'])} on {m['prompts']} prompts, budget {m['budget']}, top-k "
-            f"{m['top_k']}, beam {m['beam']}; {rep['seconds']:.0f} s")
+            f"tokens; match: " + (f"{', '.join(m['nodes'])} on {m['prompts']} prompts, budget {m['budget']}, "
+                                  f"top-k {m['top_k']}, beam {m['beam']}" if m["nodes"] else "not run")
+            + f"; {rep['seconds']:.0f} s")
     lines = [head, "", ("Recovered tokens, seen / unseen / whole prompt (cell: the worst node of the kind; "
                         "unseen '0': not attempted by that attack):"), ""]
     lines.append("| node kind | attack | " + " | ".join(f"K={k}" for k in rep["client_layers"]) + " |")

@@ -11,6 +11,11 @@ from rshard_hpc.cli import main
 from rshard_hpc.errors import InputError
 from rshard_hpc.plan import collude
 from rshard_hpc.plan.collude import union_delta, worst_coalition
+from rshard_hpc.plan.estimates import (
+    AUDIT_BEST,
+    RECOMMENDED_CLIENT_LAYERS,
+    audit_estimate,
+)
 from rshard_hpc.plan.schemes import PlanSpec, make_plan
 from rshard_hpc.plan.views import plan_views
 
@@ -102,8 +107,6 @@ def test_cli_collude_errors(value, message):
 
 
 def test_audit_estimate():
-    from rshard_hpc.plan.estimates import AUDIT_BEST, RECOMMENDED_CLIENT_LAYERS, audit_estimate
-
     got = audit_estimate(RECOMMENDED_CLIENT_LAYERS)
     assert got["measured_at"] == RECOMMENDED_CLIENT_LAYERS and set(got["best_attack"]) == set(AUDIT_BEST[0])
     assert audit_estimate(3)["measured_at"] == 2 and audit_estimate(40)["measured_at"] == max(AUDIT_BEST)
