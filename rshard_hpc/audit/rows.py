@@ -249,7 +249,9 @@ class SameTokenDetector:
         return self
 
     def predict(self, pairs_x):
-        with __import__("torch").no_grad():
+        import torch
+
+        with torch.no_grad():
             return self.lin((pairs_x - self.mu) / self.sd)[:, 0] > 0
 
 
