@@ -179,8 +179,10 @@ def doctor(alpha, beta, device, transport):
 @click.option("--search-max", type=int, default=SEARCH_MAX, show_default=True, help="Largest alpha and beta searched.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--picture", default=None, help="Also draw who sees what to this .png or .svg file (needs matplotlib).")
+@click.option("--collude", type=int, default=None,
+              help="Also show the union view of the worst N colluding nodes (positions seen together, delta).")
 def plan_cmd(alpha, beta, scheme, c, c_a, seed, plan_file, n, ranks, public_prefix, model, vocab, causal, delta,
-             search_max, as_json, picture):
+             search_max, as_json, picture, collude):
     """Show a plan's privacy without MPI: rank layout, every node's view, runs, gaps, cost exponents,
     first-run exposure, partials over few keys, and the smallest layout reaching --delta (docs/privacy.md)."""
     import json
@@ -194,7 +196,8 @@ def plan_cmd(alpha, beta, scheme, c, c_a, seed, plan_file, n, ranks, public_pref
                                   min_delta=delta, allow_weak_plan=True).with_layout(ranks)
         spec = opts.plan_spec()
         facts = plan_defaults(model, public_prefix, vocab, causal)  # as `rshard run` takes them
-        doc = plan_document(spec, n, facts["public_prefix"], facts["vocab"], facts["causal"], delta, search_max)
+        doc = plan_document(spec, n, facts["public_prefix"], facts["vocab"], facts["causal"], delta, search_max,
+                            collude)
         doc.update(layout_chosen=chosen, defaults_from=facts["from"])
         if picture:
             from rshard_hpc.plan.picture import draw, plan_picture
@@ -395,37 +398,78 @@ def bench_client_cmd(ks, **opts):
 @main.command()
 @click.option("--model", default=DEFAULT_DECODER, show_default=True,
               help="A Llama weight file (.h5) or a bundled decoder name.")
-@click.option("--prompts", required=True, help="Plain text (a prompt a line) or JSONL ({\"text\"} a line).")
+@click.option("--prompts", default=None, help="Plain text (a prompt a line) or JSONL ({\"text\"} a line). With "
+                                              "--client-layers: default the audit's held-apart prompts.")
 @plan_options("alpha", "beta", "scheme", "c", "c_a", "seed", alpha=3, beta=3, c=1, c_a=2)
 @click.option("--layer", type=int, default=1, show_default=True, help="Attack the rows of this layer (0 = context-free).")
 @click.option("--top-k", type=int, default=8, show_default=True, help="Candidates per position from the model's ranking.")
-@click.option("--budget", type=int, default=4096, show_default=True,
-              help="Forward passes (candidate rows) per unknown group; >= vocab size makes the last position exhaustive.")
-@click.option("--beam", type=int, default=8, show_default=True, help="Gap fillings kept at most.")
+@click.option("--budget", type=int, default=None,
+              help="Forward passes (candidate rows) per unknown group; >= vocab size makes the last position "
+                   "exhaustive. Default 4096 (512 with --client-layers).")
+@click.option("--beam", type=int, default=None, help="Gap fillings kept at most. Default 8 (4 with --client-layers).")
 @click.option("--tol", type=float, default=1e-3, show_default=True, help="Relative row distance accepted as a match.")
-@click.option("--max-tokens", type=int, default=32, show_default=True, help="Audit the first N tokens of each prompt.")
+@click.option("--max-tokens", type=int, default=None,
+              help="Audit the first N tokens of each prompt. Default 32 (48 with --client-layers).")
 @click.option("--node", "nodes", multiple=True, help="Node to audit (attnI_J or compK; repeatable).")
 @click.option("--all-nodes", is_flag=True, help="Every AttnNode and CompNode (default: every AttnNode).")
 @click.option("--assist-layer0", is_flag=True,
               help="Recover the view's tokens from layer-0 rows first, then attack the gaps at --layer.")
 @click.option("--no-control", is_flag=True, help="Skip the control (the attack on every position).")
+@click.option("--client-layers", default=None,
+              help="The extended audit (docs/privacy.md): every attack (match, nearest neighbour, learned inverters, "
+                   "q·k scores) on every node, for each K in this list (layers run on the client), e.g. 0,1,2,4.")
+@click.option("--seeds", default=None, help="With --client-layers: seed prompts of the inverters' training text "
+                                            "(default: the audit's own).")
+@click.option("--new-tokens", type=int, default=40, show_default=True,
+              help="With --client-layers: tokens the model adds greedily to every seed (its training text).")
+@click.option("--match-nodes", default="comp0,attn0_0,attn0_1,control", show_default=True,
+              help="With --client-layers: the nodes the (slow) match attack runs on.")
+@click.option("--match-prompts", type=int, default=2, show_default=True,
+              help="With --client-layers: the prompts the match attack runs on.")
+@click.option("--fill/--no-fill", default=True, show_default=True,
+              help="With --client-layers: guess unseen positions with the model (worst node of each kind).")
+@click.option("--threads", type=int, default=1, show_default=True,
+              help="Torch threads (on a small shared machine one is fastest).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--out", default=None, help="Also append the table (or JSON with --json) to this file.")
-def audit(model, prompts, alpha, beta, scheme, c, c_a, seed, nodes, all_nodes, no_control, as_json, out, **opts):
-    """Vocab-matching attack with the real model on what each node sees (no MPI; docs/audit.md)."""
+def audit(model, prompts, alpha, beta, scheme, c, c_a, seed, nodes, all_nodes, no_control, as_json, out, client_layers,
+          threads, **opts):
+    """Attacks with the real model on what each node sees (no MPI; docs/audit.md, docs/privacy.md)."""
     import json
 
-    from rshard_hpc.audit.report import format_report
-    from rshard_hpc.audit.run import load_prompts, run_audit
     from rshard_hpc.plan.schemes import PlanSpec
 
     try:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+    except ImportError:
+        pass
+    def echo(line):
+        click.echo(line, err=True)
+
+    try:
         spec = PlanSpec(scheme=scheme, alpha=alpha, beta=beta, c=c, c_a=c_a, seed=seed)
-        rep = run_audit(model, load_prompts(prompts), spec, nodes=list(nodes) or None, all_nodes=all_nodes,
-                        control=not no_control, echo=lambda line: click.echo(line, err=True), **opts)
+        if client_layers is not None:
+            from rshard_hpc.audit.sweep import format_sweep, sweep_from_options
+
+            rep = sweep_from_options(model, prompts, spec, client_layers, echo=echo, **opts)
+            text = json.dumps(rep, indent=1) if as_json else format_sweep(rep)
+        else:
+            from rshard_hpc.audit.report import format_report
+            from rshard_hpc.audit.run import load_prompts, run_audit
+
+            if prompts is None:
+                raise InputError("--prompts is required (or --client-layers for the extended audit)")
+            for key, default in (("budget", 4096), ("beam", 8), ("max_tokens", 32)):
+                opts[key] = default if opts[key] is None else opts[key]
+            for key in ("seeds", "new_tokens", "match_nodes", "match_prompts", "fill"):
+                opts.pop(key)
+            rep = run_audit(model, load_prompts(prompts), spec, nodes=list(nodes) or None, all_nodes=all_nodes,
+                            control=not no_control, echo=echo, **opts)
+            text = json.dumps(rep, indent=1) if as_json else format_report(rep)
     except RshardError as exc:
         raise click.ClickException(str(exc))
-    text = json.dumps(rep, indent=1) if as_json else format_report(rep)
     click.echo(text if as_json else "\n" + text)
     if out:
         with open(out, "a", encoding="utf-8") as f:

@@ -34,6 +34,7 @@ from rshard_hpc.errors import InputError
 from rshard_hpc.plan.views import runs_of
 
 PARTS = ("q", "k", "v")
+ROW_PARTS = PARTS + ("h",)  # h: the residual stream entering the layer (a CompNode's row when the client runs layers < L)
 
 
 DEFAULT_TOL = 1e-3
@@ -43,7 +44,8 @@ EVAL_CHUNK = 2048  # candidates per batched evaluation
 
 
 def observed_rows(path_or_model, ids, layer: int) -> dict:
-    """What the engine computes at `layer` for one sequence: {"q","k","v"}: (n, heads*D) float32.
+    """What the engine computes at `layer` for one sequence: {"q","k","v"}: (n, heads*D) float32, and "h": (n, d)
+    the residual stream entering the layer.
 
     Built from the engine's own per-token passes and partial attention (NumPy, fp32), the functions
     the CompNodes run; a node receives the rows of its positions from this."""
@@ -64,7 +66,8 @@ def observed_rows(path_or_model, ids, layer: int) -> dict:
         o, _ = partial_attention(q, pos, seq, k, v, pos, seq, cfg.causal, 1.0 / np.sqrt(cfg.head_dim))
         h = model.post(lyr, h, o)
     q, k, v = model.pre(layer, h, pos)
-    return {"q": np.asarray(q).reshape(n, -1), "k": np.asarray(k).reshape(n, -1), "v": np.asarray(v).reshape(n, -1)}
+    return {"q": np.asarray(q).reshape(n, -1), "k": np.asarray(k).reshape(n, -1), "v": np.asarray(v).reshape(n, -1),
+            "h": np.asarray(h, dtype=np.float32)}
 
 
 def node_parts(name: str, group: np.ndarray, n: int) -> dict:
@@ -224,7 +227,7 @@ class Attack:
                 if suffix:
                     toks = torch.cat([toks, torch.tensor(suffix).expand(take, len(suffix))], dim=1)
                 rows, _ = self.tm.extend(c["ctx"], toks, start + fixed, upto=self.layer)
-                got = torch.cat([rows[PARTS.index(x)] for x in parts], dim=1)
+                got = torch.cat([rows[ROW_PARTS.index(x)] for x in parts], dim=1)
                 dist = torch.linalg.norm(got - target[None], dim=1) / tnorm
                 c["done"] += take
                 left -= take

@@ -101,8 +101,8 @@ class TorchLlama:
         cache: per layer (K, V), each (n, Hkv, D), positions 0..n-1 (n == start), shared by the batch.
         tokens: (B, m) long at positions start .. start+m-1.
         upto=None: every layer; returns (logits (B, m, V), new per-layer (K, V) of shape (B, m, Hkv, D)).
-        upto=L: layers 0..L-1 in full, then returns the layer-L rows (q, k, v after RoPE) of the last
-        position, each (B, heads*D), and the new (K, V) of layers 0..L-1.
+        upto=L: layers 0..L-1 in full, then returns the layer-L rows of the last position (q, k, v after RoPE,
+        each (B, heads*D), and h (B, d), the residual stream entering layer L) and the new (K, V) of layers < L.
         """
         torch = self.torch
         c = self.cfg
@@ -112,23 +112,11 @@ class TorchLlama:
         n_run = c.n_layers if upto is None else upto
         new = []
         causal = torch.ones(m, m, dtype=torch.bool).tril()
-        g = c.n_heads // c.n_kv_heads
         for layer in range(n_run):
             q, k, v = self._proj(layer, h, tokens if layer == 0 else None)
             q, k = self._rope(q, pos), self._rope(k, pos)
             new.append((k, v))
-            kc, vc = cache[layer]
-            qh = q.reshape(B, m, c.n_kv_heads, g, c.head_dim)
-            s_c = torch.einsum("bmkgd,nkd->bkgmn", qh, kc) * self.scale
-            s_n = torch.einsum("bmkgd,bjkd->bkgmj", qh, k) * self.scale
-            s_n = s_n.masked_fill(~causal, float("-inf"))
-            p = torch.softmax(torch.cat([s_c, s_n], dim=-1), dim=-1)
-            n = kc.shape[0]
-            o = torch.einsum("bkgmn,nkd->bmkgd", p[..., :n], vc) + torch.einsum("bkgmj,bjkd->bmkgd", p[..., n:], v)
-            w = self.layers[layer]
-            h = h + o.reshape(B, m, c.n_heads * c.head_dim) @ w["wo"].T
-            x = self._rms(h, w["mlp_norm_w"])
-            h = h + (torch.nn.functional.silu(x @ w["w_gate"].T) * (x @ w["w_up"].T)) @ w["w_down"].T
+            h = self._block(layer, h, q, k, v, cache[layer], causal)
         if upto is None:
             logits = self._rms(h, self.final_norm) @ self.lm_head.T
             return logits, new
@@ -136,7 +124,89 @@ class TorchLlama:
         q, k, v = self._proj(upto, last, tokens[:, -1] if upto == 0 else None)
         lp = pos[-1:]
         q, k = self._rope(q[:, None], lp)[:, 0], self._rope(k[:, None], lp)[:, 0]
-        return (q.reshape(B, -1), k.reshape(B, -1), v.reshape(B, -1)), new
+        return (q.reshape(B, -1), k.reshape(B, -1), v.reshape(B, -1), last), new
+
+    def _block(self, layer, h, q, k, v, kv_cache, causal):
+        """One layer after its projections: attention of q (B, m, H, D) over the cached (n, Hkv, D) and new
+        k, v (B, m, Hkv, D) under the (m, m) mask `causal`, then O-proj and MLP -> the next h (B, m, d)."""
+        torch = self.torch
+        c = self.cfg
+        B, m = h.shape[:2]
+        g = c.n_heads // c.n_kv_heads
+        kc, vc = kv_cache  # (n, Hkv, D) shared by the batch, or (B, n, Hkv, D) one per sequence
+        shared = kc.dim() == 3
+        qh = q.reshape(B, m, c.n_kv_heads, g, c.head_dim)
+        s_c = torch.einsum("bmkgd,nkd->bkgmn" if shared else "bmkgd,bnkd->bkgmn", qh, kc) * self.scale
+        s_n = torch.einsum("bmkgd,bjkd->bkgmj", qh, k) * self.scale
+        s_n = s_n.masked_fill(~causal, float("-inf"))
+        p = torch.softmax(torch.cat([s_c, s_n], dim=-1), dim=-1)
+        n = kc.shape[-3]
+        o = torch.einsum("bkgmn,nkd->bmkgd" if shared else "bkgmn,bnkd->bmkgd", p[..., :n], vc) \
+            + torch.einsum("bkgmj,bjkd->bmkgd", p[..., n:], v)
+        w = self.layers[layer]
+        h = h + o.reshape(B, m, c.n_heads * c.head_dim) @ w["wo"].T
+        x = self._rms(h, w["mlp_norm_w"])
+        return h + (torch.nn.functional.silu(x @ w["w_gate"].T) * (x @ w["w_up"].T)) @ w["w_down"].T
+
+    # -- whole sequences (the audit's row attacks)
+    def sequence_rows(self, ids, layers) -> dict:
+        """One sequence at positions 0..n-1, every layer in `layers`: {L: {"h": (n, d) the residual stream
+        entering layer L (what a CompNode receives when the client runs layers < L), "q": (n, H*D), "k", "v":
+        (n, Hkv*D), q and k after RoPE}}."""
+        torch = self.torch
+        toks = torch.as_tensor(np.asarray(ids, dtype=np.int64))[None]
+        n = toks.shape[1]
+        pos = torch.arange(n)
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        h = self.embed[toks]  # (1, n, d)
+        out = {}
+        with torch.no_grad():
+            for layer in range(max(layers) + 1):
+                q, k, v = self._proj(layer, h)
+                q, k = self._rope(q, pos), self._rope(k, pos)
+                if layer in layers:
+                    out[layer] = {"h": h[0], "q": q[0].reshape(n, -1), "k": k[0].reshape(n, -1),
+                                  "v": v[0].reshape(n, -1)}
+                if layer < max(layers):
+                    h = self._block(layer, h, q, k, v, self.empty_cache()[layer], causal)
+        return out
+
+    def derotate(self, rows, pos):
+        """q or k rows (n, heads*D) rotated at positions pos (n,) -> the rows before RoPE (a node knows the
+        positions: the plan is public)."""
+        n = rows.shape[0]
+        x = rows.reshape(n, -1, self.cfg.head_dim)
+        return self._rope(x, -self.torch.as_tensor(pos)).reshape(n, -1)
+
+    def token_projections(self, layer: int) -> dict:
+        """Every vocabulary token's layer-`layer` q, k, v before RoPE as if its embedding were the residual
+        stream (exact at layer 0, a context-free approximation above): {"q": (V, H*D), "k", "v"}."""
+        c = self.cfg
+        with self.torch.no_grad():
+            qkv = self._rms(self.embed, self.layers[layer]["attn_norm_w"]) @ self._wqkv(layer).T
+        hq, hk = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        return {"q": qkv[:, :hq], "k": qkv[:, hq:hq + hk], "v": qkv[:, hq + hk:]}
+
+    def greedy(self, prompts, new_tokens: int, prior=()):
+        """The model's own greedy continuations of equal-length prompts (B, m) after the shared public context
+        `prior`, decoded together: (B, new_tokens) long (the caller cuts at an end-of-sequence token)."""
+        torch = self.torch
+        prompts = torch.as_tensor(np.asarray(prompts, dtype=np.int64))
+        B = prompts.shape[0]
+        with torch.no_grad():
+            cache = self.empty_cache()
+            if len(prior):
+                _, new = self.extend(cache, torch.as_tensor([list(prior)]), 0)
+                cache = cat_cache(cache, new)
+            cache = [(k.expand(B, *k.shape), v.expand(B, *v.shape)) for k, v in cache]  # one per sequence
+            toks, start, out = prompts, len(prior), []
+            for _ in range(new_tokens):
+                logits, new = self.extend(cache, toks, start)
+                cache = [(torch.cat([kc, k], 1), torch.cat([vc, v], 1)) for (kc, vc), (k, v) in zip(cache, new)]
+                start += toks.shape[1]
+                toks = torch.argmax(logits[:, -1], dim=1)[:, None]  # (B, 1)
+                out.append(toks)
+        return torch.cat(out, dim=1) if out else torch.zeros(B, 0, dtype=torch.long)
 
 
 def cat_cache(cache, new, b: int = 0, upto=None):

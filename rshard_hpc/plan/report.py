@@ -8,8 +8,9 @@ import numpy as np
 from rshard_hpc.dist.topology import node_label, rank_layout, world_size_for
 from rshard_hpc.errors import InputError
 from rshard_hpc.plan.check import SEARCH_MAX, describe_layout, plan_report, smallest_layout
-from rshard_hpc.plan.schemes import DEFAULT_DELTA, PlanSpec
-from rshard_hpc.plan.views import DEFAULT_VOCAB, INF, blocks_of, format_blocks
+from rshard_hpc.plan.collude import check_collude, render_collude, worst_coalition
+from rshard_hpc.plan.schemes import DEFAULT_DELTA, PlanSpec, make_plan
+from rshard_hpc.plan.views import DEFAULT_VOCAB, INF, blocks_of, format_blocks, plan_views
 
 
 def tokenizer_public_prefix(codec, wrap=None) -> int:
@@ -90,10 +91,13 @@ def check_size(spec: PlanSpec, n: int) -> None:
 
 
 def plan_document(spec: PlanSpec, n: int, public_prefix: int = 0, vocab: int = DEFAULT_VOCAB, causal: bool = True,
-                  delta: float = DEFAULT_DELTA, search_max: int = SEARCH_MAX) -> dict:
+                  delta: float = DEFAULT_DELTA, search_max: int = SEARCH_MAX, collude: int | None = None) -> dict:
     """What `rshard plan` shows (and prints with --json): layout, every node's view, δ, the smallest layout
-    reaching `delta` at this length. What check_request or check_size refuses is an InputError first."""
+    reaching `delta` at this length, and with `collude` the union view of the worst that many colluding nodes.
+    What check_request or check_size refuses is an InputError first."""
     check_request(n, public_prefix, vocab, delta, search_max)
+    if collude is not None:
+        check_collude(collude, spec.alpha + spec.beta ** 2)
     check_size(spec, n)
     report = plan_report(spec, n, public_prefix, vocab, causal)
     found = smallest_layout(spec, [n], delta, public_prefix, search_max)
@@ -101,7 +105,9 @@ def plan_document(spec: PlanSpec, n: int, public_prefix: int = 0, vocab: int = D
             "world_size": world_size_for(spec.alpha, spec.beta), "layout": rank_layout(spec.alpha, spec.beta),
             "delta": report["delta"], "required_delta": delta, "meets": report["delta"] >= delta,
             "seen_whole_by": report["seen_whole_by"], "suggestion": found,
-            "suggestion_text": describe_layout(found, spec, delta, search_max), "nodes": report["nodes"]}
+            "suggestion_text": describe_layout(found, spec, delta, search_max), "nodes": report["nodes"],
+            **({"collude": worst_coalition(plan_views(*make_plan(spec, n), spec.alpha, spec.beta), n, collude,
+                                           public_prefix)} if collude is not None else {})}
 
 
 def render_plan(doc: dict) -> str:
@@ -141,6 +147,8 @@ def render_plan(doc: dict) -> str:
             lines.append(f"  partials received: {q['partials']}; over < 2 keys: {q['under_two_keys']} "
                          f"({q['empty']} empty, {q['single_key']} single-key); with one foreign key: "
                          f"{q['one_foreign_key']}")
+    if doc.get("collude"):
+        lines += [""] + render_collude(doc["collude"], n)
     return "\n".join(lines)
 
 
