@@ -90,10 +90,10 @@ def convert(source, out):
 @click.option("--allow-weak-plan", is_flag=True, help="Run a plan below --min-delta anyway (with a warning).")
 @click.option("--public-prefix", type=int, default=RunOptions.public_prefix,
               help="Leading positions known to everyone (BOS, [CLS], a template). Default: what the tokenizer adds.")
-@click.option("--client-layers", type=int, default=RunOptions.client_layers, show_default=True,
+@click.option("--client-layers", type=int, default=RunOptions.client_layers,
               help="K: the client runs the first K layers on each whole prompt and sends CompNodes the layer-K "
-                   "hidden rows of their positions instead of token ids; the servers start at layer K. "
-                   "docs/privacy.md.")
+                   "hidden rows of their positions instead of token ids; the servers start at layer K. Default: "
+                   "min(4, the model's layers // 4), the audit's recommendation (docs/privacy.md); 0: token ids.")
 @click.option("--batch-tokens", type=int, default=RunOptions.batch_tokens, show_default=True, help="Tokens per batch (at least one prompt).")
 @click.option("--resume", is_flag=True, help="Skip prompt ids already in --out and append the rest.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")

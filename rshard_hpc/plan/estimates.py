@@ -27,6 +27,14 @@ RECOMMENDED_CLIENT_LAYERS = 4  # the knee of the table above (docs/privacy.md, "
 GOAL = 0.10  # issue 15: at most 10% of a prompt's tokens from any single node
 
 
+def default_client_layers(n_layers: int) -> int:
+    """`rshard run`'s K when --client-layers is not given: the audit's knee (RECOMMENDED_CLIENT_LAYERS, on a
+    30-layer model) at most, and no more than a quarter of the model's layers, so the client's share of the work
+    stays small: SmolLM2 (30 layers) 4, all-MiniLM-L6-v2 (6) 1 (its layer-0 rows, context-free, are the ones a
+    vocabulary match reads whole), a model of 3 layers or fewer 0."""
+    return min(RECOMMENDED_CLIENT_LAYERS, n_layers // 4)
+
+
 def audit_estimate(client_layers: int) -> dict:
     """The audit's measured best-attack recovery per node kind for `client_layers` layers on the client.
 

@@ -17,6 +17,7 @@ from rshard_hpc.engine.generate import GenerateSettings, LmHead, generate_batch
 from rshard_hpc.engine.stats import rank_stats
 from rshard_hpc.errors import InputError, RshardError
 from rshard_hpc.models.client_layers import check_client_layers, comp_input_form
+from rshard_hpc.plan.estimates import audit_estimate
 from rshard_hpc.plan.schemes import PlanSpec
 from rshard_hpc.run import termination, testhooks
 from rshard_hpc.run.options import TASKS, RunOptions
@@ -31,6 +32,7 @@ class Prepared:
     model_path: str
     error: str | None = None
     cfg: object = None  # the model's ModelConfig, read once by the client (workers need not open the weight file)
+    client_layers: int = 0  # K as decided for this model (--client-layers, or its default)
 
 
 def _prepare_client(topo, opts: RunOptions, spec: PlanSpec):
@@ -59,6 +61,8 @@ class ClientJob:
         check_out_path(opts.out, prompts=opts.prompts, model=model_path, plan_file=opts.plan_file)
         self.cfg = weights.read_config(model_path)
         self._check_task()
+        self.client_layers_given = opts.client_layers is not None
+        opts = self.opts = opts.with_client_layers(self.cfg.n_layers)
         check_client_layers(opts.client_layers, self.cfg.n_layers, str(opts.model))
         prompts = read_prompts(opts.prompts)
         self.codec = TextCodec(model_path, self.cfg)
@@ -78,7 +82,7 @@ class ClientJob:
         self.skipped = len(prompts) - len(self.todo)
         self.token_ids = [tokenized[p.id] for p in self.todo]
         self.model_path = model_path
-        self.prepared = Prepared(str(model_path), cfg=self.cfg)
+        self.prepared = Prepared(str(model_path), cfg=self.cfg, client_layers=opts.client_layers)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -268,6 +272,10 @@ class ClientJob:
             "min_delta": self.opts.min_delta, "allow_weak_plan": self.opts.allow_weak_plan,
             "client_layers": self.opts.client_layers, "n_layers": self.cfg.n_layers,  # the client ran 0 … K-1
             "comp_input": comp_input_form(self.opts.client_layers),  # what CompNodes received: ids or layer-K rows
+            "client_layers_given": self.client_layers_given,  # False: the default for this model (docs/privacy.md)
+            # what the audit measured the best attack to recover from one node at this K (a measurement on SmolLM2
+            # at the default layout, not a bound: plan/estimates.py, docs/privacy.md)
+            "audit_estimate": audit_estimate(self.opts.client_layers),
             "delta": verdict["delta"], "meets_min_delta": verdict["ok"], "suggestion": verdict["suggestion"],
             "exposed_prompts": verdict["exposed_prompts"],
             "prompts": len(plan_lens),

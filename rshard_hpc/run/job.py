@@ -1,6 +1,8 @@
 """`rshard run`: set up every rank, agree on errors before work, then play the role this rank has."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from rshard_hpc.dist import collectives
@@ -20,7 +22,8 @@ def run(opts: RunOptions) -> None:
 
     world = MPI.COMM_WORLD
     opts, chosen = opts.with_layout(world.Get_size())  # a pure function of the size: alike on every rank
-    check_client_layers(opts.client_layers)  # a negative K: refused on every rank alike (K >= layers: by the client)
+    if opts.client_layers is not None:  # a negative K: refused on every rank alike (K >= layers: by the client)
+        check_client_layers(opts.client_layers)
     topo = Topology.build(world, opts.alpha, opts.beta)  # a bad size raises on every rank alike
     if chosen and topo.is_client:
         say(chosen)
@@ -41,6 +44,7 @@ def _set_up(world, topo, opts: RunOptions, spec, job):
     prepared = collectives.bcast(world, job.prepared if job else None)
     if prepared.error:
         raise RshardError(prepared.error)
+    opts = replace(opts, client_layers=prepared.client_layers)  # K as the client decided it for this model
     xp, transport, error = np, None, None
     try:
         xp, transport = rank_backend(topo, opts.device, client_gpu=opts.client_on_gpu)

@@ -46,7 +46,8 @@ class RunOptions:
     min_delta: int = DEFAULT_DELTA  # refuse a plan whose δ is below this (architecture.md §4, docs/privacy.md)
     allow_weak_plan: bool = False  # run a plan below min_delta anyway (with a warning)
     public_prefix: int = -1  # positions known to all (BOS, [CLS], a template); -1: what the tokenizer adds
-    client_layers: int = 0  # K: the client runs layers 0 … K-1 and sends CompNodes layer-K rows, not token ids
+    client_layers: int | None = None  # K: the client runs layers 0 … K-1 and sends CompNodes layer-K rows, not
+    # token ids; None: plan.estimates.default_client_layers of the model (with_client_layers, once it is read)
 
     def plan_spec(self) -> PlanSpec:
         """The plan these options describe, checked: a bad plan file, a plan file without --scheme explicit,
@@ -70,7 +71,15 @@ class RunOptions:
     def client_on_gpu(self) -> bool:
         """The client takes its node's GPU (--device gpu) when it computes: the first K layers (--client-layers)
         or the LM head of every generated token; else it stays on NumPy."""
-        return self.device == "gpu" and (self.client_layers > 0 or self.task == "generate")
+        return self.device == "gpu" and (bool(self.client_layers) or self.task == "generate")
+
+    def with_client_layers(self, n_layers: int) -> RunOptions:
+        """These options with K decided for a model of n_layers layers (the default when not given)."""
+        from rshard_hpc.plan.estimates import default_client_layers
+
+        if self.client_layers is not None:
+            return self
+        return replace(self, client_layers=default_client_layers(n_layers))
 
     def with_layout(self, world_size: int | None) -> tuple["RunOptions", str | None]:
         """These options with alpha and beta filled in, and the line that says how (None when given): with neither
