@@ -80,7 +80,8 @@ build_mpi4py() {
   rm -rf "$BUILD/mpi4py" "$PREFIX/python" && mkdir -p "$BUILD/mpi4py"
   tar -xzf "$sdist" -C "$BUILD/mpi4py" --strip-components=1
   say "mpi4py from $(basename "$sdist") with MPICC=$PREFIX/bin/mpicc; log $BUILD/mpi4py/build.out"
-  if ! (cd "$BUILD/mpi4py" && OPAL_PREFIX=$PREFIX MPICC=$PREFIX/bin/mpicc CFLAGS="-O0" python3 -m pip install \
+  if ! (cd "$BUILD/mpi4py" && OPAL_PREFIX=$PREFIX MPICC=$PREFIX/bin/mpicc CFLAGS="-O0 -I$PREFIX/include" \
+        LDFLAGS="-L$PREFIX/lib" python3 -m pip install \
         --no-build-isolation --no-index --no-deps --no-cache-dir --target "$PREFIX/python" . > build.out 2>&1); then
     logtail "$BUILD/mpi4py/build.out"
     rm -rf "$PREFIX/python"

@@ -185,8 +185,9 @@ class ClientJob:
             f"c={self.spec.c} c_a={self.spec.c_a}, device {opts.device}")
         self._say_privacy()
         if opts.client_layers:
-            say(f"client layers: the client runs layers 0-{opts.client_layers - 1} of {self.cfg.n_layers} and sends "
-                f"CompNodes layer-{opts.client_layers} hidden rows, not token ids")
+            how = "" if self.client_layers_given else " (the default for this model; --client-layers 0: token ids)"
+            say(f"client layers: the client runs the first {opts.client_layers} of {self.cfg.n_layers} layers{how} "
+                f"and sends CompNodes layer-{opts.client_layers} hidden rows, not token ids")
         batches = list(self.batches())
         generating = self.settings.max_new_tokens if opts.task == "generate" else 0
         progress = Progress(len(self.todo), total_tokens, enabled=opts.progress, total_batches=len(batches),

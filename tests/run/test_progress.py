@@ -193,8 +193,10 @@ def test_first_use_of_the_default_model_in_a_job(tmp_path):
     assert lines[4].startswith("[rshard] embed with all-MiniLM-L6-v2: 2 prompts, 14 tokens, alpha=3 beta=3 ")
     assert lines[6] == ("[rshard] warning: 1 prompt is too short for this plan to split: the nodes named see it whole: "
                         "2 (3 tokens: AttnNode (0, 1), AttnNode (1, 0))")
-    assert lines[7].startswith("[rshard] batch 1/1: 2/2 prompts, 14/14 tokens, ")
-    assert re.match(r"\[rshard\] done: 2 prompts, 14 tokens in [\d.]+ s \([\d,]+ tokens/s\), ", lines[8])
+    assert lines[7] == ("[rshard] client layers: the client runs the first 1 of 6 layers (the default for this model; "
+                        "--client-layers 0: token ids) and sends CompNodes layer-1 hidden rows, not token ids")
+    assert lines[8].startswith("[rshard] batch 1/1: 2/2 prompts, 14/14 tokens, ")
+    assert re.match(r"\[rshard\] done: 2 prompts, 14 tokens in [\d.]+ s \([\d,]+ tokens/s\), ", lines[9])
 
 
 def test_the_wall_time_is_accounted_for():
