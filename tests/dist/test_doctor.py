@@ -116,4 +116,9 @@ def test_doctor_names_the_transport_and_refuses_nccl_on_a_shared_gpu():
     why = ("not NCCL: workers share a GPU (2 ranks on b GPU 0); NCCL needs one rank per GPU; not CUDA IPC: several "
            "nodes; CUDA-aware MPI (MPIX_Query_cuda_support() = 1 in x)")
     assert transport_line(aware, "auto") == ("mpi", why)
-    assert transport_line(apart, "ipc")[0] == "refused" and transport_line(apart, "mpi")[0] == "mpi"
+    assert transport_line(apart, "ipc")[0] == "refused"
+    # an explicit mpi: refused where the library says it is not CUDA-aware, trusted where nothing is known
+    assert transport_line(apart, "mpi") == ("refused", "--transport mpi: this MPI library is not CUDA-aware "
+                                                       "(MPIX_Query_cuda_support() = 0 in libmpi.so.40)")
+    unknown = _gpu_reports([0, 0, 0], hosts=["a", "b", "b"], aware="no (no evidence of CUDA support in MPICH 4.2)")
+    assert transport_line(unknown, "mpi")[0] == "mpi"
