@@ -80,7 +80,10 @@ build_mpi4py() {
   rm -rf "$BUILD/mpi4py" "$PREFIX/python" && mkdir -p "$BUILD/mpi4py"
   tar -xzf "$sdist" -C "$BUILD/mpi4py" --strip-components=1
   say "mpi4py from $(basename "$sdist") with MPICC=$PREFIX/bin/mpicc; log $BUILD/mpi4py/build.out"
-  if ! (cd "$BUILD/mpi4py" && OPAL_PREFIX=$PREFIX MPICC=$PREFIX/bin/mpicc CFLAGS="-O0 -I$PREFIX/include" \
+  # env.sh first: a relocated prefix's wrapper compiler finds its own libopen-pal and data files only through
+  # LD_LIBRARY_PATH and OPAL_PREFIX (else it fails, or picks up a system Open MPI's of the same soname)
+  # shellcheck disable=SC1091
+  if ! (. "$PREFIX/env.sh" && cd "$BUILD/mpi4py" && MPICC=$PREFIX/bin/mpicc CFLAGS="-O0 -I$PREFIX/include" \
         LDFLAGS="-L$PREFIX/lib" python3 -m pip install \
         --no-build-isolation --no-index --no-deps --no-cache-dir --target "$PREFIX/python" . > build.out 2>&1); then
     logtail "$BUILD/mpi4py/build.out"
