@@ -83,8 +83,10 @@ build_mpi4py() {
   # env.sh first: a relocated prefix's wrapper compiler finds its own libopen-pal and data files only through
   # LD_LIBRARY_PATH and OPAL_PREFIX (else it fails, or picks up a system Open MPI's of the same soname)
   # shellcheck disable=SC1091
+  # LDSHARED: the wrapper links, so this prefix's libmpi comes before any other on Python's own library path (a
+  # pip-installed MPICH there took the link otherwise)
   if ! (. "$PREFIX/env.sh" && cd "$BUILD/mpi4py" && MPICC=$PREFIX/bin/mpicc CFLAGS="-O0 -I$PREFIX/include" \
-        LDFLAGS="-L$PREFIX/lib" python3 -m pip install \
+        LDSHARED="$PREFIX/bin/mpicc -shared" LDFLAGS="-L$PREFIX/lib" python3 -m pip install \
         --no-build-isolation --no-index --no-deps --no-cache-dir --target "$PREFIX/python" . > build.out 2>&1); then
     logtail "$BUILD/mpi4py/build.out"
     rm -rf "$PREFIX/python"
