@@ -33,10 +33,32 @@ def world_rank() -> int:
 WAIT_ENV = "RSHARD_WAIT"  # how a rank waits for the others: "sleep", "spin", or unset (sleep when oversubscribed)
 
 
+def local_rank_count() -> int | None:
+    """How many ranks of this job the launcher started on this node (None when it does not say)."""
+    local = os.environ.get("MPI_LOCALNRANKS") or os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE") or _slurm_local_tasks()
+    return int(local) if local.isdigit() else None
+
+
 def oversubscribed() -> bool:
     """More ranks of this job on this node than it has cores (as the launcher announces them)."""
-    local = os.environ.get("MPI_LOCALNRANKS") or os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE") or _slurm_local_tasks()
-    return local.isdigit() and int(local) > (os.cpu_count() or 1)
+    local = local_rank_count()
+    return local is not None and local > (os.cpu_count() or 1)
+
+
+BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def share_cores_among_ranks() -> None:
+    """Before NumPy loads its BLAS (which reads these once): each of a node's ranks gets cores // ranks threads
+    (at least 1) unless the variables are set already. A BLAS starting a thread a core in each of 13 ranks on 2
+    cores made one 128-token MiniLM prompt take 0.55 s in the job against 0.29 s with one thread a rank
+    (measured back to back here). Thread counts change the last bits of a GEMM's sum, not its accuracy."""
+    ranks = local_rank_count()
+    if ranks is None or ranks < 2:
+        return
+    threads = str(max(1, (os.cpu_count() or 1) // ranks))
+    for var in BLAS_THREAD_VARS:
+        os.environ.setdefault(var, threads)
 
 
 def sleep_while_waiting() -> bool:

@@ -37,3 +37,20 @@ def test_results_alike_sleeping_or_spinning(tmp_path, tiny_bert):
         with h5py.File(out) as f:
             rows[mode] = (f["embeddings"][()].tobytes(), list(f["privacy/ledger"][()]))
     assert rows["sleep"] == rows["spin"]
+
+
+def test_blas_threads_share_the_cores_among_a_nodes_ranks(monkeypatch):
+    from rshard_hpc.dist import launcher
+
+    env = {}  # a private environment: what the function sets must not reach later tests' jobs
+    monkeypatch.setattr(launcher.os, "environ", env)
+    monkeypatch.setattr(launcher.os, "cpu_count", lambda: 16)
+    launcher.share_cores_among_ranks()  # no launcher: nothing set
+    assert env == {}
+    env.update(MPI_LOCALNRANKS="7", MKL_NUM_THREADS="3")  # the user's own setting stays
+    launcher.share_cores_among_ranks()
+    assert env["OPENBLAS_NUM_THREADS"] == env["OMP_NUM_THREADS"] == "2" and env["MKL_NUM_THREADS"] == "3"
+    env.clear()
+    env.update(MPI_LOCALNRANKS="13")
+    launcher.share_cores_among_ranks()
+    assert env["OPENBLAS_NUM_THREADS"] == "1"
