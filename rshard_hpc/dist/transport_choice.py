@@ -46,16 +46,24 @@ def choose_transport(comm, transport, mode: str, *, load_nccl=nccl_transport.loa
             raise RshardError(f"--transport ipc: CUDA IPC cannot be used here ({why})")
         passed.append(f"not CUDA IPC: {why}")
     aware, evidence = _agreed_cuda_aware(comm)
-    if mode == "mpi" and not aware and cuda_aware.said_not_cuda_aware(evidence):
-        raise RshardError(f"--transport mpi: this MPI library is not CUDA-aware ({evidence}); handing it device "
-                          f"buffers would crash. Use --transport staged (or auto), or a CUDA-aware MPI "
-                          f"(README: GPU transports)")
+    refusal = mpi_refusal(mode, aware, evidence)
+    if refusal:
+        raise RshardError(f"{refusal}; handing it device buffers would crash. Use --transport staged (or auto), "
+                          f"or a CUDA-aware MPI (README: GPU transports)")
     if mode == "mpi" or aware:
         transport.gpu_aware = True
         said = "CUDA-aware" if aware else "CUDA-awareness not confirmed"
         return f"{'--transport mpi' if mode == 'mpi' else 'CUDA-aware MPI'} ({said}: {evidence})"
     passed.append(f"MPI not CUDA-aware: {evidence}")
     return "staged through pinned host buffers (" + "; ".join(passed) + ")"
+
+
+def mpi_refusal(mode: str, aware: bool, evidence: str) -> str:
+    """Why an explicit --transport mpi cannot be taken ("" where it can): the library itself says it is not
+    CUDA-aware. With no evidence either way the request is trusted."""
+    if mode == "mpi" and not aware and cuda_aware.said_not_cuda_aware(evidence):
+        return f"--transport mpi: this MPI library is not CUDA-aware ({evidence})"
+    return ""
 
 
 def predict(mode: str, *, nccl: str, shared: str, hosts: int, aware: bool, evidence: str) -> tuple[str, str]:
@@ -71,8 +79,9 @@ def predict(mode: str, *, nccl: str, shared: str, hosts: int, aware: bool, evide
     if mode == "auto" and not not_nccl:
         return "nccl", "NCCL on every worker, one GPU each"
     mpi = ("mpi", f"CUDA-aware MPI ({evidence})") if aware else ("staged", f"MPI not CUDA-aware: {evidence}")
-    if mode == "mpi" and not aware and cuda_aware.said_not_cuda_aware(evidence):
-        return "refused", f"--transport mpi: this MPI library is not CUDA-aware ({evidence})"
+    refusal = mpi_refusal(mode, aware, evidence)
+    if refusal:
+        return "refused", refusal
     if mode == "mpi":
         return "mpi", f"--transport mpi ({'CUDA-aware' if aware else 'CUDA-awareness not confirmed'}: {evidence})"
     if hosts > 1:
