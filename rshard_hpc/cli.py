@@ -395,6 +395,21 @@ def bench_client_cmd(ks, **opts):
         raise click.ClickException(str(exc))
 
 
+@bench.command("trace")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--steps", default="-8:", show_default=True, help="The steps to add up: a Python slice of step numbers.")
+@click.option("--layer", type=int, default=10, show_default=True, help="The layer laid out across ranks.")
+def bench_trace_cmd(folder, steps, layer):
+    """Where a job's time went, from the host timelines a job run with RSHARD_TRACE=FOLDER wrote: start-up marks,
+    time between marks per rank, and one layer of the last chosen step across ranks."""
+    from rshard_hpc.bench.trace_report import report
+
+    try:
+        click.echo(report(folder, steps, layer))
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc))
+
+
 @main.command()
 @click.option("--model", default=DEFAULT_DECODER, show_default=True,
               help="A Llama weight file (.h5) or a bundled decoder name.")

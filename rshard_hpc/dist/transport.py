@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 
+from rshard_hpc.engine import trace
 from rshard_hpc.dist.collectives import _displs, _mpi, settle, sleeping_waits, wait
 from rshard_hpc.ops.arrays import to_host, xp_of
 
@@ -74,10 +75,13 @@ class Transport:
         send = xp.ascontiguousarray(send).ravel()
         exchange = self.nccl or (None if self.small_step else self.ipc)
         if on_gpu and exchange is not None and exchange.comm is comm:
+            trace.mark("x in")
             recv, seconds = exchange.alltoallv(send, send_counts, recv_counts)
+            trace.mark("x out")
             self._account(seconds["mpi"], seconds["copy"], send_counts, n_recv, dtype.itemsize)
             return recv
         staged = on_gpu and not self.gpu_aware
+        trace.mark("x in")
         t0 = time.perf_counter()
         if staged:
             host_send = self._host_buffer("send", send.size, dtype)
@@ -89,6 +93,7 @@ class Transport:
         if on_gpu:
             xp.cuda.get_current_stream().synchronize()  # the stream must be idle before MPI touches memory
         t1 = time.perf_counter()
+        trace.mark("x ready")
         buffers = ([host_send, (send_counts, _displs(send_counts)), mpi_type],
                    [host_recv, (recv_counts, _displs(recv_counts)), mpi_type])
         if sleeping_waits() and not on_gpu:
@@ -96,6 +101,7 @@ class Transport:
         else:
             comm.Alltoallv(*buffers)
         t2 = time.perf_counter()
+        trace.mark("x mpi")
         if staged:
             recv = xp.empty(n_recv, dtype=dtype)
             if n_recv:
@@ -103,6 +109,7 @@ class Transport:
         else:
             recv = host_recv
         t3 = time.perf_counter()
+        trace.mark("x out")
         self._account(t2 - t1, (t1 - t0) + (t3 - t2), send_counts, n_recv, dtype.itemsize)
         return recv
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from rshard_hpc.dist import collectives
+from rshard_hpc.engine import trace
 from rshard_hpc.engine.routing import Routing, last_of_each_sequence, step_tokens, wanted_local_rows
 from rshard_hpc.engine.stats import PhaseTimer
 from rshard_hpc.ops.arrays import to_host
@@ -42,13 +43,16 @@ class Client:
         """ids_per_seq[b]: token ids of positions ranges[b]. Returns the final rows (n_rows, d) in step order
         (all step tokens for "all"; one row per sequence with a non-empty range for "last")."""
         ranges = [(int(a), int(b)) for a, b in ranges]
+        trace.mark("step")
         collectives.bcast(self.topo.world, {"op": "step", "ranges": ranges, "want": want})
         tokens = step_tokens(self.plans, ranges)
         routing = Routing(tokens, self.topo.alpha, self.topo.beta)
         flat_ids = np.concatenate([np.asarray(x, dtype=np.int64) for x in ids_per_seq]) if len(tokens) else np.zeros(0, np.int64)
         self._send_inputs(tokens, routing, flat_ids)
+        trace.mark("inputs sent")
         parts = self.transport.gather_rows(self.topo.client_comm, np.zeros((0, self.cfg.hidden), np.float32),
                                            self.cfg.hidden)
+        trace.mark("rows")
         rows = np.empty((len(tokens), self.cfg.hidden), dtype=np.float32)
         for k in range(self.topo.alpha):
             rows[routing.comp_tokens[k][wanted_local_rows(tokens, routing, k, want)]] = parts[k + 1]

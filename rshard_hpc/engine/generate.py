@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rshard_hpc.engine import trace
 from rshard_hpc.errors import InputError
 
 
@@ -120,6 +121,7 @@ def generate_batch(client, codec, cfg, head: LmHead, prompts, prompt_ids, settin
     step = 0
     while True:
         logits = head.logits(rows)  # (len(live), vocab)
+        trace.mark("logits")
         for row, b in enumerate(live):
             _accept(seqs[b], sample(logits[row], settings, seqs[b].rng), codec, cfg, settings)
         step += 1

@@ -8,6 +8,7 @@ import numpy as np
 from rshard_hpc.dist import collectives
 from rshard_hpc.engine.kv_cache import KVCache, key_capacity
 from rshard_hpc.engine.routing import Routing, StepTokens, step_tokens, wanted_local_rows
+from rshard_hpc.engine import trace
 from rshard_hpc.engine.stats import PhaseTimer
 from rshard_hpc.models.client_layers import comp_input_form
 from rshard_hpc.ops.attention import prepare_attention
@@ -30,6 +31,7 @@ class _Worker:
         self.ledger = LedgerRecorder()  # what this rank received (architecture.md §4)
 
     def serve(self) -> None:
+        trace.mark("role " + self.topo.describe())
         while True:
             header = collectives.bcast(self.topo.world, None)
             op = header["op"]
@@ -39,6 +41,7 @@ class _Worker:
                 self.plans = batch_plans(self.spec, header["lens"])
                 self.begin_batch()
             elif op == "step":
+                trace.mark("step")
                 tokens = step_tokens(self.plans, header["ranges"])
                 self.transport.begin_step(len(tokens))
                 self.step(tokens, Routing(tokens, self.topo.alpha, self.topo.beta), header["want"])
@@ -76,17 +79,22 @@ class CompWorker(_Worker):
         routes = WireRoutes(routing.by_group[k], len(mine), cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, self.wire, xp)
         send_counts, back_counts = self._send_counts(routes), self._back_counts(routing)
         for layer in range(self.first_layer, cfg.n_layers):
+            trace.mark("layer")
             with self.timer("prepass"):
                 q, key, val = self.model.pre(layer, h, pos)
                 send = routes.pack(q, key, val)  # one gather (one launch on a GPU), in the wire's type
+            trace.mark("pre")
             self.transport.alltoallv(self.topo.work_comm, send, send_counts, np.zeros_like(send_counts))  # q/k/v out
             recv = self._receive_partials(back_counts)
             with self.timer("postpass"):
                 o = routes.merge(recv)  # (n_k, H, D): unpack and merge, one launch on a GPU
                 h = self.model.post(layer, h, o)
+            trace.mark("post")
         self.record_partials(tokens, mine)
         rows = self.model.final_rows(h)[xp.asarray(wanted_local_rows(tokens, routing, k, want))]
+        trace.mark("rows")
         self.transport.gather_rows(self.topo.client_comm, rows, cfg.hidden)
+        trace.mark("step end")
 
     def _receive_input(self, tokens: StepTokens, mine: np.ndarray, pos):
         """My positions' token ids, embedded; or, with client layers (first_layer K > 0), their layer-K hidden rows

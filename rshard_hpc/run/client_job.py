@@ -13,6 +13,7 @@ import numpy as np
 
 from rshard_hpc import __version__
 from rshard_hpc.dist import collectives
+from rshard_hpc.engine import trace
 from rshard_hpc.engine.generate import GenerateSettings, LmHead, generate_batch
 from rshard_hpc.engine.stats import rank_stats
 from rshard_hpc.errors import InputError, RshardError
@@ -193,6 +194,7 @@ class ClientJob:
         progress = Progress(len(self.todo), total_tokens, enabled=opts.progress, total_batches=len(batches),
                             max_new_tokens=generating)
         started = process_seconds()
+        trace.mark("batches")
         for batch in batches:
             seqs = [self.token_ids[i] for i in batch]
             ids = [self.todo[i].id for i in batch]
@@ -208,6 +210,7 @@ class ClientJob:
             with termination.protected():  # a SIGTERM waits for the batch's rows and its ledger
                 append()
                 self._append_ledger(client, ids, seqs)
+            trace.mark("batch written")
             progress.batch_done(len(batch), int(sum(len(s) for s in seqs)))
             testhooks.at("batch_finished", batch=progress.batches)  # off unless RSHARD_PID_DIR / RSHARD_TEST_SLOW_BATCH_S
         client.stop()
@@ -217,6 +220,7 @@ class ClientJob:
         with termination.protected():  # the reports are one write a SIGTERM waits for
             testhooks.at("writing_reports")  # off unless RSHARD_TEST_SLOW_REPORTS_S
             self._write_reports(stats)
+        trace.mark("reports")
         moved = sum(s["bytes_sent"] for s in stats)
         modes = ", ".join(sorted({s["transport"] for s in stats[1:]}))  # the workers' (the client's is host)
         say(f"done: {len(self.todo)} prompts, {self._work(total_tokens, progress.generated, elapsed)}, "

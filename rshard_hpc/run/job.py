@@ -8,6 +8,7 @@ import numpy as np
 from rshard_hpc.dist import collectives
 from rshard_hpc.dist.devices import connect_workers, rank_backend
 from rshard_hpc.dist.topology import Topology
+from rshard_hpc.engine import trace
 from rshard_hpc.engine.stats import rank_stats
 from rshard_hpc.errors import JobAborted, RshardError
 from rshard_hpc.models.client_layers import check_client_layers
@@ -21,6 +22,7 @@ def run(opts: RunOptions) -> None:
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD
+    trace.mark("mpi up")
     opts, chosen = opts.with_layout(world.Get_size())  # a pure function of the size: alike on every rank
     if opts.client_layers is not None:  # a negative K: refused on every rank alike (K >= layers: by the client)
         check_client_layers(opts.client_layers)
@@ -31,8 +33,10 @@ def run(opts: RunOptions) -> None:
     testhooks.at("rank_started", rank=topo.rank)  # off unless RSHARD_PID_DIR / RSHARD_TEST_FAIL_RANK
     spec = opts.plan_spec()
     job = _prepare_client(topo, opts, spec) if topo.is_client else None
+    trace.mark("prepared")
     try:
         worker = _set_up(world, topo, opts, spec, job)
+        trace.mark("set up")
         _play(world, topo, job, worker)
     finally:
         if job is not None:
@@ -50,11 +54,14 @@ def _set_up(world, topo, opts: RunOptions, spec, job):
         xp, transport = rank_backend(topo, opts.device, client_gpu=opts.client_on_gpu)
     except RshardError as exc:
         error = str(exc)
+    trace.mark("device")
     collectives.agree(world, error)  # every rank has its device before the workers probe CUDA IPC together
     worker, error = None, None
     try:
         _first_use_imports()
+        trace.mark("device agreed")
         connect_workers(topo, transport, opts.transport)
+        trace.mark("transport")
         worker = _make_worker(topo, spec, prepared.model_path, prepared.cfg, xp, transport, opts.dtype,
                               opts.client_layers)
     except RshardError as exc:
@@ -82,6 +89,7 @@ def _play(world, topo, job, worker) -> None:
         raise
     except RshardError as exc:
         raise JobAborted(str(exc)) from exc
+    trace.mark("played")
     collectives.barrier(world)  # the client's reports are written: no rank ends (or is signalled out) before
 
 

@@ -10,12 +10,14 @@ import os
 import pstats
 
 from rshard_hpc.dist.launcher import world_rank
+from rshard_hpc.engine import trace
 
 ENV_VAR = "RSHARD_PROFILE"
 TOP = 40
 
 
 def start_if_asked() -> None:
+    trace.start_if_asked(world_rank())  # RSHARD_TRACE=DIR: a host timeline of marks (engine/trace.py)
     folder = os.environ.get(ENV_VAR)
     if not folder:
         return
