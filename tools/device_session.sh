@@ -2,7 +2,7 @@
 # One call on the lent GPU (issues 13 and 14): the CUDA-aware Open MPI (a prefix built elsewhere and carried
 # as .carry/ompi-cuda.tar.gz, or built here from .carry's sources), mpi4py against it, then stages in order,
 # each skipped once the call's time budget (BUDGET_S, default 540) is near.   logs go to $OUT
-#   usage: bash tools/device_session.sh STAGE...   stages: mpi unit engine jobs passes decode transports suite
+#   usage: bash tools/device_session.sh STAGE...   stages: mpi unit engine jobs passes decode transports trace smallstep probe suite
 # Carried: .carry/ (ompi-cuda.tar.gz or openmpi_4.1*.orig.tar.*, mpi4py-*.tar.gz), .minilm/ (all-MiniLM-L6-v2
 # as a sentence-transformers folder, fp16 safetensors).
 set -u
@@ -70,6 +70,49 @@ old)  # the same bench job on the code before this session (.old534: rshard_hpc/
         2>&1 | grep -E "^\| [0-9]|rror" | cut -c1-240
     done
   done ;;
+trace)  # host timelines (RSHARD_TRACE, `rshard bench trace`): a decode step at alpha=2 beta=2, a 12-prompt and the
+  #        4096-prompt MiniLM job at alpha=3 beta=3 c_a=2; MPS off, then on (MPS_TRACE=off: only off)
+  stage trace
+  python3 -c "from rshard_hpc.bench.prompts import word_prompts as p, write_prompts as w
+w('/tmp/p12.jsonl', p(12, seed=1)); w('/tmp/p4096.jsonl', p(4096, seed=0))"
+  for mps in ${MPS_TRACE:-off on}; do
+    if [ $mps = on ]; then
+      export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps/log
+      mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY; nvidia-cuda-mps-control -d
+    fi
+    stage "trace decode, MPS $mps"; enough 60 trace || break
+    RSHARD_TRACE=$OUT/tr_decode_$mps timeout 120 mpirun -n 7 python3 -m rshard_hpc bench job --alpha 2 --beta 2 \
+      --device gpu --tokens 8192 --decode-steps 8 --no-plaintext --transport ${TRANSPORT:-staged} \
+      --out "$OUT/tr_bench.md" 2>&1 | grep -E "^\| [0-9]|rror" | cut -c1-250
+    python3 -m rshard_hpc bench trace $OUT/tr_decode_$mps --steps 2:9 --layer 15 > $OUT/tr_decode_$mps.md
+    for n in ${TRACE_EMBED-12 4096}; do
+      stage "trace embed $n, MPS $mps"; enough 60 trace || break 2
+      t0=$SECONDS
+      RSHARD_TRACE=$OUT/tr_embed${n}_$mps timeout 120 mpirun -n 13 python3 -m rshard_hpc run --task embed \
+        --model /tmp/minilm.h5 --prompts /tmp/p$n.jsonl --out /tmp/e$n.h5 --overwrite --truncate --allow-weak-plan \
+        --device gpu --alpha 3 --beta 3 --c-a 2 2>&1 | tail -n 3
+      echo "wall about $((SECONDS - t0)) s"
+      python3 -m rshard_hpc bench trace $OUT/tr_embed${n}_$mps --steps 0: --layer 2 > $OUT/tr_embed${n}_$mps.md
+    done
+    if [ $mps = on ]; then echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; fi
+  done
+  (cd $OUT && tar -czf traces.tar.gz tr_*/ && rm -rf tr_*/) ;;
+smallstep)  # the fused small-step kernels: tests, then a decode step with them off and on (alpha=2 beta=2, 3x3)
+  stage smallstep; enough 60 smallstep && timeout 200 $PT tests/ops/test_gpu_decode.py tests/engine/test_gpu_engine.py \
+    -k "decode or small or (staged and llama)" 2>&1 | tail -n 8
+  for layout in "7 --alpha 2 --beta 2" "13 --alpha 3 --beta 3 --c-a 2"; do
+    set -- $layout; n=$1; shift
+    for on in 0 1; do
+      stage "decode, small-step kernels $on, $n ranks"; enough 40 smallstep || break 2
+      RSHARD_SMALL_STEP_KERNELS=$on RSHARD_TRACE=$OUT/tr_small${on}_$n timeout 100 mpirun -n $n python3 -m rshard_hpc \
+        bench job "$@" --device gpu --tokens 8192 --decode-steps 8 --no-plaintext --out "$OUT/bench_smallstep.md" 2>&1 | \
+        grep -E "^\| [0-9]|rror" | awk -F'|' '{print "prefill_s",$6,"decode_ms",$14,"split",$(NF-1)}'
+      python3 -m rshard_hpc bench trace $OUT/tr_small${on}_$n --steps 2:9 --layer 15 > $OUT/tr_small${on}_$n.md
+    done
+  done
+  (cd $OUT && tar -czf small_traces.tar.gz tr_small*/ && rm -rf tr_small*/) ;;
+probe)  # CUDA graphs from CuPy: capture with allocations, replay cost
+  stage probe; timeout 60 python3 tools/graph_probe.py 2>&1 | tail -n 5 ;;
 suite)
   stage suite; enough 120 suite && timeout $(( $(left) - 15 )) python3 -m rshard_hpc bench suite --device gpu \
     --rows ${ROWS:-embed-file,embed-small,decode,prefill-512,prefill-8k} --layouts ${LAYOUTS:-3x3c2,2x2} \

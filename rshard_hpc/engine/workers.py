@@ -171,17 +171,39 @@ class AttnWorker(_Worker):
         recv_counts, back_counts = self._counts(routing)
         no_counts = np.zeros_like(recv_counts)
         # every layer of a step has the same query and key positions: one preparation a step
-        plan = prepare_attention(q_pos, q_seq, k_pos, k_seq, causal=cfg.causal, scale=1.0 / np.sqrt(cfg.head_dim),
-                                 xp=xp)
+        decode = self._decode_layers(routing, q_pos, q_seq)  # small GPU steps: two launches a layer
+        plan = None if decode else prepare_attention(q_pos, q_seq, k_pos, k_seq, causal=cfg.causal,
+                                                    scale=1.0 / np.sqrt(cfg.head_dim), xp=xp)
+        trace.mark("attn prepared")
         for layer in range(self.first_layer, cfg.n_layers):
+            trace.mark("layer")
             recv = self.transport.alltoallv(topo.work_comm, xp.zeros(0, self.wire), no_counts, recv_counts)
             with self.timer("attention"):
                 slot = layer - self.first_layer  # the cache holds the layers this AttnNode runs
-                q = self._unpack(routing, recv, slot)
-                o, lse = plan(q, *self.cache.rows(slot))
-                send = pack_partial(o, lse, self.wire).ravel()  # (nq, H, partial_slots) per row
+                if decode:
+                    send = decode.layer(recv, slot)  # (nq, H, partial_slots) per row, two launches
+                else:
+                    q = self._unpack(routing, recv, slot)
+                    o, lse = plan(q, *self.cache.rows(slot))
+                    send = pack_partial(o, lse, self.wire).ravel()  # (nq, H, partial_slots) per row
+            trace.mark("attention")
             self.transport.alltoallv(topo.work_comm, send, back_counts, no_counts)
         self.cache.end_step()
+        trace.mark("step end")
+
+    def _decode_layers(self, routing: Routing, q_pos, q_seq):
+        """The fused small-step path (ops/decode_cuda.py) for a GPU step the transport calls small, else None."""
+        if self.xp is np or not self.transport.small_step:
+            return None
+        from rshard_hpc.ops import decode_cuda
+
+        cfg = self.cfg
+        if not decode_cuda.supports(cfg.head_dim):
+            return None
+        i, j = self.topo.attn_coords
+        return decode_cuda.DecodeLayers(self.cache, routing.counts[:, i], routing.counts[:, j], q_pos, q_seq,
+                                        cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, self.wire, cfg.causal,
+                                        1.0 / np.sqrt(cfg.head_dim))
 
     def _counts(self, routing: Routing):
         """Elements each CompNode sends me a layer (q of group i, k and v of group j) and I send it back."""

@@ -166,7 +166,7 @@ class Llama:
         """h: (n, d) residual stream, attn: (n, H, D) merged attention -> next h: (n, d)."""
         c, w = self.cfg, lambda name: self._w(layer, name)
         n = h.shape[0]
-        attn_out = linear(attn.reshape(n, c.n_heads * c.head_dim).astype(h.dtype), w("wo"))
+        attn_out = linear(attn.reshape(n, c.n_heads * c.head_dim).astype(h.dtype, copy=False), w("wo"))
         # h + attn_out, then its norm rounded once for gate and up
         h, x = rms_norm_input(h, w("mlp_norm_w"), c.norm_eps, w("w_gate"), residual=attn_out)
         act = silu_mul_input(linear(x, w("w_gate")), linear(x, w("w_up")), w("w_down"))

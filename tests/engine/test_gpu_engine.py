@@ -55,6 +55,22 @@ def test_sharded_gpu_equals_numpy(models, arch, alpha, beta, c, c_a, dtype, tran
     assert "PASS" in res.stdout
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("arch,alpha,beta,c,c_a", [("llama", 2, 2, 1, 1), ("bert", 2, 3, 1, 2)])
+def test_small_steps_gpu_equal_numpy(models, arch, alpha, beta, c, c_a, dtype):
+    """Steps of at most 64 tokens (AttnNodes take the fused small-step kernels, ops/decode_cuda.py): a causal
+    model's prefix then a token a sequence a step, a bidirectional model's batch in one step, against the
+    NumPy forward of the whole sequences."""
+    n = 1 + alpha + beta * beta
+    cmd = launcher(n) + [str(ROOT / "tests" / "mpi" / "gpu_equivalence.py"), "--model", str(models / f"{arch}.h5"),
+                         "--alpha", str(alpha), "--beta", str(beta), "--c", str(c), "--c-a", str(c_a),
+                         "--device", "gpu", "--case", "small", "--dtype", dtype, "--transport", "auto"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    print(res.stdout[-4000:], res.stderr[-4000:])
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "PASS" in res.stdout
+
+
 def require_cuda_aware_mpi():
     """Skip unless this process's MPI library is CUDA-aware by evidence (tools/build_cuda_mpi.sh builds one)."""
     from rshard_hpc.dist.cuda_aware import detect_cuda_aware

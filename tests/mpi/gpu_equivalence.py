@@ -40,8 +40,27 @@ def rel_err(got, ref) -> float:
 
 
 def batch(rng, vocab, case):
-    lens = [1, 237, 5, 64, 2, 130, 1500] if case == "short" else [16384, 300]
+    lens = {"short": [1, 237, 5, 64, 2, 130, 1500], "small": [1, 5, 20, 9], "long": [16384, 300]}[case]
     return [rng.integers(0, vocab, n) for n in lens]
+
+
+def small_steps(client, seqs, causal: bool, tail: int = 3):
+    """Encode with steps of at most transport.SMALL_STEP_TOKENS tokens (the AttnNodes' fused small-step path):
+    for a causal model a prefix, then one token a sequence a step (decode-like); else one step. Rows per seq."""
+    lens = [len(s) for s in seqs]
+    client.begin_batch(lens)
+    cuts = [max(n - tail, 0) if causal else n for n in lens]
+    parts = [[] for _ in seqs]
+    ranges = [(0, c) for c in cuts]
+    for _ in range(tail + 1 if causal else 1):
+        rows = client.step(ranges, [s[a:b] for s, (a, b) in zip(seqs, ranges)], "all")  # sequence-major
+        at = 0
+        for b, (lo, hi) in enumerate(ranges):
+            parts[b].append(rows[at:at + hi - lo])
+            at += hi - lo
+        ranges = [(hi, min(hi + 1, n)) for (_, hi), n in zip(ranges, lens)]
+    client.end_batch()
+    return [np.concatenate(p) for p in parts]
 
 
 def torch_attention64(q, pos, seq, k, v, causal, scale, block=2048):
@@ -100,7 +119,7 @@ def main():
     ap.add_argument("--c-a", type=int, default=1)
     ap.add_argument("--device", choices=["cpu", "gpu"], default="gpu")
     ap.add_argument("--transport", choices=list(TRANSPORTS), default="auto")
-    ap.add_argument("--case", choices=["short", "long"], default="short")
+    ap.add_argument("--case", choices=["short", "small", "long"], default="short")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = ap.parse_args()
@@ -126,14 +145,15 @@ def main():
         seqs = batch(np.random.default_rng(args.seed), cfg.vocab_size, args.case)
         client = Client(topo, spec, cfg, transport)
         t0 = time.perf_counter()
-        got = client.encode(seqs)
+        encode = (lambda x: small_steps(client, x, cfg.causal)) if args.case == "small" else client.encode
+        got = encode(seqs)
         t1 = time.perf_counter()
-        got2 = client.encode(seqs[::-1])  # a second batch reuses every worker
+        got2 = encode(seqs[::-1])  # a second batch reuses every worker
         client.stop()
         tag = (f"{cfg.arch} causal={cfg.causal} alpha={args.alpha} beta={args.beta} c={args.c} c_a={args.c_a} "
                f"device={args.device} dtype={args.dtype} case={args.case} tokens={sum(len(s) for s in seqs)}")
         errs = {}
-        if args.case == "short":
+        if args.case in ("short", "small"):
             ref = reference_forward(load_model(args.model), seqs)  # NumPy, single process
             errs["sharded vs numpy"] = max(rel_err(g, r) for g, r in zip(got + got2[::-1], ref + ref))
             if args.device == "gpu":

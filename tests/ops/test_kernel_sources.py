@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from rshard_hpc.ops import attention_cuda as ag
-from rshard_hpc.ops import passes_cuda
+from rshard_hpc.ops import decode_cuda, passes_cuda
 
 ARCH = "sm_90"
 SMEM_OPTIN_SM90 = 227 * 1024  # the largest dynamic shared memory a block may ask for on sm_90
@@ -57,10 +57,11 @@ def test_sources_define_nothing_the_host_passes():
     for bf16 in (False, True):
         names |= {n for d in ag.class_ends(bf16) for n in ag.choose_kernel(d, bf16).defines()}
     text = "".join((ag.kernel_dir() / f).read_text() for f in ("partial_attention.cu", ag.COMMON_HEADER))
-    passes_text = (ag.kernel_dir() / passes_cuda.SOURCE).read_text()
-    for name in passes_cuda.defines():
-        assert not re.search(rf"#\s*define\s+{name}\b", passes_text), name
-        assert f'#error "{name} must be defined by the host' in passes_text, name
+    for source, defined in ((passes_cuda.SOURCE, passes_cuda.defines()), (decode_cuda.SOURCE, decode_cuda.defines(64, 0))):
+        source_text = (ag.kernel_dir() / source).read_text()
+        for name in defined:
+            assert not re.search(rf"#\s*define\s+{name}\b", source_text), name
+            assert f'#error "{name} must be defined by the host' in source_text, name
     for name in names:
         assert not re.search(rf"#\s*define\s+{name}\b", text), name
         assert f'#error "{name} must be defined by the host' in text, name
@@ -124,6 +125,9 @@ def _cases():
     cases["order"] = ("attention_order.cu", {})
     cases["merge"] = ("merge.cu", {})
     cases["passes"] = (passes_cuda.SOURCE, passes_cuda.defines())
+    for d in (1, 64, decode_cuda.MAX_HEAD_DIM):
+        for bf16 in (False, True):
+            cases[f"decode-{'bf16' if bf16 else 'fp32'}-D{d}"] = (decode_cuda.SOURCE, decode_cuda.defines(d, bf16))
     return cases
 
 
@@ -163,10 +167,11 @@ def test_missing_define_is_an_error():
         defines = {n: v for n, v in kernel.defines().items() if n != name}
         ok, log = nvrtc_compile(lib, ag.kernel_source(kernel.source, defines), options)
         assert not ok and f"{name} must be defined by the host" in log, log
-    for name in passes_cuda.defines():
-        defines = {n: v for n, v in passes_cuda.defines().items() if n != name}
-        ok, log = nvrtc_compile(lib, ag.kernel_source(passes_cuda.SOURCE, defines), options)
-        assert not ok and f"{name} must be defined by the host" in log, log
+    for source, full in ((passes_cuda.SOURCE, passes_cuda.defines()), (decode_cuda.SOURCE, decode_cuda.defines(64, True))):
+        for name in full:
+            defines = {n: v for n, v in full.items() if n != name}
+            ok, log = nvrtc_compile(lib, ag.kernel_source(source, defines), options)
+            assert not ok and f"{name} must be defined by the host" in log, log
     # a layout that disagrees with the kernel's indexing does not compile either
     defines = {**kernel.defines(), "SMEM_V": kernel.defines()["SMEM_V"] + 16}
     ok, log = nvrtc_compile(lib, ag.kernel_source(kernel.source, defines), options)

@@ -1,0 +1,143 @@
+// An AttnNode's layer of a small step (decode), fused (architecture.md §7): two launches a layer in place of the
+// unpack, sort, tile, attend, merge and pack chain (rshard_hpc/ops/decode_cuda.py).
+//   decode_append: the step's new k, v rows, read from the receive buffer, written into the layer's cache rows.
+//   decode_attend: per (query row, head), partial attention of q (read from the receive buffer) over every cached
+//                  key row of the layer visible to it (same sequence; pos_k <= pos_q when causal), written as the
+//                  packed partial the CompNode merges: D values of o then lse (one float32, or under bf16 D bf16
+//                  bits then the float32 lse's two uint16 halves, low half first; precision.pack_partial).
+// Arithmetic as kernels/partial_attention.cu's CUDA-core kernel: fp32, scores in the log2 domain
+// (scale_log2 = scale * log2 e), online softmax with exp2f, lse = (m + log2 l) * ln 2, no visible key: (0, -inf).
+// Loaded after kernels/common.cuh (NEG_INF).
+
+#ifndef HEAD_DIM
+#error "HEAD_DIM must be defined by the host (rshard_hpc/ops/decode_cuda.py)"
+#endif
+#ifndef WIRE_BF16
+#error "WIRE_BF16 must be defined by the host (rshard_hpc/ops/decode_cuda.py)"
+#endif
+#ifndef DECODE_THREADS
+#error "DECODE_THREADS must be defined by the host (rshard_hpc/ops/decode_cuda.py)"
+#endif
+#ifndef BF16_NAN
+#error "BF16_NAN must be defined by the host (rshard_hpc/ops/decode_cuda.py)"
+#endif
+#if DECODE_THREADS % 32 || DECODE_THREADS > 1024
+#error "DECODE_THREADS must be a multiple of 32, at most 1024"
+#endif
+
+#define DECODE_LN2 0.6931471805599453f
+
+#if WIRE_BF16
+typedef unsigned short wire_t;
+__device__ __forceinline__ float wire_value(wire_t x) { return __uint_as_float((unsigned int)x << 16); }
+#else
+typedef float wire_t;
+__device__ __forceinline__ float wire_value(wire_t x) { return x; }
+#endif
+
+// k_cache, v_cache: the layer's (capacity, Hkv, D) rows; row first + m gets the new row m, whose k starts at
+// recv[k_src[m]] and v at recv[v_src[m]] (Hkv * D elements each).
+extern "C" __global__ void __launch_bounds__(DECODE_THREADS)
+decode_append(const wire_t* __restrict__ recv, const long long* __restrict__ k_src,
+              const long long* __restrict__ v_src, wire_t* __restrict__ k_cache, wire_t* __restrict__ v_cache,
+              int n_new, int first, int row_width)
+{
+    const long long total = (long long)n_new * row_width;
+    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
+         idx += (long long)gridDim.x * blockDim.x) {
+        const int m = (int)(idx / row_width), e = (int)(idx % row_width);
+        const long long at = (long long)(first + m) * row_width + e;
+        k_cache[at] = recv[k_src[m] + e];
+        v_cache[at] = recv[v_src[m] + e];
+    }
+}
+
+__device__ __forceinline__ unsigned short decode_bf16_bits(float x) {
+    const unsigned int b = __float_as_uint(x);
+    return isnan(x) ? (unsigned short)BF16_NAN : (unsigned short)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+
+// Grid (n_q, H), DECODE_THREADS threads. Query row r's q (H, D) starts at recv[q_src[r]]; keys 0 … n_keys-1 of
+// the layer's cache (k_pos, k_seq per row). out: (n_q, H, slots) wire elements.
+extern "C" __global__ void __launch_bounds__(DECODE_THREADS)
+decode_attend(const wire_t* __restrict__ recv, const long long* __restrict__ q_src, const int* __restrict__ q_pos,
+              const int* __restrict__ q_seq, const wire_t* __restrict__ k_cache, const wire_t* __restrict__ v_cache,
+              const int* __restrict__ k_pos, const int* __restrict__ k_seq, wire_t* __restrict__ out,
+              int n_keys, int n_heads, int n_kv, int slots, float scale_log2, int causal)
+{
+    __shared__ float q_s[HEAD_DIM];
+    __shared__ float red[DECODE_THREADS];
+    __shared__ float acc_s[DECODE_THREADS / 32][HEAD_DIM];
+    const int r = blockIdx.x, h = blockIdx.y, tid = threadIdx.x;
+    const int kv_head = h / (n_heads / n_kv);
+    const long long q_at = q_src[r] + (long long)h * HEAD_DIM;
+    for (int d = tid; d < HEAD_DIM; d += DECODE_THREADS) q_s[d] = wire_value(recv[q_at + d]);
+    __syncthreads();
+    const int qp = q_pos[r], qs = q_seq[r];
+
+    // each thread: an online softmax over keys tid, tid + THREADS, …
+    float m = NEG_INF, l = 0.f, acc[HEAD_DIM];
+#pragma unroll
+    for (int d = 0; d < HEAD_DIM; ++d) acc[d] = 0.f;
+    const int row_width = n_kv * HEAD_DIM;
+    for (int j = tid; j < n_keys; j += DECODE_THREADS) {
+        if (k_seq[j] != qs || (causal && k_pos[j] > qp)) continue;
+        const wire_t* kr = k_cache + (long long)j * row_width + kv_head * HEAD_DIM;
+        const wire_t* vr = v_cache + (long long)j * row_width + kv_head * HEAD_DIM;
+        float s = 0.f;
+#pragma unroll
+        for (int d = 0; d < HEAD_DIM; ++d) s = fmaf(q_s[d], wire_value(kr[d]), s);
+        s *= scale_log2;
+        const float m_new = fmaxf(m, s);
+        const float keep = exp2f(m - m_new), p = exp2f(s - m_new);
+        l = l * keep + p;
+#pragma unroll
+        for (int d = 0; d < HEAD_DIM; ++d) acc[d] = fmaf(p, wire_value(vr[d]), acc[d] * keep);
+        m = m_new;
+    }
+
+    // the block's max, then each thread's share rescaled to it and summed (a warp by shuffles, then the warps)
+    red[tid] = m;
+    __syncthreads();
+    for (int s = DECODE_THREADS / 2; s > 0; s >>= 1) {
+        if (tid < s) red[tid] = fmaxf(red[tid], red[tid + s]);
+        __syncthreads();
+    }
+    const float top = red[0];
+    __syncthreads();
+    const float w = (m == NEG_INF) ? 0.f : exp2f(m - top);
+    float lw = l * w;
+    for (int s = 16; s > 0; s >>= 1) lw += __shfl_xor_sync(0xffffffffu, lw, s);
+    const int warp = tid / 32, lane = tid % 32;
+#pragma unroll
+    for (int d = 0; d < HEAD_DIM; ++d) {
+        float a = acc[d] * w;
+        for (int s = 16; s > 0; s >>= 1) a += __shfl_xor_sync(0xffffffffu, a, s);
+        if (lane == 0) acc_s[warp][d] = a;
+    }
+    if (lane == 0) red[warp] = lw;
+    __syncthreads();
+    float total_l = 0.f;
+    for (int w_ = 0; w_ < DECODE_THREADS / 32; ++w_) total_l += red[w_];
+    const float inv = (top != NEG_INF && total_l > 0.f) ? 1.f / total_l : 0.f;
+    wire_t* o = out + ((long long)r * n_heads + h) * slots;
+    for (int d = tid; d < HEAD_DIM; d += DECODE_THREADS) {
+        float a = 0.f;
+        for (int w_ = 0; w_ < DECODE_THREADS / 32; ++w_) a += acc_s[w_][d];
+#if WIRE_BF16
+        o[d] = decode_bf16_bits(a * inv);
+#else
+        o[d] = a * inv;
+#endif
+    }
+    if (tid == 0) {
+        const float lse = (top != NEG_INF && total_l > 0.f) ? (top + log2f(total_l)) * DECODE_LN2 : NEG_INF;
+#if WIRE_BF16
+        const unsigned int bits = __float_as_uint(lse);
+        o[HEAD_DIM] = (unsigned short)(bits & 0xFFFFu);
+        o[HEAD_DIM + 1] = (unsigned short)(bits >> 16);
+#else
+        o[HEAD_DIM] = lse;
+#endif
+    }
+}

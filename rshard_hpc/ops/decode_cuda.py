@@ -1,0 +1,102 @@
+"""An AttnNode's layer of a small step in two launches of kernels/decode.cu (architecture.md §7, issue 13).
+
+A decode step gives an AttnNode a few rows, and the general path (unpack, sort, tile summaries, attend, merge the
+key shares, pack) spent most of a layer in host-side launches: 0.3-1 ms a layer on the H200, the largest part of a
+decode step (RSHARD_TRACE). DecodeLayers takes the step's receive-buffer layout once a step (where each q, k and v
+row lies) and then runs each layer as decode_append (the new k, v rows into the cache) and decode_attend (every
+query row against every cached row it may see, written straight into the packed send buffer).
+
+Same result as ops/attention.prepare_attention(...)(q, k, v) + precision.pack_partial, within fp32 rounding (a
+different summation order). Taken for steps of at most transport.SMALL_STEP_TOKENS tokens (decode) and head
+dims up to MAX_HEAD_DIM; the general path keeps everything else.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import numpy as np
+
+from rshard_hpc.ops.attention_cuda import _blocks, _cupy, _kernel
+from rshard_hpc.ops.precision import BF16_NAN, partial_slots
+
+SOURCE = "decode.cu"
+DECODE_THREADS = 128  # threads a block of decode_attend (one block per query row and head) and decode_append
+MAX_HEAD_DIM = 128  # decode_attend keeps a row of o per thread in registers
+ENV_VAR = "RSHARD_SMALL_STEP_KERNELS"  # "0": small steps take the general path too (benchmarks' before/after)
+ENABLED = os.environ.get(ENV_VAR, "1") != "0"
+
+
+def supports(head_dim: int) -> bool:
+    return ENABLED and 1 <= head_dim <= MAX_HEAD_DIM
+
+
+def defines(head_dim: int, bf16: bool) -> dict:
+    """The preamble decode.cu requires (every name is #error-checked there)."""
+    return {"HEAD_DIM": head_dim, "WIRE_BF16": int(bf16), "DECODE_THREADS": DECODE_THREADS, "BF16_NAN": BF16_NAN}
+
+
+@functools.cache
+def _function(name: str, head_dim: int, bf16: bool, device_id: int):
+    return _kernel(SOURCE, name, defines(head_dim, bf16))
+
+
+class DecodeLayers:
+    """One step's layers on an AttnNode. Receive buffer, stacked over CompNodes k = 0 … α-1: q of its nq[k] rows
+    (H * D each), then k and v of its nkv[k] rows (Hkv * D each); the queries are numbered in that order.
+
+    q_pos, q_seq: (sum nq,) device ints; cache: the KVCache with this step's rows reserved (begin_step)."""
+
+    def __init__(self, cache, nq, nkv, q_pos, q_seq, n_heads: int, n_kv_heads: int, head_dim: int, wire,
+                 causal: bool, scale: float):
+        cupy = _cupy()
+        self.cache, self.n_heads, self.n_kv, self.head_dim = cache, n_heads, n_kv_heads, head_dim
+        self.bf16 = np.dtype(wire) == np.uint16
+        self.wire = np.dtype(wire)
+        self.slots = partial_slots(head_dim, self.wire)
+        self.causal, self.scale_log2 = bool(causal), np.float32(scale * math.log2(math.e))
+        q_src, k_src, v_src = _row_offsets(nq, nkv, n_heads * head_dim, n_kv_heads * head_dim)
+        self.n_q, self.n_new = len(q_src), len(k_src)
+        offsets = cupy.asarray(np.concatenate([q_src, k_src, v_src]))  # one copy to the device a step
+        self.q_src = offsets[:self.n_q]
+        self.k_src = offsets[self.n_q:self.n_q + self.n_new]
+        self.v_src = offsets[self.n_q + self.n_new:]
+        self.q_pos = cupy.ascontiguousarray(q_pos, dtype=cupy.int32)
+        self.q_seq = cupy.ascontiguousarray(q_seq, dtype=cupy.int32)
+        self.n_keys = cache.filled + cache.new
+        device = cupy.cuda.Device().id
+        self._append = _function("decode_append", head_dim, self.bf16, device)
+        self._attend = _function("decode_attend", head_dim, self.bf16, device)
+
+    def layer(self, recv, slot: int):
+        """recv: the layer's flat receive buffer (wire type) -> the flat send buffer of packed partials,
+        (n_q * H * slots,) wire elements. Writes the step's new k, v rows into the cache's layer `slot`."""
+        cupy = _cupy()
+        cache = self.cache
+        row_width = self.n_kv * self.head_dim
+        if self.n_new:
+            self._append(_blocks(self.n_new * row_width, DECODE_THREADS), (DECODE_THREADS,),
+                         (recv, self.k_src, self.v_src, cache.k[slot], cache.v[slot], np.int32(self.n_new),
+                          np.int32(cache.filled), np.int32(row_width)))
+        out = cupy.empty(self.n_q * self.n_heads * self.slots, dtype=self.wire)
+        if self.n_q:
+            self._attend((self.n_q, self.n_heads), (DECODE_THREADS,),
+                         (recv, self.q_src, self.q_pos, self.q_seq, cache.k[slot], cache.v[slot], cache.pos,
+                          cache.seq, out, np.int32(self.n_keys), np.int32(self.n_heads), np.int32(self.n_kv),
+                          np.int32(self.slots), self.scale_log2, np.int32(self.causal)))
+        return out
+
+
+def _row_offsets(nq, nkv, q_width: int, kv_width: int):
+    """Element offsets in the receive buffer of each q row, each new k row and each new v row (int64, NumPy)."""
+    q_src, k_src, v_src, at = [], [], [], 0
+    for n_q, n_kv in zip(nq, nkv):
+        n_q, n_kv = int(n_q), int(n_kv)
+        q_src.append(at + q_width * np.arange(n_q, dtype=np.int64))
+        at += n_q * q_width
+        k_src.append(at + kv_width * np.arange(n_kv, dtype=np.int64))
+        v_src.append(at + n_kv * kv_width + kv_width * np.arange(n_kv, dtype=np.int64))
+        at += 2 * n_kv * kv_width
+    cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64)  # noqa: E731
+    return cat(q_src), cat(k_src), cat(v_src)
