@@ -1,7 +1,7 @@
 // An AttnNode's layer of a small step (decode), fused (architecture.md §7): two launches a layer in place of the
 // unpack, sort, tile, attend, merge and pack chain (rshard_hpc/ops/decode_cuda.py).
 //   decode_append: the step's new k, v rows, read from the receive buffer, written into the layer's cache rows.
-//   decode_attend: per (query row, head), partial attention of q (read from the receive buffer) over every cached
+//   decode_attend: per (query row, head), a block of warps: partial attention of q (read from the receive buffer) over every cached
 //                  key row of the layer visible to it (same sequence; pos_k <= pos_q when causal), written as the
 //                  packed partial the CompNode merges: D values of o then lse (one float32, or under bf16 D bf16
 //                  bits then the float32 lse's two uint16 halves, low half first; precision.pack_partial).
@@ -59,71 +59,76 @@ __device__ __forceinline__ unsigned short decode_bf16_bits(float x) {
 
 // Grid (n_q, H), DECODE_THREADS threads. Query row r's q (H, D) starts at recv[q_src[r]]; keys 0 … n_keys-1 of
 // the layer's cache (k_pos, k_seq per row). out: (n_q, H, slots) wire elements.
+// Each warp takes keys warp, warp + warps, …: its 32 lanes read a key row together (lane l holds dims l, l + 32, …),
+// the score is a shuffle sum, and every lane keeps the warp's online softmax (m, l) and its dims of o; the warps'
+// results are then merged exactly through shared memory.
+#define DECODE_DPL ((HEAD_DIM + 31) / 32)  // dims a lane holds
+#define DECODE_WARPS (DECODE_THREADS / 32)
 extern "C" __global__ void __launch_bounds__(DECODE_THREADS)
 decode_attend(const wire_t* __restrict__ recv, const long long* __restrict__ q_src, const int* __restrict__ q_pos,
               const int* __restrict__ q_seq, const wire_t* __restrict__ k_cache, const wire_t* __restrict__ v_cache,
               const int* __restrict__ k_pos, const int* __restrict__ k_seq, wire_t* __restrict__ out,
               int n_keys, int n_heads, int n_kv, int slots, float scale_log2, int causal)
 {
-    __shared__ float q_s[HEAD_DIM];
-    __shared__ float red[DECODE_THREADS];
-    __shared__ float acc_s[DECODE_THREADS / 32][HEAD_DIM];
-    const int r = blockIdx.x, h = blockIdx.y, tid = threadIdx.x;
+    __shared__ float m_s[DECODE_WARPS], l_s[DECODE_WARPS];
+    __shared__ float acc_s[DECODE_WARPS][HEAD_DIM];
+    const int r = blockIdx.x, h = blockIdx.y, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int kv_head = h / (n_heads / n_kv);
     const long long q_at = q_src[r] + (long long)h * HEAD_DIM;
-    for (int d = tid; d < HEAD_DIM; d += DECODE_THREADS) q_s[d] = wire_value(recv[q_at + d]);
-    __syncthreads();
-    const int qp = q_pos[r], qs = q_seq[r];
-
-    // each thread: an online softmax over keys tid, tid + THREADS, …
-    float m = NEG_INF, l = 0.f, acc[HEAD_DIM];
+    float qv[DECODE_DPL], acc[DECODE_DPL];
 #pragma unroll
-    for (int d = 0; d < HEAD_DIM; ++d) acc[d] = 0.f;
+    for (int i = 0; i < DECODE_DPL; ++i) {
+        const int d = lane + 32 * i;
+        qv[i] = d < HEAD_DIM ? wire_value(recv[q_at + d]) : 0.f;
+        acc[i] = 0.f;
+    }
+    const int qp = q_pos[r], qs = q_seq[r];
     const int row_width = n_kv * HEAD_DIM;
-    for (int j = tid; j < n_keys; j += DECODE_THREADS) {
-        if (k_seq[j] != qs || (causal && k_pos[j] > qp)) continue;
+    float m = NEG_INF, l = 0.f;
+    for (int j = warp; j < n_keys; j += DECODE_WARPS) {
+        if (k_seq[j] != qs || (causal && k_pos[j] > qp)) continue;  // the same j on every lane: no divergence
         const wire_t* kr = k_cache + (long long)j * row_width + kv_head * HEAD_DIM;
         const wire_t* vr = v_cache + (long long)j * row_width + kv_head * HEAD_DIM;
         float s = 0.f;
 #pragma unroll
-        for (int d = 0; d < HEAD_DIM; ++d) s = fmaf(q_s[d], wire_value(kr[d]), s);
+        for (int i = 0; i < DECODE_DPL; ++i) {
+            const int d = lane + 32 * i;
+            if (d < HEAD_DIM) s = fmaf(qv[i], wire_value(kr[d]), s);
+        }
+        for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
         s *= scale_log2;
         const float m_new = fmaxf(m, s);
         const float keep = exp2f(m - m_new), p = exp2f(s - m_new);
         l = l * keep + p;
 #pragma unroll
-        for (int d = 0; d < HEAD_DIM; ++d) acc[d] = fmaf(p, wire_value(vr[d]), acc[d] * keep);
+        for (int i = 0; i < DECODE_DPL; ++i) {
+            const int d = lane + 32 * i;
+            if (d < HEAD_DIM) acc[i] = fmaf(p, wire_value(vr[d]), acc[i] * keep);
+        }
         m = m_new;
     }
-
-    // the block's max, then each thread's share rescaled to it and summed (a warp by shuffles, then the warps)
-    red[tid] = m;
-    __syncthreads();
-    for (int s = DECODE_THREADS / 2; s > 0; s >>= 1) {
-        if (tid < s) red[tid] = fmaxf(red[tid], red[tid + s]);
-        __syncthreads();
+    if (lane == 0) {
+        m_s[warp] = m;
+        l_s[warp] = l;
     }
-    const float top = red[0];
-    __syncthreads();
-    const float w = (m == NEG_INF) ? 0.f : exp2f(m - top);
-    float lw = l * w;
-    for (int s = 16; s > 0; s >>= 1) lw += __shfl_xor_sync(0xffffffffu, lw, s);
-    const int warp = tid / 32, lane = tid % 32;
 #pragma unroll
-    for (int d = 0; d < HEAD_DIM; ++d) {
-        float a = acc[d] * w;
-        for (int s = 16; s > 0; s >>= 1) a += __shfl_xor_sync(0xffffffffu, a, s);
-        if (lane == 0) acc_s[warp][d] = a;
+    for (int i = 0; i < DECODE_DPL; ++i) {
+        const int d = lane + 32 * i;
+        if (d < HEAD_DIM) acc_s[warp][d] = acc[i];
     }
-    if (lane == 0) red[warp] = lw;
     __syncthreads();
+    float top = NEG_INF;
+    for (int w = 0; w < DECODE_WARPS; ++w) top = fmaxf(top, m_s[w]);
     float total_l = 0.f;
-    for (int w_ = 0; w_ < DECODE_THREADS / 32; ++w_) total_l += red[w_];
-    const float inv = (top != NEG_INF && total_l > 0.f) ? 1.f / total_l : 0.f;
+    for (int w = 0; w < DECODE_WARPS; ++w)
+        if (m_s[w] != NEG_INF) total_l += l_s[w] * exp2f(m_s[w] - top);
+    const bool seen = top != NEG_INF && total_l > 0.f;
+    const float inv = seen ? 1.f / total_l : 0.f;
     wire_t* o = out + ((long long)r * n_heads + h) * slots;
     for (int d = tid; d < HEAD_DIM; d += DECODE_THREADS) {
         float a = 0.f;
-        for (int w_ = 0; w_ < DECODE_THREADS / 32; ++w_) a += acc_s[w_][d];
+        for (int w = 0; w < DECODE_WARPS; ++w)
+            if (m_s[w] != NEG_INF) a = fmaf(acc_s[w][d], exp2f(m_s[w] - top), a);
 #if WIRE_BF16
         o[d] = decode_bf16_bits(a * inv);
 #else
@@ -131,7 +136,7 @@ decode_attend(const wire_t* __restrict__ recv, const long long* __restrict__ q_s
 #endif
     }
     if (tid == 0) {
-        const float lse = (top != NEG_INF && total_l > 0.f) ? (top + log2f(total_l)) * DECODE_LN2 : NEG_INF;
+        const float lse = seen ? (top + log2f(total_l)) * DECODE_LN2 : NEG_INF;
 #if WIRE_BF16
         const unsigned int bits = __float_as_uint(lse);
         o[HEAD_DIM] = (unsigned short)(bits & 0xFFFFu);

@@ -22,8 +22,8 @@ from rshard_hpc.ops.attention_cuda import _blocks, _cupy, _kernel
 from rshard_hpc.ops.precision import BF16_NAN, partial_slots
 
 SOURCE = "decode.cu"
-DECODE_THREADS = 128  # threads a block of decode_attend (one block per query row and head) and decode_append
-MAX_HEAD_DIM = 128  # decode_attend keeps a row of o per thread in registers
+DECODE_THREADS = 256  # threads a block of decode_attend (one block of 8 warps per query row and head), decode_append
+MAX_HEAD_DIM = 128  # decode_attend: a lane holds HEAD_DIM / 32 dims of q and o in registers
 ENV_VAR = "RSHARD_SMALL_STEP_KERNELS"  # "0": small steps take the general path too (benchmarks' before/after)
 ENABLED = os.environ.get(ENV_VAR, "1") != "0"
 

@@ -25,7 +25,7 @@ def wire_of(x, wire):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("shape", [(9, 3, 64), (4, 4, 32), (2, 1, 128), (3, 3, 1)])
+@pytest.mark.parametrize("shape", [(9, 3, 64), (4, 4, 32), (2, 1, 128), (2, 2, 100), (3, 3, 1)])
 @pytest.mark.parametrize("layout", [((1,), (1,)), ((0, 1, 0), (1, 0, 1)), ((2, 0), (0, 3)), ((0,), (2,))])
 def test_decode_layer_equals_the_general_path(dtype, causal, shape, layout):
     n_heads, n_kv, head_dim = shape
