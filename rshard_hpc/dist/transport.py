@@ -145,19 +145,19 @@ class Transport:
             comm.Scatterv(None, [recv, MPI.INT64_T], root=0)
         return recv
 
-    def scatter_rows(self, comm, per_rank, width: int):
-        """Client (root of comm) sends per_rank[r] ((n_r, width) float32 rows, host or device) to rank r; returns
-        this rank's (n, width) float32 rows on the host (--client-layers: the layer-K hidden rows)."""
+    def scatter_rows(self, comm, rows, counts, width: int):
+        """Client (root of comm) sends each rank r its counts[r] rows of `rows` ((sum counts, width) float32, host
+        or device, ordered rank by rank; counts[0] = 0); returns this rank's (n, width) float32 rows on the host
+        (--client-layers: the layer-K hidden rows). Other ranks pass rows = counts = None."""
         MPI = _mpi()
         rank = comm.Get_rank()
         if rank == 0:
-            per_rank = [np.ascontiguousarray(to_host(a), dtype=np.float32).reshape(-1, width) for a in per_rank]
-        counts = comm.bcast([a.size for a in per_rank] if rank == 0 else None, root=0)
-        counts = np.asarray(counts, dtype=np.int64)
+            rows = np.ascontiguousarray(to_host(rows), dtype=np.float32).reshape(-1, width)  # one copy at most
+            counts = [int(c) * width for c in counts]
+        counts = np.asarray(comm.bcast(counts if rank == 0 else None, root=0), dtype=np.int64)
         recv = np.empty(counts[rank], dtype=np.float32)
         if rank == 0:
-            send = np.concatenate([a.ravel() for a in per_rank])
-            comm.Scatterv([send, (counts, _displs(counts)), MPI.FLOAT], [recv, MPI.FLOAT])
+            comm.Scatterv([rows, (counts, _displs(counts)), MPI.FLOAT], [recv, MPI.FLOAT])
         else:
             comm.Scatterv(None, [recv, MPI.FLOAT], root=0)
         return recv.reshape(-1, width)

@@ -67,9 +67,10 @@ class Client:
             self.transport.scatter_ids(self.topo.client_comm, [np.zeros(0, np.int64)] + [flat_ids[m] for m in mine])
             return
         with self.timer("client_layers"):
-            hidden = to_host(self.layers.forward(flat_ids, tokens.pos, tokens.seq))  # (n, d), step order
-        empty = np.zeros((0, self.cfg.hidden), np.float32)
-        self.transport.scatter_rows(self.topo.client_comm, [empty] + [hidden[m] for m in mine], self.cfg.hidden)
+            hidden = self.layers.forward(flat_ids, tokens.pos, tokens.seq)  # (n, d) step order, client's device
+            # CompNode by CompNode: one gather where the rows are (the GPU), then one copy to the host
+            rows = to_host(hidden[self.xp.asarray(np.concatenate(mine))])
+        self.transport.scatter_rows(self.topo.client_comm, rows, [0] + [len(m) for m in mine], self.cfg.hidden)
 
     def end_batch(self) -> None:
         collectives.bcast(self.topo.world, {"op": "end"})

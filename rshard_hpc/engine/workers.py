@@ -101,7 +101,7 @@ class CompWorker(_Worker):
         as the client computed them. Recorded in the ledger as received: "token_id" or "hidden@K"."""
         self.record(comp_input_form(self.first_layer), tokens, mine)
         if self.first_layer:
-            return self.xp.asarray(self.transport.scatter_rows(self.topo.client_comm, None, self.cfg.hidden))
+            return self.xp.asarray(self.transport.scatter_rows(self.topo.client_comm, None, None, self.cfg.hidden))
         ids = self.transport.scatter_ids(self.topo.client_comm, None)
         with self.timer("prepass"):
             return self.model.embed(self.xp.asarray(ids), pos)

@@ -199,7 +199,7 @@ class ClientJob:
             seqs = [self.token_ids[i] for i in batch]
             ids = [self.todo[i].id for i in batch]
             if opts.task == "embed":
-                embeddings = np.stack([self._pool(r) for r in client.encode(seqs)])
+                embeddings = self._pool(client.encode(seqs))
                 append = lambda: self.writer.append_embeddings(ids, embeddings)  # noqa: E731
             else:
                 streams = [id_key(pid) for pid in ids]  # each prompt samples from its own stream
@@ -243,12 +243,16 @@ class ClientJob:
         return (f"{done} of {total} prompts are in {self.opts.out} (every finished batch); run the same command "
                 f"with --resume to finish")
 
-    def _pool(self, rows: np.ndarray) -> np.ndarray:
-        """The model's own sentence embedding: mean (or CLS) pooling, then optional L2 normalization."""
-        vec = rows.astype(np.float64).mean(axis=0) if self.cfg.pooling == "mean" else rows[0].astype(np.float64)
+    def _pool(self, rows_per_prompt: list) -> np.ndarray:
+        """(prompts, d) float32: each prompt's sentence embedding as the model makes it, mean (or CLS) pooling of
+        its final rows in float64, then optional L2 normalization (the whole batch at once)."""
+        if self.cfg.pooling == "mean":
+            vecs = np.stack([rows.mean(axis=0, dtype=np.float64) for rows in rows_per_prompt])
+        else:
+            vecs = np.stack([rows[0] for rows in rows_per_prompt]).astype(np.float64)
         if self.cfg.normalize:
-            vec = vec / max(np.linalg.norm(vec), 1e-12)
-        return vec.astype(np.float32)
+            vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+        return vecs.astype(np.float32)
 
     def _append_ledger(self, client, ids, seqs) -> None:
         """The batch's gathered ledgers, sequence indices mapped to prompt ids, to /privacy/ledger."""
