@@ -2,7 +2,7 @@
 # One call on the lent GPU (issues 13 and 14): the CUDA-aware Open MPI (a prefix built elsewhere and carried
 # as .carry/ompi-cuda.tar.gz, or built here from .carry's sources), mpi4py against it, then stages in order,
 # each skipped once the call's time budget (BUDGET_S, default 540) is near.   logs go to $OUT
-#   usage: bash tools/device_session.sh STAGE...   stages: mpi unit engine jobs passes decode transports trace smallstep probe suite
+#   usage: bash tools/device_session.sh STAGE...   stages: mpi unit engine jobs passes decode transports trace smalltests smallab probe suite
 # Carried: .carry/ (ompi-cuda.tar.gz or openmpi_4.1*.orig.tar.*, mpi4py-*.tar.gz), .minilm/ (all-MiniLM-L6-v2
 # as a sentence-transformers folder, fp16 safetensors).
 set -u
@@ -97,20 +97,29 @@ w('/tmp/p12.jsonl', p(12, seed=1)); w('/tmp/p4096.jsonl', p(4096, seed=0))"
     if [ $mps = on ]; then echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; fi
   done
   (cd $OUT && tar -czf traces.tar.gz tr_*/ && rm -rf tr_*/) ;;
-smallstep)  # the fused small-step kernels: tests, then a decode step with them off and on (alpha=2 beta=2, 3x3)
-  stage smallstep; enough 60 smallstep && timeout 200 $PT tests/ops/test_gpu_decode.py tests/engine/test_gpu_engine.py \
-    -k "decode or small or (staged and llama)" 2>&1 | tail -n 8
+smalltests)  # the fused small-step kernels, the float32 GEMM call and the engine on small and large steps
+  stage smalltests; enough 60 smalltests && timeout $(( $(left) < 260 ? $(left) - 30 : 230 )) $PT -x \
+    tests/ops/test_gpu_decode.py tests/ops/test_gpu_passes.py tests/engine/test_gpu_engine.py \
+    -k "decode or small or layer or (staged and llama)" 2>&1 | tail -n 4 ;;
+smallab)  # a decode step with the small-step kernels off and on (alpha=2 beta=2, alpha=3 beta=3 c_a=2), MPS $MPS_AB
+  if [ "${MPS_AB:-off}" = on ]; then
+    export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps/log
+    mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY; nvidia-cuda-mps-control -d
+  fi
   for layout in "7 --alpha 2 --beta 2" "13 --alpha 3 --beta 3 --c-a 2"; do
     set -- $layout; n=$1; shift
     for on in 0 1; do
-      stage "decode, small-step kernels $on, $n ranks"; enough 40 smallstep || break 2
-      RSHARD_SMALL_STEP_KERNELS=$on RSHARD_TRACE=$OUT/tr_small${on}_$n timeout 100 mpirun -n $n python3 -m rshard_hpc \
-        bench job "$@" --device gpu --tokens 8192 --decode-steps 8 --no-plaintext --out "$OUT/bench_smallstep.md" 2>&1 | \
-        grep -E "^\| [0-9]|rror" | awk -F'|' '{print "prefill_s",$6,"decode_ms",$14,"split",$(NF-1)}'
-      python3 -m rshard_hpc bench trace $OUT/tr_small${on}_$n --steps 2:9 --layer 15 > $OUT/tr_small${on}_$n.md
+      stage "decode, small-step kernels $on, $n ranks, MPS ${MPS_AB:-off}"; enough 40 smallab || break 2
+      RSHARD_SMALL_STEP_KERNELS=$on RSHARD_TRACE=$OUT/tr_small${on}_${n}_${MPS_AB:-off} timeout 100 mpirun -n $n \
+        python3 -m rshard_hpc bench job "$@" --device gpu --tokens 8192 --decode-steps 8 --no-plaintext \
+        --out "$OUT/bench_smallstep.md" 2>&1 | grep -E "^\| [0-9]|rror" | \
+        awk -F'|' '{print "prefill_s",$6,"decode_ms",$14,"split",$(NF-1)}'
+      python3 -m rshard_hpc bench trace $OUT/tr_small${on}_${n}_${MPS_AB:-off} --steps 2:9 --layer 15 \
+        > $OUT/tr_small${on}_${n}_${MPS_AB:-off}.md
     done
   done
-  (cd $OUT && tar -czf small_traces.tar.gz tr_small*/ && rm -rf tr_small*/) ;;
+  if [ "${MPS_AB:-off}" = on ]; then echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; fi
+  (cd $OUT && tar -czf small_traces_${MPS_AB:-off}.tar.gz tr_small*/ && rm -rf tr_small*/) ;;
 probe)  # CUDA graphs from CuPy: capture with allocations, replay cost
   stage probe; timeout 60 python3 tools/graph_probe.py 2>&1 | tail -n 5 ;;
 suite)
