@@ -57,22 +57,30 @@ __device__ __forceinline__ unsigned short decode_bf16_bits(float x) {
     return isnan(x) ? (unsigned short)BF16_NAN : (unsigned short)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
 }
 
-// Grid (n_q, H), DECODE_THREADS threads. Query row r's q (H, D) starts at recv[q_src[r]]; keys 0 … n_keys-1 of
+// Grid (n_q, H, S), DECODE_THREADS threads. Query row r's q (H, D) starts at recv[q_src[r]]; keys 0 … n_keys-1 of
 // the layer's cache (k_pos, k_seq per row). out: (n_q, H, slots) wire elements.
 // Each warp takes keys warp, warp + warps, …: its 32 lanes read a key row together (lane l holds dims l, l + 32, …),
 // the score is a shuffle sum, and every lane keeps the warp's online softmax (m, l) and its dims of o; the warps'
 // results are then merged exactly through shared memory.
+// Key split (flash-decoding, for few queries): with S = gridDim.z > 1 block z takes the z-th of S contiguous runs
+// of keys, writes its unnormalized share (m, l, acc) to part_ml (S, n_q, H, 2) and part_o (S, n_q, H, D), and the
+// last block of (r, h) to finish (counters[r * H + h], zero before the launch and reset to zero by that block)
+// merges the S shares exactly and writes the output.
 #define DECODE_DPL ((HEAD_DIM + 31) / 32)  // dims a lane holds
 #define DECODE_WARPS (DECODE_THREADS / 32)
 extern "C" __global__ void __launch_bounds__(DECODE_THREADS)
 decode_attend(const wire_t* __restrict__ recv, const long long* __restrict__ q_src, const int* __restrict__ q_pos,
               const int* __restrict__ q_seq, const wire_t* __restrict__ k_cache, const wire_t* __restrict__ v_cache,
               const int* __restrict__ k_pos, const int* __restrict__ k_seq, wire_t* __restrict__ out,
+              float* __restrict__ part_o, float* __restrict__ part_ml, int* __restrict__ counters,
               int n_keys, int n_heads, int n_kv, int slots, float scale_log2, int causal)
 {
     __shared__ float m_s[DECODE_WARPS], l_s[DECODE_WARPS];
     __shared__ float acc_s[DECODE_WARPS][HEAD_DIM];
-    const int r = blockIdx.x, h = blockIdx.y, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    __shared__ int last_block;
+    const int r = blockIdx.x, h = blockIdx.y, z = blockIdx.z, S = gridDim.z;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int n_q = gridDim.x;
     const int kv_head = h / (n_heads / n_kv);
     const long long q_at = q_src[r] + (long long)h * HEAD_DIM;
     float qv[DECODE_DPL], acc[DECODE_DPL];
@@ -84,8 +92,10 @@ decode_attend(const wire_t* __restrict__ recv, const long long* __restrict__ q_s
     }
     const int qp = q_pos[r], qs = q_seq[r];
     const int row_width = n_kv * HEAD_DIM;
+    const int chunk = (n_keys + S - 1) / S;
+    const int lo = min(n_keys, z * chunk), hi = min(n_keys, lo + chunk);
     float m = NEG_INF, l = 0.f;
-    for (int j = warp; j < n_keys; j += DECODE_WARPS) {
+    for (int j = lo + warp; j < hi; j += DECODE_WARPS) {
         if (k_seq[j] != qs || (causal && k_pos[j] > qp)) continue;  // the same j on every lane: no divergence
         const wire_t* kr = k_cache + (long long)j * row_width + kv_head * HEAD_DIM;
         const wire_t* vr = v_cache + (long long)j * row_width + kv_head * HEAD_DIM;
@@ -117,18 +127,55 @@ decode_attend(const wire_t* __restrict__ recv, const long long* __restrict__ q_s
         if (d < HEAD_DIM) acc_s[warp][d] = acc[i];
     }
     __syncthreads();
+    // this block's share: top (max of the warps' m), total l and acc, both scaled to top (unnormalized)
     float top = NEG_INF;
     for (int w = 0; w < DECODE_WARPS; ++w) top = fmaxf(top, m_s[w]);
     float total_l = 0.f;
     for (int w = 0; w < DECODE_WARPS; ++w)
         if (m_s[w] != NEG_INF) total_l += l_s[w] * exp2f(m_s[w] - top);
+    if (S > 1) {
+        const long long share = ((long long)z * n_q + r) * n_heads + h;
+        for (int d = tid; d < HEAD_DIM; d += DECODE_THREADS) {
+            float a = 0.f;
+            for (int w = 0; w < DECODE_WARPS; ++w)
+                if (m_s[w] != NEG_INF) a = fmaf(acc_s[w][d], exp2f(m_s[w] - top), a);
+            part_o[share * HEAD_DIM + d] = a;
+        }
+        if (tid == 0) {
+            part_ml[2 * share] = top;
+            part_ml[2 * share + 1] = total_l;
+        }
+        __threadfence();  // this block's share is visible to the block that merges
+        __syncthreads();
+        if (tid == 0) last_block = atomicAdd(&counters[r * n_heads + h], 1) == S - 1;
+        __syncthreads();
+        if (!last_block) return;
+        __threadfence();
+        // the last block: every share's (m, l) into this block's shared arrays (S may exceed the warps: loop)
+        top = NEG_INF;
+        for (int y = 0; y < S; ++y) top = fmaxf(top, __ldcg(&part_ml[2 * (((long long)y * n_q + r) * n_heads + h)]));
+        total_l = 0.f;
+        for (int y = 0; y < S; ++y) {
+            const long long sh = ((long long)y * n_q + r) * n_heads + h;
+            const float my = __ldcg(&part_ml[2 * sh]);
+            if (my != NEG_INF) total_l += __ldcg(&part_ml[2 * sh + 1]) * exp2f(my - top);
+        }
+    }
     const bool seen = top != NEG_INF && total_l > 0.f;
     const float inv = seen ? 1.f / total_l : 0.f;
     wire_t* o = out + ((long long)r * n_heads + h) * slots;
     for (int d = tid; d < HEAD_DIM; d += DECODE_THREADS) {
         float a = 0.f;
-        for (int w = 0; w < DECODE_WARPS; ++w)
-            if (m_s[w] != NEG_INF) a = fmaf(acc_s[w][d], exp2f(m_s[w] - top), a);
+        if (S > 1) {
+            for (int y = 0; y < S; ++y) {
+                const long long sh = ((long long)y * n_q + r) * n_heads + h;
+                const float my = __ldcg(&part_ml[2 * sh]);
+                if (my != NEG_INF) a = fmaf(__ldcg(&part_o[sh * HEAD_DIM + d]), exp2f(my - top), a);
+            }
+        } else {
+            for (int w = 0; w < DECODE_WARPS; ++w)
+                if (m_s[w] != NEG_INF) a = fmaf(acc_s[w][d], exp2f(m_s[w] - top), a);
+        }
 #if WIRE_BF16
         o[d] = decode_bf16_bits(a * inv);
 #else
@@ -144,5 +191,6 @@ decode_attend(const wire_t* __restrict__ recv, const long long* __restrict__ q_s
 #else
         o[HEAD_DIM] = lse;
 #endif
+        if (S > 1) counters[r * n_heads + h] = 0;  // ready for the next launch
     }
 }

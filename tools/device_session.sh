@@ -2,7 +2,7 @@
 # One call on the lent GPU (issues 13 and 14): the CUDA-aware Open MPI (a prefix built elsewhere and carried
 # as .carry/ompi-cuda.tar.gz, or built here from .carry's sources), mpi4py against it, then stages in order,
 # each skipped once the call's time budget (BUDGET_S, default 540) is near.   logs go to $OUT
-#   usage: bash tools/device_session.sh STAGE...   stages: mpi unit engine jobs passes decode transports trace smalltests smallab probe suite
+#   usage: bash tools/device_session.sh STAGE...   stages: mpi unit engine jobs passes decode transports trace smalltests finaltests smallab probe suite
 # Carried: .carry/ (ompi-cuda.tar.gz or openmpi_4.1*.orig.tar.*, mpi4py-*.tar.gz), .minilm/ (all-MiniLM-L6-v2
 # as a sentence-transformers folder, fp16 safetensors).
 set -u
@@ -101,6 +101,11 @@ smalltests)  # the fused small-step kernels, the float32 GEMM call and the engin
   stage smalltests; enough 60 smalltests && timeout $(( $(left) < 260 ? $(left) - 30 : 230 )) $PT -x \
     tests/ops/test_gpu_decode.py tests/ops/test_gpu_passes.py tests/engine/test_gpu_engine.py \
     -k "decode or small or layer or (staged and llama)" 2>&1 | tail -n 4 ;;
+finaltests)  # the GPU tests this session's changes touch (the small-step kernels, the products, the pipelined client)
+  stage finaltests; enough 60 finaltests && timeout $(( $(left) < 200 ? $(left) - 30 : 170 )) $PT -x \
+    tests/ops/test_gpu_decode.py tests/ops/test_gpu_passes.py tests/engine/test_gpu_engine.py tests/run/test_gpu_jobs.py \
+    -k "${FINAL_K:-decode or passes or rope or silu or layer or small or (staged and llama) or equals_cpu_job}" \
+    2>&1 | tail -n 6 ;;
 smallab)  # a decode step with the small-step kernels off and on (alpha=2 beta=2, alpha=3 beta=3 c_a=2), MPS $MPS_AB
   if [ "${MPS_AB:-off}" = on ]; then
     export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps/log

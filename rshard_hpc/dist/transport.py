@@ -130,16 +130,16 @@ class Transport:
             return "cuda-ipc"
         return "cuda-aware MPI" if self.gpu_aware else "staged"
 
-    def scatter_ids(self, comm, per_rank):
-        """Client (root of comm) sends per_rank[r] (int64 ids) to rank r; returns this rank's ids."""
+    def scatter_ids(self, comm, ids, counts):
+        """Client (root of comm) sends each rank r its counts[r] int64 ids of `ids` (ordered rank by rank;
+        counts[0] = 0); returns this rank's ids. Other ranks pass ids = counts = None."""
         MPI = _mpi()
         rank = comm.Get_rank()
         settle(comm)
-        counts = comm.bcast([len(a) for a in per_rank] if rank == 0 else None, root=0)
-        counts = np.asarray(counts, dtype=np.int64)
+        counts = np.asarray(comm.bcast([int(c) for c in counts] if rank == 0 else None, root=0), dtype=np.int64)
         recv = np.empty(counts[rank], dtype=np.int64)
         if rank == 0:
-            send = np.concatenate([np.asarray(a, dtype=np.int64) for a in per_rank])
+            send = np.ascontiguousarray(ids, dtype=np.int64)
             comm.Scatterv([send, (counts, _displs(counts)), MPI.INT64_T], [recv, MPI.INT64_T])
         else:
             comm.Scatterv(None, [recv, MPI.INT64_T], root=0)

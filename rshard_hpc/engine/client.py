@@ -42,35 +42,48 @@ class Client:
     def step(self, ranges, ids_per_seq, want: str = "all"):
         """ids_per_seq[b]: token ids of positions ranges[b]. Returns the final rows (n_rows, d) in step order
         (all step tokens for "all"; one row per sequence with a non-empty range for "last")."""
+        return self._receive(self._send(self._prepare(self.plans, ranges, ids_per_seq, want)))
+
+    def _prepare(self, plans, ranges, ids_per_seq, want: str) -> "_Step":
+        """A step's routing and inputs, made on the client alone (no MPI): what _send scatters."""
         ranges = [(int(a), int(b)) for a, b in ranges]
-        trace.mark("step")
-        collectives.bcast(self.topo.world, {"op": "step", "ranges": ranges, "want": want})
-        tokens = step_tokens(self.plans, ranges)
+        tokens = step_tokens(plans, ranges)
         routing = Routing(tokens, self.topo.alpha, self.topo.beta)
         flat_ids = np.concatenate([np.asarray(x, dtype=np.int64) for x in ids_per_seq]) if len(tokens) else np.zeros(0, np.int64)
-        self._send_inputs(tokens, routing, flat_ids)
+        mine = [routing.comp_tokens[k] for k in range(self.topo.alpha)]
+        counts = [0] + [len(m) for m in mine]
+        if self.layers is None:  # token ids, CompNode by CompNode
+            inputs = flat_ids[np.concatenate(mine)] if mine else flat_ids
+        else:
+            with self.timer("client_layers"):
+                hidden = self.layers.forward(flat_ids, tokens.pos, tokens.seq)  # (n, d) step order, client's device
+                # CompNode by CompNode: one gather where the rows are (the GPU), then one copy to the host
+                inputs = to_host(hidden[self.xp.asarray(np.concatenate(mine))])
+        return _Step(ranges, want, tokens, routing, inputs, counts)
+
+    def _send(self, step: "_Step") -> "_Step":
+        """The step header to every rank, then each CompNode its inputs; the workers start on it."""
+        trace.mark("step")
+        collectives.bcast(self.topo.world, {"op": "step", "ranges": step.ranges, "want": step.want})
+        if self.layers is None:
+            self.transport.scatter_ids(self.topo.client_comm, step.inputs, step.counts)
+        else:
+            self.transport.scatter_rows(self.topo.client_comm, step.inputs, step.counts, self.cfg.hidden)
         trace.mark("inputs sent")
+        return step
+
+    def _receive(self, step: "_Step"):
+        """The step's final rows from the CompNodes, in step order (see step)."""
+        tokens, routing = step.tokens, step.routing
         parts = self.transport.gather_rows(self.topo.client_comm, np.zeros((0, self.cfg.hidden), np.float32),
                                            self.cfg.hidden)
         trace.mark("rows")
         rows = np.empty((len(tokens), self.cfg.hidden), dtype=np.float32)
         for k in range(self.topo.alpha):
-            rows[routing.comp_tokens[k][wanted_local_rows(tokens, routing, k, want)]] = parts[k + 1]
-        if want == "all":
+            rows[routing.comp_tokens[k][wanted_local_rows(tokens, routing, k, step.want)]] = parts[k + 1]
+        if step.want == "all":
             return rows
         return rows[last_of_each_sequence(tokens)]
-
-    def _send_inputs(self, tokens, routing: Routing, flat_ids: np.ndarray) -> None:
-        """Each CompNode gets its positions' token ids, or with client layers their layer-K hidden rows."""
-        mine = [routing.comp_tokens[k] for k in range(self.topo.alpha)]
-        if self.layers is None:
-            self.transport.scatter_ids(self.topo.client_comm, [np.zeros(0, np.int64)] + [flat_ids[m] for m in mine])
-            return
-        with self.timer("client_layers"):
-            hidden = self.layers.forward(flat_ids, tokens.pos, tokens.seq)  # (n, d) step order, client's device
-            # CompNode by CompNode: one gather where the rows are (the GPU), then one copy to the host
-            rows = to_host(hidden[self.xp.asarray(np.concatenate(mine))])
-        self.transport.scatter_rows(self.topo.client_comm, rows, [0] + [len(m) for m in mine], self.cfg.hidden)
 
     def end_batch(self) -> None:
         collectives.bcast(self.topo.world, {"op": "end"})
@@ -88,9 +101,44 @@ class Client:
 
     def encode(self, sequences):
         """One batch through the encoder: list of (n_b,) ids -> list of final rows (n_b, d)."""
+        return next(self.encode_batches([sequences]))
+
+    def encode_batches(self, batches):
+        """Each batch (a list of (n_b,) id arrays) through the encoder, in order: yields its rows per sequence.
+
+        Pipelined: batch b+1's inputs (with client layers, its first K layers) are prepared while the workers run
+        batch b, and sent before batch b is yielded, so the caller's work on batch b's rows (pooling, writing)
+        overlaps the workers' on batch b+1. A batch's ledger is gathered before it is yielded (take_ledgers)."""
+        batches = list(batches)
+        in_flight = self._send_batch(self._prepare_batch(batches[0])) if batches else None
+        for b in range(len(batches)):
+            upcoming = self._prepare_batch(batches[b + 1]) if b + 1 < len(batches) else None
+            lens, step = in_flight
+            rows = self._receive(step)
+            self.end_batch()
+            if upcoming is not None:
+                in_flight = self._send_batch(upcoming)
+            bounds = np.cumsum([0] + lens)
+            yield [rows[a:z] for a, z in zip(bounds[:-1], bounds[1:])]
+
+    def _prepare_batch(self, sequences):
+        """(lens, the batch's one step prepared): new plans for these lengths; the client layers start afresh."""
         lens = [len(s) for s in sequences]
-        self.begin_batch(lens)
-        rows = self.step([(0, n) for n in lens], sequences, "all")
-        self.end_batch()
-        bounds = np.cumsum([0] + lens)
-        return [rows[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        plans = batch_plans(self.spec, lens)
+        if self.layers is not None:
+            self.layers.reset()
+        return lens, self._prepare(plans, [(0, n) for n in lens], sequences, "all")
+
+    def _send_batch(self, prepared):
+        """The batch header, then its step: the workers make the batch's plans and start computing."""
+        lens, step = prepared
+        collectives.bcast(self.topo.world, {"op": "batch", "lens": lens})
+        return lens, self._send(step)
+
+
+class _Step:
+    """A step prepared on the client: its header fields, routing, and the CompNodes' inputs in rank order."""
+
+    def __init__(self, ranges, want, tokens, routing, inputs, counts):
+        self.ranges, self.want, self.tokens, self.routing = ranges, want, tokens, routing
+        self.inputs, self.counts = inputs, counts  # (sum counts, ...) ids or hidden rows; counts[0] = 0 (client)

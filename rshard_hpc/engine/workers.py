@@ -102,7 +102,7 @@ class CompWorker(_Worker):
         self.record(comp_input_form(self.first_layer), tokens, mine)
         if self.first_layer:
             return self.xp.asarray(self.transport.scatter_rows(self.topo.client_comm, None, None, self.cfg.hidden))
-        ids = self.transport.scatter_ids(self.topo.client_comm, None)
+        ids = self.transport.scatter_ids(self.topo.client_comm, None, None)
         with self.timer("prepass"):
             return self.model.embed(self.xp.asarray(ids), pos)
 

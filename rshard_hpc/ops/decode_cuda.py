@@ -18,12 +18,15 @@ import os
 
 import numpy as np
 
-from rshard_hpc.ops.attention_cuda import _blocks, _cupy, _kernel
+from rshard_hpc.ops.attention_cuda import _blocks, _cupy, _kernel, _sm_count
 from rshard_hpc.ops.precision import BF16_NAN, partial_slots
 
 SOURCE = "decode.cu"
 DECODE_THREADS = 256  # threads a block of decode_attend (one block of 8 warps per query row and head), decode_append
 MAX_HEAD_DIM = 128  # decode_attend: a lane holds HEAD_DIM / 32 dims of q and o in registers
+KEYS_PER_SHARE = 256  # fewest keys a block of decode_attend takes when the keys are split among blocks
+SHARES_MAX = 64  # most blocks sharing one (query row, head)
+SPLIT = None  # tests: force this many key shares (else key_shares decides)
 ENV_VAR = "RSHARD_SMALL_STEP_KERNELS"  # "0": small steps take the general path too (benchmarks' before/after)
 ENABLED = os.environ.get(ENV_VAR, "1") != "0"
 
@@ -65,6 +68,11 @@ class DecodeLayers:
         self.q_pos = cupy.ascontiguousarray(q_pos, dtype=cupy.int32)
         self.q_seq = cupy.ascontiguousarray(q_seq, dtype=cupy.int32)
         self.n_keys = cache.filled + cache.new
+        self.shares = key_shares(self.n_q * n_heads, self.n_keys)
+        # a share's unnormalized (o, (m, l)) and the per-(row, head) count of finished shares (zero between layers)
+        self.part_o = cupy.empty((self.shares, self.n_q, n_heads, head_dim), dtype=cupy.float32)
+        self.part_ml = cupy.empty((self.shares, self.n_q, n_heads, 2), dtype=cupy.float32)
+        self.counters = cupy.zeros(self.n_q * n_heads, dtype=cupy.int32)
         device = cupy.cuda.Device().id
         self._append = _function("decode_append", head_dim, self.bf16, device)
         self._attend = _function("decode_attend", head_dim, self.bf16, device)
@@ -81,11 +89,21 @@ class DecodeLayers:
                           np.int32(cache.filled), np.int32(row_width)))
         out = cupy.empty(self.n_q * self.n_heads * self.slots, dtype=self.wire)
         if self.n_q:
-            self._attend((self.n_q, self.n_heads), (DECODE_THREADS,),
+            self._attend((self.n_q, self.n_heads, self.shares), (DECODE_THREADS,),
                          (recv, self.q_src, self.q_pos, self.q_seq, cache.k[slot], cache.v[slot], cache.pos,
-                          cache.seq, out, np.int32(self.n_keys), np.int32(self.n_heads), np.int32(self.n_kv),
-                          np.int32(self.slots), self.scale_log2, np.int32(self.causal)))
+                          cache.seq, out, self.part_o, self.part_ml, self.counters, np.int32(self.n_keys),
+                          np.int32(self.n_heads), np.int32(self.n_kv), np.int32(self.slots), self.scale_log2,
+                          np.int32(self.causal)))
         return out
+
+
+def key_shares(n_blocks: int, n_keys: int) -> int:
+    """How many blocks share each (query row, head)'s keys: enough for about two blocks an SM, each of at least
+    KEYS_PER_SHARE keys, at most SHARES_MAX (1: no split)."""
+    if SPLIT is not None:
+        return int(SPLIT)
+    wanted = -(-2 * _sm_count() // max(n_blocks, 1))
+    return max(1, min(wanted, -(-n_keys // KEYS_PER_SHARE), SHARES_MAX))
 
 
 def _row_offsets(nq, nkv, q_width: int, kv_width: int):

@@ -195,11 +195,13 @@ class ClientJob:
                             max_new_tokens=generating)
         started = process_seconds()
         trace.mark("batches")
+        if opts.task == "embed":  # pipelined: batch b+1 runs on the workers while batch b is pooled and written
+            encoded = client.encode_batches([[self.token_ids[i] for i in batch] for batch in batches])
         for batch in batches:
             seqs = [self.token_ids[i] for i in batch]
             ids = [self.todo[i].id for i in batch]
             if opts.task == "embed":
-                embeddings = self._pool(client.encode(seqs))
+                embeddings = self._pool(next(encoded))
                 append = lambda: self.writer.append_embeddings(ids, embeddings)  # noqa: E731
             else:
                 streams = [id_key(pid) for pid in ids]  # each prompt samples from its own stream

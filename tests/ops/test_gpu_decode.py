@@ -13,6 +13,7 @@ cupy = require_gpu()
 
 from rshard_hpc.engine.kv_cache import KVCache
 from rshard_hpc.ops.attention import prepare_attention
+from rshard_hpc.ops import decode_cuda
 from rshard_hpc.ops.decode_cuda import DecodeLayers
 from rshard_hpc.ops.precision import to_bf16_bits, unpack_partial, wire_dtype
 
@@ -23,16 +24,20 @@ def wire_of(x, wire):
     return to_bf16_bits(x) if wire == np.uint16 else x.astype(np.float32)
 
 
+@pytest.mark.parametrize("split", [None, 1, 3])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("shape", [(9, 3, 64), (4, 4, 32), (2, 1, 128), (2, 2, 100), (3, 3, 1)])
 @pytest.mark.parametrize("layout", [((1,), (1,)), ((0, 1, 0), (1, 0, 1)), ((2, 0), (0, 3)), ((0,), (2,))])
-def test_decode_layer_equals_the_general_path(dtype, causal, shape, layout):
+def test_decode_layer_equals_the_general_path(monkeypatch, split, dtype, causal, shape, layout):
+    """split: the key shares decode_attend's blocks take (None: key_shares decides; 1: no split)."""
+    monkeypatch.setattr(decode_cuda, "SPLIT", split)
     n_heads, n_kv, head_dim = shape
     nq, nkv = layout
     wire = np.dtype(wire_dtype(dtype))
     rng = np.random.default_rng()
-    layers, old, capacity = 3, int(rng.integers(0, 40)), 64
+    layers, capacity = 3, 700
+    old = int(rng.integers(0, 40) if rng.random() < 0.5 else rng.integers(300, 690))  # a few keys, or many shares
     cache = KVCache(cupy, layers, capacity, n_kv, head_dim, wire)
     # earlier steps' rows: two sequences, positions 0 … old-1 shared out
     old_seq = rng.integers(0, 2, old).astype(np.int32)
@@ -64,6 +69,10 @@ def test_decode_layer_equals_the_general_path(dtype, causal, shape, layout):
                           causal, scale)
     cupy.cuda.runtime.memset(cache.k[slot, old:].data.ptr, 0xFF, cache.k[slot, old:].nbytes)  # poison new rows
     got = cupy.asnumpy(decode.layer(recv, slot))
+    assert not cupy.asnumpy(decode.counters).any(), "the share counters must be zero again for the next layer"
+    again = cupy.asnumpy(decode.layer(recv, slot))  # a second layer on the same buffers: the same result
+    assert np.array_equal(again.view(np.uint32 if wire == np.float32 else np.uint16),
+                          got.view(np.uint32 if wire == np.float32 else np.uint16))
     cache.end_step()
     # the cache's new rows: exactly the received ones; the old rows untouched
     assert np.array_equal(cupy.asnumpy(cache.k[slot, old:old + m]), k_new)
