@@ -103,14 +103,16 @@ layer_norm_rows(const float* __restrict__ x, const float* __restrict__ r, const 
     }
 }
 
-// RoPE (Hugging Face rotate_half) on q (n, Hq, D) and k (n, Hk, D) in one launch, fp32, into qo and ko.
+// RoPE (Hugging Face rotate_half) on q (n, Hq, D) and k (n, Hk, D) in one launch, fp32, into qo and ko
+// (contiguous). Row r of q starts at q + r * q_ld (of k: k + r * k_ld), its heads contiguous within the row:
+// q and k may be column slices of one product's rows (the fused q/k/v product: q_ld = k_ld = its row width).
 // One thread per pair (d, d + D/2) of one row and head; the angle pos * inv_freq[d] in fp32 (pos converted
 // to float, rounded to nearest, as NumPy's astype):
 //   out[d] = x[d] cos - x[d + D/2] sin,  out[d + D/2] = x[d + D/2] cos + x[d] sin.
 extern "C" __global__ void __launch_bounds__(PASS_THREADS)
 rope_qk(const float* __restrict__ q, const float* __restrict__ k, const int* __restrict__ pos,
         const float* __restrict__ inv_freq, float* __restrict__ qo, float* __restrict__ ko,
-        int n, int hq, int hk, int half)
+        int n, int hq, int hk, int half, long long q_ld, long long k_ld)
 {
     const long long per_row = (long long)(hq + hk) * half;
     const long long total = n * per_row;
@@ -120,27 +122,32 @@ rope_qk(const float* __restrict__ q, const float* __restrict__ k, const int* __r
         const long long rest = idx % per_row;
         const int head = (int)(rest / half), j = (int)(rest % half);
         const bool is_q = head < hq;
+        const long long in = is_q ? row * q_ld + (long long)head * 2 * half
+                                  : row * k_ld + (long long)(head - hq) * 2 * half;
         const long long at = is_q ? (row * hq + head) * 2 * half : (row * hk + head - hq) * 2 * half;
         const float* src = is_q ? q : k;
         float* dst = is_q ? qo : ko;
         const float angle = __fmul_rn((float)pos[row], inv_freq[j]);
         const float c = cosf(angle), s = sinf(angle);
-        const float a = src[at + j], b = src[at + j + half];
+        const float a = src[in + j], b = src[in + j + half];
         dst[at + j] = __fadd_rn(__fmul_rn(a, c), __fmul_rn(-b, s));
         dst[at + j + half] = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
     }
 }
 
-// out = silu(gate) * up = (g / (1 + exp(-g))) * u over `total` elements; out_bits (when not nullptr) the
-// bf16 bits of out (the next product's input under --dtype bfloat16).
+// out (n, f) = silu(gate) * up = (g / (1 + exp(-g))) * u over `total` = n * f elements, out contiguous; row r
+// of gate starts at gate + r * gate_ld, of up at up + r * up_ld (gate and up may be the two column halves of
+// one product's rows: the fused gate/up product). out_bits (when not nullptr) the bf16 bits of out (the next
+// product's input under --dtype bfloat16).
 extern "C" __global__ void __launch_bounds__(PASS_THREADS)
 silu_mul(const float* __restrict__ gate, const float* __restrict__ up, float* __restrict__ out,
-         unsigned short* __restrict__ out_bits, long long total)
+         unsigned short* __restrict__ out_bits, long long total, int f, long long gate_ld, long long up_ld)
 {
     for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
          idx += (long long)gridDim.x * blockDim.x) {
-        const float g = gate[idx];
-        const float value = __fmul_rn(__fdiv_rn(g, __fadd_rn(1.f, expf(-g))), up[idx]);
+        const long long row = idx / f, col = idx % f;
+        const float g = gate[row * gate_ld + col];
+        const float value = __fmul_rn(__fdiv_rn(g, __fadd_rn(1.f, expf(-g))), up[row * up_ld + col]);
         out[idx] = value;
         if (out_bits) out_bits[idx] = bf16_bits(value);
     }
@@ -162,35 +169,46 @@ bias_gelu(const float* __restrict__ y, const float* __restrict__ b, float* __res
 }
 
 // ---- the wire (ops/wire.py: WireRoutes)
-// q, k, v are read as rows of `unit` floats: q's units first (n_q units), then k's (n_k), then v's. The send
-// buffer's unit u is source unit src[u]; pack_f32 copies it, pack_bf16 writes its bf16 bits.
-__device__ __forceinline__ float packed_value(const float* q, const float* k, const float* v, const int* src,
-                                              long long idx, int unit, long long n_q, long long n_k) {
-    const long long s = src[idx / unit];
-    const long long c = idx % unit;
-    if (s < n_q) return q[s * unit + c];
-    if (s < n_q + n_k) return k[(s - n_q) * unit + c];
-    return v[(s - n_q - n_k) * unit + c];
+// q, k, v are read as units of `unit` floats: q's units first (n_q units), then k's (n_k), then v's. Unit u
+// of q is unit u % gq of q's row u / gq, that row starting at q + row * q_ld (k, v: gk units a row, k_ld, v_ld):
+// the rows may be column slices of one product's rows. The send buffer's unit u is source unit src[u];
+// pack_f32 copies it, pack_bf16 writes its bf16 bits.
+struct WireRows {
+    const float* q; const float* k; const float* v;
+    long long n_q, n_k, q_ld, k_ld, v_ld;
+    int unit, gq, gk;
+};
+
+__device__ __forceinline__ float packed_value(const WireRows& w, const int* src, long long idx) {
+    long long s = src[idx / w.unit];
+    const long long c = idx % w.unit;
+    if (s < w.n_q) return w.q[(s / w.gq) * w.q_ld + (s % w.gq) * w.unit + c];
+    s -= w.n_q;
+    if (s < w.n_k) return w.k[(s / w.gk) * w.k_ld + (s % w.gk) * w.unit + c];
+    s -= w.n_k;
+    return w.v[(s / w.gk) * w.v_ld + (s % w.gk) * w.unit + c];
 }
 
 extern "C" __global__ void __launch_bounds__(PASS_THREADS)
 pack_f32(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
          const int* __restrict__ src, float* __restrict__ out, long long total, int unit, long long n_q,
-         long long n_k)
+         long long n_k, int gq, int gk, long long q_ld, long long k_ld, long long v_ld)
 {
+    const WireRows w{q, k, v, n_q, n_k, q_ld, k_ld, v_ld, unit, gq, gk};
     for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
          idx += (long long)gridDim.x * blockDim.x)
-        out[idx] = packed_value(q, k, v, src, idx, unit, n_q, n_k);
+        out[idx] = packed_value(w, src, idx);
 }
 
 extern "C" __global__ void __launch_bounds__(PASS_THREADS)
 pack_bf16(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
           const int* __restrict__ src, unsigned short* __restrict__ out, long long total, int unit, long long n_q,
-          long long n_k)
+          long long n_k, int gq, int gk, long long q_ld, long long k_ld, long long v_ld)
 {
+    const WireRows w{q, k, v, n_q, n_k, q_ld, k_ld, v_ld, unit, gq, gk};
     for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
          idx += (long long)gridDim.x * blockDim.x)
-        out[idx] = bf16_bits(packed_value(q, k, v, src, idx, unit, n_q, n_k));
+        out[idx] = bf16_bits(packed_value(w, src, idx));
 }
 
 // Unpack + merge of the partials a CompNode receives: recv holds rows of H * slots wire elements, one per

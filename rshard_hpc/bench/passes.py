@@ -80,9 +80,10 @@ class _LayerPieces:
     def _inputs(self):
         """Each piece's inputs, made once by running the layer through the same functions."""
         xp, c, n, w = self.xp, self.cfg, self.n, self.w
-        _, self.x = rms_norm_input(self.h, w("attn_norm_w"), c.norm_eps, w("wq"))
-        self.q0, self.k0, self.v = (linear(self.x, w(key)).reshape(n, heads, c.head_dim)
-                                    for key, heads in (("wq", c.n_heads), ("wk", c.n_kv_heads), ("wv", c.n_kv_heads)))
+        H, Hkv = c.n_heads, c.n_kv_heads
+        _, self.x = rms_norm_input(self.h, w("attn_norm_w"), c.norm_eps, w("wqkv"))
+        qkv = linear(self.x, w("wqkv")).reshape(n, H + 2 * Hkv, c.head_dim)
+        self.q0, self.k0, self.v = qkv[:, :H], qkv[:, H:H + Hkv], qkv[:, H + Hkv:]  # views, as Llama.pre's
         self.tables = rope_tables(self.model.inv_freq, self.pos, xp, fused(self.q0))
         self.q, self.k = rope_qk(self.q0, self.k0, self.tables, self.model.inv_freq)
         self.qkv_wire = [self.to_wire(a) for a in (self.q, self.k, self.v)]
@@ -90,16 +91,18 @@ class _LayerPieces:
         self.recv = pack_partial(self.o, self.lse, self.wire).ravel()
         self.merged = self.routes.merge(self.recv)  # (n, H, D): the attention the post-pass pieces start from
         self.attn_out = linear(self.merged.reshape(n, -1), w("wo"))
-        self.h2, self.xm = rms_norm_input(self.h, w("mlp_norm_w"), c.norm_eps, w("w_gate"), residual=self.attn_out)
-        self.gate, self.up = linear(self.xm, w("w_gate")), linear(self.xm, w("w_up"))
+        self.h2, self.xm = rms_norm_input(self.h, w("mlp_norm_w"), c.norm_eps, w("w_gate_up"), residual=self.attn_out)
+        gate_up = linear(self.xm, w("w_gate_up"))
+        f = gate_up.shape[1] // 2
+        self.gate, self.up = gate_up[:, :f], gate_up[:, f:]  # views, as Llama.post's
         self.act = silu_mul_input(self.gate, self.up, w("w_down"))
 
     def pieces(self):
         """(name, callable) in the order a layer runs them."""
         c, n, w, model = self.cfg, self.n, self.w, self.model
         return [
-            ("pre: rms_norm + round", lambda: rms_norm_input(self.h, w("attn_norm_w"), c.norm_eps, w("wq"))),
-            ("pre: q, k, v GEMMs", lambda: [linear(self.x, w(key)) for key in ("wq", "wk", "wv")]),
+            ("pre: rms_norm + round", lambda: rms_norm_input(self.h, w("attn_norm_w"), c.norm_eps, w("wqkv"))),
+            ("pre: q/k/v GEMM", lambda: linear(self.x, w("wqkv"))),
             ("pre: RoPE on q and k", lambda: rope_qk(self.q0, self.k0, self.tables, model.inv_freq)),
             ("pre: q, k, v to wire + pack", lambda: self.routes.pack(self.q, self.k, self.v)),
             ("attn: partial attention (prepared)", lambda: self.plan(*self.qkv_wire)),
@@ -107,8 +110,8 @@ class _LayerPieces:
             ("post: unpack + merge partials", lambda: self.routes.merge(self.recv)),
             ("post: O GEMM", lambda: linear(self.merged.reshape(n, -1), w("wo"))),
             ("post: residual + rms_norm + round",
-             lambda: rms_norm_input(self.h, w("mlp_norm_w"), c.norm_eps, w("w_gate"), residual=self.attn_out)),
-            ("post: gate, up GEMMs", lambda: (linear(self.xm, w("w_gate")), linear(self.xm, w("w_up")))),
+             lambda: rms_norm_input(self.h, w("mlp_norm_w"), c.norm_eps, w("w_gate_up"), residual=self.attn_out)),
+            ("post: gate/up GEMM", lambda: linear(self.xm, w("w_gate_up"))),
             ("post: silu(gate) * up", lambda: silu_mul_input(self.gate, self.up, w("w_down"))),
             ("post: down GEMM + residual", lambda: self.h2 + linear(self.act, w("w_down"))),
         ]
@@ -135,13 +138,13 @@ class _LayerPieces:
 
         o = xp.zeros((n, c.n_heads, c.head_dim), dtype=xp.float32)  # (n, H, D)
         return [
-            ("chain: rms_norm + round", lambda: gemm_input(rms_norm(self.h, w("attn_norm_w"), c.norm_eps), w("wq"))),
+            ("chain: rms_norm + round", lambda: gemm_input(rms_norm(self.h, w("attn_norm_w"), c.norm_eps), w("wqkv"))),
             ("chain: RoPE angles + RoPE on q and k", rope),
             ("chain: q, k, v to wire + pack", lambda: xp.concatenate([self.to_wire(a).ravel() for a in
                                                                       (self.q, self.k, self.v)])),
             ("chain: unpack + merge partials", merge),
             ("chain: residual + rms_norm + round",
-             lambda: gemm_input(rms_norm(self.h + self.attn_out, w("mlp_norm_w"), c.norm_eps), w("w_gate"))),
+             lambda: gemm_input(rms_norm(self.h + self.attn_out, w("mlp_norm_w"), c.norm_eps), w("w_gate_up"))),
             ("chain: silu(gate) * up", lambda: gemm_input(silu(self.gate) * self.up, w("w_down"))),
             ("chain: whole model.pre", lambda: self.model.pre(0, self.h, self.pos)),
             ("chain: whole model.post", lambda: self.model.post(0, self.h, o)),

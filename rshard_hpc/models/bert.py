@@ -4,14 +4,16 @@ from __future__ import annotations
 import numpy as np
 
 from rshard_hpc.models import weights
-from rshard_hpc.models.common import erf_of, gelu_input, layer_norm, linear, place_tensors
+from rshard_hpc.models.common import concat_rows, erf_of, gelu_input, layer_norm, linear, place_tensors
 from rshard_hpc.models.config import ModelConfig
-from rshard_hpc.ops.precision import gemm_input, matmul_t
+from rshard_hpc.ops.precision import matmul_t
 
 EMBED_KEYS = ("embed/word", "embed/position", "embed/token_type", "embed/norm_w", "embed/norm_b")
 LAYER_KEYS = ("wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "attn_norm_w", "attn_norm_b",
-              "w_up", "b_up", "w_down", "b_down", "mlp_norm_w", "mlp_norm_b")
-MATRIX_KEYS = ("wq", "wk", "wv", "wo", "w_up", "w_down")  # bf16 under --dtype bfloat16
+              "w_up", "b_up", "w_down", "b_down", "mlp_norm_w", "mlp_norm_b")  # as in the file
+# q, k, v as one product, as placed: wq, wk, wv stacked ((H + 2 Hkv) D, d), their biases likewise
+CONCAT_KEYS = {"wqkv": ("wq", "wk", "wv"), "bqkv": ("bq", "bk", "bv")}
+MATRIX_KEYS = ("wqkv", "wo", "w_up", "w_down")  # bf16 under --dtype bfloat16
 
 
 class Bert:
@@ -20,7 +22,7 @@ class Bert:
     def __init__(self, cfg: ModelConfig, tensors: dict, xp=np, dtype="float32"):
         self.cfg, self.xp, self.dtype = cfg, xp, dtype
         matrices = [weights.layer_key(i, name) for i in range(cfg.n_layers) for name in MATRIX_KEYS]
-        self.t = place_tensors(tensors, xp, dtype, matrices)
+        self.t = place_tensors(concat_rows(tensors, cfg.n_layers, CONCAT_KEYS), xp, dtype, matrices)
         erf_of(xp)  # GELU's erf imported now (start-up), not in the first forward
 
     @staticmethod
@@ -40,14 +42,11 @@ class Bert:
         return layer_norm(h, t["embed/norm_w"], t["embed/norm_b"], self.cfg.norm_eps)
 
     def pre(self, layer: int, h, pos):
-        """h: (n, d) -> q: (n, H, D), k, v: (n, Hkv, D)."""
+        """h: (n, d) -> q: (n, H, D), k, v: (n, Hkv, D): views of one product's columns."""
         c, w = self.cfg, lambda name: self._w(layer, name)
-        n = h.shape[0]
-        x = gemm_input(h, w("wq"))  # rounded once for q, k, v under bfloat16
-        q = linear(x, w("wq"), w("bq")).reshape(n, c.n_heads, c.head_dim)
-        k = linear(x, w("wk"), w("bk")).reshape(n, c.n_kv_heads, c.head_dim)
-        v = linear(x, w("wv"), w("bv")).reshape(n, c.n_kv_heads, c.head_dim)
-        return q, k, v
+        n, H, Hkv = h.shape[0], c.n_heads, c.n_kv_heads
+        qkv = linear(h, w("wqkv"), w("bqkv")).reshape(n, H + 2 * Hkv, c.head_dim)  # one product, its bias
+        return qkv[:, :H], qkv[:, H:H + Hkv], qkv[:, H + Hkv:]
 
     def post(self, layer: int, h, attn):
         """h: (n, d), attn: (n, H, D) merged attention -> next h: (n, d)."""

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from rshard_hpc.models import weights
 from rshard_hpc.ops.arrays import xp_of
 from rshard_hpc.ops.precision import (
     Bf16Input,
@@ -134,6 +135,23 @@ def linear(x, weight, bias=None):
     precision.Bf16Matrix; -> (n, out)."""
     y = matmul_t(x, weight)
     return y if bias is None else y + bias
+
+
+def concat_rows(tensors: dict, n_layers: int, groups: dict) -> dict:
+    """tensors with, in each layer, each group {new name: (name, …)} of weights (out_i, in) (or biases (out_i,))
+    replaced by one tensor, their concatenation along the output rows (Σ out_i, in): the group's products as one
+    product, whose output columns are the separate outputs side by side. A group whose tensors are not all
+    present is left as it is. Made where the tensors are (the host, for weights as read), before place_tensors,
+    so that only the concatenation is placed; a bf16 matrix of it holds the bits of the separate ones (bf16
+    rounding is elementwise)."""
+    out = dict(tensors)
+    for layer in range(n_layers):
+        for name, part_names in groups.items():
+            parts = [weights.layer_key(layer, part) for part in part_names]
+            if all(part in out for part in parts):
+                arrays = [out.pop(part) for part in parts]
+                out[weights.layer_key(layer, name)] = xp_of(arrays[0]).concatenate(arrays)
+    return out
 
 
 def place_tensors(tensors: dict, xp, dtype: str, matrix_keys) -> dict:

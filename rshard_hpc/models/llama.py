@@ -15,6 +15,7 @@ import numpy as np
 from rshard_hpc.errors import InputError
 from rshard_hpc.models import weights
 from rshard_hpc.models.common import (
+    concat_rows,
     fused,
     linear,
     place_tensors,
@@ -25,8 +26,11 @@ from rshard_hpc.models.common import (
 from rshard_hpc.models.config import ModelConfig
 from rshard_hpc.ops.arrays import xp_of
 
-LAYER_KEYS = ("attn_norm_w", "wq", "wk", "wv", "wo", "mlp_norm_w", "w_gate", "w_up", "w_down")
-MATRIX_KEYS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")  # bf16 under --dtype bfloat16
+LAYER_KEYS = ("attn_norm_w", "wq", "wk", "wv", "wo", "mlp_norm_w", "w_gate", "w_up", "w_down")  # as in the file
+# the weights a layer multiplies by, as placed: q, k, v one product (wq, wk, wv stacked: ((H + 2 Hkv) D, d)),
+# gate and up one product (w_gate, w_up stacked: (2 F, d)); four products a layer instead of seven
+CONCAT_KEYS = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
+MATRIX_KEYS = ("wqkv", "wo", "w_gate_up", "w_down")  # bf16 under --dtype bfloat16
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -122,7 +126,7 @@ class Llama:
     def __init__(self, cfg: ModelConfig, tensors: dict, xp=np, dtype="float32"):
         self.cfg, self.xp, self.dtype = cfg, xp, dtype
         matrices = [weights.layer_key(i, name) for i in range(cfg.n_layers) for name in MATRIX_KEYS]
-        self.t = place_tensors(tensors, xp, dtype, matrices)
+        self.t = place_tensors(concat_rows(tensors, cfg.n_layers, CONCAT_KEYS), xp, dtype, matrices)
         self.inv_freq = xp.asarray(rope_inv_freq(cfg))
         self._rope_step = (None, None, None)  # (pos, fused?, tables): RoPE's tables for the step's positions
 
@@ -145,14 +149,14 @@ class Llama:
         return self.t["embed/word"][ids]
 
     def pre(self, layer: int, h, pos):
-        """h: (n, d), pos: (n,) absolute positions -> q: (n, H, D), k, v: (n, Hkv, D) (q, k rotated)."""
+        """h: (n, d), pos: (n,) absolute positions -> q: (n, H, D), k, v: (n, Hkv, D) (q, k rotated; v a view of
+        the q/k/v product's columns)."""
         c, w = self.cfg, lambda name: self._w(layer, name)
-        n = h.shape[0]
-        _, x = rms_norm_input(h, w("attn_norm_w"), c.norm_eps, w("wq"))  # rounded once for q, k, v
-        q = linear(x, w("wq")).reshape(n, c.n_heads, c.head_dim)
-        k = linear(x, w("wk")).reshape(n, c.n_kv_heads, c.head_dim)
-        v = linear(x, w("wv")).reshape(n, c.n_kv_heads, c.head_dim)
-        q, k = rope_qk(q, k, self.rope_tables(pos, fused(q)), self.inv_freq)
+        n, H, Hkv = h.shape[0], c.n_heads, c.n_kv_heads
+        _, x = rms_norm_input(h, w("attn_norm_w"), c.norm_eps, w("wqkv"))  # rounded once for the product
+        qkv = linear(x, w("wqkv")).reshape(n, H + 2 * Hkv, c.head_dim)  # one product; heads q's, k's, v's
+        q, k, v = qkv[:, :H], qkv[:, H:H + Hkv], qkv[:, H + Hkv:]  # views: the kernels read them in place
+        q, k = rope_qk(q, k, self.rope_tables(pos, fused(qkv)), self.inv_freq)
         return q, k, v
 
     def rope_tables(self, pos, fused_kernel: bool):
@@ -167,9 +171,11 @@ class Llama:
         c, w = self.cfg, lambda name: self._w(layer, name)
         n = h.shape[0]
         attn_out = linear(attn.reshape(n, c.n_heads * c.head_dim).astype(h.dtype, copy=False), w("wo"))
-        # h + attn_out, then its norm rounded once for gate and up
-        h, x = rms_norm_input(h, w("mlp_norm_w"), c.norm_eps, w("w_gate"), residual=attn_out)
-        act = silu_mul_input(linear(x, w("w_gate")), linear(x, w("w_up")), w("w_down"))
+        # h + attn_out, then its norm rounded once for the gate/up product
+        h, x = rms_norm_input(h, w("mlp_norm_w"), c.norm_eps, w("w_gate_up"), residual=attn_out)
+        gate_up = linear(x, w("w_gate_up"))  # (n, 2 F): gate's columns, then up's
+        f = gate_up.shape[1] // 2
+        act = silu_mul_input(gate_up[:, :f], gate_up[:, f:], w("w_down"))
         return h + linear(act, w("w_down"))
 
     def final_rows(self, h):

@@ -201,12 +201,13 @@ def preamble(defines: dict) -> str:
 
 
 def kernel_dir():
-    """Where the CUDA sources are: the installed package data rshard_hpc.kernels (a wheel or an editable
-    install), else kernels/ beside the package in a source checkout on PYTHONPATH (the same files)."""
-    try:
-        return importlib.resources.files("rshard_hpc.kernels")
-    except ModuleNotFoundError:
-        return Path(rshard_hpc.__file__).resolve().parent.parent / "kernels"
+    """Where the CUDA sources are: kernels/ beside the imported package in a source checkout (on PYTHONPATH: a
+    worktree's sources go with its Python code, even when an editable install of another checkout maps
+    rshard_hpc.kernels there), else the installed package data rshard_hpc.kernels (a wheel)."""
+    beside = Path(rshard_hpc.__file__).resolve().parent.parent / "kernels"
+    if (beside / COMMON_HEADER).is_file():
+        return beside
+    return importlib.resources.files("rshard_hpc.kernels")
 
 
 def kernel_source(source: str, defines: dict | None = None) -> str:

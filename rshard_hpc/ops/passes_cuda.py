@@ -3,7 +3,9 @@
 Each function computes what its NumPy counterpart computes in several steps (models/common.py, the
 RoPE of models/llama.py, ops/wire.py), in fp32 (kernels/passes.cu says where the results may differ by
 fp32 rounding: row sums in another order, CUDA's cos/sin/exp/erf). Inputs are float32 CuPy arrays (made
-contiguous float32 if they are not); outputs are new contiguous arrays. A `bits=True` call also returns the
+contiguous float32 if they are not), except that rope_qk, silu_mul and pack read row-strided inputs in place
+(`_strided_rows`: each row contiguous, rows a fixed stride apart, as column slices of one product's rows are);
+outputs are new contiguous arrays. A `bits=True` call also returns the
 output's bf16 bit patterns (uint16, exactly ops/precision.to_bf16_bits of the float32 output), for the next
 matrix product under --dtype bfloat16. Loaded and compiled as the attention kernels are
 (attention_cuda.kernel_source: preamble + kernels/common.cuh + the source; compiled once per device).
@@ -40,6 +42,32 @@ def _function(name: str, device_id: int):
 
 def _f32(x):
     return _cupy().ascontiguousarray(x, dtype=_cupy().float32)
+
+
+def _strided_rows(x):
+    """x (n, ...) -> (x, ld): x itself when it is float32 with each row x[r] contiguous and row r at r * ld
+    elements from row 0 (ld >= the row's size: a column slice of a wider row-major array, such as q, k, v of the
+    fused q/k/v product), else a contiguous float32 copy (ld the row's size). No copy for a slice: a copy is a
+    launch, what the fused products save."""
+    row = 1
+    for extent in x.shape[1:]:
+        row *= extent
+    if x.dtype == np.float32 and x.ndim >= 1 and _rows_contiguous(x.shape, x.strides, x.itemsize):
+        if x.shape[0] <= 1:
+            return x, row
+        if x.strides[0] % x.itemsize == 0 and x.strides[0] >= row * x.itemsize:
+            return x, x.strides[0] // x.itemsize
+    return _f32(x), row
+
+
+def _rows_contiguous(shape, strides, itemsize: int) -> bool:
+    """Whether the axes after the first are C-contiguous (strides of axes of extent 1 do not matter)."""
+    expect = itemsize
+    for extent, stride in zip(reversed(shape[1:]), reversed(strides[1:])):
+        if extent != 1 and stride != expect:
+            return False
+        expect *= extent
+    return True
 
 
 def _empty(shape, dtype):
@@ -106,10 +134,11 @@ def rope_positions(pos):
 
 
 def rope_qk(q, k, pos32, inv_freq):
-    """q (n, Hq, D), k (n, Hk, D) -> both rotated (HF rotate_half, fp32) in one launch; pos32 from
-    rope_positions, inv_freq (D/2,) float32."""
+    """q (n, Hq, D), k (n, Hk, D) -> both rotated (HF rotate_half, fp32) in one launch, as new contiguous arrays;
+    pos32 from rope_positions, inv_freq (D/2,) float32. q and k may be row-strided (column slices of the fused
+    q/k/v product): read in place."""
     cupy = _cupy()
-    q, k = _f32(q), _f32(k)
+    (q, q_ld), (k, k_ld) = _strided_rows(q), _strided_rows(k)
     n, hq, head_dim = q.shape
     if head_dim % 2 or k.shape[0] != n or k.shape[2] != head_dim or pos32.shape != (n,):
         raise ValueError(f"rope_qk: q {q.shape}, k {k.shape}, pos {pos32.shape} (an even head dim, one pos a row)")
@@ -117,19 +146,22 @@ def rope_qk(q, k, pos32, inv_freq):
     qo, ko = _empty(q.shape, cupy.float32), _empty(k.shape, cupy.float32)
     _launch_elementwise("rope_qk", n * (hq + k.shape[1]) * half,
                         (q, k, pos32, _f32(inv_freq), qo, ko, np.int32(n), np.int32(hq), np.int32(k.shape[1]),
-                         np.int32(half)))
+                         np.int32(half), np.int64(q_ld), np.int64(k_ld)))
     return qo, ko
 
 
 def silu_mul(gate, up, bits: bool = False):
-    """silu(gate) * up, float32, and (when bits) its bf16 bits; gate, up of one shape."""
+    """silu(gate) * up, float32 (a new contiguous array), and (when bits) its bf16 bits; gate, up of one shape
+    (n, ...), each may be row-strided (the two column halves of the fused gate/up product): read in place."""
     cupy = _cupy()
-    gate, up = _f32(gate), _f32(up)
     if gate.shape != up.shape:
         raise ValueError(f"silu_mul: gate {gate.shape} and up {up.shape} differ")
+    (gate, gate_ld), (up, up_ld) = _strided_rows(gate), _strided_rows(up)
     out = _empty(gate.shape, cupy.float32)
     out_bits = _empty(gate.shape, cupy.uint16) if bits else None
-    _launch_elementwise("silu_mul", gate.size, (gate, up, out, _or_null(out_bits), np.int64(gate.size)))
+    row = gate.size // gate.shape[0] if gate.size else 0
+    _launch_elementwise("silu_mul", gate.size, (gate, up, out, _or_null(out_bits), np.int64(gate.size),
+                                                np.int32(row), np.int64(gate_ld), np.int64(up_ld)))
     return out, out_bits
 
 
@@ -150,14 +182,17 @@ def bias_gelu(y, bias, inv_sqrt2: float, bits: bool = False):
 
 def pack(q, k, v, src, unit: int, wire):
     """The send buffer (flat, wire dtype) whose unit u (`unit` elements) is unit src[u] of q, k, v read as
-    one sequence of units (q's, then k's, then v's); bf16 wire: the values' bf16 bits."""
+    one sequence of units (q's, then k's, then v's); bf16 wire: the values' bf16 bits. q (n, ...), k, v
+    (n, ...) may be row-strided (column slices of the fused q/k/v product): read in place."""
     cupy = _cupy()
-    q, k, v = _f32(q), _f32(k), _f32(v)
+    (q, q_ld), (k, k_ld), (v, v_ld) = _strided_rows(q), _strided_rows(k), _strided_rows(v)
+    gq, gk = (a.size // a.shape[0] // unit if a.size else 1 for a in (q, k))  # units a row
     bf16 = np.dtype(wire) == np.uint16
     out = _empty(len(src) * unit, cupy.uint16 if bf16 else cupy.float32)
     _launch_elementwise("pack_bf16" if bf16 else "pack_f32", out.size,
                         (q, k, v, src, out, np.int64(out.size), np.int32(unit), np.int64(q.size // unit),
-                         np.int64(k.size // unit)))
+                         np.int64(k.size // unit), np.int32(gq), np.int32(gk), np.int64(q_ld), np.int64(k_ld),
+                         np.int64(v_ld)))
     return out
 
 

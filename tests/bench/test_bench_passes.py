@@ -8,9 +8,9 @@ from conftest import require_gpu
 
 from rshard_hpc.cli import main
 
-PIECES = ["pre: rms_norm + round", "pre: q, k, v GEMMs", "pre: RoPE on q and k", "pre: q, k, v to wire + pack",
+PIECES = ["pre: rms_norm + round", "pre: q/k/v GEMM", "pre: RoPE on q and k", "pre: q, k, v to wire + pack",
           "attn: partial attention (prepared)", "attn: pack partial", "post: unpack + merge partials",
-          "post: O GEMM", "post: residual + rms_norm + round", "post: gate, up GEMMs", "post: silu(gate) * up",
+          "post: O GEMM", "post: residual + rms_norm + round", "post: gate/up GEMM", "post: silu(gate) * up",
           "post: down GEMM + residual", "step: RoPE tables (once a step)", "whole: model.pre", "whole: model.post",
           "sum of the pieces"]
 CHAIN = ["chain: rms_norm + round", "chain: RoPE angles + RoPE on q and k", "chain: q, k, v to wire + pack",

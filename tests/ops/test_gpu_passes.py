@@ -66,6 +66,18 @@ def bits_match(bits, values):
     assert np.array_equal(cupy.asnumpy(bits), to_bf16_bits(cupy.asnumpy(values)))
 
 
+def qkv_views(rng, n, n_heads, n_kv, head_dim, strided: bool):
+    """Host q (n, H, D), k, v (n, Hkv, D) and their device copies: separate arrays, or (strided) views of the
+    columns of one (n, (H + 2 Hkv) D) device array, as Llama.pre's fused product gives them (read in place)."""
+    qkv = rng.standard_normal((n, n_heads + 2 * n_kv, head_dim)).astype(np.float32)
+    host = qkv[:, :n_heads], qkv[:, n_heads:n_heads + n_kv], qkv[:, n_heads + n_kv:]
+    if not strided:
+        host = tuple(np.ascontiguousarray(a) for a in host)
+        return host, tuple(cupy.asarray(a) for a in host)
+    d = cupy.asarray(qkv)
+    return host, (d[:, :n_heads], d[:, n_heads:n_heads + n_kv], d[:, n_heads + n_kv:])
+
+
 # ---------------------------------------------------------------------------------------------- norms
 @pytest.mark.parametrize("n", ROWS)
 @pytest.mark.parametrize("d", WIDTHS)
@@ -136,15 +148,17 @@ def test_layer_norm(n, d, residual):
 # ---------------------------------------------------------------------------------------------- RoPE
 @pytest.mark.parametrize("n", ROWS)
 @pytest.mark.parametrize("n_heads,n_kv,head_dim", [(9, 3, 64), (4, 4, 128), (2, 1, 2), (3, 1, 6)])
-def test_rope(n, n_heads, n_kv, head_dim):
-    rng = rng_for("rope", n, n_heads, head_dim)
+@pytest.mark.parametrize("strided", [False, True])
+def test_rope(n, n_heads, n_kv, head_dim, strided):
+    """strided: q and k are column slices of the fused q/k/v product, read in place."""
+    rng = rng_for("rope", n, n_heads, head_dim, strided)
     cfg = tiny_config("llama", n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim, hidden=n_heads * head_dim)
     inv_freq = rope_inv_freq(cfg)
     pos = rng.integers(0, 20000, size=n).astype(np.int32)
-    q = rng.standard_normal((n, n_heads, head_dim)).astype(np.float32)
-    k = rng.standard_normal((n, n_kv, head_dim)).astype(np.float32)
-    dq, dk, dpos, dfreq = (cupy.asarray(a) for a in (q, k, pos, inv_freq))
+    (q, k, _), (dq, dk, _) = qkv_views(rng, n, n_heads, n_kv, head_dim, strided)
+    dpos, dfreq = cupy.asarray(pos), cupy.asarray(inv_freq)
     got_q, got_k = rope_qk(dq, dk, rope_tables(dfreq, dpos, cupy, True), dfreq)
+    assert got_q.flags.c_contiguous and got_k.flags.c_contiguous
     cos, sin = rope_cos_sin(inv_freq, pos, np)  # the NumPy path: same angles; np.cos vs CUDA cosf
     for got, x in ((got_q, q), (got_k, k)):
         close(got, apply_rope(x, cos, sin).astype(np.float64), 1e-5)
@@ -163,12 +177,20 @@ def test_rope_refuses_odd_head_dim():
 # ---------------------------------------------------------------------------------------------- activations
 @pytest.mark.parametrize("shape", [(0, 8), (1, 1), (7, 33), (64, 1536)])
 @pytest.mark.parametrize("bf16", [False, True])
-def test_silu_mul(shape, bf16):
-    rng = rng_for("silu", shape, bf16)
+@pytest.mark.parametrize("strided", [False, True])
+def test_silu_mul(shape, bf16, strided):
+    """strided: gate and up are the two column halves of the fused gate/up product, read in place."""
+    rng = rng_for("silu", shape, bf16, strided)
     gate, up = (rng.standard_normal(shape).astype(np.float32) * 4 for _ in range(2))
     g64 = gate.astype(np.float64)
     want = g64 / (1 + np.exp(-g64)) * up
-    out, bits = passes_cuda.silu_mul(cupy.asarray(gate), cupy.asarray(up), bits=bf16)
+    if strided:
+        gate_up = cupy.asarray(np.concatenate([gate, up], axis=1))
+        dgate, dup = gate_up[:, :shape[1]], gate_up[:, shape[1]:]
+    else:
+        dgate, dup = cupy.asarray(gate), cupy.asarray(up)
+    out, bits = passes_cuda.silu_mul(dgate, dup, bits=bf16)
+    assert out.shape == shape and out.flags.c_contiguous
     close(out, want)
     close(out, (common.silu(gate) * up).astype(np.float64))
     if bf16:
@@ -204,17 +226,18 @@ def _groups(rng, n, beta):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("n,beta", [(0, 2), (1, 3), (7, 3), (65, 2), (40, 1)])
 @pytest.mark.parametrize("n_heads,n_kv,head_dim", [(9, 3, 64), (4, 4, 128), (6, 4, 8)])
-def test_wire_pack_and_merge_equal_the_cpu_path(n, beta, n_heads, n_kv, head_dim, dtype):
-    """The GPU send buffer is the CPU one byte for byte; the fused unpack + merge is the previous GPU path
-    (unpack_partial + attention_cuda.merge_partials) bit for bit and the NumPy merge within fp32 rounding."""
-    rng = rng_for("wire", n, beta, n_heads, head_dim, dtype)
+@pytest.mark.parametrize("strided", [False, True])
+def test_wire_pack_and_merge_equal_the_cpu_path(n, beta, n_heads, n_kv, head_dim, dtype, strided):
+    """The GPU send buffer is the CPU one byte for byte (q, k, v separate, or strided: column slices of one
+    product, read in place); the fused unpack + merge is the previous GPU path (unpack_partial +
+    attention_cuda.merge_partials) bit for bit and the NumPy merge within fp32 rounding."""
+    rng = rng_for("wire", n, beta, n_heads, head_dim, dtype, strided)
     wire = wire_dtype(dtype)
     rows = _groups(rng, n, beta)
-    q = rng.standard_normal((n, n_heads, head_dim)).astype(np.float32)
-    k, v = (rng.standard_normal((n, n_kv, head_dim)).astype(np.float32) for _ in range(2))
+    (q, k, v), device = qkv_views(rng, n, n_heads, n_kv, head_dim, strided)
     cpu = WireRoutes(rows, n, n_heads, n_kv, head_dim, wire)
     gpu = WireRoutes(rows, n, n_heads, n_kv, head_dim, wire, cupy)
-    send = gpu.pack(*(cupy.asarray(a) for a in (q, k, v)))
+    send = gpu.pack(*device)
     assert send.dtype == wire and cupy.asnumpy(send).tobytes() == cpu.pack(q, k, v).tobytes()
 
     parts = []
@@ -258,3 +281,59 @@ def test_layer_equals_numpy(arch, dtype):
     with common.chained():
         chain = gpu.post(1, cupy.asarray(h), cupy.asarray(attn))
     close(gpu.post(1, cupy.asarray(h), cupy.asarray(attn)), cupy.asnumpy(chain).astype(np.float64), tol)
+
+
+# ---------------------------------------------------------------------------------------------- strided inputs
+def test_strided_rows_are_read_in_place():
+    """Column slices of a row-major array go to the kernels as they are (the row stride passed), other layouts
+    as contiguous copies."""
+    a = cupy.arange(5 * 14, dtype=cupy.float32).reshape(5, 14)
+    q = a.reshape(5, 7, 2)[:, 2:5]  # (5, 3, 2): rows 14 floats apart
+    got, ld = passes_cuda._strided_rows(q)
+    assert got is q and ld == 14
+    got, ld = passes_cuda._strided_rows(a[:, 3:9])
+    assert got.data.ptr == a.data.ptr + 12 and ld == 14
+    assert passes_cuda._strided_rows(a[:1, 3:9])[1] == 6  # one row: its own width
+    for other in (a.T, a[:, ::2], a[::-1], a.astype(cupy.float64)[:, 3:9]):  # copied: contiguous float32
+        got, ld = passes_cuda._strided_rows(other)
+        assert got.flags.c_contiguous and got.dtype == cupy.float32 and ld == got.size // got.shape[0]
+        assert cupy.array_equal(got, other)
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_layer_copies_no_slice(monkeypatch, arch, dtype):
+    """A layer's fused kernels read the slices of the fused products in place: no input of theirs is copied
+    (a copy would be a launch more, what the fused products save), and the layer's result is the NumPy one."""
+    from rshard_hpc.models.bert import Bert
+    from rshard_hpc.models.llama import Llama
+    from rshard_hpc.models.random_init import random_tensors
+
+    copied = []
+    real = passes_cuda._f32
+
+    def watched(x):
+        if not (x.dtype == cupy.float32 and x.flags.c_contiguous):
+            copied.append(x.shape)
+        return real(x)
+
+    monkeypatch.setattr(passes_cuda, "_f32", watched)
+    cfg = tiny_config(arch, **({"n_kv_heads": 2} if arch == "llama" else {}))
+    tensors = random_tensors(cfg, seed=7)
+    family = Llama if arch == "llama" else Bert
+    cpu, gpu = family(cfg, tensors, np, dtype), family(cfg, tensors, cupy, dtype)
+    rng = rng_for("slices", arch, dtype)
+    n = 11
+    h = rng.standard_normal((n, cfg.hidden)).astype(np.float32)
+    pos = np.arange(n).astype(np.int32)
+    routes = WireRoutes([np.arange(n)], n, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, wire_dtype(dtype), cupy)
+    cpu_routes = WireRoutes([np.arange(n)], n, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, wire_dtype(dtype))
+    q, k, v = gpu.pre(0, cupy.asarray(h), cupy.asarray(pos))
+    send = routes.pack(q, k, v)
+    out = gpu.post(0, cupy.asarray(h), q)
+    assert copied == []
+    tol = 3e-2 if dtype == "bfloat16" else 1e-4
+    want_q = cpu.pre(0, h, pos)[0]
+    close(out, cpu.post(0, h, want_q).astype(np.float64), tol)
+    if dtype == "float32":
+        close(send, cpu_routes.pack(*cpu.pre(0, h, pos)).astype(np.float64), tol)

@@ -25,10 +25,10 @@ SHIM = r"""
 #include <cstring>
 #include <thread>
 #include <vector>
-struct dim3_ { unsigned x; };
+struct dim3_ { unsigned x, y = 0, z = 0; };
 struct int4 { int x, y, z, w; };
 static thread_local dim3_ threadIdx{0};
-static dim3_ blockIdx{0}, gridDim{1}, blockDim{PASS_THREADS};
+static dim3_ blockIdx{0}, gridDim{1, 1, 1}, blockDim{PASS_THREADS, 1, 1};
 static std::barrier<>* bar_;
 static float slot_[PASS_THREADS];
 #define __global__
@@ -51,6 +51,7 @@ static unsigned __float_as_uint(float x) { unsigned u; std::memcpy(&u, &x, 4); r
 static float __uint_as_float(unsigned u) { float x; std::memcpy(&x, &u, 4); return x; }
 static float __int_as_float(int u) { float x; std::memcpy(&x, &u, 4); return x; }
 using std::isnan;
+using std::min;
 template <class F> static void run_block(F f) {
     std::barrier<> bar(PASS_THREADS); bar_ = &bar; std::vector<std::thread> ts;
     for (unsigned t = 0; t < PASS_THREADS; ++t) ts.emplace_back([=] { threadIdx.x = t; f(); });
@@ -80,7 +81,7 @@ def lib(tmp_path_factory):
     code.write_text(attention_cuda.preamble(passes_cuda.defines()) + SHIM + source + "\n" + _launchers(source))
     built = subprocess.run([cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-shared", "-fPIC", "-pthread",
                             "-o", str(folder / "passes.so"), str(code)], capture_output=True, text=True, check=False)
-    if built.returncode != 0 and "barrier" in built.stderr:
+    if built.returncode != 0 and "barrier: No such file" in built.stderr:
         pytest.skip(f"{cxx} has no C++20 <barrier>")
     assert built.returncode == 0, built.stderr[-3000:]
     return ctypes.CDLL(str(folder / "passes.so"))
@@ -130,17 +131,30 @@ def test_norms(lib, n, d):
         assert rel(y, layer_norm(x, w, b, 1e-12, residual=res, residual_bias=res_b)) <= 1e-6
 
 
+def qkv_views(rng, n, n_heads, n_kv, head_dim, strided: bool):
+    """q (n, H, D), k, v (n, Hkv, D): separate arrays, or views of the columns of one (n, (H + 2 Hkv) D) array
+    (as Llama.pre's fused product gives them), and their row strides in elements."""
+    if not strided:
+        q = rng.standard_normal((n, n_heads, head_dim)).astype(np.float32)
+        k, v = (rng.standard_normal((n, n_kv, head_dim)).astype(np.float32) for _ in range(2))
+        return (q, k, v), (n_heads * head_dim, n_kv * head_dim, n_kv * head_dim)
+    qkv = rng.standard_normal((n, n_heads + 2 * n_kv, head_dim)).astype(np.float32)
+    views = qkv[:, :n_heads], qkv[:, n_heads:n_heads + n_kv], qkv[:, n_heads + n_kv:]
+    assert not any(a.flags.c_contiguous for a in views if n > 1)
+    return views, ((n_heads + 2 * n_kv) * head_dim,) * 3
+
+
 @pytest.mark.parametrize("n_heads,n_kv,head_dim", [(9, 3, 64), (4, 4, 128), (2, 1, 2)])
-def test_rope(lib, n_heads, n_kv, head_dim):
+@pytest.mark.parametrize("strided", [False, True])
+def test_rope(lib, n_heads, n_kv, head_dim, strided):
     rng = np.random.default_rng([n_heads, head_dim])
     cfg = tiny_config("llama", n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim, hidden=n_heads * head_dim)
     inv_freq = rope_inv_freq(cfg)
     n = 11
     pos = rng.integers(0, 5000, n).astype(np.int32)
-    q = rng.standard_normal((n, n_heads, head_dim)).astype(np.float32)
-    k = rng.standard_normal((n, n_kv, head_dim)).astype(np.float32)
+    (q, k, _), (q_ld, k_ld, _) = qkv_views(rng, n, n_heads, n_kv, head_dim, strided)
     qo, ko = poisoned(q.shape), poisoned(k.shape)
-    call(lib, "rope_qk", q, k, pos, inv_freq, qo, ko, n, n_heads, n_kv, head_dim // 2)
+    call(lib, "rope_qk", q, k, pos, inv_freq, qo, ko, n, n_heads, n_kv, head_dim // 2, np.int64(q_ld), np.int64(k_ld))
     cos, sin = rope_cos_sin(inv_freq, pos, np)  # np.cos vs the C library's cosf: an ulp apart at most
     assert rel(qo, apply_rope(q, cos, sin)) <= 1e-6 and rel(ko, apply_rope(k, cos, sin)) <= 1e-6
 
@@ -151,8 +165,14 @@ def test_activations(lib, shape):
     g, u = (rng.standard_normal(shape).astype(np.float32) * 4 for _ in range(2))
     b = rng.standard_normal(shape[-1]).astype(np.float32)
     out, bits = poisoned(shape), poisoned(shape, np.uint16)
-    call(lib, "silu_mul", g, u, out, bits, np.int64(g.size))
+    call(lib, "silu_mul", g, u, out, bits, np.int64(g.size), shape[1], np.int64(shape[1]), np.int64(shape[1]))
     assert rel(out, silu(g) * u) <= 1e-6 and np.array_equal(bits, to_bf16_bits(out))
+    # gate and up as the two column halves of one product (Llama.post's fused gate/up product): read in place
+    gate_up = np.concatenate([g, u], axis=1)
+    out2, bits2 = poisoned(shape), poisoned(shape, np.uint16)
+    call(lib, "silu_mul", gate_up[:, :shape[1]], gate_up[:, shape[1]:], out2, bits2, np.int64(g.size), shape[1],
+         np.int64(2 * shape[1]), np.int64(2 * shape[1]))
+    assert out2.tobytes() == out.tobytes() and np.array_equal(bits2, bits)
     out, bits = poisoned(shape), poisoned(shape, np.uint16)
     call(lib, "bias_gelu", g, b, out, bits, np.int64(g.size), shape[-1], GELU_INV_SQRT2)
     assert rel(out, gelu(g + b)) <= 1e-6 and np.array_equal(bits, to_bf16_bits(out))
@@ -161,19 +181,22 @@ def test_activations(lib, shape):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("n,beta,n_heads,n_kv,head_dim", [(0, 2, 4, 4, 8), (1, 3, 9, 3, 64), (19, 3, 6, 4, 8),
                                                           (33, 2, 4, 2, 128)])
-def test_wire(lib, n, beta, n_heads, n_kv, head_dim, dtype):
-    """pack: the NumPy WireRoutes' bytes exactly; unpack + merge: the NumPy merge within fp32 rounding."""
+@pytest.mark.parametrize("strided", [False, True])
+def test_wire(lib, n, beta, n_heads, n_kv, head_dim, dtype, strided):
+    """pack: the NumPy WireRoutes' bytes exactly (q, k, v separate, or views of one product's columns);
+    unpack + merge: the NumPy merge within fp32 rounding."""
     rng = np.random.default_rng([n, beta, n_heads, head_dim])
     wire = wire_dtype(dtype)
     group = rng.integers(0, beta, n)
     rows = [np.flatnonzero(group == g) for g in range(beta)]
-    q = rng.standard_normal((n, n_heads, head_dim)).astype(np.float32)
-    k, v = (rng.standard_normal((n, n_kv, head_dim)).astype(np.float32) for _ in range(2))
+    (q, k, v), lds = qkv_views(rng, n, n_heads, n_kv, head_dim, strided)
     routes = WireRoutes(rows, n, n_heads, n_kv, head_dim, wire)
     want = routes.pack(q, k, v)
+    assert want.tobytes() == routes.pack(*(np.ascontiguousarray(a) for a in (q, k, v))).tobytes()
     got = poisoned(want.shape, wire)
     call(lib, "pack_bf16" if wire == np.uint16 else "pack_f32", q, k, v, routes.send_units, got, np.int64(got.size),
-         routes.unit, np.int64(q.size // routes.unit), np.int64(k.size // routes.unit))
+         routes.unit, np.int64(q.size // routes.unit), np.int64(k.size // routes.unit), routes.q_units,
+         routes.kv_units, *(np.int64(ld) for ld in lds))
     assert got.tobytes() == want.tobytes()
     parts = []
     for i in range(beta):
