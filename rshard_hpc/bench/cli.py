@@ -66,8 +66,8 @@ def bench_job_cmd(alpha, beta, tokens, **opts):
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
               help="Where the jobs and the anchors run (the cpu-* rows always run on CPUs).")
 @click.option("--rows", default=None, help="Rows to run (comma-separated): embed-file, embed-small, decode, "
-                                           "prefill-512, prefill-8k, cpu-one, cpu-batch. Default: the CPU rows and the "
-                                           "embedding rows on cpu, the embedding, decode and prefill rows on gpu.")
+                                           "generate-file, prefill-512, prefill-8k, cpu-one, cpu-batch. Default: the "
+                                           "CPU rows and the embedding rows on cpu, all but the CPU rows on gpu.")
 @click.option("--layouts", default="3x3c2,2x2", show_default=True,
               help="Layouts ALPHAxBETA[cC_A] (comma-separated); 3x3c2 is the default private layout (13 ranks).")
 @click.option("--mps", type=click.Choice(["on", "off", "both"]), default="off", show_default=True,

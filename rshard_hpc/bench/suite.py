@@ -21,6 +21,7 @@ import numpy as np
 from rshard_hpc.bench import launch
 from rshard_hpc.bench.anchors import ST_BATCH, Anchors
 from rshard_hpc.bench.common import append_table
+from rshard_hpc.bench.generate_row import generate_file
 from rshard_hpc.bench.prompts import (
     prompt_id,
     token_prompts,
@@ -29,9 +30,9 @@ from rshard_hpc.bench.prompts import (
 )
 
 CPU_ROWS = ("cpu-one", "cpu-batch")  # MiniLM on CPU ranks, whatever --device says
-ROW_NAMES = ("embed-file", "embed-small", "decode", "prefill-512", "prefill-8k") + CPU_ROWS
-DEFAULT_ROWS = {"cpu": "cpu-one,cpu-batch,embed-small,embed-file", "gpu": "embed-file,embed-small,decode,prefill-512,"
-                                                                          "prefill-8k"}
+ROW_NAMES = ("embed-file", "embed-small", "decode", "generate-file", "prefill-512", "prefill-8k") + CPU_ROWS
+DEFAULT_ROWS = {"cpu": "cpu-one,cpu-batch,embed-small,embed-file", "gpu": "embed-file,embed-small,decode,generate-file,"
+                                                                          "prefill-512,prefill-8k"}
 QUOTED_CPU = "SPU-Puma 36.3 s, CrypTen 15.6 s for one 128-token input (quoted from their papers, not rerun)"
 
 
@@ -48,12 +49,14 @@ class Sizes:
     prefill_long: int = 8192
     decode_tokens: int = 8192  # the prompt before the decode steps
     decode_steps: int = 8
+    gen_prompts: int = 64  # generate-file: prompts of 8-40 words, one batch
+    gen_new_tokens: int = 32  # generate-file: new tokens each (fewer where a prompt ends)
     repeats: int = 3  # timed repeats (median) of anchors and of the CPU rows' jobs
 
 
 FULL = Sizes()
 QUICK = Sizes(embed_prompts=16, small_prompts=4, cpu_tokens=24, cpu_batch=3, shape="tiny", prefill_short=32,
-              prefill_long=64, decode_tokens=64, decode_steps=2, repeats=1)
+              prefill_long=64, decode_tokens=64, decode_steps=2, gen_prompts=3, gen_new_tokens=3, repeats=1)
 
 
 @dataclass(frozen=True)
@@ -283,7 +286,10 @@ class Suite:
         prefill = (f"transformers prefill (bench job's plaintext side: the same random {self.sizes.shape} weights, "
                    "same precision)")
         generate = "transformers `generate` fp32 (KV cache, greedy: the median time between successive decode steps)"
+        batched = ("transformers `generate` of the whole prompt file in one left-padded batch (SmolLM2 from the same "
+                   "GGUF, rshard's token ids, greedy fp32; one timed call after a warm-up)")
         return [(("embed-file", "embed-small"), st), (("prefill-512", "prefill-8k"), prefill), (("decode",), generate),
+                (("generate-file",), batched),
                 (CPU_ROWS, "rshard's NumPy single-process forward")]
 
 
@@ -390,7 +396,7 @@ def _cpu_rows(suite: Suite, setting: Setting, count: int) -> list:
                 diff)]
 
 
-ROWS = {"embed-file": embed_file, "embed-small": embed_small, "decode": decode,
+ROWS = {"embed-file": embed_file, "embed-small": embed_small, "decode": decode, "generate-file": generate_file,
         "prefill-512": prefill("prefill_short", {"float32": (">= 0.5x", 0.5), "bfloat16": (">= 0.5x", 0.5)}),
         "prefill-8k": prefill("prefill_long", {"float32": (">= 1x (stay)", 1.0), "bfloat16": (">= 0.5x", 0.5)}),
         "cpu-one": cpu_one, "cpu-batch": cpu_batch}

