@@ -99,7 +99,7 @@ def hf_generate(texts: list, new_tokens: int, device: str) -> dict:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     token_ids = [_until_eos(row[width:].tolist(), eos) for row in out]
-    del model
+    model = None  # the weights go before the next job's ranks need the memory
     _free_gpu_memory()
     return {"seconds": seconds, "generated": int(sum(len(t) for t in token_ids)), "token_ids": token_ids}
 
