@@ -22,6 +22,7 @@ from rshard_hpc.bench import launch
 from rshard_hpc.bench.anchors import ST_BATCH, Anchors
 from rshard_hpc.bench.common import append_table
 from rshard_hpc.bench.generate_row import generate_file
+from rshard_hpc.bench.suite_rows import Row, RowFailed
 from rshard_hpc.bench.prompts import (
     prompt_id,
     token_prompts,
@@ -101,32 +102,6 @@ class Setting:
             return f"{self.layout}, CPU"
         gpus = "all GPUs" if self.gpus is None else f"{self.gpus} GPU{'s' if self.gpus != 1 else ''}"
         return f"{self.layout}, {gpus}, MPS {'on' if self.mps else 'off'}"
-
-
-@dataclass
-class Row:
-    workload: str
-    layout: str
-    rshard: str
-    anchor: str = "-"
-    ratio: float | None = None
-    target: str = "-"
-    met: bool | None = None
-    diff: str = "-"
-    failed: str = ""  # why, when the row failed
-
-    def cells(self) -> list:
-        if self.failed:
-            return [self.workload, self.layout, "FAILED: " + _one_line(self.failed), self.anchor, "-", self.target,
-                    "failed", "-"]
-        ratio = "-" if self.ratio is None else f"{self.ratio:.2f}x"
-        met = "-" if self.met is None else ("yes" if self.met else "no")
-        return [self.workload, self.layout, self.rshard, self.anchor, ratio, self.target, met, self.diff]
-
-
-def _one_line(text: str, limit: int = 400) -> str:
-    flat = " / ".join(line.strip() for line in text.strip().splitlines() if line.strip())
-    return flat[-limit:].replace("|", "\\|")
 
 
 @dataclass
@@ -291,10 +266,6 @@ class Suite:
         return [(("embed-file", "embed-small"), st), (("prefill-512", "prefill-8k"), prefill), (("decode",), generate),
                 (("generate-file",), batched),
                 (CPU_ROWS, "rshard's NumPy single-process forward")]
-
-
-class RowFailed(RuntimeError):
-    """A row's job or anchor failed: the message is what the row shows."""
 
 
 # ---------------------------------------------------------------------------------------------------- rows
