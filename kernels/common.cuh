@@ -5,9 +5,40 @@
 // (kernel_source) builds every program as
 //   its #define preamble  +  this file  +  the .cu source
 // A definition that two sources (or two kernels of one source) need is written here once. This file
-// needs no define from the host.
+// needs no define from the host (bf16_bits exists where a source defines BF16_NAN, which it requires).
 
 #define NEG_INF __int_as_float(0xff800000)
+#define LN2 0.6931471805599453f  // ln 2: a base-2 log-sum-exp times LN2 is the natural one
+
+// Wire elements (ops/precision.py): float32, or bf16 as uint16 bit patterns. wire_value: the element's float32
+// value (bf16 widened, exact). wire_lse: the float32 lse stored at element a: one float, or under bf16 its two
+// uint16 halves, low half first (precision.pack_partial).
+__device__ __forceinline__ float wire_value(float x) { return x; }
+__device__ __forceinline__ float wire_value(unsigned short bits) { return __uint_as_float((unsigned int)bits << 16); }
+__device__ __forceinline__ float wire_lse(const float* w, long long a) { return w[a]; }
+__device__ __forceinline__ float wire_lse(const unsigned short* w, long long a) {
+    return __uint_as_float((unsigned int)w[a] | ((unsigned int)w[a + 1] << 16));
+}
+
+#ifdef BF16_NAN  // the sources that write bf16 ask the host for its NaN pattern (passes.cu, decode.cu)
+// bf16 bits of x, rounded to nearest even, NaN -> BF16_NAN: exactly ops/precision.to_bf16_bits.
+__device__ __forceinline__ unsigned short bf16_bits(float x) {
+    const unsigned int b = __float_as_uint(x);
+    return isnan(x) ? (unsigned short)BF16_NAN : (unsigned short)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+#endif
+
+// Element idx of a contiguous (n, H, D) array: its row, head and dim (the grid-stride kernels over o).
+struct RowHeadDim { long long row, rh; int head, d; };  // rh = row * H + head
+
+__device__ __forceinline__ RowHeadDim row_head_dim(long long idx, int H, int D) {
+    RowHeadDim at;
+    at.d = (int)(idx % D);
+    at.rh = idx / D;
+    at.head = (int)(at.rh % H);
+    at.row = at.rh / H;
+    return at;
+}
 
 // Tile summary: one int4 per tile of rows sorted by (sequence, position), over the tile's rows
 //   x = seq_min, y = seq_max, z = pos_min, w = pos_max.

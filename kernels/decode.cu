@@ -1,13 +1,14 @@
 // An AttnNode's layer of a small step (decode), fused (architecture.md §7): two launches a layer in place of the
 // unpack, sort, tile, attend, merge and pack chain (rshard_hpc/ops/decode_cuda.py).
 //   decode_append: the step's new k, v rows, read from the receive buffer, written into the layer's cache rows.
-//   decode_attend: per (query row, head), a block of warps: partial attention of q (read from the receive buffer) over every cached
-//                  key row of the layer visible to it (same sequence; pos_k <= pos_q when causal), written as the
-//                  packed partial the CompNode merges: D values of o then lse (one float32, or under bf16 D bf16
-//                  bits then the float32 lse's two uint16 halves, low half first; precision.pack_partial).
+//   decode_attend: per (query row, head), a block of warps: partial attention of q (read from the receive
+//                  buffer) over every cached key row of the layer visible to it (same sequence; pos_k <= pos_q when
+//                  causal), written as the packed partial the CompNode merges: D values of o then lse (one float32,
+//                  or under bf16 D bf16 bits then the float32 lse's two uint16 halves, low half first;
+//                  precision.pack_partial).
 // Arithmetic as kernels/partial_attention.cu's CUDA-core kernel: fp32, scores in the log2 domain
 // (scale_log2 = scale * log2 e), online softmax with exp2f, lse = (m + log2 l) * ln 2, no visible key: (0, -inf).
-// Loaded after kernels/common.cuh (NEG_INF).
+// Loaded after kernels/common.cuh (NEG_INF, LN2, wire_value, bf16_bits).
 
 #ifndef HEAD_DIM
 #error "HEAD_DIM must be defined by the host (rshard_hpc/ops/decode_cuda.py)"
@@ -25,14 +26,10 @@
 #error "DECODE_THREADS must be a multiple of 32, at most 1024"
 #endif
 
-#define DECODE_LN2 0.6931471805599453f
-
 #if WIRE_BF16
-typedef unsigned short wire_t;
-__device__ __forceinline__ float wire_value(wire_t x) { return __uint_as_float((unsigned int)x << 16); }
+typedef unsigned short wire_t;  // common.cuh: wire_value, bf16_bits
 #else
 typedef float wire_t;
-__device__ __forceinline__ float wire_value(wire_t x) { return x; }
 #endif
 
 // k_cache, v_cache: the layer's (capacity, Hkv, D) rows; row first + m gets the new row m, whose k starts at
@@ -50,11 +47,6 @@ decode_append(const wire_t* __restrict__ recv, const long long* __restrict__ k_s
         k_cache[at] = recv[k_src[m] + e];
         v_cache[at] = recv[v_src[m] + e];
     }
-}
-
-__device__ __forceinline__ unsigned short decode_bf16_bits(float x) {
-    const unsigned int b = __float_as_uint(x);
-    return isnan(x) ? (unsigned short)BF16_NAN : (unsigned short)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
 }
 
 // Grid (n_q, H, S), DECODE_THREADS threads. Query row r's q (H, D) starts at recv[q_src[r]]; keys 0 … n_keys-1 of
@@ -177,13 +169,13 @@ decode_attend(const wire_t* __restrict__ recv, const long long* __restrict__ q_s
                 if (m_s[w] != NEG_INF) a = fmaf(acc_s[w][d], exp2f(m_s[w] - top), a);
         }
 #if WIRE_BF16
-        o[d] = decode_bf16_bits(a * inv);
+        o[d] = bf16_bits(a * inv);
 #else
         o[d] = a * inv;
 #endif
     }
     if (tid == 0) {
-        const float lse = seen ? (top + log2f(total_l)) * DECODE_LN2 : NEG_INF;
+        const float lse = seen ? (top + log2f(total_l)) * LN2 : NEG_INF;
 #if WIRE_BF16
         const unsigned int bits = __float_as_uint(lse);
         o[HEAD_DIM] = (unsigned short)(bits & 0xFFFFu);

@@ -4,8 +4,8 @@
 // o_parts (P, n, H, D) and lse_parts (P, n, H) are float32 with arbitrary element strides, so views
 // (e.g. a slice of a packed receive buffer) need no copy. Outputs are contiguous: o (n, H, D), lse (n, H).
 // One thread per output element of o (grid-stride, any block size); the thread with d == 0 also writes lse.
-// Loaded by rshard_hpc/ops/attention_cuda.py after kernels/common.cuh (merge_element: the arithmetic); needs no
-// define.
+// Loaded by rshard_hpc/ops/attention_cuda.py after kernels/common.cuh (merge_element: the arithmetic;
+// row_head_dim); needs no define.
 
 extern "C" __global__ void merge_partials(
     const float* __restrict__ o_parts, const float* __restrict__ lse_parts,
@@ -17,15 +17,12 @@ extern "C" __global__ void merge_partials(
     const long long total = (long long)n * H * D;
     for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
          idx += (long long)gridDim.x * blockDim.x) {
-        const int d = (int)(idx % D);
-        const long long rh = idx / D;
-        const int hh = (int)(rh % H);
-        const long long row = rh / H;
-        const float* lse_row = lse_parts + row * sl1 + hh * sl2;
-        const float* o_row = o_parts + row * so1 + hh * so2 + d * so3;
+        const RowHeadDim e = row_head_dim(idx, H, D);
+        const float* lse_row = lse_parts + e.row * sl1 + e.head * sl2;
+        const float* o_row = o_parts + e.row * so1 + e.head * so2 + e.d * so3;
         float row_lse;
         o[idx] = merge_element(P, [&](int p) { return lse_row[p * sl0]; }, [&](int p) { return o_row[p * so0]; },
                                &row_lse);
-        if (d == 0) lse[rh] = row_lse;
+        if (e.d == 0) lse[e.rh] = row_lse;
     }
 }

@@ -32,15 +32,10 @@
 #error "IN_BF16 must be defined by the host (rshard_hpc attention launch layer)"
 #endif
 
-#define LN2 0.6931471805599453f
-
-__device__ __forceinline__ float bf16_to_float(unsigned short b) {
-    return __uint_as_float(((unsigned int)b) << 16);
-}
 
 #if IN_BF16
 typedef unsigned short in_t;
-__device__ __forceinline__ float load_in(const in_t* p) { return bf16_to_float(*p); }
+__device__ __forceinline__ float load_in(const in_t* p) { return wire_value(*p); }
 #else
 typedef float in_t;
 __device__ __forceinline__ float load_in(const in_t* p) { return *p; }

@@ -1,6 +1,7 @@
 // The CompNode's per-token passes, fused (architecture.md §7): each kernel is one launch of what the NumPy
 // path (rshard_hpc/models/common.py, models/llama.py, ops/precision.py, ops/wire.py) does in several steps.
-// Loaded by rshard_hpc/ops/passes_cuda.py after kernels/common.cuh (NEG_INF, merge_element).
+// Loaded by rshard_hpc/ops/passes_cuda.py after kernels/common.cuh (NEG_INF, merge_element, wire_value, wire_lse,
+// bf16_bits, row_head_dim).
 //
 // Numerics. Every elementwise step is one correctly rounded fp32 operation, in the NumPy path's order,
 // written with the _rn intrinsics so that no multiply-add is contracted into an fma: such a step gives the
@@ -21,15 +22,6 @@
 #if PASS_THREADS % 32 || PASS_THREADS > 1024 || (PASS_THREADS & (PASS_THREADS - 1))
 #error "PASS_THREADS must be a power of 2, a multiple of 32, at most 1024"
 #endif
-
-__device__ __forceinline__ unsigned short bf16_bits(float x) {
-    const unsigned int b = __float_as_uint(x);
-    return isnan(x) ? (unsigned short)BF16_NAN : (unsigned short)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
-}
-
-__device__ __forceinline__ float bf16_value(unsigned short bits) {
-    return __uint_as_float((unsigned int)bits << 16);
-}
 
 // The sum of v over the block (PASS_THREADS threads), returned to every thread. `red` holds PASS_THREADS / 32
 // floats. Order: each warp by xor-shuffle, then warp 0 over the warps' sums.
@@ -215,41 +207,31 @@ pack_bf16(const float* __restrict__ q, const float* __restrict__ k, const float*
 // (part p, local row) at recv row src[p * n + row]; per head, D values of o then the lse (one float32, or
 // its two uint16 halves, low half first, under bf16). o (n, H, D) float32 is the exact merge over the
 // P parts (common.cuh merge_element: the arithmetic of merge.cu); the merged lse is not needed and not written.
-extern "C" __global__ void __launch_bounds__(PASS_THREADS)
-unpack_merge_f32(const float* __restrict__ recv, const int* __restrict__ src, float* __restrict__ o,
-                 int P, int n, int H, int D, int slots)
+template <class Wire>
+__device__ __forceinline__ void unpack_merge(const Wire* __restrict__ recv, const int* __restrict__ src,
+                                             float* __restrict__ o, int P, int n, int H, int D, int slots)
 {
     const long long total = (long long)n * H * D;
     for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
          idx += (long long)gridDim.x * blockDim.x) {
-        const int d = (int)(idx % D);
-        const long long rh = idx / D;
-        const int hh = (int)(rh % H);
-        const long long row = rh / H;
-        auto at = [&](int p) { return ((long long)src[(long long)p * n + row] * H + hh) * slots; };
+        const RowHeadDim e = row_head_dim(idx, H, D);
+        auto at = [&](int p) { return ((long long)src[(long long)p * n + e.row] * H + e.head) * slots; };
         float lse;
-        o[idx] = merge_element(P, [&](int p) { return recv[at(p) + D]; }, [&](int p) { return recv[at(p) + d]; },
-                               &lse);
+        o[idx] = merge_element(P, [&](int p) { return wire_lse(recv, at(p) + D); },
+                               [&](int p) { return wire_value(recv[at(p) + e.d]); }, &lse);
     }
+}
+
+extern "C" __global__ void __launch_bounds__(PASS_THREADS)
+unpack_merge_f32(const float* __restrict__ recv, const int* __restrict__ src, float* __restrict__ o,
+                 int P, int n, int H, int D, int slots)
+{
+    unpack_merge(recv, src, o, P, n, H, D, slots);
 }
 
 extern "C" __global__ void __launch_bounds__(PASS_THREADS)
 unpack_merge_bf16(const unsigned short* __restrict__ recv, const int* __restrict__ src, float* __restrict__ o,
                   int P, int n, int H, int D, int slots)
 {
-    const long long total = (long long)n * H * D;
-    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
-         idx += (long long)gridDim.x * blockDim.x) {
-        const int d = (int)(idx % D);
-        const long long rh = idx / D;
-        const int hh = (int)(rh % H);
-        const long long row = rh / H;
-        auto at = [&](int p) { return ((long long)src[(long long)p * n + row] * H + hh) * slots; };
-        auto lse_of = [&](int p) {
-            const long long a = at(p) + D;
-            return __uint_as_float((unsigned int)recv[a] | ((unsigned int)recv[a + 1] << 16));
-        };
-        float lse;
-        o[idx] = merge_element(P, lse_of, [&](int p) { return bf16_value(recv[at(p) + d]); }, &lse);
-    }
+    unpack_merge(recv, src, o, P, n, H, D, slots);
 }
