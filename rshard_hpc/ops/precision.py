@@ -118,7 +118,7 @@ class Bf16Matrix:
         operand = x.operand if isinstance(x, Bf16Input) else Bf16Input(x).operand
         if self.xp is np:
             return operand @ self.values.T
-        return _gemm_bf16_bits(operand, self.bits)
+        return _gemm_t(xp_of(operand).ascontiguousarray(operand), self.bits, bf16=True)
 
 
 class Bf16Input:
@@ -150,19 +150,20 @@ def matmul_t(x, weight):
     if isinstance(x, Bf16Input):
         x = x.source
     if _sgemm_fits(x, weight):
-        return _gemm_f32(x, weight)
+        return _gemm_t(x, weight)
     return x @ weight.T
 
 
 def _sgemm_fits(x, weight) -> bool:
-    """A product _gemm_f32 computes: 2-D float32 CuPy arrays, both C-contiguous (the usual (n, in) x (out, in))."""
+    """A float32 product _gemm_t computes: 2-D float32 CuPy arrays, both C-contiguous ((n, in) and (out, in))."""
     return (xp_of(x) is not np and x.ndim == 2 and weight.ndim == 2 and x.dtype == np.float32
             and weight.dtype == np.float32 and x.flags.c_contiguous and weight.flags.c_contiguous)
 
 
-def _gemm_f32(x, w):
-    """CuPy: y (n, out) = x @ Wᵀ by one cublasSgemm call (fp32): the product CuPy's matmul makes, without its
-    per-call dispatch (tens of microseconds a call, seven calls a layer; what a decode step waits on)."""
+def _gemm_t(x, w, bf16: bool = False):
+    """CuPy: y (n, out) = x @ Wᵀ in one cuBLAS call, fp32 compute and output, for C-contiguous x (n, in) and
+    W (out, in): cublasSgemm of float32 arrays, or (bf16) cublasGemmEx of bf16 bit patterns (uint16). One call
+    rather than CuPy's matmul dispatch (tens of microseconds a call, four a layer: what a decode step waits on)."""
     import cupy
     from cupy_backends.cuda.libs import cublas
 
@@ -180,39 +181,19 @@ def _gemm_f32(x, w):
     cublas.setStream(handle, cupy.cuda.get_current_stream().ptr)
     cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
     # column-major view: yᵀ (m, n) = W (m, k) · xᵀ (k, n); W row-major (m, k) is column-major Wᵀ, ld k
-    cublas.sgemm(handle, _CUBLAS_OP_T, _CUBLAS_OP_N, m, n, k, _ONE.ctypes.data, w.data.ptr, k, x.data.ptr, k,
-                 _ZERO.ctypes.data, y.data.ptr, m)
+    if bf16:
+        cublas.gemmEx(handle, _CUBLAS_OP_T, _CUBLAS_OP_N, m, n, k,
+                      _ONE.ctypes.data, w.data.ptr, _CUDA_R_16BF, k,
+                      x.data.ptr, _CUDA_R_16BF, k,
+                      _ZERO.ctypes.data, y.data.ptr, _CUDA_R_32F, m,
+                      _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT)
+    else:
+        cublas.sgemm(handle, _CUBLAS_OP_T, _CUBLAS_OP_N, m, n, k, _ONE.ctypes.data, w.data.ptr, k, x.data.ptr, k,
+                     _ZERO.ctypes.data, y.data.ptr, m)
     return y
 
 
 _ONE, _ZERO = np.ones(1, np.float32), np.zeros(1, np.float32)  # the host scalars of the GEMM calls
-
-
-def _gemm_bf16_bits(x_bits, w_bits):
-    """CuPy: y (n, out) = x @ Wᵀ by cublasGemmEx from bf16 bits x (n, in), W (out, in); fp32 compute/out."""
-    import cupy
-    from cupy_backends.cuda.libs import cublas
-
-    x_bits = cupy.ascontiguousarray(x_bits)
-    n, k = x_bits.shape
-    m = w_bits.shape[0]
-    y = cupy.empty((n, m), dtype=cupy.float32)
-    if n == 0 or m == 0:
-        return y
-    if k == 0:
-        y.fill(0)
-        return y
-    handle = cupy.cuda.device.get_cublas_handle()
-    cublas.setStream(handle, cupy.cuda.get_current_stream().ptr)
-    cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
-    one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
-    # column-major view: yᵀ (m, n) = W (m, k) · xᵀ (k, n); W row-major (m, k) is column-major Wᵀ, ld k
-    cublas.gemmEx(handle, _CUBLAS_OP_T, _CUBLAS_OP_N, m, n, k,
-                  one.ctypes.data, w_bits.data.ptr, _CUDA_R_16BF, k,
-                  x_bits.data.ptr, _CUDA_R_16BF, k,
-                  zero.ctypes.data, y.data.ptr, _CUDA_R_32F, m,
-                  _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT)
-    return y
 
 
 def bf16_weights(tensors: dict, names, xp=np) -> dict:
