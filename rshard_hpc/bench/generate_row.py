@@ -71,9 +71,9 @@ def hf_generate(texts: list, new_tokens: int, device: str) -> dict:
     from rshard_hpc.models.registry import DEFAULT_DECODER, bundled_source, resolve_model
     from rshard_hpc.models.tokenizer import TextCodec
 
-    gguf = bundled_source(DEFAULT_DECODER)
-    cfg = weights.read_config(resolve_model(DEFAULT_DECODER))
-    codec = TextCodec(resolve_model(DEFAULT_DECODER), cfg)
+    gguf, path = bundled_source(DEFAULT_DECODER), resolve_model(DEFAULT_DECODER)
+    cfg = weights.read_config(path)
+    codec = TextCodec(path, cfg)
     prompts = [list(codec.encode(t)) for t in texts]
     dev = torch_device(device)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).to(dev).eval()

@@ -133,34 +133,19 @@ class Transport:
     def scatter_ids(self, comm, ids, counts):
         """Client (root of comm) sends each rank r its counts[r] int64 ids of `ids` (ordered rank by rank;
         counts[0] = 0); returns this rank's ids. Other ranks pass ids = counts = None."""
-        MPI = _mpi()
-        rank = comm.Get_rank()
         settle(comm)
-        counts = np.asarray(comm.bcast([int(c) for c in counts] if rank == 0 else None, root=0), dtype=np.int64)
-        recv = np.empty(counts[rank], dtype=np.int64)
-        if rank == 0:
-            send = np.ascontiguousarray(ids, dtype=np.int64)
-            comm.Scatterv([send, (counts, _displs(counts)), MPI.INT64_T], [recv, MPI.INT64_T])
-        else:
-            comm.Scatterv(None, [recv, MPI.INT64_T], root=0)
-        return recv
+        if comm.Get_rank() == 0:
+            ids, counts = np.ascontiguousarray(ids, dtype=np.int64), [int(c) for c in counts]
+        return _scatterv(comm, ids, counts, np.int64)
 
     def scatter_rows(self, comm, rows, counts, width: int):
         """Client (root of comm) sends each rank r its counts[r] rows of `rows` ((sum counts, width) float32, host
         or device, ordered rank by rank; counts[0] = 0); returns this rank's (n, width) float32 rows on the host
         (--client-layers: the layer-K hidden rows). Other ranks pass rows = counts = None."""
-        MPI = _mpi()
-        rank = comm.Get_rank()
-        if rank == 0:
+        if comm.Get_rank() == 0:
             rows = np.ascontiguousarray(to_host(rows), dtype=np.float32).reshape(-1, width)  # one copy at most
             counts = [int(c) * width for c in counts]
-        counts = np.asarray(comm.bcast(counts if rank == 0 else None, root=0), dtype=np.int64)
-        recv = np.empty(counts[rank], dtype=np.float32)
-        if rank == 0:
-            comm.Scatterv([rows, (counts, _displs(counts)), MPI.FLOAT], [recv, MPI.FLOAT])
-        else:
-            comm.Scatterv(None, [recv, MPI.FLOAT], root=0)
-        return recv.reshape(-1, width)
+        return _scatterv(comm, rows, counts, np.float32).reshape(-1, width)
 
     def gather_rows(self, comm, rows, width: int):
         """Each non-root rank sends rows (n_r, width) float32 to the client; root gets a list per rank."""
@@ -190,6 +175,21 @@ class Transport:
     def stats(self) -> dict:
         return {"mpi_s": self.mpi_seconds, "staging_s": self.staging_seconds,
                 "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received}
+
+
+def _scatterv(comm, send, counts, dtype):
+    """Root of comm: send (flat, contiguous, `dtype`) split by counts (elements a rank, broadcast here); every rank
+    gets its part as a new array of `dtype`. Other ranks pass send = counts = None."""
+    MPI = _mpi()
+    mpi_type = {np.dtype(np.int64): MPI.INT64_T, np.dtype(np.float32): MPI.FLOAT}[np.dtype(dtype)]
+    rank = comm.Get_rank()
+    counts = np.asarray(comm.bcast(counts if rank == 0 else None, root=0), dtype=np.int64)
+    recv = np.empty(counts[rank], dtype=dtype)
+    if rank == 0:
+        comm.Scatterv([send, (counts, _displs(counts)), mpi_type], [recv, mpi_type])
+    else:
+        comm.Scatterv(None, [recv, mpi_type], root=0)
+    return recv
 
 
 def _pinned_empty(size: int, dtype):

@@ -34,10 +34,18 @@ class Client:
 
     def begin_batch(self, lens) -> None:
         lens = [int(n) for n in lens]
+        self._announce_batch(lens)
+        self.plans = self._new_batch(lens)
+
+    def _announce_batch(self, lens) -> None:
+        """The batch header: every worker makes the batch's plans (and AttnNodes their KV caches)."""
         collectives.bcast(self.topo.world, {"op": "batch", "lens": lens})
-        self.plans = batch_plans(self.spec, lens)
+
+    def _new_batch(self, lens):
+        """The plans of a batch of these lengths; the client layers start afresh."""
         if self.layers is not None:
             self.layers.reset()
+        return batch_plans(self.spec, lens)
 
     def step(self, ranges, ids_per_seq, want: str = "all"):
         """ids_per_seq[b]: token ids of positions ranges[b]. Returns the final rows (n_rows, d) in step order
@@ -122,17 +130,14 @@ class Client:
             yield [rows[a:z] for a, z in zip(bounds[:-1], bounds[1:])]
 
     def _prepare_batch(self, sequences):
-        """(lens, the batch's one step prepared): new plans for these lengths; the client layers start afresh."""
+        """(lens, the batch's one step prepared, on plans of its own: batch b may still be in flight)."""
         lens = [len(s) for s in sequences]
-        plans = batch_plans(self.spec, lens)
-        if self.layers is not None:
-            self.layers.reset()
-        return lens, self._prepare(plans, [(0, n) for n in lens], sequences, "all")
+        return lens, self._prepare(self._new_batch(lens), [(0, n) for n in lens], sequences, "all")
 
     def _send_batch(self, prepared):
         """The batch header, then its step: the workers make the batch's plans and start computing."""
         lens, step = prepared
-        collectives.bcast(self.topo.world, {"op": "batch", "lens": lens})
+        self._announce_batch(lens)
         return lens, self._send(step)
 
 
