@@ -94,6 +94,24 @@ def write_prompts(tmp_path, n: int, seed: int):
     return path
 
 
+def partials_recv(rng, rows, n_heads: int, head_dim: int, wire):
+    """A CompNode's receive buffer as the AttnNodes return it, in (i, j) order (ops/wire.py): pack_partial of random
+    o and lse (some lse -inf) for its rows of each query group i, from each key group j (rows[i]: those rows)."""
+    import numpy as np
+
+    from rshard_hpc.ops.precision import pack_partial
+
+    parts = []
+    beta = len(rows)
+    for i in range(beta):
+        for _ in range(beta):
+            o = rng.standard_normal((len(rows[i]), n_heads, head_dim)).astype(np.float32)
+            lse = rng.standard_normal((len(rows[i]), n_heads)).astype(np.float32) * 4
+            lse[rng.random(lse.shape) < 0.2] = -np.inf
+            parts.append(pack_partial(o, lse, wire).ravel())
+    return np.concatenate(parts) if parts else np.zeros(0, wire)
+
+
 def wait_for_file(path, proc, timeout=120):
     """Wait until a test hook writes `path`; fail if the job `proc` (a Popen) ends first or it takes too long."""
     import time

@@ -10,7 +10,7 @@ the merge) the results are compared bit for bit.
 """
 import numpy as np
 import pytest
-from conftest import require_gpu
+from conftest import partials_recv, require_gpu
 
 cupy = require_gpu()
 
@@ -27,7 +27,6 @@ from rshard_hpc.ops import attention_cuda, passes_cuda
 from rshard_hpc.ops.precision import (
     Bf16Input,
     Bf16Matrix,
-    pack_partial,
     to_bf16_bits,
     unpack_partial,
     wire_dtype,
@@ -240,14 +239,7 @@ def test_wire_pack_and_merge_equal_the_cpu_path(n, beta, n_heads, n_kv, head_dim
     send = gpu.pack(*device)
     assert send.dtype == wire and cupy.asnumpy(send).tobytes() == cpu.pack(q, k, v).tobytes()
 
-    parts = []
-    for i in range(beta):
-        for _ in range(beta):
-            o = rng.standard_normal((len(rows[i]), n_heads, head_dim)).astype(np.float32)
-            lse = rng.standard_normal((len(rows[i]), n_heads)).astype(np.float32) * 4
-            lse[rng.random(lse.shape) < 0.2] = -np.inf
-            parts.append(pack_partial(o, lse, wire).ravel())
-    recv = np.concatenate(parts) if parts else np.zeros(0, wire)
+    recv = partials_recv(rng, rows, n_heads, head_dim, wire)
     got = gpu.merge(cupy.asarray(recv))
     packed = np.take(recv.reshape(-1, n_heads * cpu.slots), cpu.recv_rows, axis=0)
     o_parts, lse_parts = unpack_partial(cupy.asarray(packed).reshape(beta, n, n_heads, cpu.slots), wire)

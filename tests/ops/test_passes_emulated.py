@@ -11,12 +11,13 @@ import subprocess
 
 import numpy as np
 import pytest
+from conftest import partials_recv
 
 from rshard_hpc.models.common import GELU_INV_SQRT2, gelu, layer_norm, rms_norm, silu
 from rshard_hpc.models.llama import apply_rope, rope_cos_sin, rope_inv_freq
 from rshard_hpc.models.random_init import tiny_config
 from rshard_hpc.ops import attention_cuda, passes_cuda
-from rshard_hpc.ops.precision import pack_partial, to_bf16_bits, wire_dtype
+from rshard_hpc.ops.precision import to_bf16_bits, wire_dtype
 from rshard_hpc.ops.wire import WireRoutes
 
 SHIM = r"""
@@ -198,14 +199,7 @@ def test_wire(lib, n, beta, n_heads, n_kv, head_dim, dtype, strided):
          routes.unit, np.int64(q.size // routes.unit), np.int64(k.size // routes.unit), routes.q_units,
          routes.kv_units, *(np.int64(ld) for ld in lds))
     assert got.tobytes() == want.tobytes()
-    parts = []
-    for i in range(beta):
-        for _ in range(beta):
-            o = rng.standard_normal((len(rows[i]), n_heads, head_dim)).astype(np.float32)
-            lse = rng.standard_normal((len(rows[i]), n_heads)).astype(np.float32) * 4
-            lse[rng.random(lse.shape) < 0.2] = -np.inf
-            parts.append(pack_partial(o, lse, wire).ravel())
-    recv = np.concatenate(parts)
+    recv = partials_recv(rng, rows, n_heads, head_dim, wire)
     merged = poisoned((n, n_heads, head_dim))
     call(lib, "unpack_merge_bf16" if wire == np.uint16 else "unpack_merge_f32", recv, routes.recv_rows, merged, beta,
          n, n_heads, head_dim, routes.slots)

@@ -4,10 +4,10 @@ both wire types. The loops below are the previous CompWorker._pack_qkv / _exchan
 their unpack buffer is poisoned so a row the loop never fills would show."""
 import numpy as np
 import pytest
+from conftest import partials_recv
 
 from rshard_hpc.ops.attention import merge_partials
 from rshard_hpc.ops.precision import (
-    pack_partial,
     to_bf16_bits,
     unpack_partial,
     wire_dtype,
@@ -47,19 +47,6 @@ def _old_unpack(rows, recv, n, n_heads, slots, wire):
     return unpack_partial(packed, wire)
 
 
-def _recv(rng, rows, n_heads, head_dim, wire):
-    """What the AttnNodes return, in (i, j) order: pack_partial of random o and lse (some lse -inf)."""
-    parts = []
-    beta = len(rows)
-    for i in range(beta):
-        for _ in range(beta):
-            o = rng.standard_normal((len(rows[i]), n_heads, head_dim)).astype(np.float32)
-            lse = rng.standard_normal((len(rows[i]), n_heads)).astype(np.float32) * 4
-            lse[rng.random(lse.shape) < 0.2] = -np.inf
-            parts.append(pack_partial(o, lse, wire).ravel())
-    return np.concatenate(parts) if parts else np.zeros(0, wire)
-
-
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("n_heads,n_kv,head_dim", SHAPES)
 @pytest.mark.parametrize("n,beta", [(0, 2), (1, 3), (7, 3), (33, 2), (40, 1), (19, 5)])
@@ -77,7 +64,7 @@ def test_pack_and_unpack_equal_the_loops(n, beta, n_heads, n_kv, head_dim, dtype
              for i in range(beta)]
     assert routes.send_sizes == sizes and sum(map(sum, sizes)) == send.size
 
-    recv = _recv(rng, rows, n_heads, head_dim, wire)
+    recv = partials_recv(rng, rows, n_heads, head_dim, wire)
     o_parts, lse_parts = _old_unpack(rows, recv, n, n_heads, routes.slots, wire)
     packed = np.take(recv.reshape(-1, n_heads * routes.slots), routes.recv_rows, axis=0)
     o2, lse2 = unpack_partial(packed.reshape(beta, n, n_heads, routes.slots), wire)
