@@ -2,7 +2,8 @@
 # One call on the lent GPU (issues 13 and 14): the CUDA-aware Open MPI (a prefix built elsewhere and carried
 # as .carry/ompi-cuda.tar.gz, or built here from .carry's sources), mpi4py against it, then stages in order,
 # each skipped once the call's time budget (BUDGET_S, default 540) is near.   logs go to $OUT
-#   usage: bash tools/device_session.sh STAGE...   stages: mpi unit engine jobs passes decode transports trace smalltests finaltests smallab probe suite
+#   usage: bash tools/device_session.sh STAGE...   stages: mpi verify unit engine jobs passes decode transports trace profile smalltests finaltests smallab probe
+#           suite
 # Carried: .carry/ (ompi-cuda.tar.gz or openmpi_4.1*.orig.tar.*, mpi4py-*.tar.gz), .minilm/ (all-MiniLM-L6-v2
 # as a sentence-transformers folder, fp16 safetensors).
 set -u
@@ -27,6 +28,34 @@ mpi)  # the CUDA-aware MPI: unpack or build, mpi4py against it (in the backgroun
   (SRC=$PWD/.carry PREFIX=$PREFIX bash tools/build_cuda_mpi.sh mpi4py; PREFIX=$PREFIX bash tools/build_cuda_mpi.sh check) \
     > "$OUT/mpi.log" 2>&1 &
   MPI_PID=$! ;;
+verify)  # every GPU test (kernels, passes, decode kernels, engine, client layers, jobs, NCCL); the log comes back
+  stage verify; python3 -c "import xdist" 2>/dev/null && NX="-n 4" || NX=""
+  enough 60 verify && timeout $(( $(left) < ${VERIFY_S:-330} ? $(left) - 30 : ${VERIFY_S:-330} )) $PT $NX tests/ops \
+    tests/engine/test_gpu_engine.py tests/engine/test_client_layers.py tests/run/test_gpu_jobs.py tests/dist/test_nccl.py \
+    2>&1 | tee "$OUT/verify.log" | tail -n 8 ;;
+profile)  # host timelines of prefill 8k (bf16, fp32) and of 12-prompt jobs at both layouts, MPS on
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps/log
+  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY; nvidia-cuda-mps-control -d
+  python3 -c "from rshard_hpc.bench.prompts import word_prompts as p, write_prompts as w; w('/tmp/p12.jsonl', p(12, seed=1))"
+  for dt in ${PROFILE_DTYPES:-bfloat16 float32}; do
+    stage "profile prefill 8k $dt"; enough 50 profile || break
+    RSHARD_TRACE=$OUT/tr_pre_$dt timeout 120 mpirun -n 7 python3 -m rshard_hpc bench job --alpha 2 --beta 2 \
+      --device gpu --tokens 8192 --decode-steps 4 --dtype $dt --out "$OUT/profile_job.md" 2>&1 | grep -E "^\| [0-9]|rror" | cut -c1-250
+    python3 -m rshard_hpc bench trace $OUT/tr_pre_$dt --steps 1:2 --layer 15 > $OUT/tr_pre_$dt.md
+  done
+  for n in 13 7; do
+    [ $n = 13 ] && L="--alpha 3 --beta 3 --c-a 2" || L="--alpha 2 --beta 2"
+    for i in 1 2; do
+      stage "profile 12 prompts, $n ranks, run $i"; enough 30 profile || break 2
+      t0=$EPOCHREALTIME
+      RSHARD_TRACE=$OUT/tr_e12_${n}_$i timeout 60 mpirun -n $n python3 -m rshard_hpc run --task embed --model /tmp/minilm.h5 \
+        --prompts /tmp/p12.jsonl --out /tmp/e12.h5 --overwrite --truncate --allow-weak-plan --device gpu $L 2>&1 | tail -n 2
+      echo "wall $(python3 -c "print(round($EPOCHREALTIME - $t0, 2))") s"
+      python3 -m rshard_hpc bench trace $OUT/tr_e12_${n}_$i --steps 0: --layer 2 > $OUT/tr_e12_${n}_$i.md
+    done
+  done
+  echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  (cd $OUT && tar -czf profile.tar.gz tr_* && rm -rf tr_*) ;;
 unit)  # no MPI: the kernels (key split too), the fused passes, the wire
   stage unit; enough 60 unit && timeout $(( $(left) < 240 ? $(left) - 30 : 210 )) $PT -x -n 8 tests/ops/test_gpu_kernels.py \
     tests/ops/test_gpu_passes.py tests/ops/test_wire.py 2>&1 | tail -n 6 ;;
