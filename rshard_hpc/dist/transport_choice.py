@@ -41,7 +41,7 @@ def choose_transport(comm, transport, mode: str, *, load_nccl=nccl_transport.loa
         used, why = _try_device_ipc(comm)
         if used:
             transport.ipc = used
-            return why
+            return "; ".join(passed + [why])  # auto: why NCCL was passed by, then IPC's own evidence
         if mode == "ipc":
             raise RshardError(f"--transport ipc: CUDA IPC cannot be used here ({why})")
         passed.append(f"not CUDA IPC: {why}")
