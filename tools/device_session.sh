@@ -2,8 +2,8 @@
 # One call on the lent GPU (issues 13 and 14): the CUDA-aware Open MPI (a prefix built elsewhere and carried
 # as .carry/ompi-cuda.tar.gz, or built here from .carry's sources), mpi4py against it, then stages in order,
 # each skipped once the call's time budget (BUDGET_S, default 540) is near.   logs go to $OUT
-#   usage: bash tools/device_session.sh STAGE...   stages: mpi verify unit engine jobs passes decode transports trace profile smalltests finaltests smallab probe
-#           suite
+#   usage: bash tools/device_session.sh STAGE...   stages: mpi verify startab unit engine jobs passes decode transports trace profile smalltests finaltests
+#           smallab probe suite
 # Carried: .carry/ (ompi-cuda.tar.gz or openmpi_4.1*.orig.tar.*, mpi4py-*.tar.gz), .minilm/ (all-MiniLM-L6-v2
 # as a sentence-transformers folder, fp16 safetensors).
 set -u
@@ -30,8 +30,8 @@ mpi)  # the CUDA-aware MPI: unpack or build, mpi4py against it (in the backgroun
   MPI_PID=$! ;;
 verify)  # every GPU test (kernels, passes, decode kernels, engine, client layers, jobs, NCCL); the log comes back
   stage verify; python3 -c "import xdist" 2>/dev/null && NX="-n 4" || NX=""
-  enough 60 verify && timeout $(( $(left) < ${VERIFY_S:-330} ? $(left) - 30 : ${VERIFY_S:-330} )) $PT $NX tests/ops \
-    tests/engine/test_gpu_engine.py tests/engine/test_client_layers.py tests/run/test_gpu_jobs.py tests/dist/test_nccl.py \
+  enough 60 verify && timeout $(( $(left) < ${VERIFY_S:-330} ? $(left) - 30 : ${VERIFY_S:-330} )) $PT $NX ${VERIFY_TESTS:-tests/ops \
+    tests/engine/test_gpu_engine.py tests/engine/test_client_layers.py tests/run/test_gpu_jobs.py tests/dist/test_nccl.py} \
     2>&1 | tee "$OUT/verify.log" | tail -n 8 ;;
 profile)  # host timelines of prefill 8k (bf16, fp32) and of 12-prompt jobs at both layouts, MPS on
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps/log
@@ -56,6 +56,27 @@ profile)  # host timelines of prefill 8k (bf16, fp32) and of 12-prompt jobs at b
   done
   echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
   (cd $OUT && tar -czf profile.tar.gz tr_* && rm -rf tr_*) ;;
+startab)  # a 12-prompt MiniLM job's wall, before (no early CUDA, no warm-up, CUDA IPC as auto took it) and after
+  #          the start-up changes, alternating, at alpha=3 beta=3 c_a=2 and alpha=2 beta=2, MPS on; timelines kept
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps/log
+  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY; nvidia-cuda-mps-control -d
+  python3 -c "from rshard_hpc.bench.prompts import word_prompts as p, write_prompts as w; w('/tmp/p12.jsonl', p(12, seed=1))"
+  for n in 13 7; do
+    [ $n = 13 ] && L="--alpha 3 --beta 3 --c-a 2" || L="--alpha 2 --beta 2"
+    for i in 1 2 3; do for side in before after; do
+      stage "startab $side, $n ranks, run $i"; enough 30 startab || break 3
+      if [ $side = before ]; then E="RSHARD_EARLY_GPU=0 RSHARD_WARM_UP=0"; T="--transport ipc"; else E=""; T=""; fi
+      t0=$EPOCHREALTIME
+      env $E RSHARD_TRACE=$OUT/tr_${side}_${n}_$i timeout 60 mpirun -n $n python3 -m rshard_hpc run --task embed \
+        --model /tmp/minilm.h5 --prompts /tmp/p12.jsonl --out /tmp/e12_$side.h5 --overwrite --truncate \
+        --allow-weak-plan --device gpu $L $T 2>&1 | grep -E "wall|rror"
+      echo "launcher wall $side $n $i: $(python3 -c "print(round($EPOCHREALTIME - $t0, 2))") s"
+      python3 -m rshard_hpc bench trace $OUT/tr_${side}_${n}_$i --steps 0: --layer 2 > $OUT/tr_${side}_${n}_$i.md
+    done; done
+    python3 -c "import h5py, numpy as np; a, b = (h5py.File(f'/tmp/e12_{s}.h5')['embeddings'][()] for s in ('before', 'after')); print('before vs after: max abs diff', float(np.abs(a - b).max()))"
+  done
+  echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  (cd $OUT && tar -czf startab.tar.gz tr_* && rm -rf tr_*) ;;
 unit)  # no MPI: the kernels (key split too), the fused passes, the wire
   stage unit; enough 60 unit && timeout $(( $(left) < 240 ? $(left) - 30 : 210 )) $PT -x -n 8 tests/ops/test_gpu_kernels.py \
     tests/ops/test_gpu_passes.py tests/ops/test_wire.py 2>&1 | tail -n 6 ;;

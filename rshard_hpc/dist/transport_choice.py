@@ -3,7 +3,9 @@ together over the workers' communicator from evidence, never from a guess.
 
 auto, in order: `nccl` where NCCL loads on every worker and each has a GPU of its own; else `ipc` where all
 workers share one node and a CUDA IPC probe is exact on every rank; else `mpi` (device buffers to MPI) where
-every rank's MPI library says it is CUDA-aware; else `staged` (pinned host buffers). An explicit `nccl` or `ipc`
+every rank's MPI library says it is CUDA-aware; else `staged` (pinned host buffers). A small job (under
+SMALL_JOB_TOKENS tokens of work) skips NCCL and CUDA IPC: their set-up (a communicator, or the IPC probe: about
+0.5 s at the start on one H200) costs more than they save on so few bytes. An explicit `nccl` or `ipc`
 that cannot work is an RshardError naming why; an explicit `mpi` is refused where the library says it is not
 CUDA-aware and trusted where there is no evidence either way (the evidence is reported).
 """
@@ -15,18 +17,27 @@ from rshard_hpc.dist.cuda_ipc import _try_device_ipc
 from rshard_hpc.errors import RshardError
 
 TRANSPORTS = ("auto", "staged", "mpi", "ipc", "nccl")
+# Below this many tokens of work (prompt tokens, plus tokens to generate) `auto` skips NCCL and CUDA IPC. At this
+# size host staging moves a layer's q/k/v and partials (all-MiniLM-L6-v2: ~8 KB a token) in ~10 ms on one node,
+# far below the IPC probe's ~0.5 s (issue 13, a 12-prompt job's start-up timeline).
+SMALL_JOB_TOKENS = 16_384
 
 
 def choose_transport(comm, transport, mode: str, *, load_nccl=nccl_transport.load_nccl,
-                     identity=nccl_transport.gpu_identity, xp=None) -> str:
+                     identity=nccl_transport.gpu_identity, xp=None, job_tokens: int | None = None) -> str:
     """Collective over comm (the GPU workers): set up `transport` (a dist.transport.Transport) for `mode` and
-    return why it moves buffers the way it does. Every rank takes the same decision."""
+    return why it moves buffers the way it does. Every rank takes the same decision (job_tokens, the job's tokens
+    of work where known, is the same on every rank: the client broadcast it)."""
     if mode not in TRANSPORTS:
         raise RshardError(f"unknown --transport {mode!r}; choose one of {', '.join(TRANSPORTS)}")
     if mode == "staged":
         return "--transport staged"
     passed = []  # auto: why each faster transport was not taken
-    if mode in ("auto", "nccl"):
+    small = mode == "auto" and job_tokens is not None and job_tokens < SMALL_JOB_TOKENS
+    if small:
+        passed.append(f"not NCCL or CUDA IPC: a small job ({job_tokens:,} tokens < {SMALL_JOB_TOKENS:,}; their "
+                      f"set-up costs more than they save)")
+    if mode == "nccl" or (mode == "auto" and not small):
         refusal = nccl_refusal(comm, load_nccl, identity)
         if not refusal:
             nccl = load_nccl()[0]
@@ -37,7 +48,7 @@ def choose_transport(comm, transport, mode: str, *, load_nccl=nccl_transport.loa
         if mode == "nccl":
             raise RshardError(f"--transport nccl cannot be used: {refusal}")
         passed.append(f"not NCCL: {refusal}")
-    if mode in ("auto", "ipc"):
+    if mode == "ipc" or (mode == "auto" and not small):
         used, why = _try_device_ipc(comm)
         if used:
             transport.ipc = used
@@ -53,7 +64,9 @@ def choose_transport(comm, transport, mode: str, *, load_nccl=nccl_transport.loa
     if mode == "mpi" or aware:
         transport.gpu_aware = True
         said = "CUDA-aware" if aware else "CUDA-awareness not confirmed"
-        return f"{'--transport mpi' if mode == 'mpi' else 'CUDA-aware MPI'} ({said}: {evidence})"
+        if mode == "mpi":
+            return f"--transport mpi ({said}: {evidence})"
+        return "; ".join(passed + [f"CUDA-aware MPI ({said}: {evidence})"])
     passed.append(f"MPI not CUDA-aware: {evidence}")
     return "staged through pinned host buffers (" + "; ".join(passed) + ")"
 
@@ -77,7 +90,8 @@ def predict(mode: str, *, nccl: str, shared: str, hosts: int, aware: bool, evide
     if mode == "nccl":
         return ("refused", f"--transport nccl cannot be used: {not_nccl}") if not_nccl else ("nccl", "one GPU a worker")
     if mode == "auto" and not not_nccl:
-        return "nccl", "NCCL on every worker, one GPU each"
+        return "nccl", (f"NCCL on every worker, one GPU each ({'mpi' if aware else 'staged'} for a job under "
+                        f"{SMALL_JOB_TOKENS:,} tokens)")
     mpi = ("mpi", f"CUDA-aware MPI ({evidence})") if aware else ("staged", f"MPI not CUDA-aware: {evidence}")
     refusal = mpi_refusal(mode, aware, evidence)
     if refusal:
@@ -90,26 +104,28 @@ def predict(mode: str, *, nccl: str, shared: str, hosts: int, aware: bool, evide
         return mpi[0], f"not NCCL: {not_nccl}; not CUDA IPC: several nodes; {mpi[1]}"
     if mode == "ipc":
         return "ipc", "one node: if the CUDA IPC probe passes at start (else the job stops)"
-    return "ipc", f"not NCCL: {not_nccl}; one node: CUDA IPC if its probe passes at start, else {mpi[0]} ({mpi[1]})"
+    return "ipc", (f"not NCCL: {not_nccl}; one node: CUDA IPC if its probe passes at start, else {mpi[0]} ({mpi[1]}); "
+                   f"{mpi[0]} for a job under {SMALL_JOB_TOKENS:,} tokens")
 
 
 def nccl_refusal(comm, load_nccl=nccl_transport.load_nccl, identity=nccl_transport.gpu_identity) -> str:
     """Collective over comm: "" when NCCL can join every rank of comm, else why not (the same on every rank):
-    NCCL missing on some rank, or two ranks on one GPU (NCCL refuses a communicator with both)."""
-    _, why = load_nccl()
-    ident = None
-    if not why:
-        try:
-            ident = tuple(identity())
-        except Exception as exc:  # noqa: BLE001 - a rank without a usable device says so
-            why = f"no GPU identity ({type(exc).__name__}: {exc})"
+    two ranks on one GPU (NCCL refuses a communicator with both), or NCCL missing on some rank. The GPUs are
+    compared first, so that ranks sharing one never load libnccl (a tenth of a second each)."""
+    ident, why = None, ""
+    try:
+        ident = tuple(identity())
+    except Exception as exc:  # noqa: BLE001 - a rank without a usable device says so
+        why = f"no GPU identity ({type(exc).__name__}: {exc})"
     gathered = comm.allgather((why, ident))
-    for rank, (why, _) in enumerate(gathered):
-        if why:
-            return f"rank {rank} of the workers: {why}"
-    shared = nccl_transport.gpu_sharing([ident for _, ident in gathered])
+    shared = "" if any(w for w, _ in gathered) else nccl_transport.gpu_sharing([i for _, i in gathered])
     if shared:
         return f"workers share a GPU ({shared}); NCCL needs one rank per GPU (use more GPUs or fewer ranks)"
+    if not why:
+        why = load_nccl()[1]
+    for rank, why in enumerate(comm.allgather(why)):
+        if why:
+            return f"rank {rank} of the workers: {why}"
     return ""
 
 

@@ -32,6 +32,14 @@ class Client:
         self.timer = PhaseTimer()
         self.ledgers = []  # per finished batch: the gathered ledgers, by world rank (None for the client)
 
+    def warm_up(self, rows: int = 64) -> None:
+        """With client layers: their forward once on `rows` token ids 0 of one sequence, then a fresh start (see
+        CompWorker.warm_up: a GPU loads its kernels at set-up, not inside the first batch)."""
+        if self.layers is None:
+            return
+        self.layers.forward(np.zeros(rows, np.int64), np.arange(rows, dtype=np.int32), np.zeros(rows, np.int32))
+        self.layers.reset()
+
     def begin_batch(self, lens) -> None:
         lens = [int(n) for n in lens]
         self._announce_batch(lens)

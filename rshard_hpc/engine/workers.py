@@ -17,6 +17,8 @@ from rshard_hpc.ops.wire import WireRoutes
 from rshard_hpc.plan.ledger import LedgerRecorder, step_key_counts
 from rshard_hpc.plan.schemes import PlanSpec, batch_plans
 
+WARM_UP_ROWS = 64  # rows of zeros a GPU worker runs once at set-up (warm_up)
+
 
 class _Worker:
     """State shared by CompNode and AttnNode loops."""
@@ -69,6 +71,23 @@ class CompWorker(_Worker):
         if model.dtype != dtype:
             raise ValueError(f"the model's weights were placed for {model.dtype}, the worker runs {dtype}")
         self.model = model
+
+    def warm_up(self, rows: int = WARM_UP_ROWS) -> None:
+        """Layer first_layer's per-token work once on `rows` rows of zeros, nothing sent, the results dropped: a GPU
+        loads the kernels a step uses (CuPy's and kernels/*.cu, ~0.1 s the first time) at set-up, beside the other
+        ranks' set-up, rather than inside the first step. A kernel that fails here fails the set-up on every rank."""
+        xp, cfg = self.xp, self.cfg
+        pos = xp.arange(rows, dtype=xp.int32)
+        if self.first_layer:
+            h = xp.zeros((rows, cfg.hidden), dtype=xp.float32)  # as scatter_rows delivers the client's rows
+        else:
+            h = self.model.embed(xp.zeros(rows, dtype=xp.int64), pos)
+        none = np.zeros(0, dtype=np.int64)
+        routes = WireRoutes([np.arange(rows)] + [none] * (self.topo.beta - 1), rows, cfg.n_heads, cfg.n_kv_heads,
+                            cfg.head_dim, self.wire, xp)  # every row in query group 0
+        routes.pack(*self.model.pre(self.first_layer, h, pos))
+        o = routes.merge(xp.zeros(self.topo.beta * rows * cfg.n_heads * self.slots, dtype=self.wire))
+        self.model.final_rows(self.model.post(self.first_layer, h, o))
 
     def step(self, tokens: StepTokens, routing: Routing, want: str) -> None:
         k, xp, cfg = self.topo.comp_index, self.xp, self.cfg
@@ -149,6 +168,21 @@ class AttnWorker(_Worker):
     def __init__(self, topo, spec, cfg, transport, xp=np, dtype="float32", first_layer: int = 0):
         super().__init__(topo, spec, cfg, transport, xp, dtype, first_layer)  # q/k/v stay cached in the wire's type
         self.cache = None  # KVCache of the batch under way, sized at its start (engine/kv_cache.py)
+
+    def warm_up(self, rows: int = WARM_UP_ROWS) -> None:
+        """One step's attention preparation and one layer's attention on `rows` rows of zeros (one sequence), the
+        results dropped: CompWorker.warm_up says why."""
+        xp, cfg = self.xp, self.cfg
+        cache = KVCache(xp, 1, rows, cfg.n_kv_heads, cfg.head_dim, self.wire)
+        pos, seq = np.arange(rows, dtype=np.int32), np.zeros(rows, dtype=np.int32)
+        k_pos, k_seq = cache.begin_step(pos, seq)
+        k_new, v_new = cache.new_rows(0)
+        k_new[...] = 0
+        v_new[...] = 0
+        plan = prepare_attention(xp.asarray(pos), xp.asarray(seq), k_pos, k_seq, causal=cfg.causal,
+                                 scale=1.0 / np.sqrt(cfg.head_dim), xp=xp)
+        o, lse = plan(xp.zeros((rows, cfg.n_heads, cfg.head_dim), dtype=self.wire), *cache.rows(0))
+        pack_partial(o, lse, self.wire)
 
     def begin_batch(self):
         cfg = self.cfg

@@ -34,6 +34,7 @@ class Prepared:
     error: str | None = None
     cfg: object = None  # the model's ModelConfig, read once by the client (workers need not open the weight file)
     client_layers: int = 0  # K as decided for this model (--client-layers, or its default)
+    job_tokens: int | None = None  # tokens of work left: prompt tokens, plus tokens to generate (transport choice)
 
 
 def _prepare_client(topo, opts: RunOptions, spec: PlanSpec):
@@ -83,7 +84,8 @@ class ClientJob:
         self.skipped = len(prompts) - len(self.todo)
         self.token_ids = [tokenized[p.id] for p in self.todo]
         self.model_path = model_path
-        self.prepared = Prepared(str(model_path), cfg=self.cfg, client_layers=opts.client_layers)
+        self.prepared = Prepared(str(model_path), cfg=self.cfg, client_layers=opts.client_layers,
+                                 job_tokens=self._job_tokens())
 
     def close(self) -> None:
         if self.writer is not None:
@@ -136,6 +138,11 @@ class ClientJob:
             raise InputError(f"model {self.opts.model} has no sentence-embedding pooling: task embed needs one")
         if self.opts.task == "generate" and not self.cfg.causal:
             raise InputError(f"model {self.opts.model} is an encoder: task generate needs a decoder")
+
+    def _job_tokens(self) -> int:
+        """The tokens the servers will carry: every prompt left to do, plus what generation adds to each."""
+        generated = len(self.todo) * self.settings.max_new_tokens if self.opts.task == "generate" else 0
+        return sum(len(ids) for ids in self.token_ids) + generated
 
     def _tokenize(self, prompt) -> np.ndarray:
         limit = self.cfg.prompt_limit

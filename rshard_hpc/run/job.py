@@ -1,6 +1,7 @@
 """`rshard run`: set up every rank, agree on errors before work, then play the role this rank has."""
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 import numpy as np
@@ -16,6 +17,14 @@ from rshard_hpc.run import termination, testhooks
 from rshard_hpc.run.client_job import _prepare_client
 from rshard_hpc.run.options import RunOptions
 from rshard_hpc.run.progress import say
+
+WARM_UP_ENV = "RSHARD_WARM_UP"  # "0": no set-up warm-up (compare first steps); "1": CPU ranks too (tests)
+
+
+def _warms_up(xp) -> bool:
+    """GPU ranks run one tiny pass at set-up (worker.warm_up), unless RSHARD_WARM_UP=0; =1 makes CPU ranks too."""
+    asked = os.environ.get(WARM_UP_ENV)
+    return asked == "1" or (xp is not np and asked != "0")
 
 
 def run(opts: RunOptions) -> None:
@@ -60,10 +69,13 @@ def _set_up(world, topo, opts: RunOptions, spec, job):
     try:
         _first_use_imports()
         trace.mark("device agreed")
-        connect_workers(topo, transport, opts.transport)
+        connect_workers(topo, transport, opts.transport, job_tokens=prepared.job_tokens)
         trace.mark("transport")
         worker = _make_worker(topo, spec, prepared.model_path, prepared.cfg, xp, transport, opts.dtype,
                               opts.client_layers)
+        if _warms_up(xp):
+            worker.warm_up()  # the step's kernels load here, beside the other ranks' set-up
+            trace.mark("warmed up")
     except RshardError as exc:
         error = str(exc)
     collectives.agree(world, error)

@@ -46,3 +46,78 @@ def test_explicit_mpi_transport_is_refused_where_the_library_says_no(monkeypatch
     monkeypatch.setattr(cuda_aware, "detect_cuda_aware", lambda: (False, cuda_aware.NO_EVIDENCE + " in MPICH"))
     t = Transport(device=True)
     assert "not confirmed" in transport_choice.choose_transport(OneRank(), t, "mpi") and t.gpu_aware
+
+
+class _Ranks:
+    """A communicator stand-in whose allgather returns what `n` ranks alike would give."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def allgather(self, x):
+        return [x] * self.n
+
+    def Get_size(self):
+        return self.n
+
+
+def test_auto_skips_nccl_and_ipc_for_a_small_job(monkeypatch):
+    """A job under SMALL_JOB_TOKENS tokens takes the MPI/staged path at once (no libnccl, no IPC probe) and says
+    why; at the threshold, and for an explicit --transport ipc, both are tried as before."""
+    from rshard_hpc.dist import cuda_aware, transport_choice
+    from rshard_hpc.dist.transport import Transport
+
+    tried = []
+    monkeypatch.setattr(transport_choice, "_try_device_ipc", lambda comm: tried.append("ipc") or (None, "no IPC"))
+    monkeypatch.setattr(cuda_aware, "detect_cuda_aware", lambda: (False, "MPIX_Query_cuda_support() = 0 in libmpi"))
+    load = lambda: tried.append("nccl") or (None, "no libnccl")  # noqa: E731
+    own_gpu = lambda: ("h", "0")  # noqa: E731
+    small = transport_choice.SMALL_JOB_TOKENS - 1
+    t = Transport(device=True)
+    why = transport_choice.choose_transport(_Ranks(1), t, "auto", load_nccl=load, identity=own_gpu, job_tokens=small)
+    assert t.mode == "staged" and not tried, (why, tried)
+    assert why.startswith(f"staged through pinned host buffers (not NCCL or CUDA IPC: a small job ({small:,} tokens")
+    t = Transport(device=True)
+    why = transport_choice.choose_transport(_Ranks(1), t, "auto", load_nccl=load, identity=own_gpu,
+                                            job_tokens=small + 1)
+    assert tried == ["nccl", "ipc"] and "not NCCL: rank 0 of the workers: no libnccl" in why and t.mode == "staged"
+    tried.clear()
+    with pytest.raises(Exception, match="--transport ipc"):
+        transport_choice.choose_transport(_Ranks(1), Transport(device=True), "ipc", job_tokens=small)
+    assert tried == ["ipc"]
+
+
+def test_workers_sharing_a_gpu_never_load_nccl():
+    """NCCL is refused for workers on one GPU before libnccl is loaded (a tenth of a second a rank); with a GPU
+    each, a rank that cannot load it is named."""
+    from rshard_hpc.dist.transport_choice import nccl_refusal
+
+    loads = []
+    load = lambda: loads.append(1) or (None, "no libnccl")  # noqa: E731
+    why = nccl_refusal(_Ranks(3), load, identity=lambda: ("h", "0000:01:00.0"))
+    assert why.startswith("workers share a GPU") and not loads, why
+    assert nccl_refusal(_Ranks(1), load, identity=lambda: ("h", "0")) == "rank 0 of the workers: no libnccl"
+    assert loads == [1]
+
+
+def test_early_gpu_start_only_where_a_gpu_will_be_used(monkeypatch):
+    """start_gpu_early starts CUDA ahead of MPI only for --device gpu, with a launcher-given local rank, not on a
+    client that computes nothing, not with RSHARD_EARLY_GPU=0; without CuPy (here) its thread ends quietly."""
+    from rshard_hpc.dist import devices
+
+    for var in ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK", "SLURM_LOCALID", "PMI_RANK",
+                "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID", devices.EARLY_GPU_ENV):
+        monkeypatch.delenv(var, raising=False)
+    assert not devices.start_gpu_early("gpu", True)  # no local rank from a launcher
+    monkeypatch.setenv("MPI_LOCALRANKID", "1")
+    monkeypatch.setenv("PMI_RANK", "0")
+    assert not devices.start_gpu_early("cpu", True)
+    assert not devices.start_gpu_early("gpu", False)  # the client, computing nothing on a GPU
+    monkeypatch.setenv(devices.EARLY_GPU_ENV, "0")
+    assert not devices.start_gpu_early("gpu", True)
+    monkeypatch.delenv(devices.EARLY_GPU_ENV)
+    assert devices.start_gpu_early("gpu", True)
+    monkeypatch.setenv("PMI_RANK", "3")
+    assert devices.start_gpu_early("gpu", False)  # a worker always uses its GPU
+    devices._join_early_gpu()
+    assert not devices._early_threads
