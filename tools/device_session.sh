@@ -2,7 +2,7 @@
 # One call on the lent GPU (issues 13 and 14): the CUDA-aware Open MPI (a prefix built elsewhere and carried
 # as .carry/ompi-cuda.tar.gz, or built here from .carry's sources), mpi4py against it, then stages in order,
 # each skipped once the call's time budget (BUDGET_S, default 540) is near.   logs go to $OUT
-#   usage: bash tools/device_session.sh STAGE...   stages: mpi verify startab unit engine jobs passes decode transports trace profile smalltests finaltests
+#   usage: bash tools/device_session.sh STAGE...   stages: mpi verify startab startvar unit engine jobs passes decode transports trace profile smalltests finaltests
 #           smallab probe suite
 # Carried: .carry/ (ompi-cuda.tar.gz or openmpi_4.1*.orig.tar.*, mpi4py-*.tar.gz), .minilm/ (all-MiniLM-L6-v2
 # as a sentence-transformers folder, fp16 safetensors).
@@ -77,6 +77,30 @@ startab)  # a 12-prompt MiniLM job's wall, before (no early CUDA, no warm-up, CU
   done
   echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
   (cd $OUT && tar -czf startab.tar.gz tr_* && rm -rf tr_*) ;;
+startvar)  # the 12-prompt job's start-up variants (STARTVARS: name=ENV,...), MPS on, timelines kept; plus
+  #           tools/startup_probe.py (which stage of a rank's CUDA start runs one rank after another)
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps/log
+  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY; nvidia-cuda-mps-control -d
+  python3 -c "from rshard_hpc.bench.prompts import word_prompts as p, write_prompts as w; w('/tmp/p12.jsonl', p(12, seed=1))"
+  for i in 1 2; do stage "startup probe 13 ranks $i"; timeout 60 mpirun -n 13 python3 tools/startup_probe.py > $OUT/probe13_$i.txt 2>&1; done
+  for n in 13 7; do
+    [ $n = 13 ] && L="--alpha 3 --beta 3 --c-a 2" || L="--alpha 2 --beta 2"
+    for i in 1 2; do for var in ${STARTVARS:-now=X=1}; do
+      name=${var%%=*}; E=${var#*=}; E=${E//,/ }
+      stage "startvar $name, $n ranks, run $i"; enough 25 startvar || break 3
+      t0=$EPOCHREALTIME
+      env $E RSHARD_TRACE=$OUT/tr_${name}_${n}_$i timeout 60 mpirun -n $n python3 -m rshard_hpc run --task embed \
+        --model /tmp/minilm.h5 --prompts /tmp/p12.jsonl --out /tmp/e12_$name.h5 --overwrite --truncate \
+        --allow-weak-plan --device gpu $L 2>&1 | grep -E "rror"
+      echo "launcher wall $name $n $i: $(python3 -c "print(round($EPOCHREALTIME - $t0, 2))") s"
+      python3 -m rshard_hpc bench trace $OUT/tr_${name}_${n}_$i --steps 0: --layer 2 > $OUT/tr_${name}_${n}_$i.md
+    done; done
+  done
+  stage "profiled run"; RSHARD_PROFILE=$OUT/tr_prof timeout 60 mpirun -n 7 python3 -m rshard_hpc run --task embed \
+    --model /tmp/minilm.h5 --prompts /tmp/p12.jsonl --out /tmp/e12p.h5 --overwrite --truncate --allow-weak-plan \
+    --device gpu --alpha 2 --beta 2 2>&1 | grep -E "wall|rror"
+  echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  (cd $OUT && tar -czf startvar.tar.gz tr_* probe13_* && rm -rf tr_* probe13_*) ;;
 unit)  # no MPI: the kernels (key split too), the fused passes, the wire
   stage unit; enough 60 unit && timeout $(( $(left) < 240 ? $(left) - 30 : 210 )) $PT -x -n 8 tests/ops/test_gpu_kernels.py \
     tests/ops/test_gpu_passes.py tests/ops/test_wire.py 2>&1 | tail -n 6 ;;

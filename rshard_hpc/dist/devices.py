@@ -1,49 +1,11 @@
 """GPU binding and the per-rank backend: which array module and which transport a rank works with."""
 from __future__ import annotations
 
-import os
-import threading
-
 import numpy as np
 
-from rshard_hpc.dist.launcher import local_rank_from_env, world_rank
+from rshard_hpc.dist import early_gpu
+from rshard_hpc.dist.launcher import local_rank_from_env
 from rshard_hpc.ops.arrays import array_module
-
-EARLY_GPU_ENV = "RSHARD_EARLY_GPU"  # "0": no early CUDA start (start_gpu_early), for comparing start-up times
-_early_threads: list = []  # the thread start_gpu_early started, joined by select_device
-
-
-def start_gpu_early(device: str, client_uses_gpu: bool) -> bool:
-    """Before MPI is up, start this rank's CUDA in a background thread: CuPy's import, the GPU's context and the
-    cuBLAS library, the slowest part of a GPU rank's start (0.7-1.5 s a rank where 7-13 ranks share one H200), so
-    that it overlaps Python's imports, MPI's start and the client's reading of prompts. Only where the launcher
-    names the node-local rank (the GPU is then the one select_device picks) and only on ranks that will use a
-    GPU: every rank but the client (world rank 0), which does when `client_uses_gpu`. Whatever fails here is left
-    to select_device, which meets it again and says so. True when started."""
-    local, _ = local_rank_from_env()
-    if device != "gpu" or local is None or os.environ.get(EARLY_GPU_ENV) == "0":
-        return False
-    if world_rank() == 0 and not client_uses_gpu:
-        return False
-    thread = threading.Thread(target=_start_cuda, args=(local,), name="rshard-early-gpu", daemon=True)
-    thread.start()
-    _early_threads.append(thread)
-    return True
-
-
-def _start_cuda(local: int) -> None:
-    try:
-        import cupy
-
-        cupy.cuda.Device(local % cupy.cuda.runtime.getDeviceCount()).use()  # creates the primary context
-        cupy.cuda.device.get_cublas_handle()  # loads cuBLAS (the handle is this thread's; the library stays)
-    except Exception:  # noqa: BLE001 - select_device meets the same problem on the main thread and reports it
-        pass
-
-
-def _join_early_gpu() -> None:
-    while _early_threads:
-        _early_threads.pop().join()
 
 
 def select_device(local_rank_hint=None, comm=None) -> int:
@@ -53,7 +15,7 @@ def select_device(local_rank_hint=None, comm=None) -> int:
     this rank's index in a shared-memory split of `comm` (COMM_WORLD by default; an MPI call, made in
     comm.py). More ranks than GPUs share them round-robin.
     """
-    _join_early_gpu()
+    early_gpu.join()  # CUDA's early start (dist/early_gpu.py), where one began
     cupy = array_module("gpu")
     local, _ = local_rank_from_env()
     if local is None:

@@ -101,23 +101,29 @@ def test_workers_sharing_a_gpu_never_load_nccl():
 
 
 def test_early_gpu_start_only_where_a_gpu_will_be_used(monkeypatch):
-    """start_gpu_early starts CUDA ahead of MPI only for --device gpu, with a launcher-given local rank, not on a
-    client that computes nothing, not with RSHARD_EARLY_GPU=0; without CuPy (here) its thread ends quietly."""
-    from rshard_hpc.dist import devices
+    """early_gpu.start begins CUDA ahead of MPI only for --device gpu, with a launcher-given local rank, not on a
+    client that computes nothing, not with RSHARD_EARLY_GPU=0, once a process; start_from_argv reads an `rshard
+    run` command line. Without CuPy (here) the thread ends quietly."""
+    from rshard_hpc.dist import early_gpu
 
     for var in ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK", "SLURM_LOCALID", "PMI_RANK",
-                "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID", devices.EARLY_GPU_ENV):
+                "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID", early_gpu.ENV_VAR):
         monkeypatch.delenv(var, raising=False)
-    assert not devices.start_gpu_early("gpu", True)  # no local rank from a launcher
+    monkeypatch.setattr(early_gpu, "_threads", [])
+    assert not early_gpu.start("gpu", True)  # no local rank from a launcher
     monkeypatch.setenv("MPI_LOCALRANKID", "1")
     monkeypatch.setenv("PMI_RANK", "0")
-    assert not devices.start_gpu_early("cpu", True)
-    assert not devices.start_gpu_early("gpu", False)  # the client, computing nothing on a GPU
-    monkeypatch.setenv(devices.EARLY_GPU_ENV, "0")
-    assert not devices.start_gpu_early("gpu", True)
-    monkeypatch.delenv(devices.EARLY_GPU_ENV)
-    assert devices.start_gpu_early("gpu", True)
+    assert not early_gpu.start("cpu", True)
+    assert not early_gpu.start("gpu", False)  # the client, computing nothing on a GPU
+    assert not early_gpu.start_from_argv(["rshard", "run", "--device", "gpu", "--client-layers", "0"])
+    assert not early_gpu.start_from_argv(["rshard", "plan", "--device", "gpu"])
+    assert not early_gpu.start_from_argv(["rshard", "run", "--device=cpu"])
+    monkeypatch.setenv(early_gpu.ENV_VAR, "0")
+    assert not early_gpu.start("gpu", True)
+    monkeypatch.delenv(early_gpu.ENV_VAR)
+    assert early_gpu.start_from_argv(["-m", "run", "--task", "generate", "--client-layers", "0", "--device=gpu"])
+    assert not early_gpu.start("gpu", True)  # once a process
+    monkeypatch.setattr(early_gpu, "_threads", [])
     monkeypatch.setenv("PMI_RANK", "3")
-    assert devices.start_gpu_early("gpu", False)  # a worker always uses its GPU
-    devices._join_early_gpu()
-    assert not devices._early_threads
+    assert early_gpu.start("gpu", False)  # a worker always uses its GPU
+    early_gpu.join()
