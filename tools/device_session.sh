@@ -17,6 +17,7 @@ left() { echo $((BUDGET_S - SECONDS)); }
 stage() { echo "=== $1 $(date -u +%T) (${SECONDS} s in, $(left) s left)"; }
 enough() { [ "$(left)" -gt "$1" ] || { echo "--- skipped $2: $(left) s left"; return 1; }; }
 PT="python3 -m pytest -q -p no:cacheprovider -rs"
+python3 -m compileall -q rshard_hpc > /dev/null  # as pip's install does: no rank compiles the sources at start
 if [ -d .minilm ]; then
   python3 -m rshard_hpc convert .minilm /tmp/minilm.h5 > /dev/null && export RSHARD_MINILM_H5=/tmp/minilm.h5
 fi

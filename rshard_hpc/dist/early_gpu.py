@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import threading
 
-ENV_VAR = "RSHARD_EARLY_GPU"  # "0": no early CUDA start (to compare start-up times); "launch": a first kernel too
+ENV_VAR = "RSHARD_EARLY_GPU"  # "0": no early CUDA start (to compare start-up times)
 _threads: list = []
 
 
@@ -20,13 +20,11 @@ def start(device: str, client_uses_gpu: bool) -> bool:
     from rshard_hpc.dist.launcher import local_rank_from_env, world_rank
 
     local, _ = local_rank_from_env()
-    mode = os.environ.get(ENV_VAR, "1")
-    if device != "gpu" or local is None or mode == "0" or _threads:
+    if device != "gpu" or local is None or os.environ.get(ENV_VAR) == "0" or _threads:
         return False
     if world_rank() == 0 and not client_uses_gpu:
         return False
-    thread = threading.Thread(target=_start_cuda, args=(local, mode == "launch"), name="rshard-early-gpu",
-                              daemon=True)
+    thread = threading.Thread(target=_start_cuda, args=(local,), name="rshard-early-gpu", daemon=True)
     thread.start()
     _threads.append(thread)
     return True
@@ -55,13 +53,11 @@ def _option(args: list, flag: str):
     return None
 
 
-def _start_cuda(local: int, launch: bool) -> None:
+def _start_cuda(local: int) -> None:
     try:
         import cupy
 
         cupy.cuda.Device(local % cupy.cuda.runtime.getDeviceCount()).use()  # creates the primary context
         cupy.cuda.device.get_cublas_handle()  # loads cuBLAS (the handle is this thread's; the library stays)
-        if launch:
-            float(cupy.ones(8, dtype=cupy.float32).sum())
     except Exception:  # noqa: BLE001 - select_device meets the same problem on the main thread and reports it
         pass

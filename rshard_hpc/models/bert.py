@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from rshard_hpc.models import weights
-from rshard_hpc.models.common import concat_rows, erf_of, gelu_input, layer_norm, linear, place_tensors
+from rshard_hpc.models.common import concat_rows, erf_of, fused_arrays, gelu_input, layer_norm, linear, place_tensors
 from rshard_hpc.models.config import ModelConfig
 from rshard_hpc.ops.precision import matmul_t
 
@@ -23,7 +23,8 @@ class Bert:
         self.cfg, self.xp, self.dtype = cfg, xp, dtype
         matrices = [weights.layer_key(i, name) for i in range(cfg.n_layers) for name in MATRIX_KEYS]
         self.t = place_tensors(concat_rows(tensors, cfg.n_layers, CONCAT_KEYS), xp, dtype, matrices)
-        erf_of(xp)  # GELU's erf imported now (start-up), not in the first forward
+        if not fused_arrays(xp):  # GELU's erf imported now (start-up), not in the first forward; the fused
+            erf_of(xp)  # kernels (CuPy float32) have their own erf: cupyx's import (0.34 s a rank) is not paid
 
     @staticmethod
     def tensor_keys(cfg: ModelConfig) -> list:

@@ -29,7 +29,12 @@ GELU_INV_SQRT2 = np.float32(1.0 / np.sqrt(2.0))  # erf's argument scale in gelu 
 
 def fused(x) -> bool:
     """Whether x takes the fused kernels: a float32 CuPy array while FUSED."""
-    return FUSED and xp_of(x) is not np and x.dtype == np.float32
+    return fused_arrays(xp_of(x)) and x.dtype == np.float32
+
+
+def fused_arrays(xp) -> bool:
+    """Whether float32 arrays of the module xp take the fused kernels (CuPy, while FUSED)."""
+    return FUSED and xp is not np
 
 
 @contextmanager
