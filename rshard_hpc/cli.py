@@ -88,18 +88,14 @@ def run(quiet, max_new_tokens, temperature, top_k, top_p, sample_seed, stop, cha
     """Run a batch job; launch with mpiexec -n (1 + alpha + beta^2), or on any -n without --alpha/--beta (the
     most private layout for that many ranks)."""
     tune_mpi_env()
-    from rshard_hpc.dist import early_gpu
+    from rshard_hpc.run.job import run as run_job
     from rshard_hpc.run.options import RunOptions
 
     try:
         generate = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         seed=sample_seed, stop=stop, chat=chat)
-        opts = RunOptions(progress=not quiet, generate=generate, **kwargs)
-        early_gpu.start(opts.device, opts.client_may_use_gpu)  # where __init__ did not (a job file's device)
-        from rshard_hpc.run.job import run as run_job
-
         with termination.guard():  # SIGTERM ends the job, never inside a results write
-            run_job(opts)
+            run_job(RunOptions(progress=not quiet, generate=generate, **kwargs))
     except BaseException as exc:  # noqa: BLE001 - every failure must end every rank
         if isinstance(exc, SystemExit) and not exc.code:
             raise

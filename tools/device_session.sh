@@ -57,7 +57,7 @@ profile)  # host timelines of prefill 8k (bf16, fp32) and of 12-prompt jobs at b
   done
   echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
   (cd $OUT && tar -czf profile.tar.gz tr_* && rm -rf tr_*) ;;
-startab)  # a 12-prompt MiniLM job's wall, before (no early CUDA, no warm-up, CUDA IPC as auto took it) and after
+startab)  # a 12-prompt MiniLM job's wall, before (no warm-up, CUDA IPC as auto took it) and after
   #          the start-up changes, alternating, at alpha=3 beta=3 c_a=2 and alpha=2 beta=2, MPS on; timelines kept
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps/log
   mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY; nvidia-cuda-mps-control -d
@@ -66,7 +66,7 @@ startab)  # a 12-prompt MiniLM job's wall, before (no early CUDA, no warm-up, CU
     [ $n = 13 ] && L="--alpha 3 --beta 3 --c-a 2" || L="--alpha 2 --beta 2"
     for i in 1 2 3; do for side in before after; do
       stage "startab $side, $n ranks, run $i"; enough 30 startab || break 3
-      if [ $side = before ]; then E="RSHARD_EARLY_GPU=0 RSHARD_WARM_UP=0"; T="--transport ipc"; else E=""; T=""; fi
+      if [ $side = before ]; then E="RSHARD_WARM_UP=0"; T="--transport ipc"; else E=""; T=""; fi
       t0=$EPOCHREALTIME
       env $E RSHARD_TRACE=$OUT/tr_${side}_${n}_$i timeout 60 mpirun -n $n python3 -m rshard_hpc run --task embed \
         --model /tmp/minilm.h5 --prompts /tmp/p12.jsonl --out /tmp/e12_$side.h5 --overwrite --truncate \

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from rshard_hpc.dist import early_gpu
 from rshard_hpc.dist.launcher import local_rank_from_env
 from rshard_hpc.ops.arrays import array_module
 
@@ -15,7 +14,6 @@ def select_device(local_rank_hint=None, comm=None) -> int:
     this rank's index in a shared-memory split of `comm` (COMM_WORLD by default; an MPI call, made in
     comm.py). More ranks than GPUs share them round-robin.
     """
-    early_gpu.join()  # CUDA's early start (dist/early_gpu.py), where one began
     cupy = array_module("gpu")
     local, _ = local_rank_from_env()
     if local is None:

@@ -73,11 +73,6 @@ class RunOptions:
         or the LM head of every generated token; else it stays on NumPy."""
         return self.device == "gpu" and (bool(self.client_layers) or self.task == "generate")
 
-    @property
-    def client_may_use_gpu(self) -> bool:
-        """client_on_gpu as far as it is known before the model is read: a default K (None) is taken to be > 0."""
-        return self.device == "gpu" and (self.client_layers != 0 or self.task == "generate")
-
     def with_client_layers(self, n_layers: int) -> RunOptions:
         """These options with K decided for a model of n_layers layers (the default when not given)."""
         from rshard_hpc.plan.estimates import default_client_layers

@@ -99,31 +99,3 @@ def test_workers_sharing_a_gpu_never_load_nccl():
     assert nccl_refusal(_Ranks(1), load, identity=lambda: ("h", "0")) == "rank 0 of the workers: no libnccl"
     assert loads == [1]
 
-
-def test_early_gpu_start_only_where_a_gpu_will_be_used(monkeypatch):
-    """early_gpu.start begins CUDA ahead of MPI only for --device gpu, with a launcher-given local rank, not on a
-    client that computes nothing, not with RSHARD_EARLY_GPU=0, once a process; start_from_argv reads an `rshard
-    run` command line. Without CuPy (here) the thread ends quietly."""
-    from rshard_hpc.dist import early_gpu
-
-    for var in ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK", "SLURM_LOCALID", "PMI_RANK",
-                "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID", early_gpu.ENV_VAR):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(early_gpu, "_threads", [])
-    assert not early_gpu.start("gpu", True)  # no local rank from a launcher
-    monkeypatch.setenv("MPI_LOCALRANKID", "1")
-    monkeypatch.setenv("PMI_RANK", "0")
-    assert not early_gpu.start("cpu", True)
-    assert not early_gpu.start("gpu", False)  # the client, computing nothing on a GPU
-    assert not early_gpu.start_from_argv(["rshard", "run", "--device", "gpu", "--client-layers", "0"])
-    assert not early_gpu.start_from_argv(["rshard", "plan", "--device", "gpu"])
-    assert not early_gpu.start_from_argv(["rshard", "run", "--device=cpu"])
-    monkeypatch.setenv(early_gpu.ENV_VAR, "0")
-    assert not early_gpu.start("gpu", True)
-    monkeypatch.delenv(early_gpu.ENV_VAR)
-    assert early_gpu.start_from_argv(["-m", "run", "--task", "generate", "--client-layers", "0", "--device=gpu"])
-    assert not early_gpu.start("gpu", True)  # once a process
-    monkeypatch.setattr(early_gpu, "_threads", [])
-    monkeypatch.setenv("PMI_RANK", "3")
-    assert early_gpu.start("gpu", False)  # a worker always uses its GPU
-    early_gpu.join()
