@@ -36,7 +36,7 @@ def test_an_installed_wheel_finds_its_kernels_outside_the_source_tree(wheel, tmp
                                capture_output=True, text=True, timeout=300)
     assert installed.returncode == 0, installed.stderr
     probe = ("import rshard_hpc, importlib.resources as r\n"
-             "from rshard_hpc.ops import attention_cuda as a\n"
+             "from rshard_hpc.ops import cuda_build as a\n"
              "print(rshard_hpc.__file__)\n"
              "print(a.kernel_dir())\n"
              "print(sorted(p.name for p in r.files('rshard_hpc.kernels').iterdir()))\n"

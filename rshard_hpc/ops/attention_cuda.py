@@ -17,26 +17,20 @@ the kernel for q's dtype and head dimension, and makes the tile summaries for th
 each query tile then visits only the key range its sequences can see, and the kernels skip key tiles
 that no query of the tile may see.
 
-Compiling: every constant a kernel shares with this file (tile sizes, thread counts, the shared-memory
-layout, its padding) is written here only and reaches the kernel as a #define in the preamble of the
-program text (kernel_source: preamble + kernels/common.cuh + the .cu source). The sources refuse to
-compile (#error) when one is missing.
+Compiling (ops/cuda_build.py): every constant a kernel shares with this file (tile sizes, thread counts, the
+shared-memory layout, its padding) is written here only and reaches the kernel as a #define in the preamble of
+the program text (cuda_build.kernel_source: preamble + kernels/common.cuh + the .cu source). The sources refuse
+to compile (#error) when one is missing.
 """
 from __future__ import annotations
 
-import functools
-import importlib.resources
 import math
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-import rshard_hpc
 from rshard_hpc.ops.attention_checks import check_qkv, check_rows, check_scale
-
-COMMON_HEADER = "common.cuh"  # prepended to every source (NVRTC compiles each program alone)
-NVRTC_OPTIONS = ("--std=c++17",)
+from rshard_hpc.ops.cuda_build import _blocks, _cupy, _kernel, _sm_count
 
 MAX_HEAD_DIM = 256     # the largest head dimension accepted (both kernels are tested up to it)
 SIMT_THREADS = 128     # threads per block of the CUDA-core kernel
@@ -48,13 +42,6 @@ SMEM_DEFAULT_LIMIT = 48 * 1024  # dynamic shared memory a launch gets without as
 ORDER_THREADS = 256    # threads per block of the preparation kernels (attention_order.cu, merge.cu: any size)
 
 
-def _cupy():
-    import cupy
-
-    return cupy
-
-
-# ---------------------------------------------------------------------------------------------- kernels
 class MmaConfig(NamedTuple):
     """One configuration of the tensor-core kernel (kernels/partial_attention.cu, preprocessor defines)."""
 
@@ -196,48 +183,6 @@ def class_ends(bf16: bool) -> list:
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def preamble(defines: dict) -> str:
-    return "".join(f"#define {name} {value}\n" for name, value in defines.items())
-
-
-def kernel_dir():
-    """Where the CUDA sources are: kernels/ beside the imported package in a source checkout (on PYTHONPATH: a
-    worktree's sources go with its Python code, even when an editable install of another checkout maps
-    rshard_hpc.kernels there), else the installed package data rshard_hpc.kernels (a wheel)."""
-    beside = Path(rshard_hpc.__file__).resolve().parent.parent / "kernels"
-    if (beside / COMMON_HEADER).is_file():
-        return beside
-    return importlib.resources.files("rshard_hpc.kernels")
-
-
-def kernel_source(source: str, defines: dict | None = None) -> str:
-    """The program text compiled for kernels/<source>: the #define preamble, kernels/common.cuh, the source."""
-    parts = []
-    folder = kernel_dir()
-    for name in (COMMON_HEADER, source):
-        path = folder / name
-        if not path.is_file():
-            raise FileNotFoundError(f"CUDA source {name} is missing from {folder} (rshard_hpc.kernels: reinstall "
-                                    f"the package)")
-        parts.append(f"// ---- kernels/{name}\n" + path.read_text())
-    return preamble(defines or {}) + "\n".join(parts)
-
-
-@functools.lru_cache(maxsize=None)
-def _module(source: str, defines: tuple, device_id: int):
-    """The compiled RawModule of kernel_source(source, dict(defines)) for one device (memoized)."""
-    cupy = _cupy()
-    with cupy.cuda.Device(device_id):
-        module = cupy.RawModule(code=kernel_source(source, dict(defines)), options=NVRTC_OPTIONS)
-        module.compile()
-    return module
-
-
-def _kernel(source: str, name: str, defines: dict | None = None):
-    key = tuple((defines or {}).items())
-    return _module(source, key, _cupy().cuda.Device().id).get_function(name)
-
-
 def _load_attention_kernel(kernel):
     """The compiled function of a SimtKernel / MmaKernel, allowed its dynamic shared memory."""
     fn = _kernel(kernel.source, kernel.name, kernel.defines())
@@ -246,12 +191,6 @@ def _load_attention_kernel(kernel):
     return fn
 
 
-def _blocks(n: int, threads: int = ORDER_THREADS, most: int = 65535) -> tuple:
-    """Grid of a grid-stride kernel over n elements."""
-    return (max(1, min(-(-n // threads), most)),)
-
-
-# ---------------------------------------------------------------------------------------------- dtypes
 def _as_kernel_input(x):
     """(array for the kernel, is_bf16): contiguous float32, or contiguous uint16 bf16 bits."""
     cupy = _cupy()
@@ -373,15 +312,6 @@ def key_splits(n_blocks: int, n_key_tiles: int) -> int:
     return max(1, min(-(-2 * sms // max(n_blocks, 1)), n_key_tiles // KEY_SPLIT_MIN_TILES, KEY_SPLIT_MAX))
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count_of(device_id: int) -> int:
-    return int(_cupy().cuda.Device(device_id).attributes["MultiProcessorCount"])
-
-
-def _sm_count() -> int:
-    return _sm_count_of(_cupy().cuda.Device().id)
-
-
 def _gather_kv(k, v, k_idx, bn: int):
     """K, V (nk, Hkv, D) uint16 -> (Hkv, nk_pad, D) in sorted key order, zero rows up to nk_pad (bn | nk_pad)."""
     cupy = _cupy()
@@ -391,7 +321,7 @@ def _gather_kv(k, v, k_idx, bn: int):
     kg = cupy.empty((n_kv, nk_pad, head_dim), dtype=cupy.uint16)
     vg = cupy.empty_like(kg)
     _kernel("attention_order.cu", "gather_kv")(
-        _blocks(n_kv * nk_pad * chunks), (ORDER_THREADS,),
+        _blocks(n_kv * nk_pad * chunks, ORDER_THREADS), (ORDER_THREADS,),
         (k, v, k_idx, np.int32(nk), np.int32(nk_pad), np.int32(n_kv), np.int32(chunks), kg, vg))
     return kg, vg, nk_pad
 
@@ -407,7 +337,7 @@ class _SortedRows:
         seq = cupy.ascontiguousarray(seq, dtype=cupy.int32)
         n = len(pos)
         key = cupy.empty(n, dtype=cupy.int64)
-        grid = _blocks(n, most=4096)
+        grid = _blocks(n, ORDER_THREADS, most=4096)
         _kernel("attention_order.cu", "make_keys")(grid, (ORDER_THREADS,), (pos, seq, key, np.int32(n)))
         order = cupy.argsort(key)
         self.idx = cupy.empty(n, dtype=cupy.int32)
@@ -432,10 +362,10 @@ class _TileSummaries:
         info = _kernel("attention_order.cu", "tile_info")
         for rows, tile, n_tiles, out in ((q_rows, bm, self.n_q_tiles, self.q_info),
                                          (k_rows, bn, n_k_tiles, self.k_info)):
-            info(_blocks(n_tiles), (ORDER_THREADS,),
+            info(_blocks(n_tiles, ORDER_THREADS), (ORDER_THREADS,),
                  (rows.pos, rows.seq, np.int32(len(rows.idx)), np.int32(tile), np.int32(n_tiles), out))
         _kernel("attention_order.cu", "key_ranges")(
-            _blocks(self.n_q_tiles), (ORDER_THREADS,),
+            _blocks(self.n_q_tiles, ORDER_THREADS), (ORDER_THREADS,),
             (q_rows.key, np.int32(nq), np.int32(bm), np.int32(self.n_q_tiles), k_rows.key, np.int32(nk),
              np.int32(bool(causal)), self.k_range))
 
@@ -471,6 +401,6 @@ def merge_partials(o_parts, lse_parts):
     so = [np.int64(s // 4) for s in o_parts.strides]
     sl = [np.int64(s // 4) for s in lse_parts.strides]
     fn = _kernel("merge.cu", "merge_partials")
-    fn(_blocks(total, most=65535 * 8), (ORDER_THREADS,),
+    fn(_blocks(total, ORDER_THREADS, most=65535 * 8), (ORDER_THREADS,),
        (o_parts, lse_parts, o, lse, np.int32(n_parts), np.int32(n), np.int32(n_heads), np.int32(head_dim), *so, *sl))
     return o, lse

@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from rshard_hpc.ops.attention_cuda import _blocks, _cupy, _kernel, _sm_count
+from rshard_hpc.ops.cuda_build import _blocks, _cupy, _kernel, _sm_count
 from rshard_hpc.ops.precision import BF16_NAN, partial_slots
 
 SOURCE = "decode.cu"

@@ -8,7 +8,7 @@ contiguous float32 if they are not), except that rope_qk, silu_mul and pack read
 outputs are new contiguous arrays. A `bits=True` call also returns the
 output's bf16 bit patterns (uint16, exactly ops/precision.to_bf16_bits of the float32 output), for the next
 matrix product under --dtype bfloat16. Loaded and compiled as the attention kernels are
-(attention_cuda.kernel_source: preamble + kernels/common.cuh + the source; compiled once per device).
+(cuda_build.kernel_source: preamble + kernels/common.cuh + the source; compiled once per device).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import functools
 
 import numpy as np
 
-from rshard_hpc.ops.attention_cuda import _blocks, _cupy, _kernel
+from rshard_hpc.ops.cuda_build import _blocks, _cupy, _kernel
 from rshard_hpc.ops.precision import BF16_NAN
 
 SOURCE = "passes.cu"

@@ -1,6 +1,6 @@
 """The CUDA sources (kernels/) compile for sm_90 in every form the host can build, without a GPU.
 
-The program texts come from the host code itself (attention_cuda.kernel_source with the defines of
+The program texts come from the host code itself (cuda_build.kernel_source with the defines of
 attention_cuda.choose_kernel), so what compiles here is what CuPy compiles on the GPU machine. Compiled
 with every NVRTC found, through ctypes (pip install nvidia-cuda-nvrtc-cu12 and / or nvidia-cuda-nvrtc for
 CUDA 13, what CuPy 13x uses); skipped where none is found.
@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from rshard_hpc.ops import attention_cuda as ag
-from rshard_hpc.ops import decode_cuda, passes_cuda
+from rshard_hpc.ops import cuda_build, decode_cuda, passes_cuda
 
 ARCH = "sm_90"
 SMEM_OPTIN_SM90 = 227 * 1024  # the largest dynamic shared memory a block may ask for on sm_90
@@ -56,9 +56,9 @@ def test_sources_define_nothing_the_host_passes():
     names = set()
     for bf16 in (False, True):
         names |= {n for d in ag.class_ends(bf16) for n in ag.choose_kernel(d, bf16).defines()}
-    text = "".join((ag.kernel_dir() / f).read_text() for f in ("partial_attention.cu", ag.COMMON_HEADER))
+    text = "".join((cuda_build.kernel_dir() / f).read_text() for f in ("partial_attention.cu", cuda_build.COMMON_HEADER))
     for source, defined in ((passes_cuda.SOURCE, passes_cuda.defines()), (decode_cuda.SOURCE, decode_cuda.defines(64, 0))):
-        source_text = (ag.kernel_dir() / source).read_text()
+        source_text = (cuda_build.kernel_dir() / source).read_text()
         for name in defined:
             assert not re.search(rf"#\s*define\s+{name}\b", source_text), name
             assert f'#error "{name} must be defined by the host' in source_text, name
@@ -137,12 +137,12 @@ CASES = _cases()
 @pytest.fixture(scope="module")
 def compiled():
     """{(CUDA version, case id): (ok, log)} for every NVRTC found, compiled in parallel (NVRTC releases the GIL)."""
-    options = [*ag.NVRTC_OPTIONS, f"-arch={ARCH}", "-Xptxas=-v"]
+    options = [*cuda_build.NVRTC_OPTIONS, f"-arch={ARCH}", "-Xptxas=-v"]
     jobs = [(version, case) for version in NVRTCS for case in CASES]
 
     def build(job):
         version, case = job
-        return nvrtc_compile(NVRTCS[version], ag.kernel_source(*CASES[case]), options)
+        return nvrtc_compile(NVRTCS[version], cuda_build.kernel_source(*CASES[case]), options)
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         return dict(zip(jobs, pool.map(build, jobs)))
@@ -161,18 +161,18 @@ def test_compiles_for_sm90(compiled, case):
 def test_missing_define_is_an_error():
     """Each define the host passes is required: leaving one out stops the compile with the #error text."""
     lib = next(iter(NVRTCS.values()))
-    options = [*ag.NVRTC_OPTIONS, f"-arch={ARCH}"]
+    options = [*cuda_build.NVRTC_OPTIONS, f"-arch={ARCH}"]
     kernel = ag.choose_kernel(64, True)
     for name in ("HEAD_DIM", "MMA_BN", "SMEM_BYTES"):
         defines = {n: v for n, v in kernel.defines().items() if n != name}
-        ok, log = nvrtc_compile(lib, ag.kernel_source(kernel.source, defines), options)
+        ok, log = nvrtc_compile(lib, cuda_build.kernel_source(kernel.source, defines), options)
         assert not ok and f"{name} must be defined by the host" in log, log
     for source, full in ((passes_cuda.SOURCE, passes_cuda.defines()), (decode_cuda.SOURCE, decode_cuda.defines(64, True))):
         for name in full:
             defines = {n: v for n, v in full.items() if n != name}
-            ok, log = nvrtc_compile(lib, ag.kernel_source(source, defines), options)
+            ok, log = nvrtc_compile(lib, cuda_build.kernel_source(source, defines), options)
             assert not ok and f"{name} must be defined by the host" in log, log
     # a layout that disagrees with the kernel's indexing does not compile either
     defines = {**kernel.defines(), "SMEM_V": kernel.defines()["SMEM_V"] + 16}
-    ok, log = nvrtc_compile(lib, ag.kernel_source(kernel.source, defines), options)
+    ok, log = nvrtc_compile(lib, cuda_build.kernel_source(kernel.source, defines), options)
     assert not ok and "shared layout" in log, log

@@ -16,7 +16,7 @@ from conftest import partials_recv
 from rshard_hpc.models.common import GELU_INV_SQRT2, gelu, layer_norm, rms_norm, silu
 from rshard_hpc.models.llama import apply_rope, rope_cos_sin, rope_inv_freq
 from rshard_hpc.models.random_init import tiny_config
-from rshard_hpc.ops import attention_cuda, passes_cuda
+from rshard_hpc.ops import cuda_build, passes_cuda
 from rshard_hpc.ops.precision import to_bf16_bits, wire_dtype
 from rshard_hpc.ops.wire import WireRoutes
 
@@ -76,10 +76,10 @@ def lib(tmp_path_factory):
     cxx = shutil.which("g++") or shutil.which("clang++")
     if cxx is None:
         pytest.skip("no C++ compiler")
-    source = attention_cuda.kernel_source(passes_cuda.SOURCE, passes_cuda.defines())
+    source = cuda_build.kernel_source(passes_cuda.SOURCE, passes_cuda.defines())
     folder = tmp_path_factory.mktemp("passes")
     code = folder / "passes.cpp"
-    code.write_text(attention_cuda.preamble(passes_cuda.defines()) + SHIM + source + "\n" + _launchers(source))
+    code.write_text(cuda_build.preamble(passes_cuda.defines()) + SHIM + source + "\n" + _launchers(source))
     built = subprocess.run([cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-shared", "-fPIC", "-pthread",
                             "-o", str(folder / "passes.so"), str(code)], capture_output=True, text=True, check=False)
     if built.returncode != 0 and "barrier: No such file" in built.stderr:
