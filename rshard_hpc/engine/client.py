@@ -17,6 +17,7 @@ from rshard_hpc.dist import collectives
 from rshard_hpc.engine import trace
 from rshard_hpc.engine.routing import Routing, last_of_each_sequence, step_tokens, wanted_local_rows
 from rshard_hpc.engine.stats import PhaseTimer
+from rshard_hpc.engine.workers import WARM_UP_ROWS
 from rshard_hpc.ops.arrays import to_host
 from rshard_hpc.plan.schemes import PlanSpec, batch_plans
 
@@ -32,7 +33,7 @@ class Client:
         self.timer = PhaseTimer()
         self.ledgers = []  # per finished batch: the gathered ledgers, by world rank (None for the client)
 
-    def warm_up(self, rows: int = 64) -> None:
+    def warm_up(self, rows: int = WARM_UP_ROWS) -> None:
         """With client layers: their forward once on `rows` token ids 0 of one sequence, then a fresh start (see
         CompWorker.warm_up: a GPU loads its kernels at set-up, not inside the first batch)."""
         if self.layers is None:

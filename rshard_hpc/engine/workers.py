@@ -17,7 +17,7 @@ from rshard_hpc.ops.wire import WireRoutes
 from rshard_hpc.plan.ledger import LedgerRecorder, step_key_counts
 from rshard_hpc.plan.schemes import PlanSpec, batch_plans
 
-WARM_UP_ROWS = 64  # rows of zeros a GPU worker runs once at set-up (warm_up)
+WARM_UP_ROWS = 64  # rows of zeros a GPU rank (worker or client) runs once at set-up (warm_up)
 
 
 class _Worker:
