@@ -38,11 +38,11 @@ profile)  # host timelines of prefill 8k (bf16, fp32) and of 12-prompt jobs at b
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps/log
   mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY; nvidia-cuda-mps-control -d
   python3 -c "from rshard_hpc.bench.prompts import word_prompts as p, write_prompts as w; w('/tmp/p12.jsonl', p(12, seed=1))"
-  for dt in ${PROFILE_DTYPES:-bfloat16 float32}; do
+  for dt in ${PROFILE_DTYPES:-bfloat16 float32}; do  # bench job steps: 0 prefill, 1-4 decode, 5-7 the timed prefills
     stage "profile prefill 8k $dt"; enough 50 profile || break
     RSHARD_TRACE=$OUT/tr_pre_$dt timeout 120 mpirun -n 7 python3 -m rshard_hpc bench job --alpha 2 --beta 2 \
       --device gpu --tokens 8192 --decode-steps 4 --dtype $dt --out "$OUT/profile_job.md" 2>&1 | grep -E "^\| [0-9]|rror" | cut -c1-250
-    python3 -m rshard_hpc bench trace $OUT/tr_pre_$dt --steps 1:2 --layer 15 > $OUT/tr_pre_$dt.md
+    python3 -m rshard_hpc bench trace $OUT/tr_pre_$dt --steps 5:8 --layer 15 > $OUT/tr_pre_$dt.md
   done
   for n in 13 7; do
     [ $n = 13 ] && L="--alpha 3 --beta 3 --c-a 2" || L="--alpha 2 --beta 2"
