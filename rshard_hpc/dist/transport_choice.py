@@ -118,14 +118,14 @@ def nccl_refusal(comm, load_nccl=nccl_transport.load_nccl, identity=nccl_transpo
     except Exception as exc:  # noqa: BLE001 - a rank without a usable device says so
         why = f"no GPU identity ({type(exc).__name__}: {exc})"
     gathered = comm.allgather((why, ident))
-    shared = "" if any(w for w, _ in gathered) else nccl_transport.gpu_sharing([i for _, i in gathered])
-    if shared:
-        return f"workers share a GPU ({shared}); NCCL needs one rank per GPU (use more GPUs or fewer ranks)"
-    if not why:
+    if not any(w for w, _ in gathered):  # every rank named its GPU: compare them, then load libnccl
+        shared = nccl_transport.gpu_sharing([i for _, i in gathered])
+        if shared:
+            return f"workers share a GPU ({shared}); NCCL needs one rank per GPU (use more GPUs or fewer ranks)"
         why = load_nccl()[1]
-    for rank, why in enumerate(comm.allgather(why)):
-        if why:
-            return f"rank {rank} of the workers: {why}"
+    for rank, rank_why in enumerate(comm.allgather(why)):
+        if rank_why:
+            return f"rank {rank} of the workers: {rank_why}"
     return ""
 
 

@@ -13,6 +13,19 @@ def test_launcher_local_rank_wins_over_slurm():
     assert local_rank_from_env({}) == (None, None)
 
 
+class _Ranks:
+    """A communicator stand-in whose allgather returns what `n` ranks alike would give."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def allgather(self, x):
+        return [x] * self.n
+
+    def Get_size(self):
+        return self.n
+
+
 def test_transport_modes_without_gpu():
     """Without a GPU: host transports say so; a device transport is staged until chosen otherwise; an unknown
     --transport is an error before any communication."""
@@ -35,30 +48,13 @@ def test_explicit_mpi_transport_is_refused_where_the_library_says_no(monkeypatch
     from rshard_hpc.dist.transport import Transport
     from rshard_hpc.errors import RshardError
 
-    class OneRank:
-        def allgather(self, x):
-            return [x]
-
     monkeypatch.setattr(transport_choice, "_try_device_ipc", lambda comm: (None, "not tried"))
     monkeypatch.setattr(cuda_aware, "detect_cuda_aware", lambda: (False, "MPIX_Query_cuda_support() = 0 in libmpi"))
     with pytest.raises(RshardError, match="not CUDA-aware.*--transport staged"):
-        transport_choice.choose_transport(OneRank(), Transport(device=True), "mpi")
+        transport_choice.choose_transport(_Ranks(1), Transport(device=True), "mpi")
     monkeypatch.setattr(cuda_aware, "detect_cuda_aware", lambda: (False, cuda_aware.NO_EVIDENCE + " in MPICH"))
     t = Transport(device=True)
-    assert "not confirmed" in transport_choice.choose_transport(OneRank(), t, "mpi") and t.gpu_aware
-
-
-class _Ranks:
-    """A communicator stand-in whose allgather returns what `n` ranks alike would give."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def allgather(self, x):
-        return [x] * self.n
-
-    def Get_size(self):
-        return self.n
+    assert "not confirmed" in transport_choice.choose_transport(_Ranks(1), t, "mpi") and t.gpu_aware
 
 
 def test_auto_skips_nccl_and_ipc_for_a_small_job(monkeypatch):
@@ -88,8 +84,8 @@ def test_auto_skips_nccl_and_ipc_for_a_small_job(monkeypatch):
 
 
 def test_workers_sharing_a_gpu_never_load_nccl():
-    """NCCL is refused for workers on one GPU before libnccl is loaded (a tenth of a second a rank); with a GPU
-    each, a rank that cannot load it is named."""
+    """NCCL is refused for workers on one GPU, or with a rank that has no GPU identity, before libnccl is loaded
+    (a tenth of a second a rank); with a GPU each, a rank that cannot load it is named."""
     from rshard_hpc.dist.transport_choice import nccl_refusal
 
     loads = []
@@ -99,3 +95,8 @@ def test_workers_sharing_a_gpu_never_load_nccl():
     assert nccl_refusal(_Ranks(1), load, identity=lambda: ("h", "0")) == "rank 0 of the workers: no libnccl"
     assert loads == [1]
 
+    def no_device():
+        raise RuntimeError("no CUDA device")
+
+    why = nccl_refusal(_Ranks(2), load, identity=no_device)  # refused by the identity alone: libnccl not loaded
+    assert why == "rank 0 of the workers: no GPU identity (RuntimeError: no CUDA device)" and loads == [1], why
