@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import time
 
-from rshard_hpc.bench.prompts import prompt_id, word_prompts, write_prompts
+from rshard_hpc.bench.job_outputs import read_generated
+from rshard_hpc.bench.prompts import word_prompts, write_prompts
 from rshard_hpc.bench.suite_rows import Row, RowFailed
 
 TARGET = "report (tokens/s)"  # the issue asks for the number, with no threshold
@@ -46,17 +47,6 @@ def _generate_job(suite, setting, prompts) -> dict:
     if summary is None:
         raise RowFailed(f"no `done:` line in the job's output: {done.tail()}")
     return {"generated": int(summary[1]), "job_s": float(summary[2]), "token_ids": read_generated(out)}
-
-
-def read_generated(path) -> list:
-    """A results file's generated token ids in prompt order (ids as write_prompts names them), lists of ints."""
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        ids = f["ids"].asstr()[()].tolist()
-        tokens = [list(map(int, t)) for t in f["generated/token_ids"][()]]
-    order = {pid: i for i, pid in enumerate(ids)}
-    return [tokens[order[prompt_id(i)]] for i in range(len(ids))]
 
 
 def hf_generate(texts: list, new_tokens: int, device: str) -> dict:

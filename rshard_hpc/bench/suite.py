@@ -22,9 +22,9 @@ from rshard_hpc.bench import launch
 from rshard_hpc.bench.anchors import ST_BATCH, Anchors
 from rshard_hpc.bench.common import append_table
 from rshard_hpc.bench.generate_row import generate_file
+from rshard_hpc.bench.job_outputs import bench_row, max_abs, read_bench_table, read_embeddings
 from rshard_hpc.bench.suite_rows import Row, RowFailed
 from rshard_hpc.bench.prompts import (
-    prompt_id,
     token_prompts,
     word_prompts,
     write_prompts,
@@ -371,46 +371,6 @@ ROWS = {"embed-file": embed_file, "embed-small": embed_small, "decode": decode, 
         "prefill-512": prefill("prefill_short", {"float32": (">= 0.5x", 0.5), "bfloat16": (">= 0.5x", 0.5)}),
         "prefill-8k": prefill("prefill_long", {"float32": (">= 1x (stay)", 1.0), "bfloat16": (">= 0.5x", 0.5)}),
         "cpu-one": cpu_one, "cpu-batch": cpu_batch}
-
-
-# ---------------------------------------------------------------------------------------------------- reading
-def read_embeddings(path) -> np.ndarray:
-    """A results file's embeddings in prompt order (ids p00000, p00001, … as write_prompts names them)."""
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        ids = f["ids"].asstr()[()].tolist()
-        emb = f["embeddings"][()]
-    order = {pid: i for i, pid in enumerate(ids)}
-    return emb[[order[prompt_id(i)] for i in range(len(ids))]]
-
-
-def read_bench_table(path) -> dict:
-    """bench job's markdown table: {tokens: {column: cell text}}."""
-    lines = Path(path).read_text().splitlines()
-    start = next((i for i, line in enumerate(lines) if line.startswith("| tokens |")), None)
-    if start is None:
-        raise RowFailed(f"bench job wrote no table to {path}")
-    header = [c.strip() for c in lines[start].strip("|").split("|")]
-    table = {}
-    for line in lines[start + 2:]:
-        if not line.startswith("| "):
-            break
-        cells = dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
-        table[int(cells["tokens"])] = cells
-    return table
-
-
-def bench_row(table: dict, tokens: int) -> dict:
-    if tokens not in table:
-        raise RowFailed(f"bench job has no row for {tokens} tokens")
-    return table[tokens]
-
-
-def max_abs(a: np.ndarray, b: np.ndarray) -> float:
-    if a.shape != b.shape:
-        raise RowFailed(f"the job's output has shape {a.shape}, the anchor's {b.shape}")
-    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
 
 
 def device_name(device: str) -> str:

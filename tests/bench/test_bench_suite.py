@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import REPO, mpi_env, require_gpu
 
-from rshard_hpc.bench import suite
+from rshard_hpc.bench import job_outputs, suite
 from rshard_hpc.bench.prompts import WORDS, word_prompts
 
 SUITE_TIMEOUT = 240  # seconds: the whole suite process (each of its jobs has its own --timeout-s)
@@ -80,14 +80,14 @@ def test_bench_table_and_failed_cells(tmp_path):
     path = tmp_path / "job.md"
     path.write_text("title\n\n| tokens | ratio | decode_ms |\n|---|---|---|\n| 64 | 0.50 | 3.0 |\n| 96 | 0.40 | - |\n\n"
                     "notes\n")
-    table = suite.read_bench_table(path)
+    table = job_outputs.read_bench_table(path)
     assert table[64]["ratio"] == "0.50" and table[96]["decode_ms"] == "-"
     with pytest.raises(suite.RowFailed, match="128"):
-        suite.bench_row(table, 128)
+        job_outputs.bench_row(table, 128)
     cells = suite.Row("w", "l", "", target="<= 3 s", failed="line one\nexit | status 1").cells()
     assert cells[2] == "FAILED: line one / exit \\| status 1" and cells[6] == "failed" and cells[5] == "<= 3 s"
     with pytest.raises(suite.RowFailed, match="shape"):
-        suite.max_abs(np.zeros(3), np.zeros(4))
+        job_outputs.max_abs(np.zeros(3), np.zeros(4))
 
 
 def test_mps_daemon_starts_and_stops(tmp_path, monkeypatch):
