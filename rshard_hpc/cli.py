@@ -277,7 +277,8 @@ def audit(model, prompts, alpha, beta, scheme, c, c_a, seed, nodes, all_nodes, n
     try:
         spec = PlanSpec(scheme=scheme, alpha=alpha, beta=beta, c=c, c_a=c_a, seed=seed)
         if client_layers is not None:
-            from rshard_hpc.audit.sweep import format_sweep, sweep_from_options
+            from rshard_hpc.audit.sweep import sweep_from_options
+            from rshard_hpc.audit.sweep_report import format_sweep
 
             rep = sweep_from_options(model, prompts, spec, client_layers, echo=echo, **opts)
             text = json.dumps(rep, indent=1) if as_json else format_sweep(rep)

@@ -26,11 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from rshard_hpc.audit import rows as R
+from rshard_hpc.audit.sweep_report import ATTACKS, ROW_ATTACKS, format_k, node_kind
 from rshard_hpc.errors import InputError
 
 DATA = Path(__file__).parent / "data"
-ROW_ATTACKS = ("nn", "linear", "mlp")
-ATTACKS = ("match",) + ROW_ATTACKS
 CONTROLS = ("control_h", "control_qkv")
 DEFAULT_CLIENT_LAYERS = (0, 1, 2, 4)
 DEFAULT_MATCH_NODES = ("comp0", "attn0_0", "attn0_1", "control")
@@ -43,15 +42,6 @@ def read_texts(path) -> list:
     if not out:
         raise InputError(f"{path}: no texts")
     return out
-
-
-def node_kind(name: str) -> str:
-    if name.startswith("comp"):
-        return "CompNode"
-    if name.startswith("control"):
-        return name
-    i, j = name[4:].split("_")
-    return "AttnNode i=j" if i == j else "AttnNode i≠j"
 
 
 @dataclass
@@ -247,7 +237,7 @@ def sweep_from_options(model, prompts, spec, client_layers: str, seeds=None, new
 def run_sweep(model, spec, client_layers=DEFAULT_CLIENT_LAYERS, prompts=None, seeds=None, new_tokens: int = 40,
               max_tokens: int = 48, match_nodes=DEFAULT_MATCH_NODES, match_prompts: int = 2, budget: int = 512,
               top_k: int = 8, beam: int = 4, fill: bool = True, echo=None) -> dict:
-    """The extended audit for one plan; returns a JSON-able report (format_sweep renders it)."""
+    """The extended audit for one plan; returns a JSON-able report (sweep_report.format_sweep renders it)."""
     import torch
 
     from rshard_hpc.plan.check import plan_report
@@ -358,94 +348,3 @@ def _fill(st: Setup, spec, names, tallies, hyps) -> list:
             tallies[name][best[name]].add(ok[k], ok[~k], len(ids))
         tallies[name][best[name]].filled = True
     return batch
-
-
-# ------------------------------------------------------------------------------------------ reports
-def _pct(a: int, b: int) -> str:
-    return f"{100 * a / b:.0f}%" if b else "-"
-
-
-def _cell(t: dict | None) -> str:
-    """seen / unseen / whole prompt, recovered."""
-    if not t:
-        return "·"
-    prompt = (t["seen_recovered"] + t["unseen_recovered"]) / t["tokens"]
-    unseen = _pct(t["unseen_recovered"], t["unseen"]) if t["filled"] or t["unseen_recovered"] else "0"
-    return f"{_pct(t['seen_recovered'], t['seen'])} / {unseen} / **{100 * prompt:.0f}%**"
-
-
-def by_kind(res_k: dict) -> dict:
-    """{kind: {attack: the worst node's tally (most of a prompt recovered) and its name}} for one K."""
-    out = {}
-    for name, attacks in res_k.items():
-        kind = node_kind(name)
-        for a, t in attacks.items():
-            prompt = (t["seen_recovered"] + t["unseen_recovered"]) / t["tokens"]
-            cur = out.setdefault(kind, {}).get(a)
-            if cur is None or prompt > cur[2]:
-                out[kind][a] = (name, t, prompt)
-    return out
-
-
-def format_k(K: int, res_k: dict, seconds: float) -> str:
-    lines = [f"K={K} ({seconds:.0f} s): best attack per node, recovered seen / unseen / prompt"]
-    for name, attacks in res_k.items():
-        a = max(attacks, key=lambda x: (attacks[x]["seen_recovered"] + attacks[x]["unseen_recovered"])
-                / attacks[x]["tokens"])
-        lines.append(f"  {name}: {a} {_cell(attacks[a])}")
-    return "\n".join(lines)
-
-
-KIND_ORDER = ("CompNode", "AttnNode i=j", "AttnNode i≠j", "control_h", "control_qkv")
-
-
-def format_sweep(rep: dict) -> str:
-    """The node kind × attack × K table (each cell: the worst node of the kind), the scores, the per-node best."""
-    p = rep["plan"]
-    m = rep["match"]
-    head = (f"plan {p['scheme']} α={p['alpha']} β={p['beta']} c={p['c']} c_a={p['c_a']} δ={rep['delta']:g}; "
-            f"{rep['prompts']} held-apart prompts, {rep['tokens']} tokens; training text {rep['train_tokens']} "
-            f"tokens; match: " + (f"{', '.join(m['nodes'])} on {m['prompts']} prompts, budget {m['budget']}, "
-                                  f"top-k {m['top_k']}, beam {m['beam']}" if m["nodes"] else "not run")
-            + f"; {rep['seconds']:.0f} s")
-    lines = [head, "", ("Recovered tokens, seen / unseen / whole prompt (cell: the worst node of the kind; "
-                        "unseen '0': not attempted by that attack):"), ""]
-    lines.append("| node kind | attack | " + " | ".join(f"K={k}" for k in rep["client_layers"]) + " |")
-    lines.append("|---|---|" + "---|" * len(rep["client_layers"]))
-    kinds = {k: by_kind(rep["results"][k]) for k in rep["client_layers"]}
-    for kind in KIND_ORDER:
-        for a in ATTACKS:
-            cells = [kinds[k].get(kind, {}).get(a) for k in rep["client_layers"]]
-            if not any(cells):
-                continue
-            lines.append(f"| {kind} | {a} | " + " | ".join(
-                f"{_cell(c[1])} ({c[0]})" if c and not kind.startswith("control") else _cell(c[1] if c else None)
-                for c in cells) + " |")
-    if rep["match_control"]:
-        lines.append("| control (k, v of every position) | match | " + " | ".join(
-            _cell(rep["match_control"].get(k)) for k in rep["client_layers"]) + " |")
-    lines += ["", "Best attack per node (whole prompt recovered):", "",
-              "| node | seen frac | " + " | ".join(f"K={k}" for k in rep["client_layers"]) + " |",
-              "|---|---|" + "---|" * len(rep["client_layers"])]
-    for name in rep["results"][rep["client_layers"][0]]:
-        cells = []
-        for k in rep["client_layers"]:
-            attacks = rep["results"][k][name]
-            a = max(attacks, key=lambda x: (attacks[x]["seen_recovered"] + attacks[x]["unseen_recovered"])
-                    / attacks[x]["tokens"])
-            t = attacks[a]
-            cells.append(f"{100 * (t['seen_recovered'] + t['unseen_recovered']) / t['tokens']:.0f}% ({a})")
-        frac = rep["fraction_seen"].get(name, 1.0)
-        lines.append(f"| {name} | {frac:.2f} | " + " | ".join(cells) + " |")
-    lines += ["", ("AttnNode scores (q·kᵀ): same-token pairs flagged (correct/flagged, of all same-token pairs), "
-                   "adjacency (previous-token head's argmax right):"), "",
-              "| K | same-token pairs | adjacency |", "|---|---|---|"]
-    for k in rep["client_layers"]:
-        tot = {}
-        for v in rep["scores"][k].values():
-            for key, x in v.items():
-                tot[key] = tot.get(key, 0) + x
-        if tot:
-            lines.append(f"| {k} | {tot['flagged_same']}/{tot['flagged']} correct, {tot['flagged_same']}/"
-                         f"{tot['same']} found | {tot['adjacent_found']}/{tot['adjacent']} |")
-    return "\n".join(lines)

@@ -10,7 +10,8 @@ from rshard_hpc.plan.schemes import PlanSpec, make_plan
 torch = pytest.importorskip("torch", reason="the audit's attacks run on PyTorch (CPU)")
 
 from rshard_hpc.audit import rows as R
-from rshard_hpc.audit.sweep import format_sweep, run_sweep
+from rshard_hpc.audit.sweep import run_sweep
+from rshard_hpc.audit.sweep_report import format_sweep
 from rshard_hpc.audit.torch_llama import TorchLlama
 
 
