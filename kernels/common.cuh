@@ -5,7 +5,8 @@
 // (kernel_source) builds every program as
 //   its #define preamble  +  this file  +  the .cu source
 // A definition that two sources (or two kernels of one source) need is written here once. This file
-// needs no define from the host (bf16_bits exists where a source defines BF16_NAN, which it requires).
+// needs no define from the host (bf16_bits exists where a source defines BF16_NAN, which it requires;
+// block_sum where it defines PASS_THREADS).
 
 #define NEG_INF __int_as_float(0xff800000)
 #define LN2 0.6931471805599453f  // ln 2: a base-2 log-sum-exp times LN2 is the natural one
@@ -25,6 +26,21 @@ __device__ __forceinline__ float wire_lse(const unsigned short* w, long long a) 
 __device__ __forceinline__ unsigned short bf16_bits(float x) {
     const unsigned int b = __float_as_uint(x);
     return isnan(x) ? (unsigned short)BF16_NAN : (unsigned short)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+#endif
+
+#ifdef PASS_THREADS  // the sources whose blocks are PASS_THREADS threads (passes.cu, small_rows.cu)
+// The sum of v over the block (PASS_THREADS threads), returned to every thread. `red` holds PASS_THREADS / 32
+// floats. Order: each warp by xor-shuffle, then warp 0 over the warps' sums.
+__device__ __forceinline__ float block_sum(float v, float* red) {
+    for (int s = 16; s > 0; s >>= 1) v = __fadd_rn(v, __shfl_xor_sync(0xffffffffu, v, s));
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    __syncthreads();  // red may still be read by the previous call
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    v = lane < PASS_THREADS / 32 ? red[lane] : 0.f;
+    for (int s = 16; s > 0; s >>= 1) v = __fadd_rn(v, __shfl_xor_sync(0xffffffffu, v, s));
+    return v;
 }
 #endif
 

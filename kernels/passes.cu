@@ -1,7 +1,7 @@
 // The CompNode's per-token passes, fused (architecture.md §7): each kernel is one launch of what the NumPy
 // path (rshard_hpc/models/common.py, models/llama.py, ops/precision.py, ops/wire.py) does in several steps.
 // Loaded by rshard_hpc/ops/passes_cuda.py after kernels/common.cuh (NEG_INF, merge_element, wire_value, wire_lse,
-// bf16_bits, row_head_dim).
+// bf16_bits, row_head_dim, block_sum).
 //
 // Numerics. Every elementwise step is one correctly rounded fp32 operation, in the NumPy path's order,
 // written with the _rn intrinsics so that no multiply-add is contracted into an fma: such a step gives the
@@ -22,19 +22,6 @@
 #if PASS_THREADS % 32 || PASS_THREADS > 1024 || (PASS_THREADS & (PASS_THREADS - 1))
 #error "PASS_THREADS must be a power of 2, a multiple of 32, at most 1024"
 #endif
-
-// The sum of v over the block (PASS_THREADS threads), returned to every thread. `red` holds PASS_THREADS / 32
-// floats. Order: each warp by xor-shuffle, then warp 0 over the warps' sums.
-__device__ __forceinline__ float block_sum(float v, float* red) {
-    for (int s = 16; s > 0; s >>= 1) v = __fadd_rn(v, __shfl_xor_sync(0xffffffffu, v, s));
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    __syncthreads();  // red may still be read by the previous call
-    if (lane == 0) red[warp] = v;
-    __syncthreads();
-    v = lane < PASS_THREADS / 32 ? red[lane] : 0.f;
-    for (int s = 16; s > 0; s >>= 1) v = __fadd_rn(v, __shfl_xor_sync(0xffffffffu, v, s));
-    return v;
-}
 
 // RMSNorm, one block per row of x (n, d), fp32:
 //   v = x (+ r when r != nullptr; then also written to h_out), scale = 1 / sqrt(mean(v*v) + eps),

@@ -8,7 +8,9 @@ host_ms is the time the host spends issuing a piece, device_ms the time the devi
 CUDA events: cupyx.profiler.benchmark; on a CPU both are the wall time). A piece whose host_ms is close to its
 device_ms is bound by launches, not by arithmetic: fusing it with its neighbours is what would help.
 On a GPU the pieces run the fused kernels of kernels/passes.cu (what the engine runs); the rows named
-"chain: ..." time the same steps as the chains of CuPy operations those kernels replaced, for comparison.
+"chain: ..." time the same steps as the chains of CuPy operations those kernels replaced, for comparison. At a
+decode step's few tokens (ops/small_rows_cuda.MAX_ROWS) the whole passes take kernels/small_rows.cu; the rows
+"…, cuBLAS products" time them as before it.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from rshard_hpc.models.common import chained, fused, linear, rms_norm, rms_norm_
 from rshard_hpc.models.llama import Llama, apply_rope, rope_cos_sin, rope_qk, rope_tables
 from rshard_hpc.models.random_init import random_tensors
 from rshard_hpc.ops.arrays import array_module
+from rshard_hpc.ops import small_rows_cuda
 from rshard_hpc.ops.attention import merge_partials, prepare_attention
 from rshard_hpc.ops.precision import gemm_input, pack_partial, partial_slots, to_bf16_bits, unpack_partial, wire_dtype
 from rshard_hpc.ops.wire import WireRoutes
@@ -118,10 +121,14 @@ class _LayerPieces:
 
     def whole(self):
         o = self.xp.zeros((self.n, self.cfg.n_heads, self.cfg.head_dim), dtype=self.xp.float32)  # (n, H, D)
-        return [("step: RoPE tables (once a step)",
+        rows = [("step: RoPE tables (once a step)",
                  lambda: rope_tables(self.model.inv_freq, self.pos, self.xp, fused(self.q0))),
                 ("whole: model.pre", lambda: self.model.pre(0, self.h, self.pos)),
                 ("whole: model.post", lambda: self.model.post(0, self.h, o))]
+        if fused(self.h) and small_rows_cuda.takes(self.h):  # the wholes above ran kernels/small_rows.cu
+            rows += [(f"{name}, cuBLAS products (before small_rows.cu)", _small_rows_off(fn))
+                     for name, fn in rows[1:]]
+        return rows
 
     def chain(self):
         """The replaced CuPy chains of the fused pieces, and the whole passes on them (run under chained())."""
@@ -149,6 +156,14 @@ class _LayerPieces:
             ("chain: whole model.pre", lambda: self.model.pre(0, self.h, self.pos)),
             ("chain: whole model.post", lambda: self.model.post(0, self.h, o)),
         ]
+
+
+def _small_rows_off(fn):
+    """fn run with the small-step kernels of kernels/small_rows.cu off (cuBLAS products, passes.cu's kernels)."""
+    def run():
+        with small_rows_cuda.off():
+            return fn()
+    return run
 
 
 def _chained(fn):

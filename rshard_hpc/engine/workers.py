@@ -73,9 +73,14 @@ class CompWorker(_Worker):
         self.model = model
 
     def warm_up(self, rows: int = WARM_UP_ROWS) -> None:
-        """Layer first_layer's per-token work once on `rows` rows of zeros, nothing sent, the results dropped: a GPU
-        loads the kernels a step uses (CuPy's and kernels/*.cu, ~0.1 s the first time) at set-up, beside the other
-        ranks' set-up, rather than inside the first step. A kernel that fails here fails the set-up on every rank."""
+        """Layer first_layer's per-token work once on `rows` rows of zeros and once on one row (a decode step's
+        size, which may take other kernels: ops/small_rows_cuda.py), nothing sent, the results dropped: a GPU loads
+        the kernels a step uses (CuPy's and kernels/*.cu, ~0.1 s the first time) at set-up, beside the other ranks'
+        set-up, rather than inside the first step. A kernel that fails here fails the set-up on every rank."""
+        for n in (rows, 1):
+            self._warm_layer(n)
+
+    def _warm_layer(self, rows: int) -> None:
         xp, cfg = self.xp, self.cfg
         pos = xp.arange(rows, dtype=xp.int32)
         if self.first_layer:

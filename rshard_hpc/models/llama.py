@@ -120,6 +120,16 @@ def load_head(path, cfg: ModelConfig, dtype="float32", xp=None) -> dict:
     return {k: xp.asarray(v, dtype=dtype) for k, v in weights.read_tensors(path, Llama.head_keys(cfg)).items()}
 
 
+def _few_rows(h) -> bool:
+    """Whether a CompNode's rows h (n, d) take the small-step kernels (ops/small_rows_cuda.py): a decode step's few
+    fused rows on a GPU."""
+    if not fused(h):
+        return False
+    from rshard_hpc.ops import small_rows_cuda
+
+    return small_rows_cuda.takes(h)
+
+
 class Llama:
     """Every function here is per token: rows never mix, so any shard of positions can run it."""
 
@@ -153,6 +163,13 @@ class Llama:
         the q/k/v product's columns)."""
         c, w = self.cfg, lambda name: self._w(layer, name)
         n, H, Hkv = h.shape[0], c.n_heads, c.n_kv_heads
+        if _few_rows(h):  # norm, product and RoPE in one launch
+            from rshard_hpc.ops import small_rows_cuda
+
+            qkv = small_rows_cuda.norm_rope(h, w("attn_norm_w"), c.norm_eps, w("wqkv"), self.rope_tables(pos, True),
+                                            self.inv_freq, H + 2 * Hkv, H + Hkv, c.head_dim)
+            qkv = qkv.reshape(n, H + 2 * Hkv, c.head_dim)
+            return qkv[:, :H], qkv[:, H:H + Hkv], qkv[:, H + Hkv:]
         _, x = rms_norm_input(h, w("attn_norm_w"), c.norm_eps, w("wqkv"))  # rounded once for the product
         qkv = linear(x, w("wqkv")).reshape(n, H + 2 * Hkv, c.head_dim)  # one product; heads q's, k's, v's
         q, k, v = qkv[:, :H], qkv[:, H:H + Hkv], qkv[:, H + Hkv:]  # views: the kernels read them in place
@@ -170,6 +187,12 @@ class Llama:
         """h: (n, d) residual stream, attn: (n, H, D) merged attention -> next h: (n, d)."""
         c, w = self.cfg, lambda name: self._w(layer, name)
         n = h.shape[0]
+        if _few_rows(h):  # three launches: O + residual, norm + gate/up + SiLU * up, down + residual
+            from rshard_hpc.ops import small_rows_cuda as small
+
+            h = small.linear(attn.reshape(n, c.n_heads * c.head_dim), w("wo"), residual=h)
+            act = small.norm_silu(h, w("mlp_norm_w"), c.norm_eps, w("w_gate_up"))
+            return small.linear(act, w("w_down"), residual=h)
         attn_out = linear(attn.reshape(n, c.n_heads * c.head_dim).astype(h.dtype, copy=False), w("wo"))
         # h + attn_out, then its norm rounded once for the gate/up product
         h, x = rms_norm_input(h, w("mlp_norm_w"), c.norm_eps, w("w_gate_up"), residual=attn_out)
