@@ -3,7 +3,7 @@
 # as .carry/ompi-cuda.tar.gz, or built here from .carry's sources), mpi4py against it, then stages in order,
 # each skipped once the call's time budget (BUDGET_S, default 540) is near.   logs go to $OUT
 #   usage: bash tools/device_session.sh STAGE...   stages: mpi verify startab startvar unit engine jobs passes decode transports trace profile smalltests finaltests
-#           smallab rowsab passes1 probe suite
+#           smallab decodeab passes1 probe suite
 # Carried: .carry/ (ompi-cuda.tar.gz or openmpi_4.1*.orig.tar.*, mpi4py-*.tar.gz), .minilm/ (all-MiniLM-L6-v2
 # as a sentence-transformers folder, fp16 safetensors).
 set -u
@@ -200,23 +200,24 @@ smallab)  # a decode step with the small-step kernels off and on (alpha=2 beta=2
   done
   if [ "${MPS_AB:-off}" = on ]; then echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; fi
   (cd $OUT && tar -czf small_traces_${MPS_AB:-off}.tar.gz tr_small*/ && rm -rf tr_small*/) ;;
-rowsab)  # a decode step with the CompNode's small-rows kernels off (RSHARD_SMALL_ROWS=0: cuBLAS) and on, both layouts,
-  #        alternating, MPS on; timelines kept
+decodeab)  # a decode step under each of DECODEAB's settings (space-separated; each a comma-separated list of VAR=value,
+  #          default: the CompNode's step graphs off, on), alternating, twice, both layouts, MPS on; timelines kept
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps/log
   mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY; nvidia-cuda-mps-control -d
   for layout in "7 --alpha 2 --beta 2" "13 --alpha 3 --beta 3 --c-a 2"; do
     set -- $layout; n=$1; shift
-    for rows in ${ROWSAB:-0 8 0 8}; do
-      stage "decode, RSHARD_SMALL_ROWS=$rows, $n ranks, MPS on"; enough 40 rowsab || break 2
-      RSHARD_SMALL_ROWS=$rows RSHARD_TRACE=$OUT/tr_rows${rows}_${n}_$SECONDS timeout 100 mpirun -n $n \
+    for run in 1 2; do for setting in ${DECODEAB:-RSHARD_STEP_GRAPHS=0 RSHARD_STEP_GRAPHS=1}; do
+      stage "decode, $setting, $n ranks, run $run, MPS on"; enough 40 decodeab || break 3
+      tag=$(echo $setting | tr -c 'A-Za-z0-9\n' _)
+      env ${setting//,/ } RSHARD_TRACE=$OUT/tr_ab_${tag}_${n}_$run timeout 100 mpirun -n $n \
         python3 -m rshard_hpc bench job "$@" --device gpu --tokens 8192 --decode-steps 8 --no-plaintext \
-        --out "$OUT/bench_rowsab.md" 2>&1 | grep -E "^\| [0-9]|rror" | \
+        --out "$OUT/bench_decodeab.md" 2>&1 | grep -E "^\| [0-9]|rror" | \
         awk -F'|' '{print "prefill_s",$6,"decode_ms",$14,"split",$(NF-1)}'
-    done
+    done; done
   done
-  for d in $OUT/tr_rows*/; do python3 -m rshard_hpc bench trace $d --steps 2:9 --layer 15 > ${d%/}.md; done
+  for d in $OUT/tr_ab_*/; do python3 -m rshard_hpc bench trace $d --steps 2:9 --layer 15 > ${d%/}.md; done
   echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
-  (cd $OUT && tar -czf rows_traces.tar.gz tr_rows* && rm -rf tr_rows*) ;;
+  (cd $OUT && tar -czf decodeab_traces.tar.gz tr_ab_* && rm -rf tr_ab_*) ;;
 passes1)  # one layer's passes at a decode step's one token: small-rows kernels against the cuBLAS path, fp32 and bf16
   for dt in float32 bfloat16; do
     stage "passes 1 token $dt"; enough 40 passes1 || break

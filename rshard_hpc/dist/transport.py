@@ -62,21 +62,28 @@ class Transport:
             self._pinned[key] = buf
         return buf[:size]
 
-    def alltoallv(self, comm, send, send_counts, recv_counts):
+    def alltoallv(self, comm, send, send_counts, recv_counts, out=None):
         """send: flat float32 or uint16 (NumPy or CuPy); the receive buffer has send's element type and
-        array module (a receive-only call passes an empty array of the type it expects)."""
+        array module (a receive-only call passes an empty array of the type it expects). out: a flat array of
+        that type and module with room for exactly what arrives, to receive into (a captured CUDA graph reads
+        it: engine/step_graphs.py); else a new array."""
         xp = xp_of(send)
         dtype = np.dtype(send.dtype)
         mpi_type = _mpi_type(dtype)
         send_counts = np.asarray(send_counts, dtype=np.int64)
         recv_counts = np.asarray(recv_counts, dtype=np.int64)
         n_recv = int(recv_counts.sum())
+        if out is not None and (out.size != n_recv or out.dtype != dtype):
+            raise ValueError(f"alltoallv: out holds {out.size} {out.dtype}, {n_recv} {dtype} arrive")
         on_gpu = xp is not np
         send = xp.ascontiguousarray(send).ravel()
         exchange = self.nccl or (None if self.small_step else self.ipc)
         if on_gpu and exchange is not None and exchange.comm is comm:
             trace.mark("x in")
             recv, seconds = exchange.alltoallv(send, send_counts, recv_counts)
+            if out is not None:
+                out[...] = recv
+                recv = out
             trace.mark("x out")
             self._account(seconds["mpi"], seconds["copy"], send_counts, n_recv, dtype.itemsize)
             return recv
@@ -89,7 +96,7 @@ class Transport:
                 send.get(out=host_send)  # device -> pinned host copy, after the stream's work
             host_recv = self._host_buffer("recv", n_recv, dtype)
         else:
-            host_send, host_recv = send, xp.empty(n_recv, dtype=dtype)
+            host_send, host_recv = send, (xp.empty(n_recv, dtype=dtype) if out is None else out)
         if on_gpu:
             xp.cuda.get_current_stream().synchronize()  # the stream must be idle before MPI touches memory
         t1 = time.perf_counter()
@@ -103,7 +110,7 @@ class Transport:
         t2 = time.perf_counter()
         trace.mark("x mpi")
         if staged:
-            recv = xp.empty(n_recv, dtype=dtype)
+            recv = xp.empty(n_recv, dtype=dtype) if out is None else out
             if n_recv:
                 recv.set(host_recv)  # pinned host -> device; the next call synchronizes before reusing host_recv
         else:

@@ -8,7 +8,7 @@ import numpy as np
 from rshard_hpc.dist import collectives
 from rshard_hpc.engine.kv_cache import KVCache, key_capacity
 from rshard_hpc.engine.routing import Routing, StepTokens, step_tokens, wanted_local_rows
-from rshard_hpc.engine import trace
+from rshard_hpc.engine import step_graphs, trace
 from rshard_hpc.engine.stats import PhaseTimer
 from rshard_hpc.models.client_layers import comp_input_form
 from rshard_hpc.ops.attention import prepare_attention
@@ -71,6 +71,7 @@ class CompWorker(_Worker):
         if model.dtype != dtype:
             raise ValueError(f"the model's weights were placed for {model.dtype}, the worker runs {dtype}")
         self.model = model
+        self._graphs = {}  # rows a step -> StepGraphs (GPU steps of a few rows)
 
     def warm_up(self, rows: int = WARM_UP_ROWS) -> None:
         """Layer first_layer's per-token work once on `rows` rows of zeros and once on one row (a decode step's
@@ -102,17 +103,26 @@ class CompWorker(_Worker):
         # the wire's index arrays, on the device once a step, not a layer
         routes = WireRoutes(routing.by_group[k], len(mine), cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, self.wire, xp)
         send_counts, back_counts = self._send_counts(routes), self._back_counts(routing)
+        graphs = self._step_graphs(h, routes, int(back_counts.sum()))  # small GPU steps: a launch a pass
+        if graphs is not None:
+            graphs.begin_step(h, tokens.pos[mine], routes)
         for layer in range(self.first_layer, cfg.n_layers):
             trace.mark("layer")
             with self.timer("prepass"):
-                q, key, val = self.model.pre(layer, h, pos)
-                send = routes.pack(q, key, val)  # one gather (one launch on a GPU), in the wire's type
+                if graphs is not None:
+                    send = graphs.pre(layer, first=layer == self.first_layer)
+                else:
+                    q, key, val = self.model.pre(layer, h, pos)
+                    send = routes.pack(q, key, val)  # one gather (one launch on a GPU), in the wire's type
             trace.mark("pre")
             self.transport.alltoallv(self.topo.work_comm, send, send_counts, np.zeros_like(send_counts))  # q/k/v out
-            recv = self._receive_partials(back_counts)
+            recv = self._receive_partials(back_counts, None if graphs is None else graphs.recv)
             with self.timer("postpass"):
-                o = routes.merge(recv)  # (n_k, H, D): unpack and merge, one launch on a GPU
-                h = self.model.post(layer, h, o)
+                if graphs is not None:
+                    h = graphs.post(layer)
+                else:
+                    o = routes.merge(recv)  # (n_k, H, D): unpack and merge, one launch on a GPU
+                    h = self.model.post(layer, h, o)
             trace.mark("post")
         self.record_partials(tokens, mine)
         rows = self.model.final_rows(h)[xp.asarray(wanted_local_rows(tokens, routing, k, want))]
@@ -160,11 +170,23 @@ class CompWorker(_Worker):
                 counts[topo.attn_work_rank(i, j)] = routing.counts[k, i] * width
         return counts
 
-    def _receive_partials(self, recv_counts):
+    def _receive_partials(self, recv_counts, out=None):
         """The flat receive buffer of (o, lse) partials from every AttnNode of each of my tokens' rows
-        (ops/wire.py says its layout)."""
+        (ops/wire.py says its layout); into `out` when given."""
         return self.transport.alltoallv(self.topo.work_comm, self.xp.zeros(0, self.wire),
-                                        np.zeros_like(recv_counts), recv_counts)
+                                        np.zeros_like(recv_counts), recv_counts, out=out)
+
+    def _step_graphs(self, h, routes: WireRoutes, n_recv: int):
+        """The CUDA graphs for a step of these rows (engine/step_graphs.py), or None: a GPU step whose passes a
+        graph may capture (the model says: Llama's few-row kernels), graphs on. One set per row count, kept for
+        the job (the weights and the layout do not change)."""
+        graph_safe = getattr(self.model, "graph_safe", None)
+        if self.xp is np or not step_graphs.ENABLED or graph_safe is None or not graph_safe(h):
+            return None
+        graphs = self._graphs.get(routes.n)
+        if graphs is None:
+            graphs = self._graphs[routes.n] = step_graphs.StepGraphs(self.model, routes, n_recv)
+        return graphs
 
 
 class AttnWorker(_Worker):

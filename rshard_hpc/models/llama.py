@@ -154,6 +154,11 @@ class Llama:
     def _w(self, layer: int, name: str):
         return self.t[weights.layer_key(layer, name)]
 
+    def graph_safe(self, h) -> bool:
+        """Whether pre and post on rows h (n, d) launch only kernels a CUDA graph may capture (the few-row kernels:
+        no cuBLAS call, no host synchronization; engine/step_graphs.py)."""
+        return _few_rows(h)
+
     def embed(self, ids, pos):
         """ids, pos: (n,) ints -> h: (n, d). Positions enter later, through RoPE."""
         return self.t["embed/word"][ids]

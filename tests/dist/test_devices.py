@@ -100,3 +100,19 @@ def test_workers_sharing_a_gpu_never_load_nccl():
 
     why = nccl_refusal(_Ranks(2), load, identity=no_device)  # refused by the identity alone: libnccl not loaded
     assert why == "rank 0 of the workers: no GPU identity (RuntimeError: no CUDA device)" and loads == [1], why
+
+
+def test_alltoallv_receives_into_a_given_buffer():
+    """`out=`: what arrives lands in the caller's buffer (a captured CUDA graph reads it), which must fit exactly."""
+    mpi = pytest.importorskip("mpi4py.MPI")
+    import numpy as np
+
+    from rshard_hpc.dist.transport import Transport
+
+    t, send = Transport(), np.arange(5, dtype=np.float32)
+    out = np.full(5, np.nan, dtype=np.float32)
+    got = t.alltoallv(mpi.COMM_SELF, send, [5], [5], out=out)
+    assert got is out and np.array_equal(out, send)
+    for wrong in (np.empty(4, np.float32), np.empty(5, np.uint16)):
+        with pytest.raises(ValueError, match="out holds"):
+            t.alltoallv(mpi.COMM_SELF, send, [5], [5], out=wrong)
