@@ -83,19 +83,20 @@ __device__ __forceinline__ void warp_dots(const W* const (&w)[NC], X x, int nr, 
         for (int r = 0; r < SMALL_ROWS; ++r) acc[c][r] = warp_sum(acc[c][r]);
 }
 
-// out (n, heads * 2 * half) = RMSNorm(h) @ W^T with RoPE on the first rot_heads heads. h (n, d), nw (d,), W
-// (heads * 2 * half, d). Column pair p = (head, t): columns head * 2 half + t and + half, rotated at angle
-// pos[row] * inv_freq[t] as passes.cu's rope_qk rotates them; heads from rot_heads on (v) are written as they are.
-template <class W>
-__device__ __forceinline__ void norm_rope(const float* __restrict__ h, const float* __restrict__ nw, float eps,
-                                          const W* __restrict__ w, const int* __restrict__ pos,
-                                          const float* __restrict__ inv_freq, float* __restrict__ out,
-                                          int n, int d, int heads, int rot_heads, int half)
+// Two weight rows (output columns) whose products one warp computes together.
+struct ColPair { long long a, b; };
+
+// RMSNorm(h) @ W^T on column pairs: h (n, d), nw (d,), W (columns, d). Pair p < pairs is the columns cols(p); for
+// each row of h (in passes of SMALL_ROWS rows, their norm scales first) the warp of pair p calls
+// epilogue(p, row, dot_a, dot_b) once, from lane row % SMALL_ROWS. The normed input is rms_norm_rows' bit for bit.
+template <class W, class Cols, class Epilogue>
+__device__ __forceinline__ void norm_pairs(const float* __restrict__ h, const float* __restrict__ nw, float eps,
+                                           const W* __restrict__ w, int n, int d, int pairs, Cols cols,
+                                           Epilogue epilogue)
 {
     __shared__ float red[WARPS];
     __shared__ float scale[SMALL_ROWS];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int pairs = heads * half, width = heads * 2 * half;
     for (int r0 = 0; r0 < n; r0 += SMALL_ROWS) {
         const int nr = min(SMALL_ROWS, n - r0);
         const float* x = h + (long long)r0 * d;
@@ -106,63 +107,57 @@ __device__ __forceinline__ void norm_rope(const float* __restrict__ h, const flo
         for (int base = blockIdx.x * WARPS; base < pairs; base += gridDim.x * WARPS) {
             const int p = base + warp;
             const bool valid = p < pairs;
-            const int head = valid ? p / half : 0, t = valid ? p % half : 0;
-            const long long col = (long long)head * 2 * half + t;
-            const W* rows[2] = {w + col * d, w + (col + half) * d};
+            const ColPair col = cols(valid ? p : 0);
+            const W* rows[2] = {w + col.a * d, w + col.b * d};
             float acc[2][SMALL_ROWS];
             warp_dots<2>(rows, normed, nr, d, valid, acc);
 #pragma unroll
-            for (int r = 0; r < SMALL_ROWS; ++r) {
-                if (!valid || r >= nr || lane != r) continue;
-                const float a = acc[0][r], b = acc[1][r];
-                float* o = out + (long long)(r0 + r) * width + col;
-                if (head < rot_heads) {
-                    const float angle = __fmul_rn((float)pos[r0 + r], inv_freq[t]);
-                    const float c = cosf(angle), s = sinf(angle);
-                    o[0] = __fadd_rn(__fmul_rn(a, c), __fmul_rn(-b, s));
-                    o[half] = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
-                } else {
-                    o[0] = a;
-                    o[half] = b;
-                }
-            }
+            for (int r = 0; r < SMALL_ROWS; ++r)
+                if (valid && r < nr && lane == r) epilogue(p, r0 + r, acc[0][r], acc[1][r]);
         }
         __syncthreads();  // scale is rewritten by the next rows
     }
 }
 
-// out (n, f) = silu(g) * u with (g, u) = RMSNorm(h) @ W^T's columns p and f + p: h (n, d), nw (d,), W (2 f, d)
-// (the fused gate/up weight), silu * up as passes.cu's silu_mul computes it.
+// out (n, heads * 2 * half) = RMSNorm(h) @ W^T with RoPE on the first rot_heads heads. W (heads * 2 * half, d).
+// Column pair p = (head, t): columns head * 2 half + t and + half, rotated at angle pos[row] * inv_freq[t] as
+// passes.cu's rope_qk rotates them; heads from rot_heads on (v) are written as they are.
+template <class W>
+__device__ __forceinline__ void norm_rope(const float* __restrict__ h, const float* __restrict__ nw, float eps,
+                                          const W* __restrict__ w, const int* __restrict__ pos,
+                                          const float* __restrict__ inv_freq, float* __restrict__ out,
+                                          int n, int d, int heads, int rot_heads, int half)
+{
+    const long long width = (long long)heads * 2 * half;
+    auto cols = [&](int p) {
+        const long long a = (long long)(p / half) * 2 * half + p % half;
+        return ColPair{a, a + half};
+    };
+    norm_pairs(h, nw, eps, w, n, d, heads * half, cols, [&](int p, int row, float a, float b) {
+        const int head = p / half, t = p % half;
+        float* o = out + row * width + cols(p).a;
+        if (head < rot_heads) {
+            const float angle = __fmul_rn((float)pos[row], inv_freq[t]);
+            const float c = cosf(angle), s = sinf(angle);
+            o[0] = __fadd_rn(__fmul_rn(a, c), __fmul_rn(-b, s));
+            o[half] = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
+        } else {
+            o[0] = a;
+            o[half] = b;
+        }
+    });
+}
+
+// out (n, f) = silu(g) * u with (g, u) = RMSNorm(h) @ W^T's columns p and f + p: W (2 f, d) (the fused gate/up
+// weight), silu * up as passes.cu's silu_mul computes it.
 template <class W>
 __device__ __forceinline__ void norm_silu(const float* __restrict__ h, const float* __restrict__ nw, float eps,
                                           const W* __restrict__ w, float* __restrict__ out, int n, int d, int f)
 {
-    __shared__ float red[WARPS];
-    __shared__ float scale[SMALL_ROWS];
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    for (int r0 = 0; r0 < n; r0 += SMALL_ROWS) {
-        const int nr = min(SMALL_ROWS, n - r0);
-        const float* x = h + (long long)r0 * d;
-        row_scales(x, d, nr, eps, red, scale);
-        auto normed = [&](int r, int j) {
-            return operand(w, __fmul_rn(__fmul_rn(x[(long long)r * d + j], scale[r]), nw[j]));
-        };
-        for (int base = blockIdx.x * WARPS; base < f; base += gridDim.x * WARPS) {
-            const int p = base + warp;
-            const bool valid = p < f;
-            const long long col = valid ? p : 0;
-            const W* rows[2] = {w + col * d, w + (col + f) * d};
-            float acc[2][SMALL_ROWS];
-            warp_dots<2>(rows, normed, nr, d, valid, acc);
-#pragma unroll
-            for (int r = 0; r < SMALL_ROWS; ++r) {
-                if (!valid || r >= nr || lane != r) continue;
-                const float g = acc[0][r];
-                out[(long long)(r0 + r) * f + col] = __fmul_rn(__fdiv_rn(g, __fadd_rn(1.f, expf(-g))), acc[1][r]);
-            }
-        }
-        __syncthreads();
-    }
+    norm_pairs(h, nw, eps, w, n, d, f, [&](int p) { return ColPair{p, (long long)f + p}; },
+               [&](int p, int row, float g, float u) {
+                   out[(long long)row * f + p] = __fmul_rn(__fdiv_rn(g, __fadd_rn(1.f, expf(-g))), u);
+               });
 }
 
 // out (n, m) = x @ W^T (+ res): x (n, d), W (m, d), res (n, m) or nullptr.
