@@ -21,7 +21,7 @@ import numpy as np
 
 from rshard_hpc.ops import decode_cuda
 from rshard_hpc.ops.cuda_build import _blocks, _cupy, _kernel
-from rshard_hpc.ops.passes_cuda import PASS_THREADS
+from rshard_hpc.ops.passes_cuda import PASS_THREADS, _empty  # _empty: NaN-filled under passes_cuda.POISON_OUTPUTS
 from rshard_hpc.ops.precision import BF16_NAN, Bf16Matrix
 
 SOURCE = "small_rows.cu"
@@ -29,7 +29,6 @@ SMALL_ROWS = 8  # rows a lane holds partial sums for at once (registers); more r
 ENV_VAR = "RSHARD_SMALL_ROWS"  # the most rows a step may have to take these kernels ("0": never; benchmarks' A/B)
 MAX_ROWS = int(os.environ.get(ENV_VAR, "8"))  # larger steps take cuBLAS (products worth a GEMM)
 WARPS = PASS_THREADS // 32  # warps a block: one output column (or column pair) each
-POISON_OUTPUTS = False  # tests: fill outputs with NaN first, so unwritten elements show
 
 
 def defines() -> dict:
@@ -80,13 +79,6 @@ def _rows(x, d: int):
     return x
 
 
-def _empty(shape):
-    out = _cupy().empty(shape, dtype=np.float32)
-    if POISON_OUTPUTS:
-        out.fill(np.nan)
-    return out
-
-
 def norm_rope(h, norm_w, eps: float, matrix, pos32, inv_freq, heads: int, rot_heads: int, head_dim: int):
     """RMSNorm(h) @ matrixᵀ with RoPE on the first rot_heads heads: h (n, d) -> (n, heads * head_dim) float32.
     matrix (heads * head_dim, d) (the fused q/k/v weight: q's heads, k's, then v's, unrotated); pos32 the rows'
@@ -95,7 +87,7 @@ def norm_rope(h, norm_w, eps: float, matrix, pos32, inv_freq, heads: int, rot_he
     n, d = h.shape
     if w.shape != (heads * head_dim, d) or head_dim % 2 or pos32.shape != (n,):
         raise ValueError(f"norm_rope: weight {w.shape}, heads {heads} x {head_dim}, rows {h.shape}, pos {pos32.shape}")
-    out = _empty((n, heads * head_dim))
+    out = _empty((n, heads * head_dim), np.float32)
     half = head_dim // 2
     _launch(f"norm_rope_{kind}", heads * half,
             (_rows(h, d), norm_w, np.float32(eps), w, pos32, inv_freq, out, np.int32(n), np.int32(d),
@@ -111,7 +103,7 @@ def norm_silu(h, norm_w, eps: float, matrix):
     if w.shape[1] != d or w.shape[0] % 2:
         raise ValueError(f"norm_silu: weight {w.shape} for rows {h.shape} (an even number of rows, d columns)")
     f = w.shape[0] // 2
-    out = _empty((n, f))
+    out = _empty((n, f), np.float32)
     _launch(f"norm_silu_{kind}", f, (_rows(h, d), norm_w, np.float32(eps), w, out, np.int32(n), np.int32(d),
                                      np.int32(f)))
     return out
@@ -126,7 +118,7 @@ def linear(x, matrix, residual=None):
     res = None if residual is None else _rows(residual, m)
     if res is not None and res.shape[0] != n:
         raise ValueError(f"linear: residual {res.shape} for rows {x.shape}")
-    out = _empty((n, m))
+    out = _empty((n, m), np.float32)
     _launch(f"linear_rows_{kind}", m, (x, w, np.uint64(0) if res is None else res, out, np.int32(n), np.int32(d),
                                        np.int32(m)))
     return out

@@ -25,7 +25,6 @@ TOL_CUBLAS = {"float32": 2e-5, "bfloat16": 1e-2}  # against the GPU's cuBLAS pat
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    monkeypatch.setattr(small_rows_cuda, "POISON_OUTPUTS", True)
     monkeypatch.setattr(passes_cuda, "POISON_OUTPUTS", True)
     monkeypatch.setattr(common, "FUSED", True)
     monkeypatch.setattr(decode_cuda, "ENABLED", True)
