@@ -20,7 +20,7 @@ import numpy as np
 
 from rshard_hpc.bench.common import append_table, bench_config
 from rshard_hpc.models.common import chained, fused, linear, rms_norm, rms_norm_input, silu, silu_mul_input
-from rshard_hpc.models.llama import Llama, apply_rope, rope_cos_sin, rope_qk, rope_tables
+from rshard_hpc.models.llama import Llama, apply_rope, few_rows, rope_cos_sin, rope_qk, rope_tables
 from rshard_hpc.models.random_init import random_tensors
 from rshard_hpc.ops.arrays import array_module
 from rshard_hpc.ops import small_rows_cuda
@@ -125,7 +125,7 @@ class _LayerPieces:
                  lambda: rope_tables(self.model.inv_freq, self.pos, self.xp, fused(self.q0))),
                 ("whole: model.pre", lambda: self.model.pre(0, self.h, self.pos)),
                 ("whole: model.post", lambda: self.model.post(0, self.h, o))]
-        if fused(self.h) and small_rows_cuda.takes(self.h):  # the wholes above ran kernels/small_rows.cu
+        if few_rows(self.h):  # the wholes above ran kernels/small_rows.cu
             rows += [(f"{name}, cuBLAS products (before small_rows.cu)", _small_rows_off(fn))
                      for name, fn in rows[1:]]
         return rows

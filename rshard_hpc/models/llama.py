@@ -120,7 +120,7 @@ def load_head(path, cfg: ModelConfig, dtype="float32", xp=None) -> dict:
     return {k: xp.asarray(v, dtype=dtype) for k, v in weights.read_tensors(path, Llama.head_keys(cfg)).items()}
 
 
-def _few_rows(h) -> bool:
+def few_rows(h) -> bool:
     """Whether a CompNode's rows h (n, d) take the small-step kernels (ops/small_rows_cuda.py): a decode step's few
     fused rows on a GPU."""
     if not fused(h):
@@ -157,7 +157,7 @@ class Llama:
     def graph_safe(self, h) -> bool:
         """Whether pre and post on rows h (n, d) launch only kernels a CUDA graph may capture (the few-row kernels:
         no cuBLAS call, no host synchronization; engine/step_graphs.py)."""
-        return _few_rows(h)
+        return few_rows(h)
 
     def embed(self, ids, pos):
         """ids, pos: (n,) ints -> h: (n, d). Positions enter later, through RoPE."""
@@ -168,7 +168,7 @@ class Llama:
         the q/k/v product's columns)."""
         c, w = self.cfg, lambda name: self._w(layer, name)
         n, H, Hkv = h.shape[0], c.n_heads, c.n_kv_heads
-        if _few_rows(h):  # norm, product and RoPE in one launch
+        if few_rows(h):  # norm, product and RoPE in one launch
             from rshard_hpc.ops import small_rows_cuda
 
             qkv = small_rows_cuda.norm_rope(h, w("attn_norm_w"), c.norm_eps, w("wqkv"), self.rope_tables(pos, True),
@@ -192,7 +192,7 @@ class Llama:
         """h: (n, d) residual stream, attn: (n, H, D) merged attention -> next h: (n, d)."""
         c, w = self.cfg, lambda name: self._w(layer, name)
         n = h.shape[0]
-        if _few_rows(h):  # three launches: O + residual, norm + gate/up + SiLU * up, down + residual
+        if few_rows(h):  # three launches: O + residual, norm + gate/up + SiLU * up, down + residual
             from rshard_hpc.ops import small_rows_cuda as small
 
             h = small.linear(attn.reshape(n, c.n_heads * c.head_dim), w("wo"), residual=h)
