@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
 ENV_VAR = "RSHARD_STEP_GRAPHS"
 ENABLED = os.environ.get(ENV_VAR, "1") != "0"
 
@@ -47,10 +45,10 @@ class StepGraphs:
         self.graphs = {}  # (layer, "pre" | "post") -> cupy.cuda.Graph
 
     def begin_step(self, h, pos, routes) -> None:
-        """This step's first-layer rows h (n, d) (device), positions pos (n,) (host ints) and wire routes (same
-        sizes as the captured ones: same n and β) into the fixed buffers."""
+        """This step's first-layer rows h (n, d), positions pos (n,) (both on the device) and wire routes (same
+        sizes as the captured ones: same n and β) into the fixed buffers: device-to-device copies, no host wait."""
         self.h0[...] = h
-        self.pos.set(np.ascontiguousarray(pos, dtype=np.int32))
+        self.pos[...] = pos
         self.routes.send_units[...] = routes.send_units
         self.routes.recv_rows[...] = routes.recv_rows
 

@@ -105,7 +105,7 @@ class CompWorker(_Worker):
         send_counts, back_counts = self._send_counts(routes), self._back_counts(routing)
         graphs = self._step_graphs(h, routes, int(back_counts.sum()))  # small GPU steps: a launch a pass
         if graphs is not None:
-            graphs.begin_step(h, tokens.pos[mine], routes)
+            graphs.begin_step(h, pos, routes)
         for layer in range(self.first_layer, cfg.n_layers):
             trace.mark("layer")
             with self.timer("prepass"):

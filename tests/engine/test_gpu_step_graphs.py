@@ -48,7 +48,7 @@ def test_replays_equal_launch_by_launch(dtype, n):
     for step in range(3):
         routes = _routes(rng, cfg, n, wire)
         h0 = cupy.asarray(rng.standard_normal((n, cfg.hidden)).astype(np.float32))
-        pos = rng.integers(0, 4000, n).astype(np.int32)
+        pos = cupy.asarray(rng.integers(0, 4000, n).astype(np.int32))  # on the device, as CompWorker.step has them
         recvs = [_partials(rng, cfg, n, wire) for _ in range(cfg.n_layers)]
         assert model.graph_safe(h0)
         if graphs is None:
@@ -56,7 +56,7 @@ def test_replays_equal_launch_by_launch(dtype, n):
         graphs.begin_step(h0, pos, routes)
         h, h_graph = h0, None
         for layer in range(cfg.n_layers):
-            want_send = routes.pack(*model.pre(layer, h, cupy.asarray(pos)))
+            want_send = routes.pack(*model.pre(layer, h, pos))
             h = model.post(layer, h, routes.merge(recvs[layer]))
             got_send = graphs.pre(layer, first=layer == 0)
             graphs.recv[...] = recvs[layer]
