@@ -3,7 +3,7 @@
 # as .carry/ompi-cuda.tar.gz, or built here from .carry's sources), mpi4py against it, then stages in order,
 # each skipped once the call's time budget (BUDGET_S, default 540) is near.   logs go to $OUT
 #   usage: bash tools/device_session.sh STAGE...   stages: mpi verify startab startvar unit engine jobs passes decode transports trace profile smalltests finaltests
-#           smallab decodeab passes1 probe suite
+#           smallab decodeab passes1 probe suite p512 embatch launch etrace
 # Carried: .carry/ (ompi-cuda.tar.gz or openmpi_4.1*.orig.tar.*, mpi4py-*.tar.gz), .minilm/ (all-MiniLM-L6-v2
 # as a sentence-transformers folder, fp16 safetensors).
 set -u
@@ -224,6 +224,56 @@ passes1)  # one layer's passes at a decode step's one token: small-rows kernels 
     timeout 60 python3 -m rshard_hpc bench passes --device gpu --shape smollm2 --tokens 1 --repeat 50 --dtype $dt \
       --no-torch --out "$OUT/bench_passes1.md" 2>&1 | grep -E "^\| (whole|sum)"
   done ;;
+p512)  # host timelines of a 512-token prefill (bf16, fp32) at both layouts, MPS on: where a layer's fixed cost goes
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps/log
+  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY; nvidia-cuda-mps-control -d
+  for layout in "13 --alpha 3 --beta 3 --c-a 2" "7 --alpha 2 --beta 2"; do
+    set -- $layout; n=$1; shift
+    for dt in ${P512_DTYPES:-bfloat16}; do  # bench job steps: 0 prefill, 1-4 decode, 5-7 the timed prefills
+      stage "trace prefill 512 $dt, $n ranks"; enough 40 p512 || break 2
+      RSHARD_TRACE=$OUT/tr_p512_${dt}_$n timeout 100 mpirun -n $n python3 -m rshard_hpc bench job "$@" --device gpu \
+        --tokens ${P512_TOKENS:-512} --decode-steps 4 --dtype $dt --out "$OUT/p512_job.md" 2>&1 | grep -E "^\| [0-9]|rror" | cut -c1-250
+      python3 -m rshard_hpc bench trace $OUT/tr_p512_${dt}_$n --steps 5:8 --layer 15 > $OUT/tr_p512_${dt}_$n.md
+    done
+  done
+  echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  (cd $OUT && tar -czf p512.tar.gz tr_p512_*/ && rm -rf tr_p512_*/) ;;
+embatch)  # the 4096-prompt MiniLM job at 13 ranks under each --batch-tokens of EMBATCH, alternating, twice, MPS on
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps/log
+  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY; nvidia-cuda-mps-control -d
+  python3 -c "from rshard_hpc.bench.prompts import word_prompts as p, write_prompts as w; w('/tmp/p4096.jsonl', p(4096, seed=0))"
+  for run in 1 2; do for bt in ${EMBATCH:-8192 32768}; do
+    stage "embed 4096, --batch-tokens $bt, run $run"; enough 40 embatch || break 2
+    t0=$EPOCHREALTIME
+    timeout 100 mpirun -n 13 python3 -m rshard_hpc run --task embed --model /tmp/minilm.h5 --prompts /tmp/p4096.jsonl \
+      --out /tmp/e4096_$bt.h5 --overwrite --truncate --allow-weak-plan --device gpu --alpha 3 --beta 3 --c-a 2 \
+      --batch-tokens $bt 2>&1 | tail -n 2 | cut -c1-300
+    echo "launcher wall $bt $run: $(python3 -c "print(round($EPOCHREALTIME - $t0, 2))") s"
+  done; done
+  python3 -c "import h5py, numpy as np, sys; f = [h5py.File(f'/tmp/e4096_{b}.h5')['embeddings'][()] for b in sys.argv[1:]]; print('max abs diff vs first', [float(np.abs(x - f[0]).max()) for x in f])" ${EMBATCH:-8192 32768}
+  echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY ;;
+launch)  # tools/launch_probe.py: a launch's host cost in one process and beside 12 / 6 other ranks, MPS off and on
+  stage launch; lscpu | grep -E "^(CPU\(s\)|Thread|Core|Socket|Model name)"; nvidia-smi -q | grep -iE "compute mode" | head -n 1
+  timeout 60 mpirun -n 1 python3 tools/launch_probe.py 2>&1 | tail -n 3
+  timeout 90 mpirun -n 13 python3 tools/launch_probe.py 2>&1 | tail -n 5
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps/log
+  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY; nvidia-cuda-mps-control -d
+  for n in 13 7; do timeout 90 mpirun -n $n python3 tools/launch_probe.py 2>&1 | tail -n 5; done
+  timeout 90 mpirun -n 13 --bind-to core python3 tools/launch_probe.py 2>&1 | tail -n 5
+  echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY ;;
+etrace)  # host timeline of the 4096-prompt MiniLM job at 13 ranks, MPS on (where its in-job time goes)
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps/log
+  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY; nvidia-cuda-mps-control -d
+  python3 -c "from rshard_hpc.bench.prompts import word_prompts as p, write_prompts as w; w('/tmp/p4096.jsonl', p(4096, seed=0))"
+  for i in 1 2; do
+    stage "trace embed 4096, run $i"; enough 40 etrace || break
+    RSHARD_TRACE=$OUT/tr_e4096_$i timeout 100 mpirun -n 13 python3 -m rshard_hpc run --task embed --model /tmp/minilm.h5 \
+      --prompts /tmp/p4096.jsonl --out /tmp/e4096.h5 --overwrite --truncate --allow-weak-plan --device gpu \
+      --alpha 3 --beta 3 --c-a 2 2>&1 | tail -n 2 | cut -c1-300
+  done
+  python3 -m rshard_hpc bench trace $OUT/tr_e4096_2 --steps 10:20 --layer 2 > $OUT/tr_e4096.md
+  echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  (cd $OUT && tar -czf etrace.tar.gz tr_e4096_*/ && rm -rf tr_e4096_*/) ;;
 probe)  # CUDA graphs from CuPy: capture with allocations, replay cost
   stage probe; timeout 60 python3 tools/graph_probe.py 2>&1 | tail -n 5 ;;
 suite)

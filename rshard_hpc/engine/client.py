@@ -59,7 +59,8 @@ class Client:
     def step(self, ranges, ids_per_seq, want: str = "all"):
         """ids_per_seq[b]: token ids of positions ranges[b]. Returns the final rows (n_rows, d) in step order
         (all step tokens for "all"; one row per sequence with a non-empty range for "last")."""
-        return self._receive(self._send(self._prepare(self.plans, ranges, ids_per_seq, want)))
+        step = self._send(self._prepare(self.plans, ranges, ids_per_seq, want))
+        return self._place(step, self._gather(step))
 
     def _prepare(self, plans, ranges, ids_per_seq, want: str) -> "_Step":
         """A step's routing and inputs, made on the client alone (no MPI): what _send scatters."""
@@ -89,12 +90,16 @@ class Client:
         trace.mark("inputs sent")
         return step
 
-    def _receive(self, step: "_Step"):
-        """The step's final rows from the CompNodes, in step order (see step)."""
-        tokens, routing = step.tokens, step.routing
+    def _gather(self, step: "_Step") -> list:
+        """The step's final rows as the CompNodes sent them: [None, CompNode 0's rows, …] (collective)."""
         parts = self.transport.gather_rows(self.topo.client_comm, np.zeros((0, self.cfg.hidden), np.float32),
                                            self.cfg.hidden)
         trace.mark("rows")
+        return parts
+
+    def _place(self, step: "_Step", parts: list):
+        """The gathered rows in step order (see step): no MPI, so it may wait until the workers have more work."""
+        tokens, routing = step.tokens, step.routing
         rows = np.empty((len(tokens), self.cfg.hidden), dtype=np.float32)
         for k in range(self.topo.alpha):
             rows[routing.comp_tokens[k][wanted_local_rows(tokens, routing, k, step.want)]] = parts[k + 1]
@@ -104,9 +109,11 @@ class Client:
 
     def end_batch(self) -> None:
         collectives.bcast(self.topo.world, {"op": "end"})
+        trace.mark("end sent")
         if self.layers is not None:
             self.layers.reset()
         self.ledgers.append(collectives.gather_ledger(self.topo.world, None))
+        trace.mark("ledgers")
 
     def take_ledgers(self) -> list:
         """The ledgers of the batches finished since the last call (and forget them)."""
@@ -125,16 +132,19 @@ class Client:
 
         Pipelined: batch b+1's inputs (with client layers, its first K layers) are prepared while the workers run
         batch b, and sent before batch b is yielded, so the caller's work on batch b's rows (pooling, writing)
-        overlaps the workers' on batch b+1. A batch's ledger is gathered before it is yielded (take_ledgers)."""
+        overlaps the workers' on batch b+1; so does putting batch b's rows in step order. A batch's ledger is
+        gathered before it is yielded (take_ledgers)."""
         batches = list(batches)
         in_flight = self._send_batch(self._prepare_batch(batches[0])) if batches else None
         for b in range(len(batches)):
             upcoming = self._prepare_batch(batches[b + 1]) if b + 1 < len(batches) else None
             lens, step = in_flight
-            rows = self._receive(step)
+            parts = self._gather(step)
             self.end_batch()
             if upcoming is not None:
                 in_flight = self._send_batch(upcoming)
+            rows = self._place(step, parts)  # in step order, while the workers run batch b+1 (~5 ms at 8k tokens)
+            trace.mark("rows placed")
             bounds = np.cumsum([0] + lens)
             yield [rows[a:z] for a, z in zip(bounds[:-1], bounds[1:])]
 

@@ -40,17 +40,24 @@ class _Worker:
             if op == "stop":
                 return
             if op == "batch":
+                trace.mark("batch")
                 self.plans = batch_plans(self.spec, header["lens"])
+                trace.mark("plans")
                 self.begin_batch()
+                trace.mark("begun")
             elif op == "step":
                 trace.mark("step")
                 tokens = step_tokens(self.plans, header["ranges"])
                 self.transport.begin_step(len(tokens))
                 self.step(tokens, Routing(tokens, self.topo.alpha, self.topo.beta), header["want"])
             elif op == "end":
+                trace.mark("end")
                 self.end_batch()
                 # the batch's visibility ledger goes to the client (architecture.md §4); token content never does
-                collectives.gather_ledger(self.topo.world, {"node": self.topo.node.name, "records": self.ledger.compact()})
+                records = self.ledger.compact()
+                trace.mark("ledger")
+                collectives.gather_ledger(self.topo.world, {"node": self.topo.node.name, "records": records})
+                trace.mark("ledger sent")
                 self.ledger = LedgerRecorder()
 
     def begin_batch(self):

@@ -14,7 +14,7 @@ from rshard_hpc.plan.views import (
     expand_blocks_many,
     format_blocks,
     plan_views,
-    rle,
+    rle_by_owner,
     sees_all,
     sorted_unique,
     unrle,
@@ -91,14 +91,9 @@ class LedgerRecorder:
         stable sort: equal positions keep their arrival order)."""
         order = np.argsort(seq * (int(pos.max()) + 1) + pos, kind="stable")
         seq, keys = seq[order], keys[:, order]
-        cuts = np.flatnonzero(np.diff(seq)) + 1
-        bounds = zip(np.concatenate([[0], cuts]).tolist(), np.append(cuts, len(seq)).tolist())
-        out = {}
-        for a, b in bounds:
-            s = int(seq[a])
-            out[s] = [{"key_group": j, "pos": [list(x) for x in blocks[s]], "keys": rle(keys[j, a:b])}
-                      for j in range(len(keys))]
-        return out
+        runs = [rle_by_owner(seq, keys[j]) for j in range(len(keys))]  # key group j: {seq: its counts' rle}
+        return {s: [{"key_group": j, "pos": [list(x) for x in blocks[s]], "keys": runs[j][s]} for j in range(len(keys))]
+                for s in runs[0]}
 
 
 def ledger_document(gathered: list, prompt_ids: list, lengths: list, plan_lengths: list) -> dict:

@@ -87,12 +87,12 @@ def blocks_of(positions) -> list[list[int]]:
     """Sorted unique positions as blocks [start, length, period, count]: `count` runs of `length` positions
     starting at start, start + period, … (period 0 when count is 1). A strided view is one or two blocks."""
     starts, lengths = run_bounds(sorted_unique(positions))
-    return _merge_runs(starts.tolist(), lengths.tolist())
+    return _merge_runs(np.zeros(len(starts), np.int64), starts, lengths).get(0, [])
 
 
 def blocks_by_owner(owner, positions) -> dict:
     """{owner: blocks_of(its positions)} for many owners at once (e.g. sequences of a batch): owner and positions
-    are (n,) ints; one sort for all of them, only the merging of runs into blocks is per owner."""
+    are (n,) ints; one sort for all of them, and the runs merged into blocks for all owners together."""
     owner, positions = np.asarray(owner, dtype=np.int64), np.asarray(positions, dtype=np.int64)
     if not owner.size:
         return {}
@@ -103,28 +103,36 @@ def blocks_by_owner(owner, positions) -> dict:
     new_run = np.concatenate([[True], (owner[1:] != owner[:-1]) | (np.diff(positions) != 1)])
     first = np.flatnonzero(new_run)
     lengths = np.diff(np.append(first, len(positions)))
-    run_owner, starts = owner[first], positions[first]
-    cuts = np.flatnonzero(np.diff(run_owner)) + 1
-    bounds = zip(np.concatenate([[0], cuts]).tolist(), np.append(cuts, len(first)).tolist())
-    starts, lengths, owners = starts.tolist(), lengths.tolist(), run_owner.tolist()
-    return {owners[a]: _merge_runs(starts[a:b], lengths[a:b]) for a, b in bounds}
+    return _merge_runs(owner[first], positions[first], lengths)
 
 
-def _merge_runs(starts: list, lengths: list) -> list[list[int]]:
-    """Runs (ascending starts) grouped greedily into blocks: a run joins the last block when it has the block's
-    length and, past the block's second run, follows at the block's period."""
-    blocks: list[list[int]] = []
-    for start, length in zip(starts, lengths):
-        if blocks:
-            b = blocks[-1]
-            last = b[0] + (b[3] - 1) * b[2]
-            if b[1] == length and (b[3] == 1 or start - last == b[2]):
-                if b[3] == 1:
-                    b[2] = start - b[0]
-                b[3] += 1
-                continue
-        blocks.append([start, length, 0, 1])
-    return blocks
+def _merge_runs(owner: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> dict:
+    """{owner: blocks}: each owner's runs (owner ascending, then starts ascending) grouped greedily into blocks: a
+    run joins its owner's last block when it has the block's length and, past the block's second run, follows at
+    the block's period. The tests between neighbouring runs are array operations; Python steps once a block."""
+    n = len(starts)
+    if n == 0:
+        return {}
+    same = np.zeros(n + 1, dtype=bool)  # same[i]: run i may join a block whose last run is i - 1 (index n: never)
+    same[1:n] = (owner[1:] == owner[:-1]) & (lengths[1:] == lengths[:-1])
+    gap = np.diff(starts, prepend=starts[0])  # gap[i] = starts[i] - starts[i-1]
+    steady = np.zeros(n + 1, dtype=bool)  # steady[i]: run i continues a block whose period is gap[i-1]
+    steady[2:n] = same[2:n] & same[1:n - 1] & (gap[2:] == gap[1:-1])
+    breaks = np.flatnonzero(~steady)  # steady[n] is False: every search ends
+    end_after = breaks[np.searchsorted(breaks, np.arange(n + 1))]  # the first i' >= i with steady[i'] False
+    starts_l, lengths_l, owner_l, gap_l, same_l, end_l = (a.tolist() for a in (starts, lengths, owner, gap, same,
+                                                                               end_after))
+    out: dict = {}
+    a = 0
+    while a < n:
+        if same_l[a + 1]:  # a second run: the block's period is its gap; the block runs up to the first unsteady run
+            b = end_l[a + 2] - 1  # a + 2 <= n: same[n] is False
+            block = [starts_l[a], lengths_l[a], gap_l[a + 1], b - a + 1]
+        else:
+            b, block = a, [starts_l[a], lengths_l[a], 0, 1]
+        out.setdefault(owner_l[a], []).append(block)
+        a = b + 1
+    return out
 
 
 def expand_blocks(blocks) -> np.ndarray:
@@ -171,6 +179,20 @@ def rle(values) -> list[list[int]]:
         return []
     first = np.flatnonzero(np.concatenate([[True], values[1:] != values[:-1]]))
     return np.stack([values[first], np.diff(np.append(first, values.size))], axis=1).tolist()
+
+
+def rle_by_owner(owner, values) -> dict:
+    """{owner: rle(its values)} for a whole array at once; owner (n,) sorted (equal owners together)."""
+    owner, values = np.asarray(owner, dtype=np.int64), np.asarray(values, dtype=np.int64)
+    if not owner.size:
+        return {}
+    change = (owner[1:] != owner[:-1]) | (values[1:] != values[:-1])
+    first = np.flatnonzero(np.concatenate([[True], change]))
+    pairs = np.stack([values[first], np.diff(np.append(first, values.size))], axis=1).tolist()
+    run_owner = owner[first]
+    cuts = (np.flatnonzero(run_owner[1:] != run_owner[:-1]) + 1).tolist()
+    bounds = zip([0] + cuts, cuts + [len(first)])
+    return {int(run_owner[a]): pairs[a:b] for a, b in bounds}
 
 
 def unrle(pairs) -> np.ndarray:

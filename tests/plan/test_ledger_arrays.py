@@ -29,6 +29,7 @@ from rshard_hpc.plan.views import (
     format_blocks,
     plan_views,
     rle,
+    rle_by_owner,
     sees_all,
     sorted_unique,
     unrle,
@@ -61,6 +62,34 @@ def _old_rle(values):
         else:
             out.append([v, 1])
     return out
+
+
+def _old_merge_runs(starts, lengths):
+    """Runs into blocks one run at a time (the loop views._merge_runs replaced)."""
+    blocks = []
+    for start, length in zip(starts, lengths):
+        if blocks:
+            b = blocks[-1]
+            last = b[0] + (b[3] - 1) * b[2]
+            if b[1] == length and (b[3] == 1 or start - last == b[2]):
+                if b[3] == 1:
+                    b[2] = start - b[0]
+                b[3] += 1
+                continue
+        blocks.append([start, length, 0, 1])
+    return blocks
+
+
+def _old_blocks_of(positions):
+    pos = sorted(set(np.asarray(positions, dtype=np.int64).tolist()))
+    starts, lengths = [], []
+    for p in pos:
+        if starts and p == starts[-1] + lengths[-1]:
+            lengths[-1] += 1
+        else:
+            starts.append(p)
+            lengths.append(1)
+    return _old_merge_runs(starts, lengths)
 
 
 def _old_compact(records):
@@ -274,3 +303,30 @@ def test_block_helpers_agree_with_their_one_at_a_time_forms():
             assert np.array_equal(got[got_owner == o], expand_blocks(lists[o]))
         values = rng.integers(0, 3, len(pos))
         assert rle(values) == _old_rle(values)
+        by_owner = np.sort(owner)
+        assert rle_by_owner(by_owner, values) == {o: _old_rle(values[by_owner == o]) for o in set(by_owner.tolist())}
+
+
+def _striped(rng, n):
+    """Positions a strided plan gives one node: c of every `every` positions (runs of equal length at a fixed
+    period), some dropped, with a few stray runs of other lengths and periods."""
+    c, every = int(rng.integers(1, 4)), int(rng.integers(4, 9))
+    pos = np.flatnonzero(np.arange(n) % every < c)
+    if rng.random() < 0.5:
+        pos = pos[rng.random(len(pos)) > 0.05]
+    stray = rng.integers(0, n + 40, int(rng.integers(0, 6)))
+    return np.concatenate([pos, stray, np.arange(n + 50, n + 50 + int(rng.integers(0, 30)), 3)])
+
+
+def test_runs_merge_into_blocks_as_one_at_a_time():
+    """blocks_of and blocks_by_owner (the runs' tests as array operations) against the greedy loop one run at a
+    time: strided views, dropped runs, strays, runs that end a block exactly where the next could begin."""
+    rng = np.random.default_rng(11)
+    for t in range(400):
+        pos = _striped(rng, int(rng.integers(1, 300))) if t % 3 else rng.integers(0, 150, rng.integers(0, 90))
+        assert blocks_of(pos) == _old_blocks_of(pos), pos
+        owner = rng.integers(0, 6, len(pos))
+        assert blocks_by_owner(owner, pos) == {o: _old_blocks_of(pos[owner == o]) for o in set(owner.tolist())}
+    # equal-length runs whose period changes: a block ends, the next starts at the run that broke it
+    pos = np.array([0, 1, 10, 11, 20, 21, 25, 26, 30, 31, 35, 36, 50, 60])
+    assert blocks_of(pos) == _old_blocks_of(pos) == [[0, 2, 10, 3], [25, 2, 5, 3], [50, 1, 10, 2]]
