@@ -186,3 +186,43 @@ decode_attend(const wire_t* __restrict__ recv, const long long* __restrict__ q_s
         if (S > 1) counters[r * n_heads + h] = 0;  // ready for the next launch
     }
 }
+
+// Helpers of an AttnNode's layer of a larger step (ops/decode_cuda.PlanLayers), which attends through the general
+// plan (kernels/partial_attention.cu) but unpacks and packs in one launch each.
+// gather_q: query row r's q (row_width = H * D elements at recv[q_src[r]]) into q (n_q, H, D), contiguous.
+extern "C" __global__ void __launch_bounds__(DECODE_THREADS)
+gather_q(const wire_t* __restrict__ recv, const long long* __restrict__ q_src, wire_t* __restrict__ q, int n_q,
+         int row_width)
+{
+    const long long total = (long long)n_q * row_width;
+    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
+         idx += (long long)gridDim.x * blockDim.x) {
+        const int r = (int)(idx / row_width), e = (int)(idx % row_width);
+        q[idx] = recv[q_src[r] + e];
+    }
+}
+
+// pack_partial: o (n, D) and lse (n,) float32, n = rows * heads, into out (n, slots) wire elements, as
+// decode_attend writes a partial (and ops/precision.pack_partial): D values of o (bf16: rounded), then lse
+// (bf16 wire: its two uint16 halves, low half first).
+extern "C" __global__ void __launch_bounds__(DECODE_THREADS)
+pack_partial(const float* __restrict__ o, const float* __restrict__ lse, wire_t* __restrict__ out, int n,
+             int slots)
+{
+    const long long total = (long long)n * slots;
+    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
+         idx += (long long)gridDim.x * blockDim.x) {
+        const long long rh = idx / slots;
+        const int s = (int)(idx % slots);
+#if WIRE_BF16
+        if (s < HEAD_DIM) {
+            out[idx] = bf16_bits(o[rh * HEAD_DIM + s]);
+        } else {
+            const unsigned int bits = __float_as_uint(lse[rh]);
+            out[idx] = (unsigned short)(s == HEAD_DIM ? (bits & 0xFFFFu) : (bits >> 16));
+        }
+#else
+        out[idx] = s < HEAD_DIM ? o[rh * HEAD_DIM + s] : lse[rh];
+#endif
+    }
+}

@@ -3,7 +3,7 @@
 # as .carry/ompi-cuda.tar.gz, or built here from .carry's sources), mpi4py against it, then stages in order,
 # each skipped once the call's time budget (BUDGET_S, default 540) is near.   logs go to $OUT
 #   usage: bash tools/device_session.sh STAGE...   stages: mpi verify startab startvar unit engine jobs passes decode transports trace profile smalltests finaltests
-#           smallab decodeab passes1 probe suite p512 embatch launch etrace
+#           smallab decodeab passes1 probe suite p512 embatch launch etrace prefab
 # Carried: .carry/ (ompi-cuda.tar.gz or openmpi_4.1*.orig.tar.*, mpi4py-*.tar.gz), .minilm/ (all-MiniLM-L6-v2
 # as a sentence-transformers folder, fp16 safetensors).
 set -u
@@ -274,6 +274,19 @@ etrace)  # host timeline of the 4096-prompt MiniLM job at 13 ranks, MPS on (wher
   python3 -m rshard_hpc bench trace $OUT/tr_e4096_2 --steps 10:20 --layer 2 > $OUT/tr_e4096.md
   echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
   (cd $OUT && tar -czf etrace.tar.gz tr_e4096_*/ && rm -rf tr_e4096_*/) ;;
+prefab)  # a prefill (PREFAB_ARGS) under each of PREFAB's settings (as DECODEAB), alternating, twice, both layouts, MPS on
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps/log
+  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY; nvidia-cuda-mps-control -d
+  for layout in "13 --alpha 3 --beta 3 --c-a 2" "7 --alpha 2 --beta 2"; do
+    set -- $layout; n=$1; shift
+    for run in 1 2; do for setting in ${PREFAB:-RSHARD_PLAN_LAYERS=0 RSHARD_PLAN_LAYERS=1}; do
+      stage "prefill, $setting, $n ranks, run $run, MPS on"; enough 30 prefab || break 3
+      env ${setting//,/ } timeout 90 mpirun -n $n python3 -m rshard_hpc bench job "$@" --device gpu \
+        ${PREFAB_ARGS:---tokens 512 --dtype bfloat16 --decode-steps 1} --no-plaintext --out "$OUT/bench_prefab.md" 2>&1 | \
+        grep -E "^\| [0-9]|rror" | awk -F'|' '{print "tok_s",$3,"prefill_s",$6,"attention_s",$8,"mpi_s",$10}'
+    done; done
+  done
+  echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY ;;
 probe)  # CUDA graphs from CuPy: capture with allocations, replay cost
   stage probe; timeout 60 python3 tools/graph_probe.py 2>&1 | tail -n 5 ;;
 suite)

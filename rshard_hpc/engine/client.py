@@ -3,8 +3,9 @@ content), scatters each CompNode only the ids of its own positions (with --clien
 rows: the client runs the first K layers itself), gathers back only the final rows.
 
   {"op": "batch", "lens": [...]}        a new batch; plans are made for these total lengths
-  {"op": "step", "ranges": [(a, b)...], "want": "all" | "last"}
-                                         compute positions a … b-1 of each sequence
+  {"op": "step", "ranges": [(a, b)...], "want": "all" | "last" | "sums"}
+                                         compute positions a … b-1 of each sequence; return every final row,
+                                         each sequence's last, or each sequence's sum of rows (mean pooling)
   {"op": "end"}                          the batch is done: AttnNodes drop their KV cache; every rank's
                                          visibility ledger of the batch is gathered to the client
   {"op": "stop"}                         the job is done
@@ -15,7 +16,14 @@ import numpy as np
 
 from rshard_hpc.dist import collectives
 from rshard_hpc.engine import trace
-from rshard_hpc.engine.routing import Routing, last_of_each_sequence, step_tokens, wanted_local_rows
+from rshard_hpc.engine.routing import (
+    WANTS,
+    Routing,
+    add_sequence_sums,
+    last_of_each_sequence,
+    step_tokens,
+    wanted_local_rows,
+)
 from rshard_hpc.engine.stats import PhaseTimer
 from rshard_hpc.engine.workers import WARM_UP_ROWS
 from rshard_hpc.ops.arrays import to_host
@@ -58,12 +66,15 @@ class Client:
 
     def step(self, ranges, ids_per_seq, want: str = "all"):
         """ids_per_seq[b]: token ids of positions ranges[b]. Returns the final rows (n_rows, d) in step order
-        (all step tokens for "all"; one row per sequence with a non-empty range for "last")."""
+        (all step tokens for "all"; one row per sequence with a non-empty range for "last"), or for "sums" each
+        sequence's float64 sum of its rows in this step (n_seq, d)."""
         step = self._send(self._prepare(self.plans, ranges, ids_per_seq, want))
         return self._place(step, self._gather(step))
 
     def _prepare(self, plans, ranges, ids_per_seq, want: str) -> "_Step":
         """A step's routing and inputs, made on the client alone (no MPI): what _send scatters."""
+        if want not in WANTS:
+            raise ValueError(f"want must be one of {WANTS}, not {want!r}")
         ranges = [(int(a), int(b)) for a, b in ranges]
         tokens = step_tokens(plans, ranges)
         routing = Routing(tokens, self.topo.alpha, self.topo.beta)
@@ -92,14 +103,20 @@ class Client:
 
     def _gather(self, step: "_Step") -> list:
         """The step's final rows as the CompNodes sent them: [None, CompNode 0's rows, …] (collective)."""
-        parts = self.transport.gather_rows(self.topo.client_comm, np.zeros((0, self.cfg.hidden), np.float32),
-                                           self.cfg.hidden)
+        width = self.cfg.hidden * (2 if step.want == "sums" else 1)  # sums: float64 as two float32 halves
+        parts = self.transport.gather_rows(self.topo.client_comm, np.zeros((0, width), np.float32), width)
         trace.mark("rows")
         return parts
 
     def _place(self, step: "_Step", parts: list):
-        """The gathered rows in step order (see step): no MPI, so it may wait until the workers have more work."""
+        """The gathered rows in step order (see step), or for "sums" (n_seq, d) float64 sums of each sequence's rows:
+        no MPI, so it may wait until the workers have more work."""
         tokens, routing = step.tokens, step.routing
+        if step.want == "sums":
+            sums = np.zeros((len(step.ranges), self.cfg.hidden), dtype=np.float64)
+            for k in range(self.topo.alpha):
+                add_sequence_sums(sums, tokens.seq[routing.comp_tokens[k]], parts[k + 1])
+            return sums
         rows = np.empty((len(tokens), self.cfg.hidden), dtype=np.float32)
         for k in range(self.topo.alpha):
             rows[routing.comp_tokens[k][wanted_local_rows(tokens, routing, k, step.want)]] = parts[k + 1]
@@ -123,21 +140,24 @@ class Client:
     def stop(self) -> None:
         collectives.bcast(self.topo.world, {"op": "stop"})
 
-    def encode(self, sequences):
-        """One batch through the encoder: list of (n_b,) ids -> list of final rows (n_b, d)."""
-        return next(self.encode_batches([sequences]))
+    def encode(self, sequences, want: str = "all"):
+        """One batch through the encoder: list of (n_b,) ids -> list of final rows (n_b, d) (want "sums": (B, d)
+        float64, each sequence's sum of final rows)."""
+        return next(self.encode_batches([sequences], want))
 
-    def encode_batches(self, batches):
-        """Each batch (a list of (n_b,) id arrays) through the encoder, in order: yields its rows per sequence.
+    def encode_batches(self, batches, want: str = "all"):
+        """Each batch (a list of (n_b,) id arrays) through the encoder, in order: yields its rows per sequence, or
+        with want="sums" a (B, d) float64 array of each sequence's sum of rows (what mean pooling needs: the
+        CompNodes send a row a sequence instead of a row a token).
 
         Pipelined: batch b+1's inputs (with client layers, its first K layers) are prepared while the workers run
         batch b, and sent before batch b is yielded, so the caller's work on batch b's rows (pooling, writing)
         overlaps the workers' on batch b+1; so does putting batch b's rows in step order. A batch's ledger is
         gathered before it is yielded (take_ledgers)."""
         batches = list(batches)
-        in_flight = self._send_batch(self._prepare_batch(batches[0])) if batches else None
+        in_flight = self._send_batch(self._prepare_batch(batches[0], want)) if batches else None
         for b in range(len(batches)):
-            upcoming = self._prepare_batch(batches[b + 1]) if b + 1 < len(batches) else None
+            upcoming = self._prepare_batch(batches[b + 1], want) if b + 1 < len(batches) else None
             lens, step = in_flight
             parts = self._gather(step)
             self.end_batch()
@@ -145,13 +165,16 @@ class Client:
                 in_flight = self._send_batch(upcoming)
             rows = self._place(step, parts)  # in step order, while the workers run batch b+1 (~5 ms at 8k tokens)
             trace.mark("rows placed")
+            if want == "sums":
+                yield rows
+                continue
             bounds = np.cumsum([0] + lens)
             yield [rows[a:z] for a, z in zip(bounds[:-1], bounds[1:])]
 
-    def _prepare_batch(self, sequences):
+    def _prepare_batch(self, sequences, want: str):
         """(lens, the batch's one step prepared, on plans of its own: batch b may still be in flight)."""
         lens = [len(s) for s in sequences]
-        return lens, self._prepare(self._new_batch(lens), [(0, n) for n in lens], sequences, "all")
+        return lens, self._prepare(self._new_batch(lens), [(0, n) for n in lens], sequences, want)
 
     def _send_batch(self, prepared):
         """The batch header, then its step: the workers make the batch's plans and start computing."""

@@ -66,8 +66,11 @@ def step_tokens(plans, ranges) -> StepTokens:
     return StepTokens.from_plans(plans, [np.arange(a, b) for a, b in ranges])
 
 
+WANTS = ("all", "last", "sums")  # what a step returns to the client: every row, each sequence's last, its sums
+
+
 def wanted_local_rows(tokens: StepTokens, routing: Routing, k: int, want: str) -> np.ndarray:
-    """Indices into CompNode k's local rows of the rows the client receives."""
+    """Indices into CompNode k's local rows of the rows the client receives ("all" or "last")."""
     mine = routing.comp_tokens[k]
     if want == "all":
         return np.arange(len(mine))
@@ -79,3 +82,30 @@ def wanted_local_rows(tokens: StepTokens, routing: Routing, k: int, want: str) -
 def last_of_each_sequence(tokens: StepTokens) -> np.ndarray:
     """Step indices of the highest position of each sequence in the step (tokens are in global order)."""
     return np.flatnonzero(np.diff(np.append(tokens.seq, -1)) != 0)
+
+
+def sequence_sums(rows, seq: np.ndarray):
+    """rows (n, d) float32 of one CompNode, in step order; seq (n,) their sequences (ascending) -> (m, 2 d) float32:
+    for each of the m sequences present, the float64 sum of its rows as two float32 halves (high, then the rest),
+    so that a float32 wire carries it whole. Sums in float64 by a running sum (one pass, deterministic)."""
+    xp = _xp(rows)
+    n, width = rows.shape
+    if n == 0:
+        return xp.zeros((0, 2 * width), dtype=xp.float32)
+    ends = np.flatnonzero(np.diff(np.append(seq, -1)) != 0)  # the last row of each sequence
+    running = xp.cumsum(rows.astype(xp.float64), axis=0)[xp.asarray(ends)]  # (m, d)
+    sums = running - xp.concatenate([xp.zeros((1, width), xp.float64), running[:-1]])
+    high = sums.astype(xp.float32)
+    return xp.concatenate([high, (sums - high).astype(xp.float32)], axis=1)
+
+
+def add_sequence_sums(total: np.ndarray, seq_of_rows: np.ndarray, halves: np.ndarray) -> None:
+    """Add one CompNode's sequence_sums (m, 2 d) to total (n_seq, d) float64; seq_of_rows: its rows' sequences."""
+    width = total.shape[1]
+    total[np.unique(seq_of_rows)] += halves[:, :width].astype(np.float64) + halves[:, width:].astype(np.float64)
+
+
+def _xp(a):
+    from rshard_hpc.ops.arrays import xp_of
+
+    return xp_of(a)

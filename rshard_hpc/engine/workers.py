@@ -7,7 +7,7 @@ import numpy as np
 
 from rshard_hpc.dist import collectives
 from rshard_hpc.engine.kv_cache import KVCache, key_capacity
-from rshard_hpc.engine.routing import Routing, StepTokens, step_tokens, wanted_local_rows
+from rshard_hpc.engine.routing import Routing, StepTokens, sequence_sums, step_tokens, wanted_local_rows
 from rshard_hpc.engine import step_graphs, trace
 from rshard_hpc.engine.stats import PhaseTimer
 from rshard_hpc.models.client_layers import comp_input_form
@@ -132,9 +132,13 @@ class CompWorker(_Worker):
                     h = self.model.post(layer, h, o)
             trace.mark("post")
         self.record_partials(tokens, mine)
-        rows = self.model.final_rows(h)[xp.asarray(wanted_local_rows(tokens, routing, k, want))]
+        final = self.model.final_rows(h)
+        if want == "sums":  # each sequence's sum over my rows (mean pooling): a row a sequence, not a row a token
+            rows, width = sequence_sums(final, tokens.seq[mine]), 2 * cfg.hidden
+        else:
+            rows, width = final[xp.asarray(wanted_local_rows(tokens, routing, k, want))], cfg.hidden
         trace.mark("rows")
-        self.transport.gather_rows(self.topo.client_comm, rows, cfg.hidden)
+        self.transport.gather_rows(self.topo.client_comm, rows, width)
         trace.mark("step end")
 
     def _receive_input(self, tokens: StepTokens, mine: np.ndarray, pos):
@@ -204,19 +208,17 @@ class AttnWorker(_Worker):
         self.cache = None  # KVCache of the batch under way, sized at its start (engine/kv_cache.py)
 
     def warm_up(self, rows: int = WARM_UP_ROWS) -> None:
-        """One step's attention preparation and one layer's attention on `rows` rows of zeros (one sequence), the
-        results dropped: CompWorker.warm_up says why."""
+        """One step's attention preparation and one layer's attention on `rows` rows of zeros (one sequence, as if
+        from CompNode 0), by the path a step of that size takes, the results dropped: CompWorker.warm_up says why."""
         xp, cfg = self.xp, self.cfg
-        cache = KVCache(xp, 1, rows, cfg.n_kv_heads, cfg.head_dim, self.wire)
+        self.cache = KVCache(xp, 1, rows, cfg.n_kv_heads, cfg.head_dim, self.wire)
+        counts = np.zeros(self.topo.alpha, dtype=np.int64)
+        counts[0] = rows
         pos, seq = np.arange(rows, dtype=np.int32), np.zeros(rows, dtype=np.int32)
-        k_pos, k_seq = cache.begin_step(pos, seq)
-        k_new, v_new = cache.new_rows(0)
-        k_new[...] = 0
-        v_new[...] = 0
-        plan = prepare_attention(xp.asarray(pos), xp.asarray(seq), k_pos, k_seq, causal=cfg.causal,
-                                 scale=1.0 / np.sqrt(cfg.head_dim), xp=xp)
-        o, lse = plan(xp.zeros((rows, cfg.n_heads, cfg.head_dim), dtype=self.wire), *cache.rows(0))
-        pack_partial(o, lse, self.wire)
+        k_pos, k_seq = self.cache.begin_step(pos, seq)
+        attend = self._layer_function(counts, counts, pos, seq, k_pos, k_seq, small=False)
+        attend(xp.zeros(rows * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, dtype=self.wire), 0)
+        self.cache = None
 
     def begin_batch(self):
         cfg = self.cfg
@@ -234,44 +236,48 @@ class AttnWorker(_Worker):
         self.record("q", tokens, q_tok)
         self.record("k", tokens, kv_tok)
         self.record("v", tokens, kv_tok)
-        q_pos, q_seq = xp.asarray(tokens.pos[q_tok]), xp.asarray(tokens.seq[q_tok])
         k_pos, k_seq = self.cache.begin_step(tokens.pos[kv_tok], tokens.seq[kv_tok])
         recv_counts, back_counts = self._counts(routing)
         no_counts = np.zeros_like(recv_counts)
         # every layer of a step has the same query and key positions: one preparation a step
-        decode = self._decode_layers(routing, q_pos, q_seq)  # small GPU steps: two launches a layer
-        plan = None if decode else prepare_attention(q_pos, q_seq, k_pos, k_seq, causal=cfg.causal,
-                                                    scale=1.0 / np.sqrt(cfg.head_dim), xp=xp)
+        attend = self._layer_function(routing.counts[:, i], routing.counts[:, j], tokens.pos[q_tok],
+                                      tokens.seq[q_tok], k_pos, k_seq, small=self.transport.small_step)
         trace.mark("attn prepared")
         for layer in range(self.first_layer, cfg.n_layers):
             trace.mark("layer")
             recv = self.transport.alltoallv(topo.work_comm, xp.zeros(0, self.wire), no_counts, recv_counts)
             with self.timer("attention"):
-                slot = layer - self.first_layer  # the cache holds the layers this AttnNode runs
-                if decode:
-                    send = decode.layer(recv, slot)  # (nq, H, partial_slots) per row, two launches
-                else:
-                    q = self._unpack(routing, recv, slot)
-                    o, lse = plan(q, *self.cache.rows(slot))
-                    send = pack_partial(o, lse, self.wire).ravel()  # (nq, H, partial_slots) per row
+                send = attend(recv, layer - self.first_layer)  # the cache holds the layers this AttnNode runs
             trace.mark("attention")
             self.transport.alltoallv(topo.work_comm, send, back_counts, no_counts)
         self.cache.end_step()
         trace.mark("step end")
 
-    def _decode_layers(self, routing: Routing, q_pos, q_seq):
-        """The fused small-step path (ops/decode_cuda.py) for a GPU step the transport calls small, else None."""
-        if self.xp is np or not self.transport.small_step:
-            return None
-        from rshard_hpc.ops import decode_cuda
+    def _layer_function(self, nq, nkv, q_pos, q_seq, k_pos, k_seq, small: bool):
+        """attend(recv, slot) -> the flat send buffer of packed partials (nq_total, H, partial_slots) for one layer
+        of this step, made once a step. nq[k], nkv[k]: the q and k/v rows CompNode k sends me (the receive buffer's
+        layout); q_pos, q_seq: host ints of the queries; k_pos, k_seq: every cached key row's, from begin_step.
+        On a GPU: a small step (the transport says: decode) takes the fused kernels of ops/decode_cuda.py (two
+        launches a layer), a larger one the general plan with PlanLayers' unpack and pack (a launch each); on NumPy
+        or where those are off, the general plan with the array code's unpack and pack."""
+        xp, cfg = self.xp, self.cfg
+        scale = 1.0 / np.sqrt(cfg.head_dim)
+        q_pos_d, q_seq_d = xp.asarray(q_pos), xp.asarray(q_seq)
+        shape = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, self.wire)
+        if xp is not np:
+            from rshard_hpc.ops import decode_cuda
 
-        cfg = self.cfg
-        if not decode_cuda.supports(cfg.head_dim):
-            return None
-        i, j = self.topo.attn_coords
-        return decode_cuda.DecodeLayers(self.cache, routing.counts[:, i], routing.counts[:, j], q_pos, q_seq,
-                                        cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, self.wire, cfg.causal,
-                                        1.0 / np.sqrt(cfg.head_dim))
+            if small and decode_cuda.supports(cfg.head_dim):
+                return decode_cuda.DecodeLayers(self.cache, nq, nkv, q_pos_d, q_seq_d, *shape, cfg.causal, scale).layer
+        plan = prepare_attention(q_pos_d, q_seq_d, k_pos, k_seq, causal=cfg.causal, scale=scale, xp=xp)
+        if xp is not np and decode_cuda.plan_layers_support(cfg.head_dim):
+            return decode_cuda.PlanLayers(self.cache, nq, nkv, plan, *shape).layer
+
+        def attend(recv, slot):
+            o, lse = plan(self._unpack(nq, nkv, recv, slot), *self.cache.rows(slot))
+            return pack_partial(o, lse, self.wire).ravel()
+
+        return attend
 
     def _counts(self, routing: Routing):
         """Elements each CompNode sends me a layer (q of group i, k and v of group j) and I send it back."""
@@ -286,16 +292,15 @@ class AttnWorker(_Worker):
             back_counts[rank] = routing.counts[k, i] * cfg.n_heads * self.slots
         return recv_counts, back_counts
 
-    def _unpack(self, routing: Routing, recv, slot: int):
-        """Split the receive buffer, stacked over CompNodes: q (nq, H, D) returned, k and v (nkv, Hkv, D)
-        written straight into the cache's new rows of this layer."""
+    def _unpack(self, nq_of, nkv_of, recv, slot: int):
+        """Split the receive buffer, stacked over CompNodes (nq_of[k] q rows, then nkv_of[k] k and v rows from
+        CompNode k): q (nq, H, D) returned, k and v (nkv, Hkv, D) written straight into the cache's new rows."""
         xp, cfg = self.xp, self.cfg
-        i, j = self.topo.attn_coords
         k_new, v_new = self.cache.new_rows(slot)
         qs, offset, row = [], 0, 0
         q_width, kv_width = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         for k in range(self.topo.alpha):
-            nq, nkv = int(routing.counts[k, i]), int(routing.counts[k, j])
+            nq, nkv = int(nq_of[k]), int(nkv_of[k])
             qs.append(recv[offset:offset + nq * q_width].reshape(nq, cfg.n_heads, cfg.head_dim))
             offset += nq * q_width
             for out in (k_new, v_new):

@@ -8,7 +8,8 @@ query row against every cached row it may see, written straight into the packed 
 
 Same result as ops/attention.prepare_attention(...)(q, k, v) + precision.pack_partial, within fp32 rounding (a
 different summation order). Taken for steps of at most transport.SMALL_STEP_TOKENS tokens (decode) and head
-dims up to MAX_HEAD_DIM; the general path keeps everything else.
+dims up to MAX_HEAD_DIM. Larger steps attend through the general plan; PlanLayers unpacks their receive buffer
+and packs their partials with decode.cu's helpers (gather_q, pack_partial, decode_append), a launch each.
 """
 from __future__ import annotations
 
@@ -29,10 +30,17 @@ SHARES_MAX = 64  # most blocks sharing one (query row, head)
 SPLIT = None  # tests: force this many key shares (else key_shares decides)
 ENV_VAR = "RSHARD_SMALL_STEP_KERNELS"  # "0": small steps take the general path too (benchmarks' before/after)
 ENABLED = os.environ.get(ENV_VAR, "1") != "0"
+PLAN_LAYERS_ENV = "RSHARD_PLAN_LAYERS"  # "0": larger steps unpack and pack with array operations (before/after)
+PLAN_LAYERS = os.environ.get(PLAN_LAYERS_ENV, "1") != "0"
 
 
 def supports(head_dim: int) -> bool:
     return ENABLED and 1 <= head_dim <= MAX_HEAD_DIM
+
+
+def plan_layers_support(head_dim: int) -> bool:
+    """Whether PlanLayers takes a larger step's layers at this head dim (decode.cu's helpers, compiled with it)."""
+    return PLAN_LAYERS and 1 <= head_dim <= MAX_HEAD_DIM
 
 
 def defines(head_dim: int, bf16: bool) -> dict:
@@ -45,26 +53,47 @@ def _function(name: str, head_dim: int, bf16: bool, device_id: int):
     return _kernel(SOURCE, name, defines(head_dim, bf16))
 
 
-class DecodeLayers:
-    """One step's layers on an AttnNode. Receive buffer, stacked over CompNodes k = 0 … α-1: q of its nq[k] rows
-    (H * D each), then k and v of its nkv[k] rows (Hkv * D each); the queries are numbered in that order.
+class _StepRows:
+    """An AttnNode step's receive-buffer layout, once a step. Receive buffer, stacked over CompNodes k = 0 … α-1: q of
+    its nq[k] rows (H * D each), then k and v of its nkv[k] rows (Hkv * D each); the queries are numbered in that
+    order. cache: the KVCache with this step's rows reserved (begin_step)."""
 
-    q_pos, q_seq: (sum nq,) device ints; cache: the KVCache with this step's rows reserved (begin_step)."""
-
-    def __init__(self, cache, nq, nkv, q_pos, q_seq, n_heads: int, n_kv_heads: int, head_dim: int, wire,
-                 causal: bool, scale: float):
+    def __init__(self, cache, nq, nkv, n_heads: int, n_kv_heads: int, head_dim: int, wire):
         cupy = _cupy()
         self.cache, self.n_heads, self.n_kv, self.head_dim = cache, n_heads, n_kv_heads, head_dim
         self.bf16 = np.dtype(wire) == np.uint16
         self.wire = np.dtype(wire)
         self.slots = partial_slots(head_dim, self.wire)
-        self.causal, self.scale_log2 = bool(causal), np.float32(scale * math.log2(math.e))
         q_src, k_src, v_src = _row_offsets(nq, nkv, n_heads * head_dim, n_kv_heads * head_dim)
         self.n_q, self.n_new = len(q_src), len(k_src)
         offsets = cupy.asarray(np.concatenate([q_src, k_src, v_src]))  # one copy to the device a step
         self.q_src = offsets[:self.n_q]
         self.k_src = offsets[self.n_q:self.n_q + self.n_new]
         self.v_src = offsets[self.n_q + self.n_new:]
+        self.device = cupy.cuda.Device().id
+        self._append = self._function("decode_append")
+
+    def _function(self, name: str):
+        return _function(name, self.head_dim, self.bf16, self.device)
+
+    def _append_rows(self, recv, slot: int) -> None:
+        """The step's new k, v rows from recv into the cache's layer `slot` (one launch)."""
+        cache = self.cache
+        row_width = self.n_kv * self.head_dim
+        if self.n_new:
+            self._append(_blocks(self.n_new * row_width, DECODE_THREADS), (DECODE_THREADS,),
+                         (recv, self.k_src, self.v_src, cache.k[slot], cache.v[slot], np.int32(self.n_new),
+                          np.int32(cache.filled), np.int32(row_width)))
+
+
+class DecodeLayers(_StepRows):
+    """One small step's layers on an AttnNode (_StepRows: the receive buffer). q_pos, q_seq: (sum nq,) device ints."""
+
+    def __init__(self, cache, nq, nkv, q_pos, q_seq, n_heads: int, n_kv_heads: int, head_dim: int, wire,
+                 causal: bool, scale: float):
+        super().__init__(cache, nq, nkv, n_heads, n_kv_heads, head_dim, wire)
+        cupy = _cupy()
+        self.causal, self.scale_log2 = bool(causal), np.float32(scale * math.log2(math.e))
         self.q_pos = cupy.ascontiguousarray(q_pos, dtype=cupy.int32)
         self.q_seq = cupy.ascontiguousarray(q_seq, dtype=cupy.int32)
         self.n_keys = cache.filled + cache.new
@@ -73,20 +102,14 @@ class DecodeLayers:
         self.part_o = cupy.empty((self.shares, self.n_q, n_heads, head_dim), dtype=cupy.float32)
         self.part_ml = cupy.empty((self.shares, self.n_q, n_heads, 2), dtype=cupy.float32)
         self.counters = cupy.zeros(self.n_q * n_heads, dtype=cupy.int32)
-        device = cupy.cuda.Device().id
-        self._append = _function("decode_append", head_dim, self.bf16, device)
-        self._attend = _function("decode_attend", head_dim, self.bf16, device)
+        self._attend = self._function("decode_attend")
 
     def layer(self, recv, slot: int):
         """recv: the layer's flat receive buffer (wire type) -> the flat send buffer of packed partials,
         (n_q * H * slots,) wire elements. Writes the step's new k, v rows into the cache's layer `slot`."""
         cupy = _cupy()
         cache = self.cache
-        row_width = self.n_kv * self.head_dim
-        if self.n_new:
-            self._append(_blocks(self.n_new * row_width, DECODE_THREADS), (DECODE_THREADS,),
-                         (recv, self.k_src, self.v_src, cache.k[slot], cache.v[slot], np.int32(self.n_new),
-                          np.int32(cache.filled), np.int32(row_width)))
+        self._append_rows(recv, slot)
         out = cupy.empty(self.n_q * self.n_heads * self.slots, dtype=self.wire)
         if self.n_q:
             self._attend((self.n_q, self.n_heads, self.shares), (DECODE_THREADS,),
@@ -94,6 +117,40 @@ class DecodeLayers:
                           cache.seq, out, self.part_o, self.part_ml, self.counters, np.int32(self.n_keys),
                           np.int32(self.n_heads), np.int32(self.n_kv), np.int32(self.slots), self.scale_log2,
                           np.int32(self.causal)))
+        return out
+
+
+class PlanLayers(_StepRows):
+    """A larger step's layers on an AttnNode (_StepRows: the receive buffer): attention through the general plan
+    (ops/attention prepare_attention, made once a step), with the receive buffer unpacked in two launches
+    (decode_append: the new k, v rows into the cache; gather_q: the q rows, contiguous) and the partial packed in one
+    (pack_partial), where the array code took a copy per CompNode for k and for v, a concatenation of the q rows and
+    two or three launches to pack: 4-5 launches a layer in place of 9-11 at alpha = 3 (RSHARD_TRACE showed an
+    AttnNode's host time, 0.4-1 ms a layer, on a 512-token prefill's critical path). Same values: the copies and
+    the pack move bits (bf16 rounding as precision.to_bf16_bits)."""
+
+    def __init__(self, cache, nq, nkv, plan, n_heads: int, n_kv_heads: int, head_dim: int, wire):
+        super().__init__(cache, nq, nkv, n_heads, n_kv_heads, head_dim, wire)
+        self.plan = plan
+        self._gather = self._function("gather_q")
+        self._pack = self._function("pack_partial")
+
+    def layer(self, recv, slot: int):
+        """As DecodeLayers.layer: recv (wire type, flat) -> the flat send buffer of packed partials."""
+        cupy = _cupy()
+        q_width = self.n_heads * self.head_dim
+        self._append_rows(recv, slot)
+        q = cupy.empty((self.n_q, self.n_heads, self.head_dim), dtype=self.wire)
+        if self.n_q:
+            self._gather(_blocks(self.n_q * q_width, DECODE_THREADS), (DECODE_THREADS,),
+                         (recv, self.q_src, q, np.int32(self.n_q), np.int32(q_width)))
+        o, lse = self.plan(q, *self.cache.rows(slot))  # (n_q, H, D), (n_q, H) float32
+        n = self.n_q * self.n_heads
+        out = cupy.empty(n * self.slots, dtype=self.wire)
+        if n:
+            self._pack(_blocks(n * self.slots, DECODE_THREADS), (DECODE_THREADS,),
+                       (cupy.ascontiguousarray(o), cupy.ascontiguousarray(lse), out, np.int32(n),
+                        np.int32(self.slots)))
         return out
 
 

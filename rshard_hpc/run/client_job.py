@@ -203,12 +203,13 @@ class ClientJob:
         started = process_seconds()
         trace.mark("batches")
         if opts.task == "embed":  # pipelined: batch b+1 runs on the workers while batch b is pooled and written
-            encoded = client.encode_batches([[self.token_ids[i] for i in batch] for batch in batches])
+            encoded = client.encode_batches([[self.token_ids[i] for i in batch] for batch in batches],
+                                            want="sums" if self.cfg.pooling == "mean" else "all")
         for batch in batches:
             seqs = [self.token_ids[i] for i in batch]
             ids = [self.todo[i].id for i in batch]
             if opts.task == "embed":
-                embeddings = self._pool(next(encoded))
+                embeddings = self._pool(next(encoded), [len(s) for s in seqs])
                 append = lambda: self.writer.append_embeddings(ids, embeddings)  # noqa: E731
             else:
                 streams = [id_key(pid) for pid in ids]  # each prompt samples from its own stream
@@ -252,13 +253,14 @@ class ClientJob:
         return (f"{done} of {total} prompts are in {self.opts.out} (every finished batch); run the same command "
                 f"with --resume to finish")
 
-    def _pool(self, rows_per_prompt: list) -> np.ndarray:
-        """(prompts, d) float32: each prompt's sentence embedding as the model makes it, mean (or CLS) pooling of
-        its final rows in float64, then optional L2 normalization (the whole batch at once)."""
+    def _pool(self, encoded, lengths: list) -> np.ndarray:
+        """(prompts, d) float32: each prompt's sentence embedding as the model makes it, from what encode_batches
+        gave: mean pooling from each prompt's float64 sum of its final rows (want "sums"), or CLS pooling from its
+        rows; then optional L2 normalization in float64 (the whole batch at once)."""
         if self.cfg.pooling == "mean":
-            vecs = np.stack([rows.mean(axis=0, dtype=np.float64) for rows in rows_per_prompt])
+            vecs = encoded / np.asarray(lengths, dtype=np.float64)[:, None]
         else:
-            vecs = np.stack([rows[0] for rows in rows_per_prompt]).astype(np.float64)
+            vecs = np.stack([rows[0] for rows in encoded]).astype(np.float64)
         if self.cfg.normalize:
             vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
         return vecs.astype(np.float32)

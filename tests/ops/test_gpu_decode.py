@@ -15,7 +15,7 @@ from rshard_hpc.engine.kv_cache import KVCache
 from rshard_hpc.ops.attention import prepare_attention
 from rshard_hpc.ops import decode_cuda
 from rshard_hpc.ops.decode_cuda import DecodeLayers
-from rshard_hpc.ops.precision import to_bf16_bits, unpack_partial, wire_dtype
+from rshard_hpc.ops.precision import pack_partial, to_bf16_bits, unpack_partial, wire_dtype
 
 TOL = 2e-5  # relative to the largest |o| of a row (fp32, another summation order than the NumPy path)
 
@@ -24,19 +24,13 @@ def wire_of(x, wire):
     return to_bf16_bits(x) if wire == np.uint16 else x.astype(np.float32)
 
 
-@pytest.mark.parametrize("split", [None, 1, 3])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("shape", [(9, 3, 64), (4, 4, 32), (2, 1, 128), (2, 2, 100), (3, 3, 1)])
-@pytest.mark.parametrize("layout", [((1,), (1,)), ((0, 1, 0), (1, 0, 1)), ((2, 0), (0, 3)), ((0,), (2,))])
-def test_decode_layer_equals_the_general_path(monkeypatch, split, dtype, causal, shape, layout):
-    """split: the key shares decode_attend's blocks take (None: key_shares decides; 1: no split)."""
-    monkeypatch.setattr(decode_cuda, "SPLIT", split)
+def make_step(shape, layout, wire):
+    """A step's receive buffer and a KV cache with earlier rows, fresh random values: (cache, recv, slot, old rows,
+    new rows m, q_pos, q_seq, k_pos, k_seq (host, every cached row), q, k_new, v_new (host, wire type))."""
     n_heads, n_kv, head_dim = shape
     nq, nkv = layout
-    wire = np.dtype(wire_dtype(dtype))
     rng = np.random.default_rng()
-    layers, capacity = 3, 700
+    layers, capacity = 3, 700 + sum(nkv)  # old rows (< 690) and the step's
     old = int(rng.integers(0, 40) if rng.random() < 0.5 else rng.integers(300, 690))  # a few keys, or many shares
     cache = KVCache(cupy, layers, capacity, n_kv, head_dim, wire)
     # earlier steps' rows: two sequences, positions 0 … old-1 shared out
@@ -64,6 +58,22 @@ def test_decode_layer_equals_the_general_path(monkeypatch, split, dtype, causal,
         qa, ka = qa + a, ka + b
     recv = cupy.asarray(np.concatenate(parts))
     slot = int(rng.integers(0, layers))
+    return cache, recv, slot, old, m, q_pos, q_seq, k_pos, k_seq, q, k_new, v_new
+
+
+@pytest.mark.parametrize("split", [None, 1, 3])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", [(9, 3, 64), (4, 4, 32), (2, 1, 128), (2, 2, 100), (3, 3, 1)])
+@pytest.mark.parametrize("layout", [((1,), (1,)), ((0, 1, 0), (1, 0, 1)), ((2, 0), (0, 3)), ((0,), (2,))])
+def test_decode_layer_equals_the_general_path(monkeypatch, split, dtype, causal, shape, layout):
+    """split: the key shares decode_attend's blocks take (None: key_shares decides; 1: no split)."""
+    monkeypatch.setattr(decode_cuda, "SPLIT", split)
+    n_heads, n_kv, head_dim = shape
+    nq, nkv = layout
+    wire = np.dtype(wire_dtype(dtype))
+    cache, recv, slot, old, m, q_pos, q_seq, k_pos, k_seq, q, k_new, v_new = make_step(shape, layout, wire)
+    n_q = sum(nq)
     scale = 1.0 / np.sqrt(head_dim)
     decode = DecodeLayers(cache, nq, nkv, cupy.asarray(q_pos), cupy.asarray(q_seq), n_heads, n_kv, head_dim, wire,
                           causal, scale)
@@ -105,3 +115,30 @@ def test_no_query_gives_an_empty_send_buffer_and_still_stores_keys():
     assert np.array_equal(cupy.asnumpy(cache.k[0, :2]).ravel(), np.arange(128, dtype=np.float32))
     assert np.array_equal(cupy.asnumpy(cache.v[0, :2]).ravel(), np.arange(128, 256, dtype=np.float32))
 
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", [(9, 3, 64), (4, 4, 32), (2, 1, 128), (2, 2, 100), (3, 3, 1)])
+@pytest.mark.parametrize("layout", [((1,), (1,)), ((0, 1, 0), (1, 0, 1)), ((2, 0), (0, 3)), ((0,), (2,)),
+                                    ((40, 0, 33), (17, 50, 0))])
+def test_plan_layer_equals_the_array_code_bit_for_bit(dtype, causal, shape, layout):
+    """PlanLayers (decode_append, gather_q, the plan, pack_partial) against the array code it replaces on a larger
+    step (a copy per CompNode, the q concatenation, precision.pack_partial) with the same plan: the same bits in
+    the send buffer and the cache (the new kernels only move and round values). Send buffer and new rows poisoned."""
+    n_heads, n_kv, head_dim = shape
+    nq, nkv = layout
+    wire = np.dtype(wire_dtype(dtype))
+    cache, recv, slot, old, m, q_pos, q_seq, k_pos, k_seq, q, k_new, v_new = make_step(shape, layout, wire)
+    plan = prepare_attention(cupy.asarray(q_pos), cupy.asarray(q_seq), cupy.asarray(k_pos), cupy.asarray(k_seq),
+                             causal=causal, scale=1.0 / np.sqrt(head_dim))
+    layers = decode_cuda.PlanLayers(cache, nq, nkv, plan, n_heads, n_kv, head_dim, wire)
+    cupy.cuda.runtime.memset(cache.k[slot, old:].data.ptr, 0xFF, cache.k[slot, old:].nbytes)  # poison new rows
+    cupy.cuda.runtime.memset(cache.v[slot, old:].data.ptr, 0xFF, cache.v[slot, old:].nbytes)
+    got = cupy.asnumpy(layers.layer(recv, slot))
+    assert np.array_equal(cupy.asnumpy(cache.k[slot, old:old + m]), k_new)
+    assert np.array_equal(cupy.asnumpy(cache.v[slot, old:old + m]), v_new)
+    o, lse = plan(cupy.asarray(q), *cache.rows(slot))  # the array code's q: the rows, stacked
+    want = cupy.asnumpy(pack_partial(o, lse, wire).ravel())
+    bits = np.uint32 if wire == np.float32 else np.uint16
+    assert got.shape == want.shape and np.array_equal(got.view(bits), want.view(bits))
