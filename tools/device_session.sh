@@ -3,7 +3,7 @@
 # as .carry/ompi-cuda.tar.gz, or built here from .carry's sources), mpi4py against it, then stages in order,
 # each skipped once the call's time budget (BUDGET_S, default 540) is near.   logs go to $OUT
 #   usage: bash tools/device_session.sh STAGE...   stages: mpi verify startab startvar unit engine jobs passes decode transports trace profile smalltests finaltests
-#           smallab decodeab passes1 probe suite p512 embatch launch etrace prefab
+#           smallab decodeab passes1 probe suite p512 embatch launch etrace prefab floor
 # Carried: .carry/ (ompi-cuda.tar.gz or openmpi_4.1*.orig.tar.*, mpi4py-*.tar.gz), .minilm/ (all-MiniLM-L6-v2
 # as a sentence-transformers folder, fp16 safetensors).
 set -u
@@ -287,6 +287,28 @@ prefab)  # a prefill (PREFAB_ARGS) under each of PREFAB's settings (as DECODEAB)
     done; done
   done
   echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY ;;
+floor)  # the least wall a 13- / 7-rank job can have here: mpirun of bare Python, + mpi4py, + a CUDA context (CuPy),
+  #        and the 12-prompt MiniLM job with its timeline (RSHARD_TRACE), each twice, MPS on
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps/log
+  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY; nvidia-cuda-mps-control -d
+  python3 -c "from rshard_hpc.bench.prompts import word_prompts as p, write_prompts as w; w('/tmp/p12.jsonl', p(12, seed=1))"
+  for n in 13 7; do
+    [ $n = 13 ] && L="--alpha 3 --beta 3 --c-a 2" || L="--alpha 2 --beta 2"
+    for i in 1 2; do
+      for what in "pass" "from mpi4py import MPI" "import cupy; from mpi4py import MPI; cupy.cuda.Device(0).use(); float(cupy.ones(4).sum())"; do
+        t0=$EPOCHREALTIME; timeout 60 mpirun -n $n python3 -c "$what" > /dev/null 2>&1
+        echo "floor $n ranks run $i [$what]: $(python3 -c "print(round($EPOCHREALTIME - $t0, 2))") s"
+      done
+      stage "12 prompts, $n ranks, run $i"; enough 25 floor || break 2
+      t0=$EPOCHREALTIME
+      RSHARD_TRACE=$OUT/tr_floor_${n}_$i timeout 60 mpirun -n $n python3 -m rshard_hpc run --task embed --model /tmp/minilm.h5 \
+        --prompts /tmp/p12.jsonl --out /tmp/e12.h5 --overwrite --truncate --allow-weak-plan --device gpu $L 2>&1 | grep -E "wall|rror"
+      echo "launcher wall $n $i: $(python3 -c "print(round($EPOCHREALTIME - $t0, 2))") s"
+      python3 -m rshard_hpc bench trace $OUT/tr_floor_${n}_$i --steps 0: --layer 2 > $OUT/tr_floor_${n}_$i.md
+    done
+  done
+  echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  (cd $OUT && tar -czf floor.tar.gz tr_floor_*/ && rm -rf tr_floor_*/ tr_floor_*_1.md) ;;
 probe)  # CUDA graphs from CuPy: capture with allocations, replay cost
   stage probe; timeout 60 python3 tools/graph_probe.py 2>&1 | tail -n 5 ;;
 suite)

@@ -18,6 +18,7 @@ from rshard_hpc.ops.decode_cuda import DecodeLayers
 from rshard_hpc.ops.precision import pack_partial, to_bf16_bits, unpack_partial, wire_dtype
 
 TOL = 2e-5  # relative to the largest |o| of a row (fp32, another summation order than the NumPy path)
+O_FLOOR = 1e-2  # the least scale TOL is relative to (below)
 
 
 def wire_of(x, wire):
@@ -100,7 +101,9 @@ def test_decode_layer_equals_the_general_path(monkeypatch, split, dtype, causal,
     assert np.array_equal(np.isfinite(lse), seen), "a row with no visible key must give lse = -inf, and only such"
     assert np.all(o[~seen] == 0)
     o_tol = TOL if wire == np.float32 else 2 ** -8  # bf16 output bits: half an ulp of bf16
-    scale_o = np.maximum(np.abs(o_ref).max(axis=-1, keepdims=True), 1e-30)
+    # o is a weighted mean of standard-normal values: cancellation can leave a row's o tiny (seen: 4e-4 at D = 1)
+    # while its rounding error stays that of values near 1, so the scale has a floor
+    scale_o = np.maximum(np.abs(o_ref).max(axis=-1, keepdims=True), O_FLOOR)
     assert (np.abs(o - o_ref) / scale_o).max(initial=0) <= o_tol
     assert np.abs(lse[seen] - lse_ref[seen]).max(initial=0) <= 1e-4
 
