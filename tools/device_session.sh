@@ -15,6 +15,11 @@ export OMPI_MCA_btl_vader_single_copy_mechanism=none
 PREFIX=/tmp/ompi-cuda
 left() { echo $((BUDGET_S - SECONDS)); }
 stage() { echo "=== $1 $(date -u +%T) (${SECONDS} s in, $(left) s left)"; }
+mps_on() {  # a CUDA MPS daemon for the stage's jobs (README: several ranks on one GPU)
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps/log
+  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY; nvidia-cuda-mps-control -d
+}
+mps_off() { echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; }
 enough() { [ "$(left)" -gt "$1" ] || { echo "--- skipped $2: $(left) s left"; return 1; }; }
 PT="python3 -m pytest -q -p no:cacheprovider -rs"
 python3 -m compileall -q rshard_hpc > /dev/null  # as pip's install does: no rank compiles the sources at start
@@ -35,8 +40,7 @@ verify)  # every GPU test (kernels, passes, decode kernels, engine, client layer
     tests/engine/test_gpu_engine.py tests/engine/test_client_layers.py tests/run/test_gpu_jobs.py tests/dist/test_nccl.py} \
     2>&1 | tee "$OUT/verify.log" | tail -n 8 ;;
 profile)  # host timelines of prefill 8k (bf16, fp32) and of 12-prompt jobs at both layouts, MPS on
-  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps/log
-  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY; nvidia-cuda-mps-control -d
+  mps_on
   python3 -c "from rshard_hpc.bench.prompts import word_prompts as p, write_prompts as w; w('/tmp/p12.jsonl', p(12, seed=1))"
   for dt in ${PROFILE_DTYPES:-bfloat16 float32}; do  # bench job steps: 0 prefill, 1-4 decode, 5-7 the timed prefills
     stage "profile prefill 8k $dt"; enough 50 profile || break
@@ -55,12 +59,11 @@ profile)  # host timelines of prefill 8k (bf16, fp32) and of 12-prompt jobs at b
       python3 -m rshard_hpc bench trace $OUT/tr_e12_${n}_$i --steps 0: --layer 2 > $OUT/tr_e12_${n}_$i.md
     done
   done
-  echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  mps_off
   (cd $OUT && tar -czf profile.tar.gz tr_* && rm -rf tr_*) ;;
 startab)  # a 12-prompt MiniLM job's wall, before (no warm-up, CUDA IPC as auto took it) and after
   #          the start-up changes, alternating, at alpha=3 beta=3 c_a=2 and alpha=2 beta=2, MPS on; timelines kept
-  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps/log
-  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY; nvidia-cuda-mps-control -d
+  mps_on
   python3 -c "from rshard_hpc.bench.prompts import word_prompts as p, write_prompts as w; w('/tmp/p12.jsonl', p(12, seed=1))"
   for n in 13 7; do
     [ $n = 13 ] && L="--alpha 3 --beta 3 --c-a 2" || L="--alpha 2 --beta 2"
@@ -76,12 +79,11 @@ startab)  # a 12-prompt MiniLM job's wall, before (no warm-up, CUDA IPC as auto 
     done; done
     python3 -c "import h5py, numpy as np; a, b = (h5py.File(f'/tmp/e12_{s}.h5')['embeddings'][()] for s in ('before', 'after')); print('before vs after: max abs diff', float(np.abs(a - b).max()))"
   done
-  echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  mps_off
   (cd $OUT && tar -czf startab.tar.gz tr_* && rm -rf tr_*) ;;
 startvar)  # the 12-prompt job's start-up variants (STARTVARS: name=ENV,...), MPS on, timelines kept; plus
   #           tools/startup_probe.py (which stage of a rank's CUDA start runs one rank after another)
-  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps/log
-  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY; nvidia-cuda-mps-control -d
+  mps_on
   python3 -c "from rshard_hpc.bench.prompts import word_prompts as p, write_prompts as w; w('/tmp/p12.jsonl', p(12, seed=1))"
   for i in 1 2; do stage "startup probe 13 ranks $i"; timeout 60 mpirun -n 13 python3 tools/startup_probe.py > $OUT/probe13_$i.txt 2>&1; done
   for n in 13 7; do
@@ -100,7 +102,7 @@ startvar)  # the 12-prompt job's start-up variants (STARTVARS: name=ENV,...), MP
   stage "profiled run"; RSHARD_PROFILE=$OUT/tr_prof timeout 60 mpirun -n 7 python3 -m rshard_hpc run --task embed \
     --model /tmp/minilm.h5 --prompts /tmp/p12.jsonl --out /tmp/e12p.h5 --overwrite --truncate --allow-weak-plan \
     --device gpu --alpha 2 --beta 2 2>&1 | grep -E "wall|rror"
-  echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  mps_off
   (cd $OUT && tar -czf startvar.tar.gz tr_* probe13_* && rm -rf tr_* probe13_*) ;;
 unit)  # no MPI: the kernels (key split too), the fused passes, the wire
   stage unit; enough 60 unit && timeout $(( $(left) < 240 ? $(left) - 30 : 210 )) $PT -x -n 8 tests/ops/test_gpu_kernels.py \
@@ -152,8 +154,7 @@ trace)  # host timelines (RSHARD_TRACE, `rshard bench trace`): a decode step at 
 w('/tmp/p12.jsonl', p(12, seed=1)); w('/tmp/p4096.jsonl', p(4096, seed=0))"
   for mps in ${MPS_TRACE:-off on}; do
     if [ $mps = on ]; then
-      export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps/log
-      mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY; nvidia-cuda-mps-control -d
+      mps_on
     fi
     stage "trace decode, MPS $mps"; enough 60 trace || break
     RSHARD_TRACE=$OUT/tr_decode_$mps timeout 120 mpirun -n 7 python3 -m rshard_hpc bench job --alpha 2 --beta 2 \
@@ -169,7 +170,7 @@ w('/tmp/p12.jsonl', p(12, seed=1)); w('/tmp/p4096.jsonl', p(4096, seed=0))"
       echo "wall about $((SECONDS - t0)) s"
       python3 -m rshard_hpc bench trace $OUT/tr_embed${n}_$mps --steps 0: --layer 2 > $OUT/tr_embed${n}_$mps.md
     done
-    if [ $mps = on ]; then echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; fi
+    if [ $mps = on ]; then mps_off; fi
   done
   (cd $OUT && tar -czf traces.tar.gz tr_*/ && rm -rf tr_*/) ;;
 smalltests)  # the fused small-step kernels, the float32 GEMM call and the engine on small and large steps
@@ -183,8 +184,7 @@ finaltests)  # the GPU tests this session's changes touch (the small-step kernel
     2>&1 | tail -n 6 ;;
 smallab)  # a decode step with the small-step kernels off and on (alpha=2 beta=2, alpha=3 beta=3 c_a=2), MPS $MPS_AB
   if [ "${MPS_AB:-off}" = on ]; then
-    export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps/log
-    mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY; nvidia-cuda-mps-control -d
+    mps_on
   fi
   for layout in "7 --alpha 2 --beta 2" "13 --alpha 3 --beta 3 --c-a 2"; do
     set -- $layout; n=$1; shift
@@ -198,12 +198,11 @@ smallab)  # a decode step with the small-step kernels off and on (alpha=2 beta=2
         > $OUT/tr_small${on}_${n}_${MPS_AB:-off}.md
     done
   done
-  if [ "${MPS_AB:-off}" = on ]; then echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; fi
+  if [ "${MPS_AB:-off}" = on ]; then mps_off; fi
   (cd $OUT && tar -czf small_traces_${MPS_AB:-off}.tar.gz tr_small*/ && rm -rf tr_small*/) ;;
 decodeab)  # a decode step under each of DECODEAB's settings (space-separated; each a comma-separated list of VAR=value,
   #          default: the CompNode's step graphs off, on), alternating, twice, both layouts, MPS on; timelines kept
-  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps/log
-  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY; nvidia-cuda-mps-control -d
+  mps_on
   for layout in "7 --alpha 2 --beta 2" "13 --alpha 3 --beta 3 --c-a 2"; do
     set -- $layout; n=$1; shift
     for run in 1 2; do for setting in ${DECODEAB:-RSHARD_STEP_GRAPHS=0 RSHARD_STEP_GRAPHS=1}; do
@@ -216,7 +215,7 @@ decodeab)  # a decode step under each of DECODEAB's settings (space-separated; e
     done; done
   done
   for d in $OUT/tr_ab_*/; do python3 -m rshard_hpc bench trace $d --steps 2:9 --layer 15 > ${d%/}.md; done
-  echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  mps_off
   (cd $OUT && tar -czf decodeab_traces.tar.gz tr_ab_* && rm -rf tr_ab_*) ;;
 passes1)  # one layer's passes at a decode step's one token: small-rows kernels against the cuBLAS path, fp32 and bf16
   for dt in float32 bfloat16; do
@@ -225,8 +224,7 @@ passes1)  # one layer's passes at a decode step's one token: small-rows kernels 
       --no-torch --out "$OUT/bench_passes1.md" 2>&1 | grep -E "^\| (whole|sum)"
   done ;;
 p512)  # host timelines of a 512-token prefill (bf16, fp32) at both layouts, MPS on: where a layer's fixed cost goes
-  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps/log
-  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY; nvidia-cuda-mps-control -d
+  mps_on
   for layout in "13 --alpha 3 --beta 3 --c-a 2" "7 --alpha 2 --beta 2"; do
     set -- $layout; n=$1; shift
     for dt in ${P512_DTYPES:-bfloat16}; do  # bench job steps: 0 prefill, 1-4 decode, 5-7 the timed prefills
@@ -236,11 +234,10 @@ p512)  # host timelines of a 512-token prefill (bf16, fp32) at both layouts, MPS
       python3 -m rshard_hpc bench trace $OUT/tr_p512_${dt}_$n --steps 5:8 --layer 15 > $OUT/tr_p512_${dt}_$n.md
     done
   done
-  echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  mps_off
   (cd $OUT && tar -czf p512.tar.gz tr_p512_*/ && rm -rf tr_p512_*/) ;;
 embatch)  # the 4096-prompt MiniLM job at 13 ranks under each --batch-tokens of EMBATCH, alternating, twice, MPS on
-  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps/log
-  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY; nvidia-cuda-mps-control -d
+  mps_on
   python3 -c "from rshard_hpc.bench.prompts import word_prompts as p, write_prompts as w; w('/tmp/p4096.jsonl', p(4096, seed=0))"
   for run in 1 2; do for bt in ${EMBATCH:-8192 32768}; do
     stage "embed 4096, --batch-tokens $bt, run $run"; enough 40 embatch || break 2
@@ -251,19 +248,17 @@ embatch)  # the 4096-prompt MiniLM job at 13 ranks under each --batch-tokens of 
     echo "launcher wall $bt $run: $(python3 -c "print(round($EPOCHREALTIME - $t0, 2))") s"
   done; done
   python3 -c "import h5py, numpy as np, sys; f = [h5py.File(f'/tmp/e4096_{b}.h5')['embeddings'][()] for b in sys.argv[1:]]; print('max abs diff vs first', [float(np.abs(x - f[0]).max()) for x in f])" ${EMBATCH:-8192 32768}
-  echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY ;;
+  mps_off ;;
 launch)  # tools/launch_probe.py: a launch's host cost in one process and beside 12 / 6 other ranks, MPS off and on
   stage launch; lscpu | grep -E "^(CPU\(s\)|Thread|Core|Socket|Model name)"; nvidia-smi -q | grep -iE "compute mode" | head -n 1
   timeout 60 mpirun -n 1 python3 tools/launch_probe.py 2>&1 | tail -n 3
   timeout 90 mpirun -n 13 python3 tools/launch_probe.py 2>&1 | tail -n 5
-  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps/log
-  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY; nvidia-cuda-mps-control -d
+  mps_on
   for n in 13 7; do timeout 90 mpirun -n $n python3 tools/launch_probe.py 2>&1 | tail -n 5; done
   timeout 90 mpirun -n 13 --bind-to core python3 tools/launch_probe.py 2>&1 | tail -n 5
-  echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY ;;
+  mps_off ;;
 etrace)  # host timeline of the 4096-prompt MiniLM job at 13 ranks, MPS on (where its in-job time goes)
-  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps/log
-  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY; nvidia-cuda-mps-control -d
+  mps_on
   python3 -c "from rshard_hpc.bench.prompts import word_prompts as p, write_prompts as w; w('/tmp/p4096.jsonl', p(4096, seed=0))"
   for i in 1 2; do
     stage "trace embed 4096, run $i"; enough 40 etrace || break
@@ -272,11 +267,10 @@ etrace)  # host timeline of the 4096-prompt MiniLM job at 13 ranks, MPS on (wher
       --alpha 3 --beta 3 --c-a 2 2>&1 | tail -n 2 | cut -c1-300
   done
   python3 -m rshard_hpc bench trace $OUT/tr_e4096_2 --steps 10:20 --layer 2 > $OUT/tr_e4096.md
-  echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  mps_off
   (cd $OUT && tar -czf etrace.tar.gz tr_e4096_*/ && rm -rf tr_e4096_*/) ;;
 prefab)  # a prefill (PREFAB_ARGS) under each of PREFAB's settings (as DECODEAB), alternating, twice, both layouts, MPS on
-  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps/log
-  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY; nvidia-cuda-mps-control -d
+  mps_on
   for layout in "13 --alpha 3 --beta 3 --c-a 2" "7 --alpha 2 --beta 2"; do
     set -- $layout; n=$1; shift
     for run in 1 2; do for setting in ${PREFAB:-RSHARD_PLAN_LAYERS=0 RSHARD_PLAN_LAYERS=1}; do
@@ -286,11 +280,10 @@ prefab)  # a prefill (PREFAB_ARGS) under each of PREFAB's settings (as DECODEAB)
         grep -E "^\| [0-9]|rror" | awk -F'|' '{print "tok_s",$3,"prefill_s",$6,"attention_s",$8,"mpi_s",$10}'
     done; done
   done
-  echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY ;;
+  mps_off ;;
 floor)  # the least wall a 13- / 7-rank job can have here: mpirun of bare Python, + mpi4py, + a CUDA context (CuPy),
   #        and the 12-prompt MiniLM job with its timeline (RSHARD_TRACE), each twice, MPS on
-  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps/log
-  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY; nvidia-cuda-mps-control -d
+  mps_on
   python3 -c "from rshard_hpc.bench.prompts import word_prompts as p, write_prompts as w; w('/tmp/p12.jsonl', p(12, seed=1))"
   for n in 13 7; do
     [ $n = 13 ] && L="--alpha 3 --beta 3 --c-a 2" || L="--alpha 2 --beta 2"
@@ -307,7 +300,7 @@ floor)  # the least wall a 13- / 7-rank job can have here: mpirun of bare Python
       python3 -m rshard_hpc bench trace $OUT/tr_floor_${n}_$i --steps 0: --layer 2 > $OUT/tr_floor_${n}_$i.md
     done
   done
-  echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  mps_off
   (cd $OUT && tar -czf floor.tar.gz tr_floor_*/ && rm -rf tr_floor_*/ tr_floor_*_1.md) ;;
 probe)  # CUDA graphs from CuPy: capture with allocations, replay cost
   stage probe; timeout 60 python3 tools/graph_probe.py 2>&1 | tail -n 5 ;;
