@@ -6,6 +6,8 @@
 //                  causal), written as the packed partial the CompNode merges: D values of o then lse (one float32,
 //                  or under bf16 D bf16 bits then the float32 lse's two uint16 halves, low half first;
 //                  precision.pack_partial).
+// Larger steps (ops/decode_cuda.PlanLayers) attend through partial_attention.cu but use decode_append here, and
+// gather_q and pack_partial (at the end of this file) to unpack and pack in a launch each.
 // Arithmetic as kernels/partial_attention.cu's CUDA-core kernel: fp32, scores in the log2 domain
 // (scale_log2 = scale * log2 e), online softmax with exp2f, lse = (m + log2 l) * ln 2, no visible key: (0, -inf).
 // Loaded after kernels/common.cuh (NEG_INF, LN2, wire_value, bf16_bits).

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rshard_hpc.ops.arrays import xp_of
+
 
 @dataclass
 class StepTokens:
@@ -88,7 +90,7 @@ def sequence_sums(rows, seq: np.ndarray):
     """rows (n, d) float32 of one CompNode, in step order; seq (n,) their sequences (ascending) -> (m, 2 d) float32:
     for each of the m sequences present, the float64 sum of its rows as two float32 halves (high, then the rest),
     so that a float32 wire carries it whole. Sums in float64 by a running sum (one pass, deterministic)."""
-    xp = _xp(rows)
+    xp = xp_of(rows)
     n, width = rows.shape
     if n == 0:
         return xp.zeros((0, 2 * width), dtype=xp.float32)
@@ -103,9 +105,3 @@ def add_sequence_sums(total: np.ndarray, seq_of_rows: np.ndarray, halves: np.nda
     """Add one CompNode's sequence_sums (m, 2 d) to total (n_seq, d) float64; seq_of_rows: its rows' sequences."""
     width = total.shape[1]
     total[np.unique(seq_of_rows)] += halves[:, :width].astype(np.float64) + halves[:, width:].astype(np.float64)
-
-
-def _xp(a):
-    from rshard_hpc.ops.arrays import xp_of
-
-    return xp_of(a)
