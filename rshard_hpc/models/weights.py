@@ -17,6 +17,12 @@ def layer_key(index: int, name: str) -> str:
     return f"layers/{index:03d}/{name}"
 
 
+def layer_of(key: str) -> int | None:
+    """The layer index of a layer_key, None for a key outside the layers (embeddings, head)."""
+    parts = key.split("/")
+    return int(parts[1]) if len(parts) == 3 and parts[0] == "layers" and parts[1].isdigit() else None
+
+
 def write_weights(path, cfg: ModelConfig, tokenizer: dict, tensors: dict, source=None) -> None:
     """Write atomically (temporary file, then rename): a crash never leaves a half file at `path`, and a failure
     never leaves the temporary behind. Tensors whose shapes do not match `cfg`, or that hold NaN or Inf, are

@@ -114,8 +114,8 @@ def _make_worker(topo, spec, model_path, cfg, xp, transport, dtype="float32", cl
     if topo.role == "comp":
         from rshard_hpc.models import build_model, read_model_tensors
 
-        # CompNode 0 reads the weights; the others receive them over comp_comm
-        tensors = collectives.load_on_root(topo.comp_comm, lambda: read_model_tensors(model_path, cfg))
+        # CompNode 0 reads the weights (layers K … L-1 only with client layers); the others receive them over comp_comm
+        tensors = collectives.load_on_root(topo.comp_comm, lambda: read_model_tensors(model_path, cfg, client_layers))
         return CompWorker(topo, spec, build_model(cfg, tensors, dtype, xp), transport, xp=xp, dtype=dtype,
                           first_layer=client_layers)
     if topo.role == "attn":

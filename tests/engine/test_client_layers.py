@@ -11,7 +11,7 @@ from test_generate import SCRIPT as GENERATE_SCRIPT
 from test_generate import greedy_reference, save_reference
 
 from rshard_hpc.errors import InputError
-from rshard_hpc.models import build_model, load_model, weights
+from rshard_hpc.models import build_model, comp_tensor_keys, load_model, read_model_tensors, weights
 from rshard_hpc.models.client_layers import (
     check_client_layers,
     client_config,
@@ -32,6 +32,29 @@ def bert3(tmp_path_factory):
     path = tmp_path_factory.mktemp("models") / "bert3.h5"
     write_random_model(path, tiny_config("bert", n_layers=3), seed=5)
     return path
+
+
+@pytest.mark.parametrize("model", ["bert3", "tiny_llama"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_comp_nodes_read_only_the_layers_they_run(request, model, k):
+    """With K client layers a CompNode reads layers K … L-1 and no embedding table, and its passes on those layers
+    are the full model's, bit for bit; asking it to embed fails (it has nothing to embed with)."""
+    path = request.getfixturevalue(model)
+    cfg = weights.read_config(path)
+    keys = comp_tensor_keys(cfg, k)
+    assert set(keys) == {key for key in comp_tensor_keys(cfg) if (weights.layer_of(key) or -1) >= k}
+    assert keys and not any(key.startswith("embed/") for key in keys)
+    full, part = load_model(path), build_model(cfg, read_model_tensors(path, cfg, k))
+    rng = np.random.default_rng()
+    h = rng.standard_normal((7, cfg.hidden)).astype(np.float32)
+    pos = np.arange(7)
+    o = rng.standard_normal((7, cfg.n_heads, cfg.head_dim)).astype(np.float32)
+    for layer in range(k, cfg.n_layers):
+        for a, b in zip(full.pre(layer, h, pos), part.pre(layer, h, pos)):
+            assert np.array_equal(a, b)
+        assert np.array_equal(full.post(layer, h, o), part.post(layer, h, o))
+    with pytest.raises(KeyError):
+        part.embed(np.zeros(2, np.int64), np.arange(2))
 
 
 @pytest.fixture(scope="module")
