@@ -83,7 +83,12 @@ def wanted_local_rows(tokens: StepTokens, routing: Routing, k: int, want: str) -
 
 def last_of_each_sequence(tokens: StepTokens) -> np.ndarray:
     """Step indices of the highest position of each sequence in the step (tokens are in global order)."""
-    return np.flatnonzero(np.diff(np.append(tokens.seq, -1)) != 0)
+    return sequence_ends(tokens.seq)
+
+
+def sequence_ends(seq: np.ndarray) -> np.ndarray:
+    """Indices of the last row of each sequence in rows ordered by sequence (seq (n,) ascending)."""
+    return np.flatnonzero(np.diff(np.append(seq, -1)) != 0)
 
 
 def sequence_sums(rows, seq: np.ndarray):
@@ -94,7 +99,7 @@ def sequence_sums(rows, seq: np.ndarray):
     n, width = rows.shape
     if n == 0:
         return xp.zeros((0, 2 * width), dtype=xp.float32)
-    ends = np.flatnonzero(np.diff(np.append(seq, -1)) != 0)  # the last row of each sequence
+    ends = sequence_ends(seq)
     running = xp.cumsum(rows.astype(xp.float64), axis=0)[xp.asarray(ends)]  # (m, d)
     sums = running - xp.concatenate([xp.zeros((1, width), xp.float64), running[:-1]])
     high = sums.astype(xp.float32)
@@ -102,6 +107,8 @@ def sequence_sums(rows, seq: np.ndarray):
 
 
 def add_sequence_sums(total: np.ndarray, seq_of_rows: np.ndarray, halves: np.ndarray) -> None:
-    """Add one CompNode's sequence_sums (m, 2 d) to total (n_seq, d) float64; seq_of_rows: its rows' sequences."""
+    """Add one CompNode's sequence_sums (m, 2 d) to total (n_seq, d) float64; seq_of_rows: the sequences of the rows
+    it summed (ascending), whose ends give its m sequences in sequence_sums' order."""
     width = total.shape[1]
-    total[np.unique(seq_of_rows)] += halves[:, :width].astype(np.float64) + halves[:, width:].astype(np.float64)
+    seqs = seq_of_rows[sequence_ends(seq_of_rows)]
+    total[seqs] += halves[:, :width].astype(np.float64) + halves[:, width:].astype(np.float64)

@@ -173,12 +173,9 @@ def format_blocks(blocks) -> str:
 
 
 def rle(values) -> list[list[int]]:
-    """Run-length code [[value, repeat], …] of a sequence of ints."""
+    """Run-length code [[value, repeat], …] of a sequence of ints (rle_by_owner with one owner)."""
     values = np.asarray(values, dtype=np.int64).ravel()
-    if not values.size:
-        return []
-    first = np.flatnonzero(np.concatenate([[True], values[1:] != values[:-1]]))
-    return np.stack([values[first], np.diff(np.append(first, values.size))], axis=1).tolist()
+    return rle_by_owner(np.zeros(values.size, np.int64), values).get(0, [])
 
 
 def rle_by_owner(owner, values) -> dict:
