@@ -23,8 +23,8 @@ class Bert:
         self.cfg, self.xp, self.dtype = cfg, xp, dtype
         matrices = [weights.layer_key(i, name) for i in range(cfg.n_layers) for name in MATRIX_KEYS]
         self.t = place_tensors(concat_rows(tensors, cfg.n_layers, CONCAT_KEYS), xp, dtype, matrices)
-        if not fused_arrays(xp):  # GELU's erf imported now (start-up), not in the first forward; the fused
-            erf_of(xp)  # kernels (CuPy float32) have their own erf: cupyx's import (0.34 s a rank) is not paid
+        if xp is not np and not fused_arrays(xp):  # cupyx's erf imported now (start-up), not in the first
+            erf_of(xp)  # forward; fused kernels (CuPy float32) and NumPy float32 (ops/gelu_host.py) need no erf
 
     @staticmethod
     def tensor_keys(cfg: ModelConfig) -> list:
