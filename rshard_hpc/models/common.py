@@ -120,6 +120,8 @@ def gelu_input(y, bias, matrix):
 
         out, bits = passes_cuda.bias_gelu(y, bias, GELU_INV_SQRT2, bits=isinstance(matrix, Bf16Matrix))
         return _fused_input(out, bits, matrix)
+    if xp_of(y) is np and y.dtype == np.float32:  # the bias added in GELU's pass (no array of y + bias)
+        return gemm_input(gelu_float32(y, GELU_INV_SQRT2, bias=np.asarray(bias, dtype=np.float32)), matrix)
     return gemm_input(gelu(y + bias), matrix)
 
 

@@ -4,7 +4,7 @@
     |z| < 1:  erf(z) = z · Q(z²)
     |z| ≥ 1:  erf(|z|) = 1 - t · P(t) · exp(-z²),   t = 1 / (1 + ERF_T_SCALE · |z|),   erf(-z) = -erf(z)
 
-Q and P (degree 6 each) were fitted by least squares in float64 to erf(z) / z on [0, 1] and to erfcx(z) / t on
+Q and P (degree 6 each) were fitted by least squares in float64 (tools/fit_erf.py) to erf(z) / z on [0, 1] and to erfcx(z) / t on
 [0, 4.2] (beyond 4.2 erf rounds to 1 in float32): their errors in erf are below 3e-9. Evaluated in float32,
 erf's error is about a float32 ulp of 1 (tests/ops/test_gelu_host.py: within 1.5e-7 of float64 erf for every
 float32 tried), which is what GELU's `1 + erf` keeps in float32 in any case; GELU itself stays within 2e-7
@@ -26,22 +26,31 @@ ERF_CLAMP = np.float32(5.0)  # |z| beyond this: erf(|z|) is 1 in float32 (1 - 1.
 GELU_CHUNK = 65_536  # elements a pass (256 KiB of float32 a temporary)
 
 
-def gelu_float32(x: np.ndarray, inv_sqrt2: np.float32) -> np.ndarray:
-    """x · 0.5 · (1 + erf(x · inv_sqrt2)) for a float32 array x (any shape), as a new float32 array."""
-    flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
-    out = np.empty_like(flat)
-    size = min(flat.size, GELU_CHUNK)
-    z, a, u, w, near = (np.empty(size, dtype=np.float32) for _ in range(5))
-    for start in range(0, flat.size, GELU_CHUNK):
-        v = flat[start:start + GELU_CHUNK]
-        n = v.size
-        o = out[start:start + n]
-        np.multiply(v, inv_sqrt2, out=z[:n])
+def gelu_float32(x: np.ndarray, inv_sqrt2: np.float32, bias: np.ndarray | None = None) -> np.ndarray:
+    """gelu(x + bias) = v · 0.5 · (1 + erf(v · inv_sqrt2)), v = x + bias (float32; bias (d,) added to each row of
+    x (..., d), in the same pass), for a float32 array x of any shape, as a new float32 array."""
+    x = np.asarray(x)
+    rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1] if x.ndim else 1)
+    out = np.empty_like(rows)
+    width = rows.shape[1]
+    step = max(1, GELU_CHUNK // max(width, 1))  # rows a pass
+    size = min(rows.shape[0], step) * width
+    v, z, a, u, w, near = (np.empty(size, dtype=np.float32) for _ in range(6))
+    for start in range(0, rows.shape[0], step):
+        part = rows[start:start + step]
+        n = part.size
+        if bias is None:
+            v_n = part.reshape(-1)
+        else:
+            v_n = v[:n]
+            np.add(part, bias, out=v_n.reshape(part.shape))
+        o = out[start:start + step].reshape(-1)
+        np.multiply(v_n, inv_sqrt2, out=z[:n])
         _erf_into(z[:n], o, a[:n], u[:n], w[:n], near[:n])
         o += 1
-        o *= v
+        o *= v_n
         o *= 0.5
-    return out.reshape(np.shape(x))
+    return out.reshape(x.shape)
 
 
 def erf_float32(z: np.ndarray) -> np.ndarray:

@@ -59,3 +59,13 @@ def test_gelu_sweep_and_strided_input():
 def test_float64_keeps_scipy():
     x = np.linspace(-6, 6, 101)
     assert np.array_equal(common.gelu(x), x * 0.5 * (1.0 + erf(x * common.GELU_INV_SQRT2)))
+
+
+@pytest.mark.parametrize("shape", [(5, 384), (gelu_host.GELU_CHUNK // 1536 * 3 + 1, 1536), (2, 3, 7)])
+def test_bias_in_the_pass_equals_adding_it_first(shape):
+    rng = np.random.default_rng(shape[0])
+    y = (rng.standard_normal(shape) * 3).astype(np.float32)
+    bias = rng.standard_normal(shape[-1]).astype(np.float32)
+    got = gelu_host.gelu_float32(y, common.GELU_INV_SQRT2, bias=bias)
+    assert got.shape == y.shape and np.array_equal(got, common.gelu(y + bias))
+    assert np.array_equal(common.gelu_input(y, bias, np.zeros((4, shape[-1]), np.float32)), common.gelu(y + bias))
