@@ -3,7 +3,7 @@
 # as .carry/ompi-cuda.tar.gz, or built here from .carry's sources), mpi4py against it, then stages in order,
 # each skipped once the call's time budget (BUDGET_S, default 540) is near.   logs go to $OUT
 #   usage: bash tools/device_session.sh STAGE...   stages: mpi verify startab startvar unit engine jobs passes decode transports trace profile smalltests finaltests
-#           smallab decodeab passes1 probe suite p512 embatch launch etrace prefab floor
+#           smallab decodeab passes1 probe suite p512 embatch launch etrace prefab floor exitprobe
 # Carried: .carry/ (ompi-cuda.tar.gz or openmpi_4.1*.orig.tar.*, mpi4py-*.tar.gz), .minilm/ (all-MiniLM-L6-v2
 # as a sentence-transformers folder, fp16 safetensors).
 set -u
@@ -302,6 +302,14 @@ floor)  # the least wall a 13- / 7-rank job can have here: mpirun of bare Python
   done
   mps_off
   (cd $OUT && tar -czf floor.tar.gz tr_floor_*/ && rm -rf tr_floor_*/ tr_floor_*_1.md) ;;
+exitprobe)  # what a rank's exit costs: tools/exit_probe.py under each exit MODE, 13 and 7 ranks, alternating, MPS on
+  mps_on
+  for n in 13 7; do for i in 1 2; do for mode in normal handlers finalize; do
+    enough 20 exitprobe || break 3
+    last=$(timeout 60 mpirun -n $n python3 tools/exit_probe.py $mode 2>&1 | awk '/exit begins/ {if ($3 > m) m = $3} END {print m}')
+    echo "exit $mode, $n ranks, run $i: $(python3 -c "print(round($EPOCHREALTIME - ${last:-0}, 3))") s after the last rank began to exit"
+  done; done; done
+  mps_off ;;
 probe)  # CUDA graphs from CuPy: capture with allocations, replay cost
   stage probe; timeout 60 python3 tools/graph_probe.py 2>&1 | tail -n 5 ;;
 suite)
