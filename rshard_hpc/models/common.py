@@ -104,12 +104,15 @@ def erf_of(xp):
     return erf
 
 
-def gelu(x):
-    """Exact (erf) GELU, as BERT uses: float32 NumPy arrays through ops/gelu_host.py (its erf within a float32
-    ulp of 1 of the true one, 2.5x scipy's speed), other arrays through SciPy's / cupyx's erf."""
+def gelu(x, bias=None):
+    """Exact (erf) GELU of x + bias (bias (d,) optional), as BERT uses: where that sum is float32 NumPy, through
+    ops/gelu_host.py (its erf within a float32 ulp of 1 of the true one, 2.5x scipy's speed, the bias added in
+    its pass), other arrays through SciPy's / cupyx's erf."""
     xp = xp_of(x)
-    if xp is np and x.dtype == np.float32:
-        return gelu_float32(x, GELU_INV_SQRT2)
+    if xp is np and np.result_type(x, *(() if bias is None else (bias,))) == np.float32:
+        return gelu_float32(x, GELU_INV_SQRT2, bias=bias)
+    if bias is not None:
+        x = x + bias
     return (x * 0.5 * (1.0 + erf_of(xp)(x * GELU_INV_SQRT2))).astype(x.dtype)
 
 
@@ -120,9 +123,7 @@ def gelu_input(y, bias, matrix):
 
         out, bits = passes_cuda.bias_gelu(y, bias, GELU_INV_SQRT2, bits=isinstance(matrix, Bf16Matrix))
         return _fused_input(out, bits, matrix)
-    if xp_of(y) is np and y.dtype == np.float32:  # the bias added in GELU's pass (no array of y + bias)
-        return gemm_input(gelu_float32(y, GELU_INV_SQRT2, bias=np.asarray(bias, dtype=np.float32)), matrix)
-    return gemm_input(gelu(y + bias), matrix)
+    return gemm_input(gelu(y, bias), matrix)
 
 
 def silu(x):
