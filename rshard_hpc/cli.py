@@ -17,7 +17,7 @@ from rshard_hpc.plan.check import SEARCH_MAX
 from rshard_hpc.run import profiling, termination, testhooks
 from rshard_hpc.run.export import FORMATS as EXPORT_FORMATS
 from rshard_hpc.run.jobfile import config_callback
-from rshard_hpc.run.options import TASKS, RunOptions
+from rshard_hpc.run.options import DEFAULT_BATCH_TOKENS, TASKS, RunOptions
 
 
 @click.group()
@@ -65,7 +65,9 @@ def convert(source, out):
               help="K: the client runs the first K layers on each whole prompt and sends CompNodes the layer-K "
                    "hidden rows of their positions instead of token ids; the servers start at layer K. Default: "
                    "min(4, the model's layers // 4), the audit's recommendation (docs/privacy.md); 0: token ids.")
-@click.option("--batch-tokens", type=int, default=RunOptions.batch_tokens, show_default=True, help="Tokens per batch (at least one prompt).")
+@click.option("--batch-tokens", type=click.IntRange(min=1), default=RunOptions.batch_tokens,
+              help="Tokens per batch (at least one prompt a batch). Default: "
+                   + ", ".join(f"{n} on --device {d}" for d, n in DEFAULT_BATCH_TOKENS.items()) + ".")
 @click.option("--resume", is_flag=True, help="Skip prompt ids already in --out and append the rest.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 @click.option("--truncate", is_flag=True, help="Cut over-long prompts to the model's limit instead of failing.")

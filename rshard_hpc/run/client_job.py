@@ -170,7 +170,7 @@ class ClientJob:
         """Consecutive prompts whose tokens fit in --batch-tokens (at least one prompt a batch)."""
         batch, tokens = [], 0
         for index, ids in enumerate(self.token_ids):
-            if batch and tokens + len(ids) > self.opts.batch_tokens:
+            if batch and tokens + len(ids) > self.opts.tokens_per_batch:
                 yield batch
                 batch, tokens = [], 0
             batch.append(index)

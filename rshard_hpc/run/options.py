@@ -14,6 +14,11 @@ from rshard_hpc.plan.schemes import DEFAULT_DELTA, PlanSpec, check_explicit
 
 
 TASKS = ("embed", "generate")
+# --batch-tokens when not given, by --device. CPUs: smaller batches let the client's layers of batch b+1 run
+# while the workers compute batch b, and keep a layer's arrays nearer the caches (64 MiniLM inputs of 128 tokens,
+# 13 ranks on 2 cores: 2.47-2.54 s at 8192, 2.14-2.17 s at 4096, 2.40-2.47 s at 2048; docs/bench_suite_cpu.md).
+# GPUs: a step's fixed cost is paid per batch, so larger batches (8192-65536 measured alike, bench_suite_h200.md).
+DEFAULT_BATCH_TOKENS = {"cpu": 4096, "gpu": 8192}
 
 
 @dataclass
@@ -34,7 +39,7 @@ class RunOptions:
     c_a: int | None = None  # None: the default layout's when it is chosen, else PlanSpec's (1)
     seed: int = PlanSpec.seed
     plan_file: str | None = None
-    batch_tokens: int = 8192
+    batch_tokens: int | None = None  # None: DEFAULT_BATCH_TOKENS of the device (tokens_per_batch)
     resume: bool = False
     overwrite: bool = False
     truncate: bool = False
@@ -66,6 +71,11 @@ class RunOptions:
         """(alpha, beta, c, c_a), PlanSpec's values where not given."""
         values = (self.alpha, self.beta, self.c, self.c_a)
         return tuple(getattr(PlanSpec, k) if v is None else v for k, v in zip(("alpha", "beta", "c", "c_a"), values))
+
+    @property
+    def tokens_per_batch(self) -> int:
+        """--batch-tokens, or its default for the device."""
+        return DEFAULT_BATCH_TOKENS[self.device] if self.batch_tokens is None else self.batch_tokens
 
     @property
     def client_on_gpu(self) -> bool:

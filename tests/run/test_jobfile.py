@@ -8,6 +8,7 @@ from conftest import REPO
 from rshard_hpc import cli
 from rshard_hpc.run import job as jobs
 from rshard_hpc.run import jobfile
+from rshard_hpc.run.options import DEFAULT_BATCH_TOKENS, RunOptions
 
 
 @pytest.fixture
@@ -94,3 +95,32 @@ def test_client_takes_a_gpu_only_when_it_computes():
     assert not RunOptions(device="gpu", task="embed").client_on_gpu
     assert RunOptions(device="gpu", task="generate").client_on_gpu  # the LM head of every new token
     assert RunOptions(device="gpu", task="embed", client_layers=1).client_on_gpu
+
+
+@pytest.mark.parametrize("args,device,expected", [
+    ([], "cpu", DEFAULT_BATCH_TOKENS["cpu"]),
+    (["--device", "gpu"], "gpu", DEFAULT_BATCH_TOKENS["gpu"]),
+    (["--batch-tokens", 300], "cpu", 300),
+    (["--device", "gpu", "--batch-tokens", 300], "gpu", 300),
+])
+def test_batch_tokens_default_follows_the_device(captured, args, device, expected):
+    result = invoke(["--prompts", "p.txt", "--out", "o.h5"] + args)
+    assert result.exit_code == 0, result.output
+    assert (captured[0].device, captured[0].tokens_per_batch) == (device, expected)
+
+
+def test_batches_cut_at_the_default(captured):
+    """ClientJob.batches at the CPU default: consecutive prompts up to the limit, a longer prompt alone."""
+    from types import SimpleNamespace
+
+    from rshard_hpc.run.client_job import ClientJob
+
+    limit = DEFAULT_BATCH_TOKENS["cpu"]
+    lens = [limit // 2, limit // 2, 1, limit + 5, 3, limit - 3]
+    job = SimpleNamespace(token_ids=[[0] * n for n in lens], opts=RunOptions(device="cpu"))
+    assert list(ClientJob.batches(job)) == [[0, 1], [2], [3], [4, 5]]
+
+
+def test_batch_tokens_below_one_is_refused(captured):
+    result = invoke(["--prompts", "p.txt", "--out", "o.h5", "--batch-tokens", 0])
+    assert result.exit_code == 2 and "--batch-tokens" in result.output and not captured
