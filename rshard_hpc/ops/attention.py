@@ -70,12 +70,18 @@ class AttentionPlan:
         self.q_pos, self.q_seq, self.k_pos, self.k_seq = (_host(a) for a in (q_pos, q_seq, k_pos, k_seq))
         self.nq = check_rows(self.q_pos, self.q_seq, "query")
         self.nk = check_rows(self.k_pos, self.k_seq, "key")
-        self.blocks = []  # (query rows (nb,), key rows (nk_s,)) per block
+        self.blocks = []  # (query rows (nb,), key rows (nk_s,), every key visible to every query?) per block
         for s in np.unique(self.q_seq) if self.nk else ():
             q_rows = np.flatnonzero(self.q_seq == s)
             k_rows = np.flatnonzero(self.k_seq == s)
             if len(k_rows):
-                self.blocks += [(q_rows[a:a + Q_BLOCK], k_rows) for a in range(0, len(q_rows), Q_BLOCK)]
+                self.blocks += [self._block_rows(q_rows[a:a + Q_BLOCK], k_rows) for a in range(0, len(q_rows), Q_BLOCK)]
+
+    def _block_rows(self, q_rows, k_rows):
+        """A block's rows of one sequence, and whether its mask is all true (no mask to build or apply): always
+        without causality, else when its last key comes no later than its first query."""
+        all_visible = not self.causal or self.k_pos[k_rows].max() <= self.q_pos[q_rows].min()
+        return q_rows, k_rows, bool(all_visible)
 
     def __call__(self, q, k, v):
         """q: (nq, Hq, D); k, v: (nk, Hkv, D), float or uint16 bf16 bits, NumPy.
@@ -91,10 +97,11 @@ class AttentionPlan:
         n_kv = k.shape[1]
         o = np.zeros((nq, n_heads, head_dim), dtype=np.float32)
         lse = np.full((nq, n_heads), -np.inf, dtype=np.float32)
-        for rows, k_rows in self.blocks:
+        for rows, k_rows, all_visible in self.blocks:
             k_s = _heads_first(k[k_rows], n_kv)  # (Hkv, 1, nk_s, D)
             v_s = _heads_first(v[k_rows], n_kv)
-            mask = visible(self.q_pos[rows], self.q_seq[rows], self.k_pos[k_rows], self.k_seq[k_rows], self.causal)
+            mask = None if all_visible else visible(self.q_pos[rows], self.q_seq[rows], self.k_pos[k_rows],
+                                                    self.k_seq[k_rows], self.causal)
             o[rows], lse[rows] = _block(q[rows], k_s, v_s, mask, n_kv, self.scale)
         return o, lse
 
@@ -110,16 +117,20 @@ def _heads_first(x, n_kv):
 
 
 def _block(q_blk, k_s, v_s, mask, n_kv, scale):
-    """One query block against one sequence's keys. mask: (nb, nk) bool."""
+    """One query block against one sequence's keys. mask: (nb, nk) bool, or None where every key is visible.
+    The score array is worked on in place (it is the block's one large temporary)."""
     nb, n_heads, head_dim = q_blk.shape
     group = n_heads // n_kv
     q_h = q_blk.astype(np.float32).transpose(1, 0, 2).reshape(n_kv, group, nb, head_dim)  # (Hkv, G, nb, D)
-    scores = (q_h @ k_s.transpose(0, 1, 3, 2)) * np.float32(scale)  # (Hkv, G, nb, nk)
-    scores = np.where(mask, scores, -np.inf)
+    scores = q_h @ k_s.transpose(0, 1, 3, 2)  # (Hkv, G, nb, nk)
+    scores *= np.float32(scale)
+    if mask is not None:
+        np.copyto(scores, -np.inf, where=~mask)
     row_max = scores.max(axis=-1, keepdims=True)  # (Hkv, G, nb, 1)
     any_key = np.isfinite(row_max)
     shift = np.where(any_key, row_max, 0.0).astype(np.float32)
-    probs = np.exp(scores - shift)  # masked entries: exp(-inf) = 0
+    scores -= shift
+    probs = np.exp(scores, out=scores)  # masked entries: exp(-inf) = 0
     denom = probs.sum(axis=-1, keepdims=True)
     out = (probs @ v_s) / np.where(any_key, denom, 1.0)  # (Hkv, G, nb, D)
     lse = np.where(any_key, shift + np.log(np.where(any_key, denom, 1.0)), -np.inf)[..., 0]

@@ -148,3 +148,22 @@ def test_merge_against_float64_softmax_with_minus_inf_and_noncontiguous():
     o, lse = merge_partials(big_o[..., ::2], lse_parts.astype(np.float32))
     assert np.all(o[0] == 0) and np.all(np.isneginf(lse[0]))
     np.testing.assert_allclose(o[1:], o_ref[1:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal,key_shift,all_visible", [
+    (False, 0, True),  # without causality a block's keys are all visible
+    (True, -300, True),  # every key before every query: no mask built
+    (True, 0, False),  # keys interleaved with the queries: masked
+])
+def test_blocks_without_a_mask_match_float64(causal, key_shift, all_visible):
+    """The NumPy plan skips the mask of a block whose keys every query sees (AttentionPlan._block_rows): such
+    blocks, and masked ones, equal the float64 reference; the flag is what the positions say."""
+    rng = np.random.default_rng(11)
+    q, q_pos, q_seq, k, v, k_pos, k_seq = random_case(rng, 40, 50, 6, 2, 16, n_seqs=3)
+    k_pos = (k_pos + key_shift).astype(np.int32)
+    plan = AttentionPlan(q_pos, q_seq, k_pos, k_seq, causal=causal, scale=0.25)
+    assert {flag for _, _, flag in plan.blocks} == {all_visible}
+    o, lse = plan(q, k, v)
+    o_ref, lse_ref = full_attention64(q, q_pos, q_seq, k, v, k_pos, k_seq, causal=causal, scale=0.25)
+    np.testing.assert_allclose(lse, lse_ref, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(o, o_ref, atol=2e-5, rtol=1e-5)
