@@ -142,10 +142,13 @@ def silu_mul_input(gate, up, matrix):
     return gemm_input(silu(gate) * up, matrix)
 
 
-def linear(x, weight, bias=None):
+def linear(x, weight, bias=None, residual=None):
     """x: (n, in) (or a precision.Bf16Input); weight: (out, in) as stored, an array or a
-    precision.Bf16Matrix; -> (n, out)."""
-    y = matmul_t(x, weight)
+    precision.Bf16Matrix; -> (n, out). residual: an (n, out) float32 array the product is added into, in place,
+    and returned (pass only one that nothing else holds; on a GPU the add costs no launch: matmul_t)."""
+    if residual is not None and bias is not None:
+        raise ValueError("linear: a bias and a residual together are not supported")
+    y = matmul_t(x, weight, accumulate=residual)
     return y if bias is None else y + bias
 
 

@@ -204,7 +204,7 @@ class Llama:
         gate_up = linear(x, w("w_gate_up"))  # (n, 2 F): gate's columns, then up's
         f = gate_up.shape[1] // 2
         act = silu_mul_input(gate_up[:, :f], gate_up[:, f:], w("w_down"))
-        return h + linear(act, w("w_down"))
+        return linear(act, w("w_down"), residual=h)  # h is this pass's own array (the norm's residual sum)
 
     def final_rows(self, h):
         """What a CompNode returns to the client: the residual stream, un-normed (the client applies the head)."""

@@ -111,14 +111,15 @@ class Bf16Matrix:
         self.bits = to_bf16_bits(weight)  # (out, in) uint16
         self.values = bf16_bits_to_float(self.bits) if xp is np else None  # NumPy path multiplies these
 
-    def rmatmul_t(self, x):
-        """x: (n, in) float or a Bf16Input -> (n, out) float32."""
+    def rmatmul_t(self, x, accumulate=None):
+        """x: (n, in) float or a Bf16Input -> (n, out) float32 (added into accumulate: matmul_t)."""
         if x.shape[-1] != self.shape[1]:
             raise ValueError(f"shape mismatch: x {x.shape} against weight {self.shape}")
         operand = x.operand if isinstance(x, Bf16Input) else Bf16Input(x).operand
-        if self.xp is np:
-            return operand @ self.values.T
-        return _gemm_t(xp_of(operand).ascontiguousarray(operand), self.bits, bf16=True)
+        if self.xp is np or not _accumulates(accumulate, operand.shape[0], self.shape[0]):
+            product = operand @ self.values.T if self.xp is np else self.rmatmul_t(x)
+            return _add_into(accumulate, product)
+        return _gemm_t(xp_of(operand).ascontiguousarray(operand), self.bits, bf16=True, accumulate=accumulate)
 
 
 class Bf16Input:
@@ -142,16 +143,32 @@ def gemm_input(x, weight):
     return Bf16Input(x) if isinstance(weight, Bf16Matrix) else x
 
 
-def matmul_t(x, weight):
+def matmul_t(x, weight, accumulate=None):
     """x @ weightᵀ for plain arrays, a Bf16Matrix weight and/or a Bf16Input x (the one place model math
-    multiplies by a weight)."""
+    multiplies by a weight). accumulate: an (n, out) float32 array the product is added into, in place, and
+    returned (accumulate + x @ weightᵀ, each element one fp32 addition): on a GPU cuBLAS's beta = 1, the residual
+    add without a launch of its own."""
     if isinstance(weight, Bf16Matrix):
-        return weight.rmatmul_t(x)
+        return weight.rmatmul_t(x, accumulate)
     if isinstance(x, Bf16Input):
         x = x.source
-    if _sgemm_fits(x, weight):
-        return _gemm_t(x, weight)
-    return x @ weight.T
+    if _sgemm_fits(x, weight) and _accumulates(accumulate, x.shape[0], weight.shape[0]):
+        return _gemm_t(x, weight, accumulate=accumulate)
+    return _add_into(accumulate, x @ weight.T)
+
+
+def _accumulates(accumulate, n: int, m: int) -> bool:
+    """Whether _gemm_t can add into `accumulate` (none, or a C-contiguous float32 CuPy array (n, m))."""
+    return accumulate is None or (xp_of(accumulate) is not np and accumulate.shape == (n, m)
+                                  and accumulate.dtype == np.float32 and accumulate.flags.c_contiguous)
+
+
+def _add_into(accumulate, y):
+    """y, or accumulate += y returned (the product computed on its own)."""
+    if accumulate is None:
+        return y
+    accumulate += y
+    return accumulate
 
 
 def _sgemm_fits(x, weight) -> bool:
@@ -160,10 +177,11 @@ def _sgemm_fits(x, weight) -> bool:
             and weight.dtype == np.float32 and x.flags.c_contiguous and weight.flags.c_contiguous)
 
 
-def _gemm_t(x, w, bf16: bool = False):
+def _gemm_t(x, w, bf16: bool = False, accumulate=None):
     """CuPy: y (n, out) = x @ Wᵀ in one cuBLAS call, fp32 compute and output, for C-contiguous x (n, in) and
     W (out, in): cublasSgemm of float32 arrays, or (bf16) cublasGemmEx of bf16 bit patterns (uint16). One call
-    rather than CuPy's matmul dispatch (tens of microseconds a call, four a layer: what a decode step waits on)."""
+    rather than CuPy's matmul dispatch (tens of microseconds a call, four a layer: what a decode step waits on).
+    accumulate (_accumulates): y is that array, the product added to it (beta = 1)."""
     import cupy
     from cupy_backends.cuda.libs import cublas
 
@@ -171,11 +189,13 @@ def _gemm_t(x, w, bf16: bool = False):
     m = w.shape[0]
     if w.shape[1] != k:
         raise ValueError(f"shape mismatch: x {x.shape} against weight {w.shape}")
-    y = cupy.empty((n, m), dtype=cupy.float32)
+    y = cupy.empty((n, m), dtype=cupy.float32) if accumulate is None else accumulate
+    beta = _ZERO if accumulate is None else _ONE
     if n == 0 or m == 0:
         return y
     if k == 0:
-        y.fill(0)
+        if accumulate is None:
+            y.fill(0)
         return y
     handle = cupy.cuda.device.get_cublas_handle()
     cublas.setStream(handle, cupy.cuda.get_current_stream().ptr)
@@ -185,11 +205,11 @@ def _gemm_t(x, w, bf16: bool = False):
         cublas.gemmEx(handle, _CUBLAS_OP_T, _CUBLAS_OP_N, m, n, k,
                       _ONE.ctypes.data, w.data.ptr, _CUDA_R_16BF, k,
                       x.data.ptr, _CUDA_R_16BF, k,
-                      _ZERO.ctypes.data, y.data.ptr, _CUDA_R_32F, m,
+                      beta.ctypes.data, y.data.ptr, _CUDA_R_32F, m,
                       _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT)
     else:
         cublas.sgemm(handle, _CUBLAS_OP_T, _CUBLAS_OP_N, m, n, k, _ONE.ctypes.data, w.data.ptr, k, x.data.ptr, k,
-                     _ZERO.ctypes.data, y.data.ptr, m)
+                     beta.ctypes.data, y.data.ptr, m)
     return y
 
 

@@ -83,3 +83,38 @@ def test_partial_pack_roundtrip(dtype):
     np.testing.assert_array_equal(lse2[0].view(np.uint32), lse.view(np.uint32))
     np.testing.assert_array_equal(lse2[1], lse[::-1])
     np.testing.assert_array_equal(o2[0], o if dtype == "float32" else round_bf16(o))
+
+
+def _accumulate_cases(xp, rng):
+    """(x, weight, accumulate, reference float64 of accumulate + x @ weightᵀ) for float32 and bf16 weights, and a
+    row count of 0 (nothing to add)."""
+    for n, k, m in [(37, 96, 50), (0, 96, 50), (5, 64, 1536)]:
+        x = rng.standard_normal((n, k)).astype(np.float32)
+        w = rng.standard_normal((m, k)).astype(np.float32)
+        acc = rng.standard_normal((n, m)).astype(np.float32)
+        for weight, xr, wr in [(xp.asarray(w), x, w), (Bf16Matrix(w, xp), round_bf16(x), round_bf16(w))]:
+            ref = acc.astype(np.float64) + xr.astype(np.float64) @ wr.astype(np.float64).T
+            yield xp.asarray(x), weight, xp.asarray(acc), ref
+
+
+def _check_accumulate(xp, rng):
+    for x, weight, acc, ref in _accumulate_cases(xp, rng):
+        separate = matmul_t(x, weight) + acc  # the product and the add apart
+        got = matmul_t(x, weight, accumulate=acc)
+        assert got is acc  # added in place, returned
+        got = got.get() if xp is not np else got
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(got, separate.get() if xp is not np else separate, rtol=1e-6, atol=1e-5)
+
+
+def test_matmul_accumulates_in_place():
+    """matmul_t(accumulate=) adds the product into that array and returns it (the residual add of a layer's last
+    product): float32 and bf16 weights, against float64 and against the product and add done apart."""
+    _check_accumulate(np, np.random.default_rng(6))
+
+
+def test_gpu_matmul_accumulates_in_place():
+    """The same on CuPy: cuBLAS adds into the array (beta = 1), sgemm and gemmEx."""
+    from conftest import require_gpu
+
+    _check_accumulate(require_gpu(), np.random.default_rng(7))
