@@ -4,6 +4,7 @@
 # each skipped once the call's time budget (BUDGET_S, default 540) is near.   logs go to $OUT
 #   usage: bash tools/device_session.sh STAGE...   stages: mpi verify startab startvar unit engine jobs passes decode transports trace profile smalltests finaltests
 #           smallab decodeab passes1 probe suite p512 embatch launch etrace prefab floor exitprobe hostprof
+#           opmarks
 #           genstore genfile
 # Carried: .carry/ (ompi-cuda.tar.gz or openmpi_4.1*.orig.tar.*, mpi4py-*.tar.gz), .minilm/ (all-MiniLM-L6-v2
 # as a sentence-transformers folder, fp16 safetensors); for genstore/genfile, the SmolLM2 GGUF cut in two (.big/part1
@@ -237,6 +238,23 @@ hostprof)  # cProfile of every worker's steps of >= 100 tokens in a 512-token pr
   done
   mps_off
   (cd $OUT && tar -czf hostprof.tar.gz hp_*/ hpt_*.md && rm -rf hp_*/ hpt_*) ;;
+opmarks)  # each launch's host time inside a layer (tools/op_marks.py) of a 512-token prefill, 13 and 7 ranks, MPS on;
+  # and the same passes timed in one process (bench passes)
+  stage "passes in one process, 170 tokens bf16"
+  python3 -m rshard_hpc bench passes --device gpu --dtype bfloat16 --tokens 170 --no-torch --out $OUT/om_passes.md \
+    2>&1 | grep -E "^\|" | cut -c1-200
+  mps_on
+  for layout in "13 --alpha 3 --beta 3 --c-a 2" "7 --alpha 2 --beta 2"; do
+    set -- $layout; n=$1; shift
+    for dt in ${OPMARKS_DTYPES:-bfloat16}; do
+      stage "op marks, prefill 512 $dt, $n ranks"; enough 40 opmarks || break 2
+      RSHARD_TRACE=$OUT/om_${n}_$dt timeout 100 mpirun -n $n python3 tools/op_marks.py bench job "$@" --device gpu \
+        --tokens 512 --decode-steps 0 --dtype $dt --out "$OUT/om_job.md" 2>&1 | grep -E "^\| [0-9]|rror" | cut -c1-120
+      python3 -m rshard_hpc bench trace $OUT/om_${n}_$dt --steps 1: --layer 15 > $OUT/om_${n}_$dt.md
+    done
+  done
+  mps_off
+  (cd $OUT && tar -czf opmarks.tar.gz om_*.md && rm -rf om_*_*/) ;;
 genstore)  # keep the GGUF's first part where the next call finds it
   mkdir -p /tmp/store && cp .big/part1 /tmp/store/ && echo "stored $(du -m /tmp/store/part1 | cut -f1) MB" ;;
 genfile)  # the generate-file row (transformers generate against the sharded job, same GGUF), MPS on

@@ -8,6 +8,8 @@ import time
 import numpy as np
 
 from rshard_hpc.dist.collectives import _displs, _mpi, _node_placement
+from rshard_hpc.dist.device_copy import RangeCopier, kernel_copies
+from rshard_hpc.engine import trace
 
 _MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: unified addressing picks the direction (and the peer device)
 
@@ -39,6 +41,7 @@ class DeviceIpc:
         self.generation = 0
         self.told = [[-1] * self.size for _ in range(2)]  # generation of my outbox each peer has been sent
         self.peers = {}  # (source rank, parity) -> (generation, mapped pointer)
+        self.copier = RangeCopier() if kernel_copies() else None  # None: a copy-engine memcpy per range
 
     def _outbox(self, parity: int, nbytes: int):
         box = self.boxes[parity]
@@ -65,24 +68,25 @@ class DeviceIpc:
 
     def alltoallv(self, send, send_counts, recv_counts):
         """send: flat contiguous CuPy array; counts in elements. Returns (recv, {"mpi": s, "copy": s})."""
-        cupy, runtime = self.cupy, self.cupy.cuda.runtime
+        cupy = self.cupy
         stream = cupy.cuda.get_current_stream()
         itemsize = send.dtype.itemsize
         parity = self.calls % 2
         self.calls += 1
         t0 = time.perf_counter()
         memory, generation, handle = self._outbox(parity, send.nbytes)
-        if send.nbytes:
-            runtime.memcpyAsync(memory.ptr, send.data.ptr, send.nbytes, _MEMCPY_DEFAULT, stream.ptr)
+        self._copy(memory.ptr, [(send.data.ptr, 0, send.nbytes)], stream)
         stream.synchronize()  # my outbox is written before anyone learns where to read
+        trace.mark("x ready")
         notes = self._notes(parity, generation, handle, _displs(send_counts) * itemsize,
                             np.asarray(send_counts, dtype=np.int64) * itemsize)
         t1 = time.perf_counter()
         got = np.empty_like(notes)
         self.comm.Alltoall(notes.view(np.uint8), got.view(np.uint8))  # fixed-size records: no pickling
         t2 = time.perf_counter()
+        trace.mark("x mpi")
         recv = cupy.empty(int(np.sum(recv_counts)), dtype=send.dtype)
-        at = 0
+        at, ranges = 0, []
         for src, note in enumerate(got):
             src_parity, src_gen, offset, nbytes = (int(note[f]) for f in ("parity", "generation", "offset", "nbytes"))
             src_handle = bytes(note["handle"]) if note["has_handle"] else None
@@ -91,11 +95,23 @@ class DeviceIpc:
                                    f"{int(recv_counts[src]) * itemsize}")
             if nbytes:
                 base = memory.ptr if src == self.rank else self._peer_pointer(src, src_parity, src_gen, src_handle)
-                runtime.memcpyAsync(recv.data.ptr + at, base + offset, nbytes, _MEMCPY_DEFAULT, stream.ptr)
+                ranges.append((base + offset, at, nbytes))
             at += nbytes
+        self._copy(recv.data.ptr, ranges, stream)
         stream.synchronize()  # my reads of the peers' outboxes are done before I leave (see the class note)
         t3 = time.perf_counter()
         return recv, {"mpi": t2 - t1, "copy": (t1 - t0) + (t3 - t2)}
+
+    def _copy(self, dst_ptr: int, ranges: list, stream) -> None:
+        """ranges [(source address, destination offset, bytes), …] into dst on the stream: one kernel launch
+        (dist/device_copy.py), or a memcpy each (RSHARD_IPC_COPY=memcpy). The caller synchronizes the stream
+        before the next call (the kernel's table of ranges is then free again)."""
+        if self.copier is not None:
+            self.copier.copy(dst_ptr, ranges)
+            return
+        for src_ptr, offset, nbytes in ranges:
+            if nbytes:
+                self.cupy.cuda.runtime.memcpyAsync(dst_ptr + offset, src_ptr, nbytes, _MEMCPY_DEFAULT, stream.ptr)
 
     def _notes(self, parity: int, generation: int, handle: bytes, offsets, nbytes):
         """My record for each peer: where in my outbox its bytes lie, and my outbox's IPC handle when that peer has
@@ -148,8 +164,9 @@ def _probe_peers(ipc, all_handles):
                 if src == ipc.rank:
                     continue
                 pointer = ipc._peer_pointer(src, parity, generation, handles[parity])
-                got = cupy.empty(64, cupy.float32)
-                cupy.cuda.runtime.memcpy(got.data.ptr, pointer, got.nbytes, _MEMCPY_DEFAULT)
+                got = cupy.full(64, -1, cupy.float32)
+                ipc._copy(got.data.ptr, [(pointer, 0, got.nbytes)], cupy.cuda.get_current_stream())
+                cupy.cuda.get_current_stream().synchronize()  # the way an exchange reads: kernel or memcpy
                 if not bool((got == 1000 * src + parity).all()):
                     return f"rank {ipc.rank} read wrong data from rank {src}"
         for parity in (0, 1):

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from rshard_hpc.dist import device_copy
 from rshard_hpc.ops import attention_cuda as ag
 from rshard_hpc.ops import cuda_build, decode_cuda, passes_cuda, small_rows_cuda
 
@@ -112,8 +113,8 @@ def nvrtc_compile(lib, code: str, options) -> tuple:
 
 def _cases():
     """(id, source, defines) of every program the host builds: both attention kernels at the ends of every
-    head-dim class of both dtypes, every benchmark configuration of the tensor-core kernel, the order and
-    merge kernels."""
+    head-dim class of both dtypes, every benchmark configuration of the tensor-core kernel, the order, merge,
+    passes, small-row, decode and range-copy kernels."""
     from rshard_hpc.bench import kernel as bench
 
     kernels = [ag.choose_kernel(d, bf16) for bf16 in (False, True) for d in ag.class_ends(bf16)]
@@ -127,6 +128,7 @@ def _cases():
     cases["merge"] = ("merge.cu", {})
     cases["passes"] = (passes_cuda.SOURCE, passes_cuda.defines())
     cases["small-rows"] = (small_rows_cuda.SOURCE, small_rows_cuda.defines())
+    cases["copy-ranges"] = (device_copy.SOURCE, device_copy.defines())
     for d in (1, 64, decode_cuda.MAX_HEAD_DIM):
         for bf16 in (False, True):
             cases[f"decode-{'bf16' if bf16 else 'fp32'}-D{d}"] = (decode_cuda.SOURCE, decode_cuda.defines(d, bf16))
