@@ -6,8 +6,8 @@
 //                  causal), written as the packed partial the CompNode merges: D values of o then lse (one float32,
 //                  or under bf16 D bf16 bits then the float32 lse's two uint16 halves, low half first;
 //                  precision.pack_partial).
-// Larger steps (ops/decode_cuda.PlanLayers) attend through partial_attention.cu but use decode_append here, and
-// gather_q and pack_partial (at the end of this file) to unpack and pack in a launch each.
+// Larger steps (ops/decode_cuda.PlanLayers) attend through partial_attention.cu but unpack with unpack_rows (the
+// q gather and decode_append's rows in one launch) and pack with pack_partial (at the end of this file).
 // Arithmetic as kernels/partial_attention.cu's CUDA-core kernel: fp32, scores in the log2 domain
 // (scale_log2 = scale * log2 e), online softmax with exp2f, lse = (m + log2 l) * ln 2, no visible key: (0, -inf).
 // Loaded after kernels/common.cuh (NEG_INF, LN2, wire_value, bf16_bits).
@@ -34,8 +34,27 @@ typedef unsigned short wire_t;  // common.cuh: wire_value, bf16_bits
 typedef float wire_t;
 #endif
 
-// k_cache, v_cache: the layer's (capacity, Hkv, D) rows; row first + m gets the new row m, whose k starts at
-// recv[k_src[m]] and v at recv[v_src[m]] (Hkv * D elements each).
+// Element idx < n_new * row_width of the append: k_cache, v_cache are the layer's (capacity, Hkv, D) rows; row
+// first + m gets the new row m, whose k starts at recv[k_src[m]] and v at recv[v_src[m]] (Hkv * D elements each).
+__device__ __forceinline__ void append_element(const wire_t* __restrict__ recv, const long long* __restrict__ k_src,
+                                               const long long* __restrict__ v_src, wire_t* __restrict__ k_cache,
+                                               wire_t* __restrict__ v_cache, int first, int row_width, long long idx)
+{
+    const int m = (int)(idx / row_width), e = (int)(idx % row_width);
+    const long long at = (long long)(first + m) * row_width + e;
+    k_cache[at] = recv[k_src[m] + e];
+    v_cache[at] = recv[v_src[m] + e];
+}
+
+// Element idx < n_q * row_width of the q gather: query row r's q (row_width = H * D elements at recv[q_src[r]])
+// into q (n_q, H, D), contiguous.
+__device__ __forceinline__ void gather_q_element(const wire_t* __restrict__ recv, const long long* __restrict__ q_src,
+                                                 wire_t* __restrict__ q, int row_width, long long idx)
+{
+    const int r = (int)(idx / row_width), e = (int)(idx % row_width);
+    q[idx] = recv[q_src[r] + e];
+}
+
 extern "C" __global__ void __launch_bounds__(DECODE_THREADS)
 decode_append(const wire_t* __restrict__ recv, const long long* __restrict__ k_src,
               const long long* __restrict__ v_src, wire_t* __restrict__ k_cache, wire_t* __restrict__ v_cache,
@@ -43,11 +62,25 @@ decode_append(const wire_t* __restrict__ recv, const long long* __restrict__ k_s
 {
     const long long total = (long long)n_new * row_width;
     for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
+         idx += (long long)gridDim.x * blockDim.x)
+        append_element(recv, k_src, v_src, k_cache, v_cache, first, row_width, idx);
+}
+
+// unpack_rows: PlanLayers' unpack of a layer's receive buffer in one launch, gather_q's elements then
+// decode_append's (q_width = H * D, row_width = Hkv * D).
+extern "C" __global__ void __launch_bounds__(DECODE_THREADS)
+unpack_rows(const wire_t* __restrict__ recv, const long long* __restrict__ q_src, wire_t* __restrict__ q, int n_q,
+            int q_width, const long long* __restrict__ k_src, const long long* __restrict__ v_src,
+            wire_t* __restrict__ k_cache, wire_t* __restrict__ v_cache, int n_new, int first, int row_width)
+{
+    const long long q_total = (long long)n_q * q_width;
+    const long long total = q_total + (long long)n_new * row_width;
+    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
          idx += (long long)gridDim.x * blockDim.x) {
-        const int m = (int)(idx / row_width), e = (int)(idx % row_width);
-        const long long at = (long long)(first + m) * row_width + e;
-        k_cache[at] = recv[k_src[m] + e];
-        v_cache[at] = recv[v_src[m] + e];
+        if (idx < q_total)
+            gather_q_element(recv, q_src, q, q_width, idx);
+        else
+            append_element(recv, k_src, v_src, k_cache, v_cache, first, row_width, idx - q_total);
     }
 }
 
@@ -191,18 +224,6 @@ decode_attend(const wire_t* __restrict__ recv, const long long* __restrict__ q_s
 
 // Helpers of an AttnNode's layer of a larger step (ops/decode_cuda.PlanLayers), which attends through the general
 // plan (kernels/partial_attention.cu) but unpacks and packs in one launch each.
-// gather_q: query row r's q (row_width = H * D elements at recv[q_src[r]]) into q (n_q, H, D), contiguous.
-extern "C" __global__ void __launch_bounds__(DECODE_THREADS)
-gather_q(const wire_t* __restrict__ recv, const long long* __restrict__ q_src, wire_t* __restrict__ q, int n_q,
-         int row_width)
-{
-    const long long total = (long long)n_q * row_width;
-    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
-         idx += (long long)gridDim.x * blockDim.x) {
-        const int r = (int)(idx / row_width), e = (int)(idx % row_width);
-        q[idx] = recv[q_src[r] + e];
-    }
-}
 
 // pack_partial: o (n, D) and lse (n,) float32, n = rows * heads, into out (n, slots) wire elements, as
 // decode_attend writes a partial (and ops/precision.pack_partial): D values of o (bf16: rounded), then lse

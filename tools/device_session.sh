@@ -4,7 +4,7 @@
 # each skipped once the call's time budget (BUDGET_S, default 540) is near.   logs go to $OUT
 #   usage: bash tools/device_session.sh STAGE...   stages: mpi verify startab startvar unit engine jobs passes decode transports trace profile smalltests finaltests
 #           smallab decodeab passes1 probe suite p512 embatch launch etrace prefab floor exitprobe hostprof
-#           opmarks
+#           opmarks opcosts
 #           genstore genfile
 # Carried: .carry/ (ompi-cuda.tar.gz or openmpi_4.1*.orig.tar.*, mpi4py-*.tar.gz), .minilm/ (all-MiniLM-L6-v2
 # as a sentence-transformers folder, fp16 safetensors); for genstore/genfile, the SmolLM2 GGUF cut in two (.big/part1
@@ -255,6 +255,9 @@ opmarks)  # each launch's host time inside a layer (tools/op_marks.py) of a 512-
   done
   mps_off
   (cd $OUT && tar -czf opmarks.tar.gz om_*.md && rm -rf om_*_*/) ;;
+opcosts)  # host microseconds of the small operations a pass is made of, one process, MPS off then on
+  stage opcosts; timeout 60 python3 tools/op_costs.py 2>&1 | tail -n 25
+  mps_on; stage "opcosts, MPS on"; timeout 60 python3 tools/op_costs.py 2>&1 | tail -n 22; mps_off ;;
 genstore)  # keep the GGUF's first part where the next call finds it
   mkdir -p /tmp/store && cp .big/part1 /tmp/store/ && echo "stored $(du -m /tmp/store/part1 | cut -f1) MB" ;;
 genfile)  # the generate-file row (transformers generate against the sharded job, same GGUF), MPS on
@@ -317,7 +320,7 @@ prefab)  # a prefill (PREFAB_ARGS) under each of PREFAB's settings (as DECODEAB)
   mps_on
   for layout in "13 --alpha 3 --beta 3 --c-a 2" "7 --alpha 2 --beta 2"; do
     set -- $layout; n=$1; shift
-    for run in 1 2; do for setting in ${PREFAB:-RSHARD_PLAN_LAYERS=0 RSHARD_PLAN_LAYERS=1}; do
+    for run in $(seq ${PREFAB_RUNS:-2}); do for setting in ${PREFAB:-RSHARD_PLAN_LAYERS=0 RSHARD_PLAN_LAYERS=1}; do
       stage "prefill, $setting, $n ranks, run $run, MPS on"; enough 30 prefab || break 3
       env ${setting//,/ } timeout 90 mpirun -n $n python3 -m rshard_hpc bench job "$@" --device gpu \
         ${PREFAB_ARGS:---tokens 512 --dtype bfloat16 --decode-steps 1} --no-plaintext --out "$OUT/bench_prefab.md" 2>&1 | \

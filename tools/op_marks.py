@@ -28,7 +28,7 @@ def install() -> None:
     _wrap(precision, "_gemm_t", "gemm")
     _wrap(precision, "_gpu_to_bits", "to_bf16")
     _wrap(attention_cuda.CudaAttentionPlan, "__call__", "attend")
-    _wrap(decode_cuda._StepRows, "_append_rows", "append_kv")
+    _wrap(decode_cuda.PlanLayers, "layer", "an_layer")
 
 
 if __name__ == "__main__":

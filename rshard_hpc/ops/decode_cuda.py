@@ -9,7 +9,8 @@ query row against every cached row it may see, written straight into the packed 
 Same result as ops/attention.prepare_attention(...)(q, k, v) + precision.pack_partial, within fp32 rounding (a
 different summation order). Taken for steps of at most transport.SMALL_STEP_TOKENS tokens (decode) and head
 dims up to MAX_HEAD_DIM. Larger steps attend through the general plan; PlanLayers unpacks their receive buffer
-and packs their partials with decode.cu's helpers (gather_q, pack_partial, decode_append), a launch each.
+and packs their partials with decode.cu's helpers (unpack_rows: q's rows and the new k, v rows; pack_partial), a
+launch each.
 """
 from __future__ import annotations
 
@@ -122,28 +123,32 @@ class DecodeLayers(_StepRows):
 
 class PlanLayers(_StepRows):
     """A larger step's layers on an AttnNode (_StepRows: the receive buffer): attention through the general plan
-    (ops/attention prepare_attention, made once a step), with the receive buffer unpacked in two launches
-    (decode_append: the new k, v rows into the cache; gather_q: the q rows, contiguous) and the partial packed in one
+    (ops/attention prepare_attention, made once a step), with the receive buffer unpacked in one launch
+    (unpack_rows: the q rows, contiguous, and the new k, v rows into the cache) and the partial packed in one
     (pack_partial), where the array code took a copy per CompNode for k and for v, a concatenation of the q rows and
-    two or three launches to pack: 4-5 launches a layer in place of 9-11 at alpha = 3 (RSHARD_TRACE showed an
-    AttnNode's host time, 0.4-1 ms a layer, on a 512-token prefill's critical path). Same values: the copies and
-    the pack move bits (bf16 rounding as precision.to_bf16_bits)."""
+    two or three launches to pack: 3-4 launches a layer in place of 9-11 at alpha = 3 (RSHARD_TRACE showed an
+    AttnNode's host time, 0.4-1 ms a layer, on a 512-token prefill's critical path; the unpack was two launches
+    until tools/op_marks.py showed each launch's 30-50 us there). Same values: the copies and the pack move bits
+    (bf16 rounding as precision.to_bf16_bits)."""
 
     def __init__(self, cache, nq, nkv, plan, n_heads: int, n_kv_heads: int, head_dim: int, wire):
         super().__init__(cache, nq, nkv, n_heads, n_kv_heads, head_dim, wire)
         self.plan = plan
-        self._gather = self._function("gather_q")
+        self._unpack = self._function("unpack_rows")
         self._pack = self._function("pack_partial")
 
     def layer(self, recv, slot: int):
         """As DecodeLayers.layer: recv (wire type, flat) -> the flat send buffer of packed partials."""
         cupy = _cupy()
-        q_width = self.n_heads * self.head_dim
-        self._append_rows(recv, slot)
+        cache = self.cache
+        q_width, row_width = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         q = cupy.empty((self.n_q, self.n_heads, self.head_dim), dtype=self.wire)
-        if self.n_q:
-            self._gather(_blocks(self.n_q * q_width, DECODE_THREADS), (DECODE_THREADS,),
-                         (recv, self.q_src, q, np.int32(self.n_q), np.int32(q_width)))
+        total = self.n_q * q_width + self.n_new * row_width
+        if total:  # q's rows gathered and the new k, v rows appended to the cache: one launch
+            self._unpack(_blocks(total, DECODE_THREADS), (DECODE_THREADS,),
+                         (recv, self.q_src, q, np.int32(self.n_q), np.int32(q_width), self.k_src, self.v_src,
+                          cache.k[slot], cache.v[slot], np.int32(self.n_new), np.int32(cache.filled),
+                          np.int32(row_width)))
         o, lse = self.plan(q, *self.cache.rows(slot))  # (n_q, H, D), (n_q, H) float32
         n = self.n_q * self.n_heads
         out = cupy.empty(n * self.slots, dtype=self.wire)

@@ -126,7 +126,7 @@ def test_no_query_gives_an_empty_send_buffer_and_still_stores_keys():
 @pytest.mark.parametrize("layout", [((1,), (1,)), ((0, 1, 0), (1, 0, 1)), ((2, 0), (0, 3)), ((0,), (2,)),
                                     ((40, 0, 33), (17, 50, 0))])
 def test_plan_layer_equals_the_array_code_bit_for_bit(dtype, causal, shape, layout):
-    """PlanLayers (decode_append, gather_q, the plan, pack_partial) against the array code it replaces on a larger
+    """PlanLayers (unpack_rows, the plan, pack_partial) against the array code it replaces on a larger
     step (a copy per CompNode, the q concatenation, precision.pack_partial) with the same plan: the same bits in
     the send buffer and the cache (the new kernels only move and round values). Send buffer and new rows poisoned."""
     n_heads, n_kv, head_dim = shape
