@@ -41,7 +41,7 @@ class DeviceIpc:
         self.generation = 0
         self.told = [[-1] * self.size for _ in range(2)]  # generation of my outbox each peer has been sent
         self.peers = {}  # (source rank, parity) -> (generation, mapped pointer)
-        self.copier = RangeCopier() if kernel_copies() else None  # None: a copy-engine memcpy per range
+        self.copier = RangeCopier() if kernel_copies() else None  # None (default): a copy-engine memcpy per range
 
     def _outbox(self, parity: int, nbytes: int):
         box = self.boxes[parity]
@@ -103,9 +103,9 @@ class DeviceIpc:
         return recv, {"mpi": t2 - t1, "copy": (t1 - t0) + (t3 - t2)}
 
     def _copy(self, dst_ptr: int, ranges: list, stream) -> None:
-        """ranges [(source address, destination offset, bytes), …] into dst on the stream: one kernel launch
-        (dist/device_copy.py), or a memcpy each (RSHARD_IPC_COPY=memcpy). The caller synchronizes the stream
-        before the next call (the kernel's table of ranges is then free again)."""
+        """ranges [(source address, destination offset, bytes), …] into dst on the stream: a copy-engine memcpy
+        each, or one kernel launch with RSHARD_IPC_COPY=kernel (dist/device_copy.py). The caller synchronizes the
+        stream before the next call (the kernel's table of ranges is then free again)."""
         if self.copier is not None:
             self.copier.copy(dst_ptr, ranges)
             return

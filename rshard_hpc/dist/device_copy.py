@@ -1,7 +1,8 @@
 """Device-to-device byte ranges copied by a kernel (kernels/copy_ranges.cu), for the CUDA IPC exchange: one launch
-for all of a call's peers, run on the SMs, where a copy-engine memcpy per peer waits behind every other process's
-copies on a GPU that 13 ranks share (architecture.md §7, transports). RSHARD_IPC_COPY=memcpy keeps the memcpys
-(the A/B of that choice).
+for all of a call's peers, run on the SMs, instead of a copy-engine memcpy per peer, which may wait behind the
+other processes' copies on a GPU that many ranks share. Opt-in (RSHARD_IPC_COPY=kernel): on one H200 (512-token
+bf16 prefill, MPS on) it measured within the run-to-run spread at 13 ranks and not better at 7, where a launch
+costs more host time than the one or two memcpys it replaces (architecture.md §7, docs/bench_suite_h200.md).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from rshard_hpc.ops.cuda_build import _blocks, _cupy, _kernel
 SOURCE = "copy_ranges.cu"
 THREADS = 256
 MAX_BLOCKS = 1024  # blocks a range at most (grid-stride beyond)
-COPY_ENV = "RSHARD_IPC_COPY"  # "kernel" (default) or "memcpy"
+COPY_ENV = "RSHARD_IPC_COPY"  # "memcpy" (default) or "kernel"
 
 
 def defines() -> dict:
@@ -23,7 +24,7 @@ def defines() -> dict:
 
 def kernel_copies() -> bool:
     """Whether the IPC exchange copies with the kernel (RSHARD_IPC_COPY, read at each exchange's creation)."""
-    mode = os.environ.get(COPY_ENV, "kernel")
+    mode = os.environ.get(COPY_ENV, "memcpy")
     if mode not in ("kernel", "memcpy"):
         raise ValueError(f"{COPY_ENV} must be kernel or memcpy (got {mode!r})")
     return mode == "kernel"

@@ -43,3 +43,13 @@ def test_word_bytes():
     assert device_copy.word_bytes([(8, 4, 12), (16, 0, 4)]) == 4
     assert device_copy.word_bytes([(8, 4, 12), (18, 0, 4)]) == 2
     assert device_copy.word_bytes([(8, 4, 12), (16, 0, 3)]) == 1
+
+
+def test_copy_mode_from_the_environment(monkeypatch):
+    monkeypatch.delenv(device_copy.COPY_ENV, raising=False)
+    assert not device_copy.kernel_copies()  # the default: a memcpy per range
+    monkeypatch.setenv(device_copy.COPY_ENV, "kernel")
+    assert device_copy.kernel_copies()
+    monkeypatch.setenv(device_copy.COPY_ENV, "dma")
+    with pytest.raises(ValueError, match="kernel or memcpy"):
+        device_copy.kernel_copies()
