@@ -222,8 +222,8 @@ decode_attend(const wire_t* __restrict__ recv, const long long* __restrict__ q_s
     }
 }
 
-// Helpers of an AttnNode's layer of a larger step (ops/decode_cuda.PlanLayers), which attends through the general
-// plan (kernels/partial_attention.cu) but unpacks and packs in one launch each.
+// The pack of an AttnNode's layer of a larger step (ops/decode_cuda.PlanLayers), which attends through the general
+// plan (kernels/partial_attention.cu) and unpacks with unpack_rows (above, beside decode_append).
 
 // pack_partial: o (n, D) and lse (n,) float32, n = rows * heads, into out (n, slots) wire elements, as
 // decode_attend writes a partial (and ops/precision.pack_partial): D values of o (bf16: rounded), then lse

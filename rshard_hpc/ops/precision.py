@@ -116,10 +116,12 @@ class Bf16Matrix:
         if x.shape[-1] != self.shape[1]:
             raise ValueError(f"shape mismatch: x {x.shape} against weight {self.shape}")
         operand = x.operand if isinstance(x, Bf16Input) else Bf16Input(x).operand
-        if self.xp is np or not _accumulates(accumulate, operand.shape[0], self.shape[0]):
-            product = operand @ self.values.T if self.xp is np else self.rmatmul_t(x)
-            return _add_into(accumulate, product)
-        return _gemm_t(xp_of(operand).ascontiguousarray(operand), self.bits, bf16=True, accumulate=accumulate)
+        if self.xp is np:
+            return _add_into(accumulate, operand @ self.values.T)
+        operand = xp_of(operand).ascontiguousarray(operand)
+        if _accumulates(accumulate, operand.shape[0], self.shape[0]):
+            return _gemm_t(operand, self.bits, bf16=True, accumulate=accumulate)
+        return _add_into(accumulate, _gemm_t(operand, self.bits, bf16=True))
 
 
 class Bf16Input:

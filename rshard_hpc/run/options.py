@@ -16,7 +16,7 @@ from rshard_hpc.plan.schemes import DEFAULT_DELTA, PlanSpec, check_explicit
 TASKS = ("embed", "generate")
 # --batch-tokens when not given, by --device. CPUs: smaller batches let the client's layers of batch b+1 run
 # while the workers compute batch b, and keep a layer's arrays nearer the caches (64 MiniLM inputs of 128 tokens,
-# 13 ranks on 2 cores: 2.47-2.54 s at 8192, 2.14-2.17 s at 4096, 2.40-2.47 s at 2048; docs/bench_suite_cpu.md).
+# 13 ranks on 2 cores: 2.47-2.99 s at 8192, 2.14-2.24 s at 4096, 2.40-2.47 s at 2048; docs/bench_suite_cpu.md).
 # GPUs: a step's fixed cost is paid per batch, so larger batches (8192-65536 measured alike, bench_suite_h200.md).
 DEFAULT_BATCH_TOKENS = {"cpu": 4096, "gpu": 8192}
 
