@@ -3,9 +3,10 @@ content), scatters each CompNode only the ids of its own positions (with --clien
 rows: the client runs the first K layers itself), gathers back only the final rows.
 
   {"op": "batch", "lens": [...]}        a new batch; plans are made for these total lengths
-  {"op": "step", "ranges": [(a, b)...], "want": "all" | "last" | "sums"}
+  {"op": "step", "ranges": [(a, b)...], "want": "all" | "last" | "sums", "micro": M}
                                          compute positions a … b-1 of each sequence; return every final row,
-                                         each sequence's last, or each sequence's sum of rows (mean pooling)
+                                         each sequence's last, or each sequence's sum of rows (mean pooling);
+                                         in up to M micro-batches when the step is large (engine/micro.py)
   {"op": "end"}                          the batch is done: AttnNodes drop their KV cache; every rank's
                                          visibility ledger of the batch is gathered to the client
   {"op": "stop"}                         the job is done
@@ -15,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from rshard_hpc.dist import collectives
-from rshard_hpc.engine import trace
+from rshard_hpc.engine import micro, trace
 from rshard_hpc.engine.routing import (
     WANTS,
     Routing,
@@ -40,6 +41,7 @@ class Client:
         self.plans = []
         self.timer = PhaseTimer()
         self.ledgers = []  # per finished batch: the gathered ledgers, by world rank (None for the client)
+        self.micro = micro.requested()  # lanes a large step is cut into (RSHARD_MICRO_BATCHES; 1: none)
 
     def warm_up(self, rows: int = WARM_UP_ROWS) -> None:
         """With client layers: their forward once on `rows` token ids 0 of one sequence, then a fresh start (see
@@ -93,7 +95,8 @@ class Client:
     def _send(self, step: "_Step") -> "_Step":
         """The step header to every rank, then each CompNode its inputs; the workers start on it."""
         trace.mark("step")
-        collectives.bcast(self.topo.world, {"op": "step", "ranges": step.ranges, "want": step.want})
+        header = {"op": "step", "ranges": step.ranges, "want": step.want, "micro": self.micro}
+        collectives.bcast(self.topo.world, header)
         if self.layers is None:
             self.transport.scatter_ids(self.topo.client_comm, step.inputs, step.counts)
         else:

@@ -17,7 +17,22 @@ def key_capacity(plans: list, key_group: int) -> int:
     return int(sum(np.count_nonzero(group == key_group) for _, group in plans))
 
 
-class KVCache:
+class _Rows:
+    """What an AttnNode's layer functions read of a cache: k, v (layers, capacity, Hkv, D), pos, seq (capacity,),
+    `filled` rows before the new ones, `new` rows being written."""
+
+    def new_rows(self, layer: int):
+        """Views of the layer's reserved rows, (m, Hkv, D) each: receive or copy the step's k, v into them."""
+        a, b = self.filled, self.filled + self.new
+        return self.k[layer, a:b], self.v[layer, a:b]
+
+    def rows(self, layer: int):
+        """Views of every row of the layer so far, the step's new rows included: (filled + m, Hkv, D) each."""
+        end = self.filled + self.new
+        return self.k[layer, :end], self.v[layer, :end]
+
+
+class KVCache(_Rows):
     """k, v: (layers, capacity, Hkv, D) in the wire's element type; pos, seq: (capacity,) int32."""
 
     def __init__(self, xp, n_layers: int, capacity: int, n_kv_heads: int, head_dim: int, dtype):
@@ -40,16 +55,22 @@ class KVCache:
         self.new = m
         return self.pos[:end], self.seq[:end]
 
-    def new_rows(self, layer: int):
-        """Views of the layer's reserved rows, (m, Hkv, D) each: receive or copy the step's k, v into them."""
-        a, b = self.filled, self.filled + self.new
-        return self.k[layer, a:b], self.v[layer, a:b]
-
-    def rows(self, layer: int):
-        """Views of every row of the layer so far, the step's new rows included: (filled + m, Hkv, D) each."""
-        end = self.filled + self.new
-        return self.k[layer, :end], self.v[layer, :end]
-
     def end_step(self) -> None:
         self.filled += self.new
         self.new = 0
+
+    def lane(self, start: int, new: int) -> "CacheLane":
+        """The view a micro-batch's lane attends through (engine/micro.py): its `new` rows of the step's reserved
+        ones begin `start` rows after the committed ones, and it sees every row before its own end."""
+        if start < 0 or new < 0 or start + new > self.new:
+            raise ValueError(f"lane rows {start} … {start + new} outside the step's {self.new} reserved rows")
+        return CacheLane(self, self.filled + start, new)
+
+
+class CacheLane(_Rows):
+    """A lane's window on a KVCache during one step (KVCache.lane): the same arrays, its own filled and new."""
+
+    def __init__(self, cache: KVCache, filled: int, new: int):
+        self.xp, self.capacity = cache.xp, cache.capacity
+        self.k, self.v, self.pos, self.seq = cache.k, cache.v, cache.pos, cache.seq
+        self.filled, self.new = filled, new

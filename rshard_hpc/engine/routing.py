@@ -35,6 +35,10 @@ class StepTokens:
     def __len__(self) -> int:
         return len(self.seq)
 
+    def subset(self, a: int, b: int) -> "StepTokens":
+        """Tokens a … b-1 (a micro-batch's lane: engine/micro.py), as views."""
+        return StepTokens(self.seq[a:b], self.pos[a:b], self.comp[a:b], self.group[a:b])
+
 
 class Routing:
     """Who sends which rows to whom in one step; built once per step and reused by every layer.

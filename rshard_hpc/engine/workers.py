@@ -8,7 +8,7 @@ import numpy as np
 from rshard_hpc.dist import collectives
 from rshard_hpc.engine.kv_cache import KVCache, key_capacity
 from rshard_hpc.engine.routing import Routing, StepTokens, sequence_sums, step_tokens, wanted_local_rows
-from rshard_hpc.engine import step_graphs, trace
+from rshard_hpc.engine import micro, step_graphs, trace
 from rshard_hpc.engine.stats import PhaseTimer
 from rshard_hpc.models.client_layers import comp_input_form
 from rshard_hpc.ops.attention import prepare_attention
@@ -32,6 +32,7 @@ class _Worker:
         self.timer = PhaseTimer(xp)
         self.plans = []
         self.ledger = LedgerRecorder()  # what this rank received (architecture.md §4)
+        self.steps_in_lanes = 0  # steps run cut into micro-batches (engine/micro.py)
 
     def serve(self) -> None:
         trace.mark("role " + self.topo.describe())
@@ -50,8 +51,10 @@ class _Worker:
                 trace.mark("step")
                 tokens = step_tokens(self.plans, header["ranges"])
                 self.transport.begin_step(len(tokens))
+                lanes = micro.lane_ranges(tokens.seq, header.get("micro", 1), self.cfg.causal)
+                self.steps_in_lanes += len(lanes) > 1
                 with profiling.step_scope(len(tokens)):
-                    self.step(tokens, Routing(tokens, self.topo.alpha, self.topo.beta), header["want"])
+                    self.step(tokens, Routing(tokens, self.topo.alpha, self.topo.beta), header["want"], lanes)
             elif op == "end":
                 trace.mark("end")
                 self.end_batch()
@@ -104,13 +107,33 @@ class CompWorker(_Worker):
         o = routes.merge(xp.zeros(self.topo.beta * rows * cfg.n_heads * self.slots, dtype=self.wire))
         self.model.final_rows(self.model.post(self.first_layer, h, o))
 
-    def step(self, tokens: StepTokens, routing: Routing, want: str) -> None:
+    def step(self, tokens: StepTokens, routing: Routing, want: str, lanes=None) -> None:
+        """One step: my rows through every server layer, then the wanted final rows to the client. lanes: the step's
+        micro-batches (engine/micro.py lane_ranges); one lane, or None, runs the step whole."""
         k, xp, cfg = self.topo.comp_index, self.xp, self.cfg
         mine = routing.comp_tokens[k]
         pos = xp.asarray(tokens.pos[mine])
         h = self._receive_input(tokens, mine, pos)  # (n_k, d)
+        if lanes is not None and len(lanes) > 1:
+            h = self._layers_in_lanes(tokens, mine, h, pos, lanes)
+        else:
+            h = self._layers(routing, h, pos)
+        self.record_partials(tokens, mine)
+        final = self.model.final_rows(h)
+        if want == "sums":  # each sequence's sum over my rows (mean pooling): a row a sequence, not a row a token
+            rows, width = sequence_sums(final, tokens.seq[mine]), 2 * cfg.hidden
+        else:
+            rows, width = final[xp.asarray(wanted_local_rows(tokens, routing, k, want))], cfg.hidden
+        trace.mark("rows")
+        self.transport.gather_rows(self.topo.client_comm, rows, width)
+        trace.mark("step end")
+
+    def _layers(self, routing: Routing, h, pos):
+        """h (n_k, d) through every server layer, the step whole: two exchanges a layer. Returns the last h."""
+        k, cfg = self.topo.comp_index, self.cfg
         # the wire's index arrays, on the device once a step, not a layer
-        routes = WireRoutes(routing.by_group[k], len(mine), cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, self.wire, xp)
+        routes = WireRoutes(routing.by_group[k], h.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, self.wire,
+                            self.xp)
         send_counts, back_counts = self._send_counts(routes), self._back_counts(routing)
         graphs = self._step_graphs(h, routes, int(back_counts.sum()))  # small GPU steps: a launch a pass
         if graphs is not None:
@@ -133,15 +156,38 @@ class CompWorker(_Worker):
                     o = routes.merge(recv)  # (n_k, H, D): unpack and merge, one launch on a GPU
                     h = self.model.post(layer, h, o)
             trace.mark("post")
-        self.record_partials(tokens, mine)
-        final = self.model.final_rows(h)
-        if want == "sums":  # each sequence's sum over my rows (mean pooling): a row a sequence, not a row a token
-            rows, width = sequence_sums(final, tokens.seq[mine]), 2 * cfg.hidden
-        else:
-            rows, width = final[xp.asarray(wanted_local_rows(tokens, routing, k, want))], cfg.hidden
-        trace.mark("rows")
-        self.transport.gather_rows(self.topo.client_comm, rows, width)
-        trace.mark("step end")
+        return h
+
+    def _layers_in_lanes(self, tokens: StepTokens, mine: np.ndarray, h, pos, lanes: list):
+        """h (n_k, d) through every server layer in micro-batches (engine/micro.py): lane by lane in the exchanges'
+        schedule, so that the AttnNodes attend one lane while I compute another's passes. Returns the last h."""
+        lanes = [self._lane(tokens, mine, h, pos, a, b) for a, b in lanes]
+        no_counts = np.zeros(self.topo.work_comm.Get_size(), dtype=np.int64)
+        for kind, m, layer in micro.schedule(len(lanes), range(self.first_layer, self.cfg.n_layers)):
+            lane = lanes[m]
+            if kind == "out":
+                trace.mark("layer")
+                with self.timer("prepass"):
+                    send = lane.routes.pack(*self.model.pre(layer, lane.h, lane.pos))
+                trace.mark("pre")
+                self.transport.alltoallv(self.topo.work_comm, send, lane.send_counts, no_counts)
+            else:
+                recv = self._receive_partials(lane.back_counts)
+                with self.timer("postpass"):
+                    lane.h = self.model.post(layer, lane.h, lane.routes.merge(recv))
+                trace.mark("post")
+        return self.xp.concatenate([lane.h for lane in lanes])  # lanes are consecutive ranges of my rows
+
+    def _lane(self, tokens: StepTokens, mine: np.ndarray, h, pos, a: int, b: int) -> "_CompLane":
+        """Tokens a … b-1 of the step as a lane: my rows of it (a contiguous range: `mine` ascends), its wire."""
+        k, cfg = self.topo.comp_index, self.cfg
+        routing = Routing(tokens.subset(a, b), self.topo.alpha, self.topo.beta)
+        lo, hi = (int(x) for x in np.searchsorted(mine, [a, b]))
+        if hi - lo != len(routing.comp_tokens[k]):
+            raise RuntimeError(f"lane {a} … {b}: {hi - lo} of my rows, its routing {len(routing.comp_tokens[k])}")
+        routes = WireRoutes(routing.by_group[k], hi - lo, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, self.wire,
+                            self.xp)
+        return _CompLane(h[lo:hi], pos[lo:hi], routes, self._send_counts(routes), self._back_counts(routing))
 
     def _receive_input(self, tokens: StepTokens, mine: np.ndarray, pos):
         """My positions' token ids, embedded; or, with client layers (first_layer K > 0), their layer-K hidden rows
@@ -202,6 +248,14 @@ class CompWorker(_Worker):
         return graphs
 
 
+class _CompLane:
+    """A CompNode's lane of a step (engine/micro.py): h (n_m, d) its rows' residual stream, pos (n_m,), the wire."""
+
+    def __init__(self, h, pos, routes: WireRoutes, send_counts: np.ndarray, back_counts: np.ndarray):
+        self.h, self.pos, self.routes = h, pos, routes
+        self.send_counts, self.back_counts = send_counts, back_counts
+
+
 class AttnWorker(_Worker):
     """AttnNode (i, j): queries of group i against keys/values of group j (kept as the KV cache)."""
 
@@ -231,13 +285,23 @@ class AttnWorker(_Worker):
     def end_batch(self):
         self.cache = None
 
-    def step(self, tokens: StepTokens, routing: Routing, want: str) -> None:
-        xp, cfg, topo = self.xp, self.cfg, self.topo
-        i, j = topo.attn_coords
+    def step(self, tokens: StepTokens, routing: Routing, want: str, lanes=None) -> None:
+        """One step: each layer, the queries of my row against the keys of my column (CompWorker.step: lanes)."""
+        i, j = self.topo.attn_coords
         q_tok, kv_tok = routing.attn_q_tokens(i), routing.attn_kv_tokens(j)
         self.record("q", tokens, q_tok)
         self.record("k", tokens, kv_tok)
         self.record("v", tokens, kv_tok)
+        if lanes is not None and len(lanes) > 1:
+            self._attend_in_lanes(tokens, lanes)
+        else:
+            self._attend_whole(tokens, routing, q_tok, kv_tok)
+        self.cache.end_step()
+        trace.mark("step end")
+
+    def _attend_whole(self, tokens: StepTokens, routing: Routing, q_tok: np.ndarray, kv_tok: np.ndarray) -> None:
+        xp, topo = self.xp, self.topo
+        i, j = topo.attn_coords
         k_pos, k_seq = self.cache.begin_step(tokens.pos[kv_tok], tokens.seq[kv_tok])
         recv_counts, back_counts = self._counts(routing)
         no_counts = np.zeros_like(recv_counts)
@@ -245,24 +309,76 @@ class AttnWorker(_Worker):
         attend = self._layer_function(routing.counts[:, i], routing.counts[:, j], tokens.pos[q_tok],
                                       tokens.seq[q_tok], k_pos, k_seq, small=self.transport.small_step)
         trace.mark("attn prepared")
-        for layer in range(self.first_layer, cfg.n_layers):
+        for layer in range(self.first_layer, self.cfg.n_layers):
             trace.mark("layer")
             recv = self.transport.alltoallv(topo.work_comm, xp.zeros(0, self.wire), no_counts, recv_counts)
             with self.timer("attention"):
                 send = attend(recv, layer - self.first_layer)  # the cache holds the layers this AttnNode runs
             trace.mark("attention")
             self.transport.alltoallv(topo.work_comm, send, back_counts, no_counts)
-        self.cache.end_step()
-        trace.mark("step end")
 
-    def _layer_function(self, nq, nkv, q_pos, q_seq, k_pos, k_seq, small: bool):
+    def _attend_in_lanes(self, tokens: StepTokens, lanes: list) -> None:
+        """The step in micro-batches (engine/micro.py), the exchanges in its schedule. A lane received is attended
+        at once when the CompNodes compute before the next exchange (they then run passes while I attend), else
+        when its partials are due."""
+        xp, topo = self.xp, self.topo
+        lanes = self._lanes(tokens, lanes)
+        no_counts = np.zeros(topo.work_comm.Get_size(), dtype=np.int64)
+        received, ready = {}, {}  # lane -> (recv, layer) not attended yet; lane -> send buffer
+        events = micro.schedule(len(lanes), range(self.first_layer, self.cfg.n_layers))
+        for at, (kind, m, layer) in enumerate(events):
+            lane = lanes[m]
+            if kind == "out":
+                trace.mark("layer")
+                received[m] = (self.transport.alltoallv(topo.work_comm, xp.zeros(0, self.wire), no_counts,
+                                                        lane.recv_counts), layer)
+            else:
+                if m not in ready:
+                    ready[m] = self._attend_lane(lanes, received.pop(m), m)
+                self.transport.alltoallv(topo.work_comm, ready.pop(m), lane.back_counts, no_counts)
+            if at + 1 < len(events) and events[at + 1][0] == "out":  # the CompNodes compute before it
+                for waiting in list(received):
+                    ready[waiting] = self._attend_lane(lanes, received.pop(waiting), waiting)
+
+    def _attend_lane(self, lanes: list, received, m: int):
+        recv, layer = received
+        with self.timer("attention"):
+            send = lanes[m].attend(recv, layer - self.first_layer)
+        trace.mark("attention")
+        return send
+
+    def _lanes(self, tokens: StepTokens, ranges: list) -> list:
+        """Each lane's counts and layer function; the step's new keys reserved in the cache lane by lane, each lane
+        attending the rows up to its own last (engine/micro.py says why that suffices)."""
+        i, j = self.topo.attn_coords
+        parts = []
+        for a, b in ranges:
+            sub = tokens.subset(a, b)
+            routing = Routing(sub, self.topo.alpha, self.topo.beta)
+            parts.append((sub, routing, routing.attn_q_tokens(i), routing.attn_kv_tokens(j)))
+        k_pos, k_seq = self.cache.begin_step(np.concatenate([sub.pos[kv] for sub, _, _, kv in parts]),
+                                             np.concatenate([sub.seq[kv] for sub, _, _, kv in parts]))
+        lanes, start = [], 0
+        for sub, routing, q_tok, kv_tok in parts:
+            window = self.cache.lane(start, len(kv_tok))
+            start += len(kv_tok)
+            end = window.filled + window.new
+            attend = self._layer_function(routing.counts[:, i], routing.counts[:, j], sub.pos[q_tok], sub.seq[q_tok],
+                                          k_pos[:end], k_seq[:end], small=False, cache=window)
+            lanes.append(_AttnLane(*self._counts(routing), attend))
+        trace.mark("attn prepared")
+        return lanes
+
+    def _layer_function(self, nq, nkv, q_pos, q_seq, k_pos, k_seq, small: bool, cache=None):
         """attend(recv, slot) -> the flat send buffer of packed partials (nq_total, H, partial_slots) for one layer
         of this step, made once a step. nq[k], nkv[k]: the q and k/v rows CompNode k sends me (the receive buffer's
         layout); q_pos, q_seq: host ints of the queries; k_pos, k_seq: every cached key row's, from begin_step.
         On a GPU: a small step (the transport says: decode) takes the fused kernels of ops/decode_cuda.py (two
         launches a layer), a larger one the general plan with PlanLayers' unpack and pack (a launch each); on NumPy
-        or where those are off, the general plan with the array code's unpack and pack."""
+        or where those are off, the general plan with the array code's unpack and pack. cache: where the step's new
+        rows go and what is attended (a lane's window: KVCache.lane); the batch's cache by default."""
         xp, cfg = self.xp, self.cfg
+        cache = self.cache if cache is None else cache
         scale = 1.0 / np.sqrt(cfg.head_dim)
         q_pos_d, q_seq_d = xp.asarray(q_pos), xp.asarray(q_seq)
         shape = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, self.wire)
@@ -270,13 +386,13 @@ class AttnWorker(_Worker):
             from rshard_hpc.ops import decode_cuda
 
             if small and decode_cuda.supports(cfg.head_dim):
-                return decode_cuda.DecodeLayers(self.cache, nq, nkv, q_pos_d, q_seq_d, *shape, cfg.causal, scale).layer
+                return decode_cuda.DecodeLayers(cache, nq, nkv, q_pos_d, q_seq_d, *shape, cfg.causal, scale).layer
         plan = prepare_attention(q_pos_d, q_seq_d, k_pos, k_seq, causal=cfg.causal, scale=scale, xp=xp)
         if xp is not np and decode_cuda.plan_layers_support(cfg.head_dim):
-            return decode_cuda.PlanLayers(self.cache, nq, nkv, plan, *shape).layer
+            return decode_cuda.PlanLayers(cache, nq, nkv, plan, *shape).layer
 
         def attend(recv, slot):
-            o, lse = plan(self._unpack(nq, nkv, recv, slot), *self.cache.rows(slot))
+            o, lse = plan(self._unpack(cache, nq, nkv, recv, slot), *cache.rows(slot))
             return pack_partial(o, lse, self.wire).ravel()
 
         return attend
@@ -294,11 +410,11 @@ class AttnWorker(_Worker):
             back_counts[rank] = routing.counts[k, i] * cfg.n_heads * self.slots
         return recv_counts, back_counts
 
-    def _unpack(self, nq_of, nkv_of, recv, slot: int):
+    def _unpack(self, cache, nq_of, nkv_of, recv, slot: int):
         """Split the receive buffer, stacked over CompNodes (nq_of[k] q rows, then nkv_of[k] k and v rows from
         CompNode k): q (nq, H, D) returned, k and v (nkv, Hkv, D) written straight into the cache's new rows."""
         xp, cfg = self.xp, self.cfg
-        k_new, v_new = self.cache.new_rows(slot)
+        k_new, v_new = cache.new_rows(slot)
         qs, offset, row = [], 0, 0
         q_width, kv_width = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         for k in range(self.topo.alpha):
@@ -310,3 +426,10 @@ class AttnWorker(_Worker):
                 offset += nkv * kv_width
             row += nkv
         return qs[0] if len(qs) == 1 else xp.concatenate(qs)
+
+
+class _AttnLane:
+    """An AttnNode's lane of a step: elements each CompNode sends me a layer and I send it back, its layer function."""
+
+    def __init__(self, recv_counts: np.ndarray, back_counts: np.ndarray, attend):
+        self.recv_counts, self.back_counts, self.attend = recv_counts, back_counts, attend

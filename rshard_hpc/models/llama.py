@@ -31,6 +31,7 @@ LAYER_KEYS = ("attn_norm_w", "wq", "wk", "wv", "wo", "mlp_norm_w", "w_gate", "w_
 # gate and up one product (w_gate, w_up stacked: (2 F, d)); four products a layer instead of seven
 CONCAT_KEYS = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
 MATRIX_KEYS = ("wqkv", "wo", "w_gate_up", "w_down")  # bf16 under --dtype bfloat16
+ROPE_KEPT = 8  # RoPE tables kept, one a pos array: a step's, or each of its lanes' (engine/micro.py)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -138,7 +139,7 @@ class Llama:
         matrices = [weights.layer_key(i, name) for i in range(cfg.n_layers) for name in MATRIX_KEYS]
         self.t = place_tensors(concat_rows(tensors, cfg.n_layers, CONCAT_KEYS), xp, dtype, matrices)
         self.inv_freq = xp.asarray(rope_inv_freq(cfg))
-        self._rope_step = (None, None, None)  # (pos, fused?, tables): RoPE's tables for the step's positions
+        self._rope_steps = []  # [(pos, fused?, tables), …]: RoPE's tables for the latest pos arrays (ROPE_KEPT)
 
     @staticmethod
     def tensor_keys(cfg: ModelConfig) -> list:
@@ -183,10 +184,13 @@ class Llama:
 
     def rope_tables(self, pos, fused_kernel: bool):
         """rope_tables for pos, made at the first layer that sees this pos array and kept for the others (a
-        step passes one pos array to every layer; a new array is a new step)."""
-        if self._rope_step[0] is not pos or self._rope_step[1] != fused_kernel:
-            self._rope_step = (pos, fused_kernel, rope_tables(self.inv_freq, pos, self.xp, fused_kernel))
-        return self._rope_step[2]
+        step passes one pos array to every layer, a step cut into lanes one a lane; a new array is a new step)."""
+        for kept_pos, kept_fused, tables in self._rope_steps:
+            if kept_pos is pos and kept_fused == fused_kernel:
+                return tables
+        tables = rope_tables(self.inv_freq, pos, self.xp, fused_kernel)
+        self._rope_steps = [(pos, fused_kernel, tables)] + self._rope_steps[:ROPE_KEPT - 1]
+        return tables
 
     def post(self, layer: int, h, attn):
         """h: (n, d) residual stream, attn: (n, H, D) merged attention -> next h: (n, d)."""

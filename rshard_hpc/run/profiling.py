@@ -2,7 +2,8 @@
 DIR/rank<N>.txt at exit (the 40 costliest functions by own time and by cumulative time). For finding where a
 job's time goes before optimizing it (issue 13); off unless the variable is set. With RSHARD_PROFILE_MIN_TOKENS=N
 as well, a worker's profile covers only its steps of at least N tokens (a prefill's, not the set-up's or the
-decode steps'): `step_scope`."""
+decode steps'): `step_scope`. With RSHARD_PROFILE_CPU=1 the profile counts this process's CPU time instead of wall
+time: where ranks outnumber cores, a rank's wall time includes the time others held its core."""
 from __future__ import annotations
 
 import atexit
@@ -10,6 +11,7 @@ import cProfile
 import io
 import os
 import pstats
+import time
 from contextlib import contextmanager
 
 from rshard_hpc.dist.launcher import world_rank
@@ -17,6 +19,7 @@ from rshard_hpc.engine import trace
 
 ENV_VAR = "RSHARD_PROFILE"
 MIN_TOKENS_VAR = "RSHARD_PROFILE_MIN_TOKENS"
+CPU_CLOCK_VAR = "RSHARD_PROFILE_CPU"  # "1": time by this process's CPU clock, not the wall (ranks outnumber cores)
 TOP = 40
 _scoped = {}  # the profiler when it runs only in steps: {"profiler": Profile, "min_tokens": int}
 
@@ -26,13 +29,18 @@ def start_if_asked() -> None:
     folder = os.environ.get(ENV_VAR)
     if not folder:
         return
-    profiler = cProfile.Profile()
+    profiler = new_profiler()
     atexit.register(_write, profiler, folder, world_rank())
     min_tokens = os.environ.get(MIN_TOKENS_VAR)
     if min_tokens:
         _scoped.update(profiler=profiler, min_tokens=int(min_tokens))
     else:
         profiler.enable()
+
+
+def new_profiler() -> cProfile.Profile:
+    """A profiler on the wall clock, or on this process's CPU clock with RSHARD_PROFILE_CPU=1."""
+    return cProfile.Profile(time.process_time) if os.environ.get(CPU_CLOCK_VAR) == "1" else cProfile.Profile()
 
 
 @contextmanager

@@ -60,6 +60,16 @@ def test_tiny_llama_sharded_generation_is_exact(tiny_llama, tiny_reference, alph
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("alpha,beta,c,c_a", LAYOUTS[1:])
+def test_generation_after_prefill_in_lanes_is_exact(tiny_llama, tiny_reference, alpha, beta, c, c_a):
+    """The prefill cut into two micro-batches (RSHARD_MICRO_BATCHES=2, lanes of a few tokens: the cut falls inside
+    the 40-token prompt), then decode steps over the cache the lanes filled: as exact as without."""
+    result = mpiexec(1 + alpha + beta * beta, [sys.executable, SCRIPT, tiny_llama, tiny_reference, alpha, beta, c, c_a],
+                     env={"RSHARD_MICRO_BATCHES": "2"})
+    print(result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_sampling_is_reproducible_and_stops(tmp_path, tiny_llama):
     prompts = tmp_path / "p.txt"
     prompts.write_text("t5 t6 t7\nt8\nt9 t10 t11 t12 t13\nt3 t4\n")

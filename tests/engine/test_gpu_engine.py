@@ -55,6 +55,22 @@ def test_sharded_gpu_equals_numpy(models, arch, alpha, beta, c, c_a, dtype, tran
     assert "PASS" in res.stdout
 
 
+@pytest.mark.parametrize("dtype,transport", [("float32", "auto"), ("bfloat16", "auto"), ("float32", "staged")])
+@pytest.mark.parametrize("arch,alpha,beta,c,c_a", [("llama", 2, 2, 1, 1), ("bert", 2, 3, 1, 2)])
+def test_gpu_steps_in_lanes_equal_numpy(models, arch, alpha, beta, c, c_a, dtype, transport):
+    """As test_sharded_gpu_equals_numpy with each step cut into three micro-batches (RSHARD_MICRO_BATCHES=3, lanes
+    of a few tokens: engine/micro.py): a causal model's lanes split sequences, a bidirectional one's whole ones."""
+    n = 1 + alpha + beta * beta
+    cmd = launcher(n) + [str(ROOT / "tests" / "mpi" / "gpu_equivalence.py"), "--model", str(models / f"{arch}.h5"),
+                         "--alpha", str(alpha), "--beta", str(beta), "--c", str(c), "--c-a", str(c_a),
+                         "--device", "gpu", "--case", "short", "--dtype", dtype, "--transport", transport]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RSHARD_MICRO_BATCHES": "3"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    print(res.stdout[-4000:], res.stderr[-4000:])
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "PASS" in res.stdout
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("arch,alpha,beta,c,c_a", [("llama", 2, 2, 1, 1), ("bert", 2, 3, 1, 2)])
 def test_small_steps_gpu_equal_numpy(models, arch, alpha, beta, c, c_a, dtype):

@@ -39,3 +39,24 @@ def test_steps_equal_concatenation_and_overflow_is_refused():
         cache.end_step()
     with pytest.raises(RuntimeError, match="KV cache overflow"):
         cache.begin_step(np.arange(1), np.zeros(1))
+
+
+def test_lanes_write_their_own_rows_and_see_the_rows_before_their_end():
+    """KVCache.lane (micro-batches): a lane's new rows are its slice of the step's reserved rows; it reads every row
+    up to its own last (earlier steps' and earlier lanes'), none of a later lane's."""
+    cache = KVCache(np, 2, 10, 1, 2, np.float32)
+    cache.begin_step(np.arange(3), np.zeros(3, int))
+    cache.new_rows(1)[0][...] = 1.0
+    cache.end_step()
+    cache.begin_step(np.arange(3, 9), np.zeros(6, int))
+    first, second = cache.lane(0, 2), cache.lane(2, 4)
+    assert (first.filled, first.new, second.filled, second.new) == (3, 2, 5, 4)
+    first.new_rows(1)[0][...] = 2.0
+    second.new_rows(1)[0][...] = 3.0
+    k_first, _ = first.rows(1)
+    k_second, _ = second.rows(1)
+    np.testing.assert_array_equal(k_first[:, 0, 0], [1, 1, 1, 2, 2])
+    np.testing.assert_array_equal(k_second[:, 0, 0], [1, 1, 1, 2, 2, 3, 3, 3, 3])
+    assert first.pos is cache.pos and first.k is cache.k
+    with pytest.raises(ValueError, match="outside"):
+        cache.lane(4, 3)

@@ -14,6 +14,7 @@ from mpi4py import MPI
 
 from rshard_hpc.dist.topology import Topology
 from rshard_hpc.dist.transport import Transport
+from rshard_hpc.engine import micro
 from rshard_hpc.engine.client import Client
 from rshard_hpc.engine.workers import AttnWorker, CompWorker
 from rshard_hpc.models import load_model, weights
@@ -46,6 +47,22 @@ def sums_error(client, seqs, rows) -> float:
     return float(np.abs(sums - want).max() / max(np.abs(want).max(), 1e-30))
 
 
+def lanes_taken(world, worker) -> bool:
+    """Collective: with RSHARD_MICRO_BATCHES > 1, whether the workers ran steps in lanes (printed by rank 0), so a
+    lanes test cannot pass on steps that were never cut; True without it."""
+    steps = world.allreduce(getattr(worker, "steps_in_lanes", 0), op=MPI.MAX)
+    if world.Get_rank() == 0:
+        print(f"steps in lanes (most on a worker): {steps}", flush=True)
+    return micro.requested() == 1 or steps > 0
+
+
+def small_lanes() -> None:
+    """With RSHARD_MICRO_BATCHES set (the client cuts large steps into lanes), lanes of a few tokens, so that this
+    script's small batches are cut too (every rank runs this alike)."""
+    if micro.requested() > 1:
+        micro.MIN_LANE_TOKENS = 8
+
+
 def main():
     path, alpha, beta, c, c_a, seed = sys.argv[1], *map(int, sys.argv[2:7])
     dtype = sys.argv[7] if len(sys.argv) > 7 else "float32"
@@ -55,6 +72,7 @@ def main():
     spec = PlanSpec("strided", alpha, beta, c, c_a)
     cfg = weights.read_config(path)
     transport = Transport()
+    small_lanes()
     ok = 1
     if topo.role == "client":
         seqs = ragged_batch(np.random.default_rng(seed), cfg.vocab_size)
@@ -78,10 +96,14 @@ def main():
             ok = int(MIN_BF16_REL < rel <= TOL_BF16_REL and sums_err <= SUMS_TOL_REL)
             print(f"{tag}: max relative error to float32 {rel:.3e} (single-process bf16: {ref_rel:.3e}); "
                   f"max abs diff to the bf16 single-process forward {same:.3e}", flush=True)
-    elif topo.role == "comp":
-        CompWorker(topo, spec, load_model(path, dtype=dtype), transport, dtype=dtype, first_layer=k).serve()
-    else:
-        AttnWorker(topo, spec, cfg, transport, dtype=dtype, first_layer=k).serve()
+    worker = None
+    if topo.role == "comp":
+        worker = CompWorker(topo, spec, load_model(path, dtype=dtype), transport, dtype=dtype, first_layer=k)
+    elif topo.role != "client":
+        worker = AttnWorker(topo, spec, cfg, transport, dtype=dtype, first_layer=k)
+    if worker is not None:
+        worker.serve()
+    ok = int(lanes_taken(world, worker)) * ok
     ok = world.allreduce(ok, op=MPI.MIN)
     sys.exit(0 if ok else 1)
 

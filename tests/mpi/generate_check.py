@@ -23,6 +23,8 @@ from rshard_hpc.models import load_model, weights
 from rshard_hpc.models.client_layers import load_client_layers
 from rshard_hpc.plan.schemes import PlanSpec
 
+from equivalence import lanes_taken, small_lanes  # tests/mpi, beside this script
+
 LOGIT_TOL = 1e-3
 MARGIN = 0.02
 
@@ -76,6 +78,7 @@ def main():
     k = int(sys.argv[8]) if len(sys.argv) > 8 else 0
     world = MPI.COMM_WORLD
     topo = Topology.build(world, alpha, beta)
+    small_lanes()
     spec = PlanSpec("strided", alpha, beta, c, c_a)
     cfg = weights.read_config(path)
     xp, transport = rank_backend(topo, device, client_gpu=k > 0)
@@ -84,10 +87,14 @@ def main():
     if topo.role == "client":
         ref = np.load(ref_path, allow_pickle=True)
         ok = client_checks(topo, spec, cfg, path, ref, load_client_layers(path, cfg, k, xp=xp))
-    elif topo.role == "comp":
-        CompWorker(topo, spec, load_model(path, xp=xp), transport, xp=xp, first_layer=k).serve()
-    else:
-        AttnWorker(topo, spec, cfg, transport, xp=xp, first_layer=k).serve()
+    worker = None
+    if topo.role == "comp":
+        worker = CompWorker(topo, spec, load_model(path, xp=xp), transport, xp=xp, first_layer=k)
+    elif topo.role != "client":
+        worker = AttnWorker(topo, spec, cfg, transport, xp=xp, first_layer=k)
+    if worker is not None:
+        worker.serve()
+    ok = lanes_taken(world, worker) and ok
     verdict = world.allreduce(int(ok), op=MPI.MIN)
     sys.exit(0 if verdict else 1)
 

@@ -30,7 +30,7 @@ from rshard_hpc.models.reference import reference_forward
 from rshard_hpc.ops import arrays
 from rshard_hpc.plan.schemes import PlanSpec
 
-from equivalence import SUMS_TOL_REL, sums_error  # tests/mpi, beside this script
+from equivalence import SUMS_TOL_REL, lanes_taken, small_lanes, sums_error  # tests/mpi, beside this script
 
 TOL = {"float32": 1e-4, "bfloat16": 2e-2}
 MIN_BF16 = 1e-5  # a bf16 run closer than this to full precision did not run in bf16
@@ -130,6 +130,7 @@ def main():
 
     world = MPI.COMM_WORLD
     topo = Topology.build(world, args.alpha, args.beta)
+    small_lanes()
     spec = PlanSpec("strided", args.alpha, args.beta, args.c, args.c_a)
     cfg = weights.read_config(args.model)
     xp = np
@@ -175,12 +176,16 @@ def main():
             detail += f", want=sums vs the rows' sums {sums_err:.1e}"
         print(f"{tag}: first batch {t1 - t0:.2f} s; max rel err: {detail} -> "
               f"{'PASS' if passed else 'FAIL'}", flush=True)
-    elif topo.role == "comp":
-        CompWorker(topo, spec, load_model(args.model, dtype=args.dtype, xp=xp), transport, xp=xp,
-                   dtype=args.dtype).serve()
-    else:
-        AttnWorker(topo, spec, cfg, transport, xp=xp, dtype=args.dtype).serve()
+    worker = None
+    if topo.role == "comp":
+        worker = CompWorker(topo, spec, load_model(args.model, dtype=args.dtype, xp=xp), transport, xp=xp,
+                            dtype=args.dtype)
+    elif topo.role != "client":
+        worker = AttnWorker(topo, spec, cfg, transport, xp=xp, dtype=args.dtype)
+    if worker is not None:
+        worker.serve()
     passed = world.bcast(passed if topo.role == "client" else None, root=0)
+    passed = lanes_taken(world, worker) and passed
     ok = world.allreduce(int(passed), op=MPI.MIN)
     sys.exit(0 if ok else 1)
 

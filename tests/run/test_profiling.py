@@ -33,3 +33,26 @@ def test_step_scope_without_a_scoped_profile_is_a_no_op(monkeypatch):
     monkeypatch.setattr(profiling, "_scoped", {})
     with profiling.step_scope(10**6):
         assert _small_step_work() == 4950
+
+
+def _sleeps():
+    import time
+
+    time.sleep(0.2)
+
+
+def _seconds_in(profiler, name: str) -> float:
+    return sum(row[3] for (_, _, fn), row in pstats.Stats(profiler).stats.items() if fn == name)
+
+
+def test_cpu_clock_leaves_out_time_off_the_core(monkeypatch):
+    """RSHARD_PROFILE_CPU=1: a rank's profile counts its CPU time, so time it spends off the core (here asleep; in a
+    job, while other ranks hold the core) is not charged to the function it was in."""
+    timings = {}
+    for value in ("0", "1"):
+        monkeypatch.setenv(profiling.CPU_CLOCK_VAR, value)
+        profiler = profiling.new_profiler()
+        profiler.runcall(_sleeps)
+        timings[value] = _seconds_in(profiler, "_sleeps")
+    assert timings["0"] >= 0.19
+    assert timings["1"] < 0.05
