@@ -6,6 +6,9 @@
 #           smallab decodeab passes1 probe suite p512 embatch launch etrace prefab floor exitprobe hostprof
 #           opmarks opcosts
 #           genstore genfile
+# Code before a change (an A/B): carry a tree of it (git archive REV rshard_hpc kernels | tar -x -C .old) and give
+# the variant PYTHONPATH=$PWD/.old,PYTHONSAFEPATH=1 (STARTVARS, PREFAB): `python3 -m` puts the working directory,
+# this tree, ahead of PYTHONPATH unless PYTHONSAFEPATH is set, so without it both sides run this code.
 # Carried: .carry/ (ompi-cuda.tar.gz or openmpi_4.1*.orig.tar.*, mpi4py-*.tar.gz), .minilm/ (all-MiniLM-L6-v2
 # as a sentence-transformers folder, fp16 safetensors); for genstore/genfile, the SmolLM2 GGUF cut in two (.big/part1
 # in one call, .big2/part2 in the next, within the machine's warm time: a call carries 64 MiB) and .big2/wheels/
@@ -146,7 +149,7 @@ old)  # the same bench job on the code before this session (.old534: rshard_hpc/
     set -- ${spec//:/ }
     for side in old new; do  # with the plaintext side: each run's own anchor and logit difference
       stage "bench job $side $1 $2"; enough 40 old || break 2
-      PYTHONPATH=$([ $side = old ] && echo $PWD/.old534 || echo $PWD) timeout 90 mpirun -n 7 python3 -m rshard_hpc \
+      PYTHONSAFEPATH=1 PYTHONPATH=$([ $side = old ] && echo $PWD/.old534 || echo $PWD) timeout 90 mpirun -n 7 python3 -m rshard_hpc \
         bench job --alpha 2 --beta 2 --device gpu --tokens $2 --decode-steps $3 --dtype $1 --out "$OUT/bench_old_new.md" \
         2>&1 | grep -E "^\| [0-9]|rror" | cut -c1-240
     done

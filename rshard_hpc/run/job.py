@@ -60,7 +60,7 @@ def _set_up(world, topo, opts: RunOptions, spec, job):
     opts = replace(opts, client_layers=prepared.client_layers)  # K as the client decided it for this model
     xp, transport, error = np, None, None
     try:
-        xp, transport = rank_backend(topo, opts.device, client_gpu=opts.client_on_gpu)
+        xp, transport = rank_backend(topo, opts.device, client_gpu=opts.client_on_gpu(prepared.job_tokens))
     except RshardError as exc:
         error = str(exc)
     trace.mark("device")

@@ -77,11 +77,17 @@ class RunOptions:
         """--batch-tokens, or its default for the device."""
         return DEFAULT_BATCH_TOKENS[self.device] if self.batch_tokens is None else self.batch_tokens
 
-    @property
-    def client_on_gpu(self) -> bool:
-        """The client takes its node's GPU (--device gpu) when it computes: the first K layers (--client-layers)
-        or the LM head of every generated token; else it stays on NumPy."""
-        return self.device == "gpu" and (bool(self.client_layers) or self.task == "generate")
+    def client_on_gpu(self, job_tokens: int | None = None) -> bool:
+        """The client takes its node's GPU (--device gpu) when it computes: the LM head of every generated token, or
+        the first K layers (--client-layers) of a job of job_tokens tokens (None: not known) unless the job is small
+        (< transport_choice.SMALL_JOB_TOKENS): then its layers run on NumPy, and one CUDA context fewer shares the
+        GPU while every rank starts (about 0.2 s of a 13-rank job's wall on one GPU: docs/bench_suite_h200.md)."""
+        from rshard_hpc.dist.transport_choice import SMALL_JOB_TOKENS
+
+        if self.device != "gpu":
+            return False
+        small = job_tokens is not None and job_tokens < SMALL_JOB_TOKENS
+        return self.task == "generate" or (bool(self.client_layers) and not small)
 
     def with_client_layers(self, n_layers: int) -> RunOptions:
         """These options with K decided for a model of n_layers layers (the default when not given)."""

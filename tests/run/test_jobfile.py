@@ -91,10 +91,16 @@ def test_a_job_file_without_a_layout_asks_for_the_default_one(tmp_path):
 def test_client_takes_a_gpu_only_when_it_computes():
     from rshard_hpc.run.options import RunOptions
 
-    assert not RunOptions(device="cpu", task="generate").client_on_gpu
-    assert not RunOptions(device="gpu", task="embed").client_on_gpu
-    assert RunOptions(device="gpu", task="generate").client_on_gpu  # the LM head of every new token
-    assert RunOptions(device="gpu", task="embed", client_layers=1).client_on_gpu
+    from rshard_hpc.dist.transport_choice import SMALL_JOB_TOKENS
+
+    assert not RunOptions(device="cpu", task="generate").client_on_gpu()
+    assert not RunOptions(device="gpu", task="embed").client_on_gpu()
+    assert RunOptions(device="gpu", task="generate").client_on_gpu()  # the LM head of every new token
+    assert RunOptions(device="gpu", task="generate").client_on_gpu(job_tokens=10)
+    layers = RunOptions(device="gpu", task="embed", client_layers=1)
+    assert layers.client_on_gpu() and layers.client_on_gpu(job_tokens=SMALL_JOB_TOKENS)
+    assert not layers.client_on_gpu(job_tokens=SMALL_JOB_TOKENS - 1)  # a small job's layers: NumPy, no CUDA context
+    assert not RunOptions(device="cpu", task="embed", client_layers=1).client_on_gpu(job_tokens=10**6)
 
 
 @pytest.mark.parametrize("args,device,expected", [
