@@ -66,7 +66,8 @@ def bench_job_cmd(alpha, beta, tokens, **opts):
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
               help="Where the jobs and the anchors run (the cpu-* rows always run on CPUs).")
 @click.option("--rows", default=None, help="Rows to run (comma-separated): embed-file, embed-small, decode, "
-                                           "generate-file, prefill-512, prefill-8k, cpu-one, cpu-batch. Default: the "
+                                           "generate-file, prefill-512, prefill-8k, cpu-one, cpu-batch, cpu-lines. "
+                                           "Default: the "
                                            "CPU rows and the embedding rows on cpu, all but the CPU rows on gpu.")
 @click.option("--layouts", default="3x3c2,2x2", show_default=True,
               help="Layouts ALPHAxBETA[cC_A] (comma-separated); 3x3c2 is the default private layout (13 ranks).")
@@ -79,6 +80,7 @@ def bench_job_cmd(alpha, beta, tokens, **opts):
 @click.option("--quick", is_flag=True, help="Tiny sizes (a tiny Llama shape, a few short prompts, one repeat): CI.")
 @click.option("--embed-prompts", type=int, default=None, help="embed-file: prompts generated (default 4096).")
 @click.option("--cpu-batch", type=int, default=None, help="cpu-batch: inputs in the job (default 64).")
+@click.option("--line-prompts", type=int, default=None, help="cpu-lines: one-line prompts in the job (default 2000).")
 @click.option("--shape", type=click.Choice(["smollm2", "llama-1b", "tiny"]), default=None,
               help="decode, prefill: random-weight Llama shape (default smollm2).")
 @click.option("--decode-tokens", type=int, default=None, help="decode: prompt length before the steps (default 8192).")

@@ -30,10 +30,11 @@ from rshard_hpc.bench.prompts import (
     write_prompts,
 )
 
-CPU_ROWS = ("cpu-one", "cpu-batch")  # MiniLM on CPU ranks, whatever --device says
+CPU_ROWS = ("cpu-one", "cpu-batch", "cpu-lines")  # MiniLM on CPU ranks, whatever --device says
 ROW_NAMES = ("embed-file", "embed-small", "decode", "generate-file", "prefill-512", "prefill-8k") + CPU_ROWS
-DEFAULT_ROWS = {"cpu": "cpu-one,cpu-batch,embed-small,embed-file", "gpu": "embed-file,embed-small,decode,generate-file,"
+DEFAULT_ROWS = {"cpu": "cpu-one,cpu-batch,cpu-lines,embed-small,embed-file", "gpu": "embed-file,embed-small,decode,generate-file,"
                                                                           "prefill-512,prefill-8k"}
+LINE_WORDS = (6, 16)  # cpu-lines: words a prompt (the issue's 2,000 one-line prompts: 14 tokens each on average)
 QUOTED_CPU = "SPU-Puma 36.3 s, CrypTen 15.6 s for one 128-token input (quoted from their papers, not rerun)"
 
 
@@ -44,6 +45,7 @@ class Sizes:
     small_prompts: int = 12  # embed-small
     cpu_tokens: int = 128  # cpu-one, cpu-batch: tokens of each input ([CLS] and [SEP] included)
     cpu_batch: int = 64  # cpu-batch: inputs in one job
+    line_prompts: int = 2000  # cpu-lines: one-line prompts (LINE_WORDS words each) in one job
     shape: str = "smollm2"  # decode, prefill: bench job's random-weight Llama shape
     layers: int | None = None  # that shape's layers (None: all)
     prefill_short: int = 512
@@ -56,7 +58,7 @@ class Sizes:
 
 
 FULL = Sizes()
-QUICK = Sizes(embed_prompts=16, small_prompts=4, cpu_tokens=24, cpu_batch=3, shape="tiny", prefill_short=32,
+QUICK = Sizes(embed_prompts=16, small_prompts=4, cpu_tokens=24, cpu_batch=3, line_prompts=5, shape="tiny", prefill_short=32,
               prefill_long=64, decode_tokens=64, decode_steps=2, gen_prompts=3, gen_new_tokens=3, repeats=1)
 
 
@@ -367,10 +369,30 @@ def _cpu_rows(suite: Suite, setting: Setting, count: int) -> list:
                 diff)]
 
 
+def cpu_lines(suite: Suite, setting: Setting) -> list:
+    """The issue's many short prompts: line_prompts one-line prompts in one job (median of `repeats`), per prompt and
+    tokens/s, against the NumPy forward of the same prompts in one batch."""
+    from rshard_hpc.models.registry import resolve_model
+
+    s, path = suite.sizes, resolve_model(suite.opts.model)
+    n = s.line_prompts
+    texts = word_prompts(n, *LINE_WORDS, seed=5)
+    prompts = suite.anchors.kept(("lines file", n), lambda: write_prompts(suite._work / "cpu_lines.jsonl", texts))
+    anchor = suite.anchors.kept(("numpy lines", n), lambda: suite.anchors.numpy_forward(path, texts, batch=True))
+    jobs = [suite.embed_job(setting, prompts, "cpu_lines") for _ in range(s.repeats)]
+    job_s, wall_s = float(np.median([j["job_s"] for j in jobs])), float(np.median([j["wall_s"] for j in jobs]))
+    diff = f"{max(max_abs(j['embeddings'], anchor['embeddings']) for j in jobs):.1e}"
+    ratio = anchor["seconds"] / job_s
+    return [Row(f"CPU: {n} one-line prompts ({LINE_WORDS[0]}-{LINE_WORDS[1]} words, MiniLM)", setting.label(),
+                f"{1e3 * job_s / n:.1f} ms/prompt, {jobs[0]['tokens'] / job_s:,.0f} tokens/s in the job "
+                f"({wall_s:.1f} s wall)", f"{1e3 * anchor['seconds'] / n:.1f} ms/prompt (NumPy single-process "
+                f"forward, one batch)", ratio, ">= 0.5x", ratio >= 0.5, diff)]
+
+
 ROWS = {"embed-file": embed_file, "embed-small": embed_small, "decode": decode, "generate-file": generate_file,
         "prefill-512": prefill("prefill_short", {"float32": (">= 0.5x", 0.5), "bfloat16": (">= 0.5x", 0.5)}),
         "prefill-8k": prefill("prefill_long", {"float32": (">= 1x (stay)", 1.0), "bfloat16": (">= 0.5x", 0.5)}),
-        "cpu-one": cpu_one, "cpu-batch": cpu_batch}
+        "cpu-one": cpu_one, "cpu-batch": cpu_batch, "cpu-lines": cpu_lines}
 
 
 def device_name(device: str) -> str:
