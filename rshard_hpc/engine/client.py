@@ -3,10 +3,11 @@ content), scatters each CompNode only the ids of its own positions (with --clien
 rows: the client runs the first K layers itself), gathers back only the final rows.
 
   {"op": "batch", "lens": [...]}        a new batch; plans are made for these total lengths
-  {"op": "step", "ranges": [(a, b)...], "want": "all" | "last" | "sums", "micro": M}
+  {"op": "step", "ranges": [(a, b)...], "want": "all" | "last" | "sums", "micro": M, "last": bool}
                                          compute positions a … b-1 of each sequence; return every final row,
                                          each sequence's last, or each sequence's sum of rows (mean pooling);
-                                         in up to M micro-batches when the step is large (engine/micro.py)
+                                         in up to M micro-batches when the step is large (engine/micro.py);
+                                         "last": no later step of this batch (an encoder's batch: one step)
   {"op": "end"}                          the batch is done: AttnNodes drop their KV cache; every rank's
                                          visibility ledger of the batch is gathered to the client
   {"op": "stop"}                         the job is done
@@ -73,8 +74,9 @@ class Client:
         step = self._send(self._prepare(self.plans, ranges, ids_per_seq, want))
         return self._place(step, self._gather(step))
 
-    def _prepare(self, plans, ranges, ids_per_seq, want: str) -> "_Step":
-        """A step's routing and inputs, made on the client alone (no MPI): what _send scatters."""
+    def _prepare(self, plans, ranges, ids_per_seq, want: str, last: bool = False) -> "_Step":
+        """A step's routing and inputs, made on the client alone (no MPI): what _send scatters. last: the batch has
+        no later step (encode_batches: a batch is one step), which lets AttnNodes keep no KV cache rows."""
         if want not in WANTS:
             raise ValueError(f"want must be one of {WANTS}, not {want!r}")
         ranges = [(int(a), int(b)) for a, b in ranges]
@@ -90,12 +92,12 @@ class Client:
                 hidden = self.layers.forward(flat_ids, tokens.pos, tokens.seq)  # (n, d) step order, client's device
                 # CompNode by CompNode: one gather where the rows are (the GPU), then one copy to the host
                 inputs = to_host(hidden[self.xp.asarray(np.concatenate(mine))])
-        return _Step(ranges, want, tokens, routing, inputs, counts)
+        return _Step(ranges, want, tokens, routing, inputs, counts, last)
 
     def _send(self, step: "_Step") -> "_Step":
         """The step header to every rank, then each CompNode its inputs; the workers start on it."""
         trace.mark("step")
-        header = {"op": "step", "ranges": step.ranges, "want": step.want, "micro": self.micro}
+        header = {"op": "step", "ranges": step.ranges, "want": step.want, "micro": self.micro, "last": step.last}
         collectives.bcast(self.topo.world, header)
         if self.layers is None:
             self.transport.scatter_ids(self.topo.client_comm, step.inputs, step.counts)
@@ -177,7 +179,7 @@ class Client:
     def _prepare_batch(self, sequences, want: str):
         """(lens, the batch's one step prepared, on plans of its own: batch b may still be in flight)."""
         lens = [len(s) for s in sequences]
-        return lens, self._prepare(self._new_batch(lens), [(0, n) for n in lens], sequences, want)
+        return lens, self._prepare(self._new_batch(lens), [(0, n) for n in lens], sequences, want, last=True)
 
     def _send_batch(self, prepared):
         """The batch header, then its step: the workers make the batch's plans and start computing."""
@@ -189,6 +191,7 @@ class Client:
 class _Step:
     """A step prepared on the client: its header fields, routing, and the CompNodes' inputs in rank order."""
 
-    def __init__(self, ranges, want, tokens, routing, inputs, counts):
+    def __init__(self, ranges, want, tokens, routing, inputs, counts, last: bool = False):
         self.ranges, self.want, self.tokens, self.routing = ranges, want, tokens, routing
+        self.last = last  # the batch's last step
         self.inputs, self.counts = inputs, counts  # (sum counts, ...) ids or hidden rows; counts[0] = 0 (client)

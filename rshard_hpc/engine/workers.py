@@ -11,9 +11,9 @@ from rshard_hpc.engine.routing import Routing, StepTokens, sequence_sums, step_t
 from rshard_hpc.engine import micro, step_graphs, trace
 from rshard_hpc.engine.stats import PhaseTimer
 from rshard_hpc.models.client_layers import comp_input_form
-from rshard_hpc.ops.attention import prepare_attention
+from rshard_hpc.ops.attention import RowSource, prepare_attention
 from rshard_hpc.ops.precision import pack_partial, partial_slots, wire_dtype
-from rshard_hpc.ops.wire import WireRoutes
+from rshard_hpc.ops.wire import WireRoutes, recv_row_offsets
 from rshard_hpc.plan.ledger import LedgerRecorder, step_key_counts
 from rshard_hpc.plan.schemes import PlanSpec, batch_plans
 from rshard_hpc.run import profiling
@@ -54,7 +54,8 @@ class _Worker:
                 lanes = micro.lane_ranges(tokens.seq, header.get("micro", 1), self.cfg.causal)
                 self.steps_in_lanes += len(lanes) > 1
                 with profiling.step_scope(len(tokens)):
-                    self.step(tokens, Routing(tokens, self.topo.alpha, self.topo.beta), header["want"], lanes)
+                    self.step(tokens, Routing(tokens, self.topo.alpha, self.topo.beta), header["want"], lanes,
+                              last=header.get("last", False))
             elif op == "end":
                 trace.mark("end")
                 self.end_batch()
@@ -107,9 +108,10 @@ class CompWorker(_Worker):
         o = routes.merge(xp.zeros(self.topo.beta * rows * cfg.n_heads * self.slots, dtype=self.wire))
         self.model.final_rows(self.model.post(self.first_layer, h, o))
 
-    def step(self, tokens: StepTokens, routing: Routing, want: str, lanes=None) -> None:
+    def step(self, tokens: StepTokens, routing: Routing, want: str, lanes=None, last: bool = False) -> None:
         """One step: my rows through every server layer, then the wanted final rows to the client. lanes: the step's
-        micro-batches (engine/micro.py lane_ranges); one lane, or None, runs the step whole."""
+        micro-batches (engine/micro.py lane_ranges); one lane, or None, runs the step whole. last (the batch's last
+        step) matters to AttnNodes only."""
         k, xp, cfg = self.topo.comp_index, self.xp, self.cfg
         mine = routing.comp_tokens[k]
         pos = xp.asarray(tokens.pos[mine])
@@ -285,8 +287,9 @@ class AttnWorker(_Worker):
     def end_batch(self):
         self.cache = None
 
-    def step(self, tokens: StepTokens, routing: Routing, want: str, lanes=None) -> None:
-        """One step: each layer, the queries of my row against the keys of my column (CompWorker.step: lanes)."""
+    def step(self, tokens: StepTokens, routing: Routing, want: str, lanes=None, last: bool = False) -> None:
+        """One step: each layer, the queries of my row against the keys of my column (CompWorker.step: lanes; last:
+        no later step of the batch reads this step's keys)."""
         i, j = self.topo.attn_coords
         q_tok, kv_tok = routing.attn_q_tokens(i), routing.attn_kv_tokens(j)
         self.record("q", tokens, q_tok)
@@ -295,11 +298,12 @@ class AttnWorker(_Worker):
         if lanes is not None and len(lanes) > 1:
             self._attend_in_lanes(tokens, lanes)
         else:
-            self._attend_whole(tokens, routing, q_tok, kv_tok)
+            self._attend_whole(tokens, routing, q_tok, kv_tok, last)
         self.cache.end_step()
         trace.mark("step end")
 
-    def _attend_whole(self, tokens: StepTokens, routing: Routing, q_tok: np.ndarray, kv_tok: np.ndarray) -> None:
+    def _attend_whole(self, tokens: StepTokens, routing: Routing, q_tok: np.ndarray, kv_tok: np.ndarray,
+                      last: bool) -> None:
         xp, topo = self.xp, self.topo
         i, j = topo.attn_coords
         k_pos, k_seq = self.cache.begin_step(tokens.pos[kv_tok], tokens.seq[kv_tok])
@@ -307,7 +311,7 @@ class AttnWorker(_Worker):
         no_counts = np.zeros_like(recv_counts)
         # every layer of a step has the same query and key positions: one preparation a step
         attend = self._layer_function(routing.counts[:, i], routing.counts[:, j], tokens.pos[q_tok],
-                                      tokens.seq[q_tok], k_pos, k_seq, small=self.transport.small_step)
+                                      tokens.seq[q_tok], k_pos, k_seq, small=self.transport.small_step, last=last)
         trace.mark("attn prepared")
         for layer in range(self.first_layer, self.cfg.n_layers):
             trace.mark("layer")
@@ -369,14 +373,16 @@ class AttnWorker(_Worker):
         trace.mark("attn prepared")
         return lanes
 
-    def _layer_function(self, nq, nkv, q_pos, q_seq, k_pos, k_seq, small: bool, cache=None):
+    def _layer_function(self, nq, nkv, q_pos, q_seq, k_pos, k_seq, small: bool, cache=None, last: bool = False):
         """attend(recv, slot) -> the flat send buffer of packed partials (nq_total, H, partial_slots) for one layer
         of this step, made once a step. nq[k], nkv[k]: the q and k/v rows CompNode k sends me (the receive buffer's
         layout); q_pos, q_seq: host ints of the queries; k_pos, k_seq: every cached key row's, from begin_step.
         On a GPU: a small step (the transport says: decode) takes the fused kernels of ops/decode_cuda.py (two
         launches a layer), a larger one the general plan with PlanLayers' unpack and pack (a launch each); on NumPy
         or where those are off, the general plan with the array code's unpack and pack. cache: where the step's new
-        rows go and what is attended (a lane's window: KVCache.lane); the batch's cache by default."""
+        rows go and what is attended (a lane's window: KVCache.lane); the batch's cache by default. last: the
+        batch's last step (no later step reads its keys): on NumPy, float32, a first step attends straight from
+        the receive buffer and writes no cache rows."""
         xp, cfg = self.xp, self.cfg
         cache = self.cache if cache is None else cache
         scale = 1.0 / np.sqrt(cfg.head_dim)
@@ -390,9 +396,31 @@ class AttnWorker(_Worker):
         plan = prepare_attention(q_pos_d, q_seq_d, k_pos, k_seq, causal=cfg.causal, scale=scale, xp=xp)
         if xp is not np and decode_cuda.plan_layers_support(cfg.head_dim):
             return decode_cuda.PlanLayers(cache, nq, nkv, plan, *shape).layer
+        if last and xp is np and self.wire == np.float32 and cache.filled == 0:
+            return self._attend_from_receive_buffer(nq, nkv, plan)
 
         def attend(recv, slot):
             o, lse = plan(self._unpack(cache, nq, nkv, recv, slot), *cache.rows(slot))
+            return pack_partial(o, lse, self.wire).ravel()
+
+        return attend
+
+    def _attend_from_receive_buffer(self, nq, nkv, plan):
+        """attend(recv, slot) that reads q, k and v where they arrived (ops/attention.RowSource over the receive
+        buffer seen as rows of Hkv * D elements, every q, k and v row starting on such a row): no copy into the
+        cache and no concatenation of the CompNodes' q rows, which an AttnNode's step spent ~30 % of its CPU time
+        on (64-input MiniLM job, 13 ranks). The keys are the step's, in arrival order, as the cache would hold
+        them (a first step: nothing cached before)."""
+        cfg = self.cfg
+        kv_width = cfg.n_kv_heads * cfg.head_dim
+        q_src, k_src, v_src = recv_row_offsets(nq, nkv, cfg.n_heads * cfg.head_dim, kv_width)
+        q_rows = (q_src // kv_width)[:, None] + np.arange(cfg.n_heads // cfg.n_kv_heads)  # (nq, G) base rows each
+        q_tail, kv_tail = (cfg.n_heads, cfg.head_dim), (cfg.n_kv_heads, cfg.head_dim)
+
+        def attend(recv, slot):
+            rows = recv.reshape(-1, kv_width)
+            o, lse = plan(RowSource(rows, q_rows, q_tail), RowSource(rows, k_src // kv_width, kv_tail),
+                          RowSource(rows, v_src // kv_width, kv_tail))
             return pack_partial(o, lse, self.wire).ravel()
 
         return attend

@@ -91,7 +91,7 @@ class AttentionPlan:
         if xp_of(q) is not np or xp_of(k) is not np or xp_of(v) is not np:
             raise ValueError("this plan was prepared for NumPy arrays (prepare with CuPy positions or xp=cupy)")
         check_qkv(q, k, v, self.nq, self.nk)
-        if q.dtype == np.uint16:  # bf16 bit patterns: their exact float32 values
+        if q.dtype == np.uint16:  # bf16 bit patterns: their exact float32 values (RowSource: float32 only)
             q, k, v = (bf16_bits_to_float(a) for a in (q, k, v))
         nq, n_heads, head_dim = q.shape
         n_kv = k.shape[1]
@@ -104,6 +104,20 @@ class AttentionPlan:
                                                     self.k_seq[k_rows], self.causal)
             o[rows], lse[rows] = _block(q[rows], k_s, v_s, mask, n_kv, self.scale)
         return o, lse
+
+
+class RowSource:
+    """Rows read where they lie, never copied together: row r is base[index[r]] (index (n,), or (n, g) for g base
+    rows side by side), seen as (n, *tail). A NumPy plan takes it in place of q, k or v (it only gathers rows), so an
+    AttnNode can attend straight from its receive buffer. float32 only (bf16 bits are widened whole first)."""
+
+    def __init__(self, base: np.ndarray, index: np.ndarray, tail):
+        self.base, self.index, self.tail = base, index, tuple(tail)
+        self.shape = (len(index),) + self.tail
+        self.ndim, self.dtype = len(self.shape), base.dtype
+
+    def __getitem__(self, rows):
+        return self.base[self.index[rows]].reshape((-1,) + self.tail)
 
 
 def _host(a) -> np.ndarray:

@@ -22,6 +22,7 @@ import numpy as np
 
 from rshard_hpc.ops.cuda_build import _blocks, _cupy, _kernel, _sm_count
 from rshard_hpc.ops.precision import BF16_NAN, partial_slots
+from rshard_hpc.ops.wire import recv_row_offsets
 
 SOURCE = "decode.cu"
 DECODE_THREADS = 256  # threads a block of decode_attend (one block of 8 warps per query row and head), decode_append
@@ -65,7 +66,7 @@ class _StepRows:
         self.bf16 = np.dtype(wire) == np.uint16
         self.wire = np.dtype(wire)
         self.slots = partial_slots(head_dim, self.wire)
-        q_src, k_src, v_src = _row_offsets(nq, nkv, n_heads * head_dim, n_kv_heads * head_dim)
+        q_src, k_src, v_src = recv_row_offsets(nq, nkv, n_heads * head_dim, n_kv_heads * head_dim)
         self.n_q, self.n_new = len(q_src), len(k_src)
         offsets = cupy.asarray(np.concatenate([q_src, k_src, v_src]))  # one copy to the device a step
         self.q_src = offsets[:self.n_q]
@@ -166,17 +167,3 @@ def key_shares(n_blocks: int, n_keys: int) -> int:
         return int(SPLIT)
     wanted = -(-2 * _sm_count() // max(n_blocks, 1))
     return max(1, min(wanted, -(-n_keys // KEYS_PER_SHARE), SHARES_MAX))
-
-
-def _row_offsets(nq, nkv, q_width: int, kv_width: int):
-    """Element offsets in the receive buffer of each q row, each new k row and each new v row (int64, NumPy)."""
-    q_src, k_src, v_src, at = [], [], [], 0
-    for n_q, n_kv in zip(nq, nkv):
-        n_q, n_kv = int(n_q), int(n_kv)
-        q_src.append(at + q_width * np.arange(n_q, dtype=np.int64))
-        at += n_q * q_width
-        k_src.append(at + kv_width * np.arange(n_kv, dtype=np.int64))
-        v_src.append(at + n_kv * kv_width + kv_width * np.arange(n_kv, dtype=np.int64))
-        at += 2 * n_kv * kv_width
-    cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64)  # noqa: E731
-    return cat(q_src), cat(k_src), cat(v_src)

@@ -79,3 +79,19 @@ class WireRoutes:
         packed = np.take(recv.reshape(-1, H * self.slots), self.recv_rows, axis=0)  # (β * n, H * slots)
         o_parts, lse_parts = unpack_partial(packed.reshape(self.beta, n, H, self.slots), self.wire)
         return merge_partials(o_parts, lse_parts)[0]
+
+
+def recv_row_offsets(nq, nkv, q_width: int, kv_width: int):
+    """An AttnNode's receive buffer, stacked over CompNodes k = 0 … α-1 (nq[k] q rows of q_width elements, then
+    nkv[k] k rows and nkv[k] v rows of kv_width): the element offset of each q row, each k row and each v row, in
+    that order (three (n,) int64 NumPy arrays)."""
+    q_src, k_src, v_src, at = [], [], [], 0
+    for n_q, n_kv in zip(nq, nkv):
+        n_q, n_kv = int(n_q), int(n_kv)
+        q_src.append(at + q_width * np.arange(n_q, dtype=np.int64))
+        at += n_q * q_width
+        k_src.append(at + kv_width * np.arange(n_kv, dtype=np.int64))
+        v_src.append(at + n_kv * kv_width + kv_width * np.arange(n_kv, dtype=np.int64))
+        at += 2 * n_kv * kv_width
+    cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64)  # noqa: E731
+    return cat(q_src), cat(k_src), cat(v_src)

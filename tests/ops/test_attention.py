@@ -167,3 +167,40 @@ def test_blocks_without_a_mask_match_float64(causal, key_shift, all_visible):
     o_ref, lse_ref = full_attention64(q, q_pos, q_seq, k, v, k_pos, k_seq, causal=causal, scale=0.25)
     np.testing.assert_allclose(lse, lse_ref, atol=2e-5, rtol=1e-5)
     np.testing.assert_allclose(o, o_ref, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_plan_reads_rows_where_they_arrived(seed):
+    """An AttnNode's last step on NumPy attends straight from its receive buffer (ops/attention.RowSource over
+    ops/wire.recv_row_offsets): the same bits as the q, k, v arrays unpacked from it (GQA, three CompNodes, one
+    sending nothing, causal and not)."""
+    from rshard_hpc.ops.attention import RowSource
+    from rshard_hpc.ops.wire import recv_row_offsets
+
+    rng = np.random.default_rng(seed)
+    n_heads, n_kv, head_dim = 6, 2, 8
+    q_width, kv_width = n_heads * head_dim, n_kv * head_dim
+    nq, nkv = rng.integers(0, 30, 3), rng.integers(0, 30, 3)
+    nq[seed % 3] = nkv[seed % 3] = 0
+    parts, qs, ks, vs = [], [], [], []
+    for a, b in zip(nq, nkv):
+        sizes = ((a, q_width), (b, kv_width), (b, kv_width))
+        q, k, v = (rng.standard_normal((n, w)).astype(np.float32) for n, w in sizes)
+        parts += [q.ravel(), k.ravel(), v.ravel()]
+        qs.append(q), ks.append(k), vs.append(v)
+    recv = np.concatenate(parts)
+    q, k, v = (np.concatenate(x).reshape(-1, h, head_dim) for x, h in ((qs, n_heads), (ks, n_kv), (vs, n_kv)))
+    q_src, k_src, v_src = recv_row_offsets(nq, nkv, q_width, kv_width)
+    rows = recv.reshape(-1, kv_width)
+    q_rows = (q_src // kv_width)[:, None] + np.arange(n_heads // n_kv)
+    sources = (RowSource(rows, q_rows, (n_heads, head_dim)), RowSource(rows, k_src // kv_width, (n_kv, head_dim)),
+               RowSource(rows, v_src // kv_width, (n_kv, head_dim)))
+    np.testing.assert_array_equal(sources[0][np.arange(len(q))], q)
+    np.testing.assert_array_equal(sources[2][np.arange(len(v))], v)
+    q_seq, k_seq = rng.integers(0, 3, len(q)), rng.integers(0, 3, len(k))
+    q_pos, k_pos = rng.integers(0, 50, len(q)), rng.integers(0, 50, len(k))
+    for causal in (False, True):
+        plan = prepare_attention(q_pos, q_seq, k_pos, k_seq, causal=causal, scale=0.3, xp=np)
+        want, got = plan(q, k, v), plan(*sources)
+        for w, g in zip(want, got):
+            np.testing.assert_array_equal(g, w)
