@@ -295,38 +295,24 @@ class AttnWorker(_Worker):
         self.record("q", tokens, q_tok)
         self.record("k", tokens, kv_tok)
         self.record("v", tokens, kv_tok)
-        if lanes is not None and len(lanes) > 1:
-            self._attend_in_lanes(tokens, lanes)
-        else:
-            self._attend_whole(tokens, routing, q_tok, kv_tok, last)
+        parts = [(tokens, routing, q_tok, kv_tok)]  # the step whole: one lane
+        if lanes is not None and len(lanes) > 1:  # micro-batches: no lane skips the cache (later lanes read it)
+            parts, last = [self._lane_part(tokens.subset(a, b)) for a, b in lanes], False
+        self._attend(self._lanes(parts, last))
         self.cache.end_step()
         trace.mark("step end")
 
-    def _attend_whole(self, tokens: StepTokens, routing: Routing, q_tok: np.ndarray, kv_tok: np.ndarray,
-                      last: bool) -> None:
-        xp, topo = self.xp, self.topo
-        i, j = topo.attn_coords
-        k_pos, k_seq = self.cache.begin_step(tokens.pos[kv_tok], tokens.seq[kv_tok])
-        recv_counts, back_counts = self._counts(routing)
-        no_counts = np.zeros_like(recv_counts)
-        # every layer of a step has the same query and key positions: one preparation a step
-        attend = self._layer_function(routing.counts[:, i], routing.counts[:, j], tokens.pos[q_tok],
-                                      tokens.seq[q_tok], k_pos, k_seq, small=self.transport.small_step, last=last)
-        trace.mark("attn prepared")
-        for layer in range(self.first_layer, self.cfg.n_layers):
-            trace.mark("layer")
-            recv = self.transport.alltoallv(topo.work_comm, xp.zeros(0, self.wire), no_counts, recv_counts)
-            with self.timer("attention"):
-                send = attend(recv, layer - self.first_layer)  # the cache holds the layers this AttnNode runs
-            trace.mark("attention")
-            self.transport.alltoallv(topo.work_comm, send, back_counts, no_counts)
+    def _lane_part(self, sub: StepTokens) -> tuple:
+        """(tokens, routing, my q tokens, my k/v tokens) of a lane's tokens."""
+        i, j = self.topo.attn_coords
+        routing = Routing(sub, self.topo.alpha, self.topo.beta)
+        return sub, routing, routing.attn_q_tokens(i), routing.attn_kv_tokens(j)
 
-    def _attend_in_lanes(self, tokens: StepTokens, lanes: list) -> None:
-        """The step in micro-batches (engine/micro.py), the exchanges in its schedule. A lane received is attended
-        at once when the CompNodes compute before the next exchange (they then run passes while I attend), else
-        when its partials are due."""
+    def _attend(self, lanes: list) -> None:
+        """Every layer of the step, lane by lane in micro.schedule's order of exchanges (one lane: receive, attend,
+        send back, a layer at a time). A lane received is attended at once when the CompNodes compute before the
+        next exchange (they then run passes while I attend), else when its partials are due."""
         xp, topo = self.xp, self.topo
-        lanes = self._lanes(tokens, lanes)
         no_counts = np.zeros(topo.work_comm.Get_size(), dtype=np.int64)
         received, ready = {}, {}  # lane -> (recv, layer) not attended yet; lane -> send buffer
         events = micro.schedule(len(lanes), range(self.first_layer, self.cfg.n_layers))
@@ -347,19 +333,15 @@ class AttnWorker(_Worker):
     def _attend_lane(self, lanes: list, received, m: int):
         recv, layer = received
         with self.timer("attention"):
-            send = lanes[m].attend(recv, layer - self.first_layer)
+            send = lanes[m].attend(recv, layer - self.first_layer)  # the cache holds the layers this AttnNode runs
         trace.mark("attention")
         return send
 
-    def _lanes(self, tokens: StepTokens, ranges: list) -> list:
-        """Each lane's counts and layer function; the step's new keys reserved in the cache lane by lane, each lane
-        attending the rows up to its own last (engine/micro.py says why that suffices)."""
+    def _lanes(self, parts: list, last: bool) -> list:
+        """Each lane's counts and layer function (made once a step: every layer has the same positions); the step's
+        new keys reserved in the cache lane by lane, each lane attending the rows up to its own last (engine/micro.py
+        says why that suffices). parts: _lane_part of each lane; last: see _layer_function."""
         i, j = self.topo.attn_coords
-        parts = []
-        for a, b in ranges:
-            sub = tokens.subset(a, b)
-            routing = Routing(sub, self.topo.alpha, self.topo.beta)
-            parts.append((sub, routing, routing.attn_q_tokens(i), routing.attn_kv_tokens(j)))
         k_pos, k_seq = self.cache.begin_step(np.concatenate([sub.pos[kv] for sub, _, _, kv in parts]),
                                              np.concatenate([sub.seq[kv] for sub, _, _, kv in parts]))
         lanes, start = [], 0
@@ -368,7 +350,8 @@ class AttnWorker(_Worker):
             start += len(kv_tok)
             end = window.filled + window.new
             attend = self._layer_function(routing.counts[:, i], routing.counts[:, j], sub.pos[q_tok], sub.seq[q_tok],
-                                          k_pos[:end], k_seq[:end], small=False, cache=window)
+                                          k_pos[:end], k_seq[:end], small=self.transport.small_step, cache=window,
+                                          last=last)
             lanes.append(_AttnLane(*self._counts(routing), attend))
         trace.mark("attn prepared")
         return lanes
