@@ -47,6 +47,19 @@ def sums_error(client, seqs, rows) -> float:
     return float(np.abs(sums - want).max() / max(np.abs(want).max(), 1e-30))
 
 
+def serve_worker(topo, spec, cfg, transport, comp_model, **options):
+    """This rank's worker, made and served until the client stops; None on the client. A CompNode gets the model
+    comp_model() loads, an AttnNode the config; options (xp, dtype, first_layer) go to either."""
+    if topo.role == "client":
+        return None
+    if topo.role == "comp":
+        worker = CompWorker(topo, spec, comp_model(), transport, **options)
+    else:
+        worker = AttnWorker(topo, spec, cfg, transport, **options)
+    worker.serve()
+    return worker
+
+
 def lanes_taken(world, worker) -> bool:
     """Collective: with RSHARD_MICRO_BATCHES > 1, whether the workers ran steps in lanes (printed by rank 0), so a
     lanes test cannot pass on steps that were never cut; True without it."""
@@ -96,13 +109,7 @@ def main():
             ok = int(MIN_BF16_REL < rel <= TOL_BF16_REL and sums_err <= SUMS_TOL_REL)
             print(f"{tag}: max relative error to float32 {rel:.3e} (single-process bf16: {ref_rel:.3e}); "
                   f"max abs diff to the bf16 single-process forward {same:.3e}", flush=True)
-    worker = None
-    if topo.role == "comp":
-        worker = CompWorker(topo, spec, load_model(path, dtype=dtype), transport, dtype=dtype, first_layer=k)
-    elif topo.role != "client":
-        worker = AttnWorker(topo, spec, cfg, transport, dtype=dtype, first_layer=k)
-    if worker is not None:
-        worker.serve()
+    worker = serve_worker(topo, spec, cfg, transport, lambda: load_model(path, dtype=dtype), dtype=dtype, first_layer=k)
     ok = int(lanes_taken(world, worker)) * ok
     ok = world.allreduce(ok, op=MPI.MIN)
     sys.exit(0 if ok else 1)

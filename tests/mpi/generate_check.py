@@ -18,12 +18,11 @@ from rshard_hpc.dist.topology import Topology
 from rshard_hpc.dist.transport import Transport
 from rshard_hpc.engine.client import Client
 from rshard_hpc.engine.generate import GenerateSettings, LmHead, generate_batch
-from rshard_hpc.engine.workers import AttnWorker, CompWorker
 from rshard_hpc.models import load_model, weights
 from rshard_hpc.models.client_layers import load_client_layers
 from rshard_hpc.plan.schemes import PlanSpec
 
-from equivalence import lanes_taken, small_lanes  # tests/mpi, beside this script
+from equivalence import lanes_taken, serve_worker, small_lanes  # tests/mpi, beside this script
 
 LOGIT_TOL = 1e-3
 MARGIN = 0.02
@@ -87,13 +86,7 @@ def main():
     if topo.role == "client":
         ref = np.load(ref_path, allow_pickle=True)
         ok = client_checks(topo, spec, cfg, path, ref, load_client_layers(path, cfg, k, xp=xp))
-    worker = None
-    if topo.role == "comp":
-        worker = CompWorker(topo, spec, load_model(path, xp=xp), transport, xp=xp, first_layer=k)
-    elif topo.role != "client":
-        worker = AttnWorker(topo, spec, cfg, transport, xp=xp, first_layer=k)
-    if worker is not None:
-        worker.serve()
+    worker = serve_worker(topo, spec, cfg, transport, lambda: load_model(path, xp=xp), xp=xp, first_layer=k)
     ok = lanes_taken(world, worker) and ok
     verdict = world.allreduce(int(ok), op=MPI.MIN)
     sys.exit(0 if verdict else 1)

@@ -24,13 +24,12 @@ from rshard_hpc.dist.topology import Topology
 from rshard_hpc.dist.transport import Transport
 from rshard_hpc.dist.transport_choice import TRANSPORTS
 from rshard_hpc.engine.client import Client
-from rshard_hpc.engine.workers import AttnWorker, CompWorker
 from rshard_hpc.models import load_model, model_class, weights
 from rshard_hpc.models.reference import reference_forward
 from rshard_hpc.ops import arrays
 from rshard_hpc.plan.schemes import PlanSpec
 
-from equivalence import SUMS_TOL_REL, lanes_taken, small_lanes, sums_error  # tests/mpi, beside this script
+from equivalence import SUMS_TOL_REL, lanes_taken, serve_worker, small_lanes, sums_error  # tests/mpi
 
 TOL = {"float32": 1e-4, "bfloat16": 2e-2}
 MIN_BF16 = 1e-5  # a bf16 run closer than this to full precision did not run in bf16
@@ -176,14 +175,8 @@ def main():
             detail += f", want=sums vs the rows' sums {sums_err:.1e}"
         print(f"{tag}: first batch {t1 - t0:.2f} s; max rel err: {detail} -> "
               f"{'PASS' if passed else 'FAIL'}", flush=True)
-    worker = None
-    if topo.role == "comp":
-        worker = CompWorker(topo, spec, load_model(args.model, dtype=args.dtype, xp=xp), transport, xp=xp,
-                            dtype=args.dtype)
-    elif topo.role != "client":
-        worker = AttnWorker(topo, spec, cfg, transport, xp=xp, dtype=args.dtype)
-    if worker is not None:
-        worker.serve()
+    worker = serve_worker(topo, spec, cfg, transport, lambda: load_model(args.model, dtype=args.dtype, xp=xp), xp=xp,
+                          dtype=args.dtype)
     passed = world.bcast(passed if topo.role == "client" else None, root=0)
     passed = lanes_taken(world, worker) and passed
     ok = world.allreduce(int(passed), op=MPI.MIN)
