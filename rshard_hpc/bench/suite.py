@@ -343,6 +343,15 @@ def cpu_batch(suite: Suite, setting: Setting) -> list:
     return _cpu_rows(suite, setting, suite.sizes.cpu_batch)
 
 
+def _median_jobs(suite: Suite, setting: Setting, prompts: Path, tag: str, anchor: dict) -> tuple:
+    """`repeats` embedding jobs of one prompt file: (median in-job s, median wall s, tokens, the largest output
+    difference to the anchor's embeddings, formatted)."""
+    jobs = [suite.embed_job(setting, prompts, tag) for _ in range(suite.sizes.repeats)]
+    job_s, wall_s = float(np.median([j["job_s"] for j in jobs])), float(np.median([j["wall_s"] for j in jobs]))
+    diff = f"{max(max_abs(j['embeddings'], anchor['embeddings']) for j in jobs):.1e}"
+    return job_s, wall_s, jobs[0]["tokens"], diff
+
+
 def _cpu_rows(suite: Suite, setting: Setting, count: int) -> list:
     """MiniLM on `count` inputs of cpu_tokens tokens: median of `repeats` jobs against the NumPy forward."""
     from rshard_hpc.models import weights
@@ -354,9 +363,7 @@ def _cpu_rows(suite: Suite, setting: Setting, count: int) -> list:
         TextCodec(path, weights.read_config(path)), count, s.cpu_tokens, seed=2 + count))
     prompts = write_prompts(suite._work / f"cpu_{count}.jsonl", texts)
     anchor = suite.anchors.kept(("numpy", count), lambda: suite.anchors.numpy_forward(path, texts, batch=count > 1))
-    jobs = [suite.embed_job(setting, prompts, f"cpu_{count}") for _ in range(s.repeats)]
-    job_s, wall_s = float(np.median([j["job_s"] for j in jobs])), float(np.median([j["wall_s"] for j in jobs]))
-    diff = f"{max(max_abs(j['embeddings'], anchor['embeddings']) for j in jobs):.1e}"
+    job_s, wall_s, _, diff = _median_jobs(suite, setting, prompts, f"cpu_{count}", anchor)
     ratio = anchor["seconds"] / job_s
     if count == 1:
         return [Row(f"CPU: one {s.cpu_tokens}-token input (MiniLM)", setting.label(),
@@ -379,12 +386,10 @@ def cpu_lines(suite: Suite, setting: Setting) -> list:
     texts = word_prompts(n, *LINE_WORDS, seed=5)
     prompts = suite.anchors.kept(("lines file", n), lambda: write_prompts(suite._work / "cpu_lines.jsonl", texts))
     anchor = suite.anchors.kept(("numpy lines", n), lambda: suite.anchors.numpy_forward(path, texts, batch=True))
-    jobs = [suite.embed_job(setting, prompts, "cpu_lines") for _ in range(s.repeats)]
-    job_s, wall_s = float(np.median([j["job_s"] for j in jobs])), float(np.median([j["wall_s"] for j in jobs]))
-    diff = f"{max(max_abs(j['embeddings'], anchor['embeddings']) for j in jobs):.1e}"
+    job_s, wall_s, tokens, diff = _median_jobs(suite, setting, prompts, "cpu_lines", anchor)
     ratio = anchor["seconds"] / job_s
     return [Row(f"CPU: {n} one-line prompts ({LINE_WORDS[0]}-{LINE_WORDS[1]} words, MiniLM)", setting.label(),
-                f"{1e3 * job_s / n:.1f} ms/prompt, {jobs[0]['tokens'] / job_s:,.0f} tokens/s in the job "
+                f"{1e3 * job_s / n:.1f} ms/prompt, {tokens / job_s:,.0f} tokens/s in the job "
                 f"({wall_s:.1f} s wall)", f"{1e3 * anchor['seconds'] / n:.1f} ms/prompt (NumPy single-process "
                 f"forward, one batch)", ratio, ">= 0.5x", ratio >= 0.5, diff)]
 
