@@ -4,7 +4,7 @@
 # each skipped once the call's time budget (BUDGET_S, default 540) is near.   logs go to $OUT
 #   usage: bash tools/device_session.sh STAGE...   stages: mpi verify startab startvar unit engine jobs passes decode transports trace profile smalltests finaltests
 #           smallab decodeab passes1 probe suite p512 embatch launch etrace prefab floor exitprobe hostprof
-#           opmarks opcosts
+#           opmarks opcosts smalldev
 #           genstore genfile
 # Code before a change (an A/B): carry a tree of it (git archive REV rshard_hpc kernels | tar -x -C .old) and give
 # the variant PYTHONPATH=$PWD/.old,PYTHONSAFEPATH=1 (STARTVARS, PREFAB): `python3 -m` puts the working directory,
@@ -111,6 +111,31 @@ startvar)  # the 12-prompt job's start-up variants (STARTVARS: name=ENV,...), MP
     --device gpu --alpha 2 --beta 2 2>&1 | grep -E "wall|rror"
   mps_off
   (cd $OUT && tar -czf startvar.tar.gz tr_* probe13_* && rm -rf tr_* probe13_*) ;;
+smalldev)  # 12- and 48-prompt MiniLM jobs' launcher wall on the CPUs (--device cpu) against the GPU (--device gpu with
+  #           RSHARD_SMALL_JOB_ON_CPU=0), alternating, 13 and 7 ranks, MPS on (a first GPU job compiles the kernels,
+  #           left out); then one 12-prompt job under the small-job rule (--device gpu as is)
+  mps_on
+  J="python3 -m rshard_hpc run --task embed --model /tmp/minilm.h5 --overwrite --truncate --allow-weak-plan"
+  for np_ in 12 48; do
+    python3 -c "from rshard_hpc.bench.prompts import word_prompts as p, write_prompts as w; w('/tmp/p$np_.jsonl', p($np_, seed=1))"
+  done
+  timeout 90 mpirun -n 7 $J --prompts /tmp/p12.jsonl --out /tmp/e12_w.h5 --device gpu --alpha 2 --beta 2 > /dev/null 2>&1
+  for np_ in 12 48; do for n in 13 7; do
+    [ $n = 13 ] && L="--alpha 3 --beta 3 --c-a 2" || L="--alpha 2 --beta 2"
+    for i in $(seq $([ $np_ = 12 ] && echo 3 || echo 2)); do for dev in gpu cpu; do
+      stage "smalldev $np_ prompts, $dev, $n ranks, run $i"; enough 20 smalldev || break 4
+      t0=$EPOCHREALTIME
+      RSHARD_SMALL_JOB_ON_CPU=0 timeout 60 mpirun -n $n $J --prompts /tmp/p$np_.jsonl --out /tmp/e_$dev.h5 \
+        --device $dev $L 2>&1 | grep -E "done|rror"
+      echo "launcher wall $np_ prompts $dev $n ranks run $i: $(python3 -c "print(round($EPOCHREALTIME - $t0, 2))") s"
+    done; done
+    python3 -c "import h5py, numpy as np; a, b = (h5py.File(f'/tmp/e_{s}.h5')['embeddings'][()] for s in ('gpu', 'cpu')); print('gpu vs cpu: max abs diff', float(np.abs(a - b).max()))"
+  done; done
+  t0=$EPOCHREALTIME
+  timeout 60 mpirun -n 13 $J --prompts /tmp/p12.jsonl --out /tmp/e_rule.h5 --device gpu --alpha 3 --beta 3 --c-a 2 2>&1 | \
+    grep -E "device|done|rror"
+  echo "launcher wall 12 prompts, the rule, 13 ranks: $(python3 -c "print(round($EPOCHREALTIME - $t0, 2))") s"
+  mps_off ;;
 unit)  # no MPI: the kernels (key split too), the fused passes, the wire
   stage unit; enough 60 unit && timeout $(( $(left) < 240 ? $(left) - 30 : 210 )) $PT -x -n 8 tests/ops/test_gpu_kernels.py \
     tests/ops/test_gpu_passes.py tests/ops/test_wire.py 2>&1 | tail -n 6 ;;

@@ -22,22 +22,15 @@ ESTIMATE_SHAPES = ("smollm2", "llama-1b", "llama-8b")  # of bench/common.py's SH
 
 
 # ------------------------------------------------------------------------------------------ estimates
-def layer_matrix_params(cfg: ModelConfig) -> int:
-    """Weights of one layer's matrices: q, k, v, o projections and the MLP (SwiGLU: 3, else 2 matrices)."""
-    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    mlp = (3 if cfg.act == "silu" else 2) * cfg.hidden * cfg.intermediate
-    return cfg.hidden * (2 * q + 2 * kv) + mlp
-
-
 def layer_flops(cfg: ModelConfig, n_new: int, n_past: int = 0) -> float:
     """FLOPs of one layer for n_new positions after n_past cached ones (causal: position p attends p + 1 keys)."""
     keys = n_new * n_past + n_new * (n_new + 1) / 2  # Σ over the new positions of the keys each attends
-    return 2.0 * layer_matrix_params(cfg) * n_new + 4.0 * cfg.n_heads * cfg.head_dim * keys
+    return 2.0 * cfg.layer_matrix_params * n_new + 4.0 * cfg.n_heads * cfg.head_dim * keys
 
 
 def client_estimate(cfg: ModelConfig, k: int, n_tokens: int, bytes_per_weight: int = 2) -> dict:
     """The client's extra work and memory for K layers at a prompt of n_tokens (weights in bf16 by default)."""
-    layer_weights = layer_matrix_params(cfg) + 2 * cfg.hidden  # + the two norms
+    layer_weights = cfg.layer_matrix_params + 2 * cfg.hidden  # + the two norms
     embed = cfg.vocab_size * cfg.hidden  # the token embeddings (a tied head's matrix: held at K = 0 already)
     return {
         "shape": cfg.name, "k": k, "n_layers": cfg.n_layers, "tokens": n_tokens,

@@ -16,6 +16,7 @@ import traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from rshard_hpc.bench import launch
@@ -205,8 +206,10 @@ class Suite:
         summary = re.search(r"done: (\d+) prompts, (\d+) tokens in ([0-9.]+) s", done.stderr)
         if summary is None:
             raise RowFailed(f"no `done:` line in the job's output: {done.tail()}")
+        with h5py.File(out, "r") as f:
+            backend = str(f.attrs["backend"])  # a small job under --device gpu: cpu (RunOptions.device_for)
         return {"job_s": float(summary[3]), "tokens": int(summary[2]), "wall_s": done.wall_s,
-                "embeddings": read_embeddings(out)}
+                "embeddings": read_embeddings(out), "backend": backend}
 
     def bench_table(self, setting: Setting, dtype: str) -> dict:
         """bench job's rows by token count for this setting and precision (one job for all rows needing it)."""
@@ -297,8 +300,9 @@ def embed_small(suite: Suite, setting: Setting) -> list:
     anchor = suite.anchors.kept(("st", "small", n), lambda: suite.anchors.st_encode(texts))
     wall = suite.anchors.kept(("st wall", "small", n), lambda: suite.anchors.st_wall(prompts, suite.opts.timeout_s))
     job = suite.embed_job(setting, prompts, "embed_small")
+    where = "" if job["backend"] == setting.device else f", on the {job['backend'].upper()}s: a small job"
     return [Row(f"a {n}-prompt embedding job", setting.label(),
-                f"{job['wall_s']:.2f} s wall ({job['job_s']:.2f} s in the job)",
+                f"{job['wall_s']:.2f} s wall ({job['job_s']:.2f} s in the job{where})",
                 f"{wall['wall_s']:.2f} s wall (sentence-transformers, fresh process)", wall["wall_s"] / job["wall_s"],
                 "<= 3 s wall", job["wall_s"] <= 3.0, f"{max_abs(job['embeddings'], anchor['embeddings']):.1e}")]
 

@@ -47,3 +47,10 @@ class ModelConfig:
     @property
     def prompt_limit(self) -> int:
         return self.max_seq_length or self.max_positions
+
+    @property
+    def layer_matrix_params(self) -> int:
+        """Weights of one layer's matrices: q, k, v, o projections and the MLP (SwiGLU: 3, else 2 matrices)."""
+        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        mlp = (3 if self.act == "silu" else 2) * self.hidden * self.intermediate
+        return self.hidden * (2 * q + 2 * kv) + mlp

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from rshard_hpc.models.client_layers import check_client_layers, comp_input_form
 from rshard_hpc.plan.estimates import audit_estimate
 from rshard_hpc.plan.schemes import PlanSpec
 from rshard_hpc.run import termination, testhooks
-from rshard_hpc.run.options import TASKS, RunOptions
+from rshard_hpc.run.options import SMALL_JOB_ON_CPU_ENV, TASKS, RunOptions
 from rshard_hpc.run.progress import Progress, Stages, process_seconds, say, wall_line
 from rshard_hpc.run.prompts import id_key
 
@@ -35,6 +35,7 @@ class Prepared:
     cfg: object = None  # the model's ModelConfig, read once by the client (workers need not open the weight file)
     client_layers: int = 0  # K as decided for this model (--client-layers, or its default)
     job_tokens: int | None = None  # tokens of work left: prompt tokens, plus tokens to generate (transport choice)
+    device: str = "cpu"  # where every rank computes (RunOptions.device_for: --device, or the CPUs for a small job)
 
 
 def _prepare_client(topo, opts: RunOptions, spec: PlanSpec):
@@ -84,8 +85,12 @@ class ClientJob:
         self.skipped = len(prompts) - len(self.todo)
         self.token_ids = [tokenized[p.id] for p in self.todo]
         self.model_path = model_path
+        job_tokens = self._job_tokens()
+        self.asked_device = opts.device
+        self.opts = replace(opts, device=opts.device_for(job_tokens, self.cfg))
+        self.writer.attrs["backend"] = self.opts.device  # what computed (written with the first batch)
         self.prepared = Prepared(str(model_path), cfg=self.cfg, client_layers=opts.client_layers,
-                                 job_tokens=self._job_tokens())
+                                 job_tokens=job_tokens, device=self.opts.device)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -132,6 +137,13 @@ class ClientJob:
             more = f"; and {len(exposed) - 5} more" if len(exposed) > 5 else ""
             say(f"warning: {len(exposed)} prompt{'s are' if len(exposed) > 1 else ' is'} too short for this plan "
                 f"to split: the nodes named see {'them' if len(exposed) > 1 else 'it'} whole: {shown}{more}")
+
+    def _small_job_note(self) -> str:
+        """Why the device is not --device's (RunOptions.device_for), or ""."""
+        if self.opts.device == self.asked_device:
+            return ""
+        return (f" (a small job under --device {self.asked_device}: its work costs less than the GPUs' start; "
+                f"{SMALL_JOB_ON_CPU_ENV}=0 keeps it there)")
 
     def _check_task(self) -> None:
         if self.opts.task == "embed" and self.cfg.pooling == "none":
@@ -190,7 +202,7 @@ class ClientJob:
             say(f"resume: {self.skipped} prompts already in {opts.out}, {len(self.todo)} to do")
         say(f"{opts.task} with {opts.model}: {len(self.todo)} prompts, {total_tokens} tokens, "
             f"alpha={opts.alpha} beta={opts.beta} ({self.topo.world.Get_size()} ranks), plan {self.spec.scheme} "
-            f"c={self.spec.c} c_a={self.spec.c_a}, device {opts.device}")
+            f"c={self.spec.c} c_a={self.spec.c_a}, device {opts.device}{self._small_job_note()}")
         self._say_privacy()
         if opts.client_layers:
             how = "" if self.client_layers_given else " (the default for this model; --client-layers 0: token ids)"

@@ -57,7 +57,8 @@ def _set_up(world, topo, opts: RunOptions, spec, job):
     prepared = collectives.bcast(world, job.prepared if job else None)
     if prepared.error:
         raise RshardError(prepared.error)
-    opts = replace(opts, client_layers=prepared.client_layers)  # K as the client decided it for this model
+    # K as the client decided it for this model, and the device (a small job's: the CPUs, RunOptions.device_for)
+    opts = replace(opts, client_layers=prepared.client_layers, device=prepared.device)
     xp, transport, error = np, None, None
     try:
         xp, transport = rank_backend(topo, opts.device, client_gpu=opts.client_on_gpu(prepared.job_tokens))

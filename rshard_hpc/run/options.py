@@ -19,6 +19,11 @@ TASKS = ("embed", "generate")
 # 13 ranks on 2 cores: 2.47-2.99 s at 8192, 2.14-2.24 s at 4096, 2.40-2.47 s at 2048; docs/bench_suite_cpu.md).
 # GPUs: a step's fixed cost is paid per batch, so larger batches (8192-65536 measured alike, bench_suite_h200.md).
 DEFAULT_BATCH_TOKENS = {"cpu": 4096, "gpu": 8192}
+# Under --device gpu, an embedding job whose products take fewer FLOPs than this runs every rank on its CPUs
+# (RunOptions.device_for): a GPU rank's start, CuPy's import and a CUDA context, costs 1.2-1.4 s at 13 ranks on one
+# GPU, more than such a job's whole work on the node's cores. About 4,700 MiniLM tokens (37 prompts of 128).
+SMALL_JOB_FLOP = 1e11
+SMALL_JOB_ON_CPU_ENV = "RSHARD_SMALL_JOB_ON_CPU"  # "0": --device gpu keeps small jobs on the GPUs
 
 
 @dataclass
@@ -76,6 +81,20 @@ class RunOptions:
     def tokens_per_batch(self) -> int:
         """--batch-tokens, or its default for the device."""
         return DEFAULT_BATCH_TOKENS[self.device] if self.batch_tokens is None else self.batch_tokens
+
+    def device_for(self, job_tokens: int | None, cfg) -> str:
+        """The device every rank of this job computes on: --device, except that under --device gpu an embedding
+        job of job_tokens tokens whose products (cfg.layer_matrix_params a layer and token) take fewer than
+        SMALL_JOB_FLOP runs on the CPUs, where no rank imports CuPy or makes a CUDA context (unless
+        RSHARD_SMALL_JOB_ON_CPU=0). Generation stays on the GPUs: its decode steps are many."""
+        import os
+
+        if self.device != "gpu" or self.task != "embed" or job_tokens is None:
+            return self.device
+        if os.environ.get(SMALL_JOB_ON_CPU_ENV, "1").strip() == "0":
+            return self.device
+        flop = 2.0 * cfg.n_layers * cfg.layer_matrix_params * job_tokens
+        return "cpu" if flop < SMALL_JOB_FLOP else self.device
 
     def client_on_gpu(self, job_tokens: int | None = None) -> bool:
         """The client takes its node's GPU (--device gpu) when it computes: the LM head of every generated token, or

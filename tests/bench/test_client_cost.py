@@ -6,7 +6,6 @@ from rshard_hpc.bench.client_cost import (
     client_estimate,
     estimate_table,
     layer_flops,
-    layer_matrix_params,
     measure,
 )
 from rshard_hpc.bench.common import bench_config
@@ -17,7 +16,7 @@ from rshard_hpc.cli import main as cli_main
 def test_shapes_have_their_models_parameter_counts(shape, params):
     cfg = bench_config(shape, 128)
     embed = cfg.vocab_size * cfg.hidden * (1 if cfg.tie_embeddings else 2)
-    total = cfg.n_layers * (layer_matrix_params(cfg) + 2 * cfg.hidden) + embed + cfg.hidden
+    total = cfg.n_layers * (cfg.layer_matrix_params + 2 * cfg.hidden) + embed + cfg.hidden
     assert total == pytest.approx(params, rel=0.01)
 
 

@@ -13,6 +13,14 @@ from conftest import REPO, require_gpu, rshard
 cupy = require_gpu()
 
 
+@pytest.fixture(autouse=True)
+def jobs_stay_on_the_gpu(monkeypatch):
+    """These jobs are small: without this, --device gpu would run them on the CPUs (RunOptions.device_for)."""
+    from rshard_hpc.run.options import SMALL_JOB_ON_CPU_ENV
+
+    monkeypatch.setenv(SMALL_JOB_ON_CPU_ENV, "0")
+
+
 @pytest.fixture(scope="module")
 def minilm_weights():
     if os.environ.get("RSHARD_MINILM_H5"):

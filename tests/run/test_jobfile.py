@@ -103,6 +103,23 @@ def test_client_takes_a_gpu_only_when_it_computes():
     assert not RunOptions(device="cpu", task="embed", client_layers=1).client_on_gpu(job_tokens=10**6)
 
 
+def test_a_small_embedding_job_under_device_gpu_computes_on_the_cpus(monkeypatch):
+    import math
+
+    from rshard_hpc.models.random_init import tiny_config
+    from rshard_hpc.run.options import SMALL_JOB_FLOP, SMALL_JOB_ON_CPU_ENV
+
+    cfg = tiny_config("bert")
+    largest_small = math.ceil(SMALL_JOB_FLOP / (2 * cfg.n_layers * cfg.layer_matrix_params)) - 1  # tokens
+    gpu = RunOptions(device="gpu", task="embed")
+    assert gpu.device_for(largest_small, cfg) == "cpu" and gpu.device_for(largest_small + 1, cfg) == "gpu"
+    assert gpu.device_for(None, cfg) == "gpu"  # size not known
+    assert RunOptions(device="gpu", task="generate").device_for(10, cfg) == "gpu"  # decode steps are many
+    assert RunOptions(device="cpu", task="embed").device_for(10**9, cfg) == "cpu"
+    monkeypatch.setenv(SMALL_JOB_ON_CPU_ENV, "0")
+    assert gpu.device_for(10, cfg) == "gpu"
+
+
 @pytest.mark.parametrize("args,device,expected", [
     ([], "cpu", DEFAULT_BATCH_TOKENS["cpu"]),
     (["--device", "gpu"], "gpu", DEFAULT_BATCH_TOKENS["gpu"]),
