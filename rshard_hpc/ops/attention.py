@@ -16,6 +16,7 @@ q, k, v have the prepared row counts. partial_attention(q, ..., causal, scale) i
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -24,6 +25,11 @@ from rshard_hpc.ops.attention_checks import check_qkv, check_rows, check_scale
 from rshard_hpc.ops.precision import bf16_bits_to_float
 
 Q_BLOCK = 1024  # queries per block on the NumPy path: bounds the (heads, block, keys) score array
+# A pack's query x key elements over its blocks (x heads x 4 bytes: its score array, which should stay in the
+# CPU's cache: 12 heads, 96 KiB). One call per block was as fast for 128-token prompts (43 x 43 a block at 13
+# ranks), and 2.6x slower for 300 one-line prompts (5 x 5) than packs of this size; larger packs were slower.
+PACK_SCORES = 2048
+PACK_CALL_COST = 512  # what a call costs beside its work, in score elements: padding up to this joins a pack
 
 
 def visible(q_pos, q_seq, k_pos, k_seq, causal: bool):
@@ -59,9 +65,12 @@ def partial_attention(q, q_pos, q_seq, k, v, k_pos, k_seq, causal: bool, scale: 
 
 
 class AttentionPlan:
-    """NumPy plan: the rows of each sequence, grouped once; calling it computes per query block.
+    """NumPy plan: the rows of each sequence, grouped once; calling it computes pack by pack.
 
-    Each block: up to Q_BLOCK query rows of one sequence against all keys of that sequence.
+    A block is up to Q_BLOCK query rows of one sequence against all keys of that sequence; blocks of similar sizes
+    are packed into one batched call (_pack_blocks), padded to the pack's largest, the padded keys masked out and
+    the padded queries' rows dropped: a batch of many short prompts is a few large operations, not one small call
+    per prompt and layer.
     """
 
     def __init__(self, q_pos, q_seq, k_pos, k_seq, *, causal: bool, scale: float):
@@ -70,18 +79,28 @@ class AttentionPlan:
         self.q_pos, self.q_seq, self.k_pos, self.k_seq = (_host(a) for a in (q_pos, q_seq, k_pos, k_seq))
         self.nq = check_rows(self.q_pos, self.q_seq, "query")
         self.nk = check_rows(self.k_pos, self.k_seq, "key")
-        self.blocks = []  # (query rows (nb,), key rows (nk_s,), every key visible to every query?) per block
+        blocks = []  # (query rows (nb,), key rows (nk_s,)) of one sequence each
         for s in np.unique(self.q_seq) if self.nk else ():
             q_rows = np.flatnonzero(self.q_seq == s)
             k_rows = np.flatnonzero(self.k_seq == s)
             if len(k_rows):
-                self.blocks += [self._block_rows(q_rows[a:a + Q_BLOCK], k_rows) for a in range(0, len(q_rows), Q_BLOCK)]
+                blocks += [(q_rows[a:a + Q_BLOCK], k_rows) for a in range(0, len(q_rows), Q_BLOCK)]
+        self.packs = [self._pack(group) for group in _pack_blocks(blocks)]
 
-    def _block_rows(self, q_rows, k_rows):
-        """A block's rows of one sequence, and whether its mask is all true (no mask to build or apply): always
-        without causality, else when its last key comes no later than its first query."""
-        all_visible = not self.causal or self.k_pos[k_rows].max() <= self.q_pos[q_rows].min()
-        return q_rows, k_rows, bool(all_visible)
+    def _pack(self, blocks) -> "Pack":
+        """The padded row indices of these blocks (the first row stands in for padding), the query rows the
+        pack's results go to, and the mask (None when every query of every block sees every key it is given)."""
+        n_q, n_k = max(len(q) for q, _ in blocks), max(len(k) for _, k in blocks)
+        q_idx = np.stack([np.pad(q, (0, n_q - len(q)), mode="edge") for q, _ in blocks])  # (S, Qm)
+        k_idx = np.stack([np.pad(k, (0, n_k - len(k)), mode="edge") for _, k in blocks])  # (S, Km)
+        key_real = np.arange(n_k)[None, :] < np.array([len(k) for _, k in blocks])[:, None]  # (S, Km)
+        query_real = (np.arange(n_q)[None, :] < np.array([len(q) for q, _ in blocks])[:, None]).ravel()
+        mask = np.broadcast_to(key_real[:, None, :], (len(blocks), n_q, n_k))
+        if self.causal:
+            mask = mask & (self.k_pos[k_idx][:, None, :] <= self.q_pos[q_idx][:, :, None])
+        all_visible = bool(mask.all())
+        return Pack(q_idx.ravel(), k_idx.ravel(), len(blocks), n_q, n_k, np.flatnonzero(query_real),
+                    q_idx.ravel()[query_real], None if all_visible else mask[:, None, None])
 
     def __call__(self, q, k, v):
         """q: (nq, Hq, D); k, v: (nk, Hkv, D), float or uint16 bf16 bits, NumPy.
@@ -97,13 +116,45 @@ class AttentionPlan:
         n_kv = k.shape[1]
         o = np.zeros((nq, n_heads, head_dim), dtype=np.float32)
         lse = np.full((nq, n_heads), -np.inf, dtype=np.float32)
-        for rows, k_rows, all_visible in self.blocks:
-            k_s = _heads_first(k[k_rows], n_kv)  # (Hkv, 1, nk_s, D)
-            v_s = _heads_first(v[k_rows], n_kv)
-            mask = None if all_visible else visible(self.q_pos[rows], self.q_seq[rows], self.k_pos[k_rows],
-                                                    self.k_seq[k_rows], self.causal)
-            o[rows], lse[rows] = _block(q[rows], k_s, v_s, mask, n_kv, self.scale)
+        for pack in self.packs:
+            q_p = _heads_first(q[pack.q_idx], n_kv, pack.blocks)  # (S, Hkv, G, Qm, D)
+            k_p, v_p = (_heads_first(a[pack.k_idx], n_kv, pack.blocks) for a in (k, v))  # (S, Hkv, 1, Km, D)
+            o_p, lse_p = _block(q_p, k_p, v_p, pack.mask, self.scale)
+            o[pack.rows] = o_p[pack.real]
+            lse[pack.rows] = lse_p[pack.real]
         return o, lse
+
+
+@dataclass(frozen=True)
+class Pack:
+    """Blocks attended in one batched call: q_idx (S * Qm,) and k_idx (S * Km,) their padded rows; real: the
+    positions in S * Qm of the real queries, rows: their query rows; mask (S, 1, 1, Qm, Km) bool or None."""
+
+    q_idx: np.ndarray
+    k_idx: np.ndarray
+    blocks: int
+    n_q: int
+    n_k: int
+    real: np.ndarray
+    rows: np.ndarray
+    mask: np.ndarray | None
+
+
+def _pack_blocks(blocks) -> list:
+    """Blocks in packs: sorted by key count then query count, each pack grown while what padding adds stays
+    under a call's own cost (PACK_CALL_COST, in score elements) and its scores under PACK_SCORES."""
+    order = sorted(blocks, key=lambda b: (len(b[1]), len(b[0])), reverse=True)
+    packs, pack, n_q, n_k = [], [], 0, 0
+    for q_rows, k_rows in order:
+        grown_q, grown_k = max(n_q, len(q_rows)), max(n_k, len(k_rows))
+        padded = (len(pack) + 1) * grown_q * grown_k
+        added = padded - len(pack) * n_q * n_k
+        if pack and (padded > PACK_SCORES or added > len(q_rows) * len(k_rows) + PACK_CALL_COST):
+            packs.append(pack)
+            pack, grown_q, grown_k = [], len(q_rows), len(k_rows)
+        pack.append((q_rows, k_rows))
+        n_q, n_k = grown_q, grown_k
+    return packs + ([pack] if pack else [])
 
 
 class RowSource:
@@ -125,31 +176,32 @@ def _host(a) -> np.ndarray:
     return a.get() if xp_of(a) is not np else np.asarray(a)
 
 
-def _heads_first(x, n_kv):
-    """(n, Hkv, D) -> (Hkv, 1, n, D) float32."""
-    return np.ascontiguousarray(x.transpose(1, 0, 2)[:, None], dtype=np.float32)
+def _heads_first(x, n_kv: int, blocks: int):
+    """Rows (blocks * n, H, D) of `blocks` equal blocks -> (blocks, Hkv, H / Hkv, n, D) float32, contiguous."""
+    rows, n_heads, head_dim = x.shape
+    x = x.reshape(blocks, rows // blocks, n_kv, n_heads // n_kv, head_dim)
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1, 4), dtype=np.float32)
 
 
-def _block(q_blk, k_s, v_s, mask, n_kv, scale):
-    """One query block against one sequence's keys. mask: (nb, nk) bool, or None where every key is visible.
-    The score array is worked on in place (it is the block's one large temporary)."""
-    nb, n_heads, head_dim = q_blk.shape
-    group = n_heads // n_kv
-    q_h = q_blk.astype(np.float32).transpose(1, 0, 2).reshape(n_kv, group, nb, head_dim)  # (Hkv, G, nb, D)
-    scores = q_h @ k_s.transpose(0, 1, 3, 2)  # (Hkv, G, nb, nk)
+def _block(q_p, k_p, v_p, mask, scale):
+    """A pack's blocks: q_p (S, Hkv, G, Qm, D) against k_p, v_p (S, Hkv, 1, Km, D). mask: (S, 1, 1, Qm, Km) bool,
+    or None where every key is visible. The score array is worked on in place (it is the pack's one large
+    temporary). Returns o (S * Qm, Hq, D) and lse (S * Qm, Hq), float32."""
+    blocks, n_kv, group, n_q, head_dim = q_p.shape
+    scores = q_p @ k_p.transpose(0, 1, 2, 4, 3)  # (S, Hkv, G, Qm, Km)
     scores *= np.float32(scale)
     if mask is not None:
         np.copyto(scores, -np.inf, where=~mask)
-    row_max = scores.max(axis=-1, keepdims=True)  # (Hkv, G, nb, 1)
+    row_max = scores.max(axis=-1, keepdims=True)  # (S, Hkv, G, Qm, 1)
     any_key = np.isfinite(row_max)
     shift = np.where(any_key, row_max, 0.0).astype(np.float32)
     scores -= shift
     probs = np.exp(scores, out=scores)  # masked entries: exp(-inf) = 0
     denom = probs.sum(axis=-1, keepdims=True)
-    out = (probs @ v_s) / np.where(any_key, denom, 1.0)  # (Hkv, G, nb, D)
-    lse = np.where(any_key, shift + np.log(np.where(any_key, denom, 1.0)), -np.inf)[..., 0]
-    out = out.reshape(n_heads, nb, head_dim).transpose(1, 0, 2)  # (nb, Hq, D)
-    lse = lse.reshape(n_heads, nb).T  # (nb, Hq)
+    out = (probs @ v_p) / np.where(any_key, denom, 1.0)  # (S, Hkv, G, Qm, D)
+    lse = np.where(any_key, shift + np.log(np.where(any_key, denom, 1.0)), -np.inf)[..., 0]  # (S, Hkv, G, Qm)
+    out = out.transpose(0, 3, 1, 2, 4).reshape(blocks * n_q, n_kv * group, head_dim)  # (S * Qm, Hq, D)
+    lse = lse.transpose(0, 3, 1, 2).reshape(blocks * n_q, n_kv * group)
     return out.astype(np.float32), lse.astype(np.float32)
 
 

@@ -155,18 +155,56 @@ def test_merge_against_float64_softmax_with_minus_inf_and_noncontiguous():
     (True, -300, True),  # every key before every query: no mask built
     (True, 0, False),  # keys interleaved with the queries: masked
 ])
-def test_blocks_without_a_mask_match_float64(causal, key_shift, all_visible):
-    """The NumPy plan skips the mask of a block whose keys every query sees (AttentionPlan._block_rows): such
-    blocks, and masked ones, equal the float64 reference; the flag is what the positions say."""
+def test_packs_without_a_mask_match_float64(causal, key_shift, all_visible):
+    """The NumPy plan skips the mask of a pack whose keys every query sees (AttentionPlan._pack): sequences of
+    equal key counts, so no key is padding. Such packs, and masked ones, equal the float64 reference; the flag is
+    what the positions say."""
     rng = np.random.default_rng(11)
-    q, q_pos, q_seq, k, v, k_pos, k_seq = random_case(rng, 40, 50, 6, 2, 16, n_seqs=3)
+    q, q_pos, _, k, v, k_pos, _ = random_case(rng, 40, 51, 6, 2, 16, n_seqs=3)
+    q_seq, k_seq = np.arange(40, dtype=np.int32) % 3, np.arange(51, dtype=np.int32) % 3  # 17 keys each
     k_pos = (k_pos + key_shift).astype(np.int32)
     plan = AttentionPlan(q_pos, q_seq, k_pos, k_seq, causal=causal, scale=0.25)
-    assert {flag for _, _, flag in plan.blocks} == {all_visible}
+    assert {pack.mask is None for pack in plan.packs} == {all_visible}
     o, lse = plan(q, k, v)
     o_ref, lse_ref = full_attention64(q, q_pos, q_seq, k, v, k_pos, k_seq, causal=causal, scale=0.25)
     np.testing.assert_allclose(lse, lse_ref, atol=2e-5, rtol=1e-5)
     np.testing.assert_allclose(o, o_ref, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("seed", range(3))
+def test_many_ragged_sequences_share_packs_and_match_float64(causal, seed):
+    """A batch of many short prompts of different lengths (as an AttnNode sees a batch of one-line prompts):
+    a few packs, not one call a sequence; padded keys take no weight, padded queries write nothing, rows without a
+    visible key stay (0, -inf); the results equal the float64 reference."""
+    rng = np.random.default_rng(seed)
+    lengths_q, lengths_k = rng.integers(0, 12, 150), rng.integers(1, 14, 150)
+    q_seq = np.repeat(np.arange(150), lengths_q).astype(np.int32)
+    k_seq = np.repeat(np.arange(150), lengths_k).astype(np.int32)
+    q, q_pos, _, k, v, k_pos, _ = random_case(rng, len(q_seq), len(k_seq), 6, 2, 8, n_seqs=1)
+    q_pos, k_pos = (rng.integers(0, 20, len(a)).astype(np.int32) for a in (q_seq, k_seq))
+    rng.shuffle(q_seq), rng.shuffle(k_seq)  # a sequence's rows need not be adjacent
+    plan = AttentionPlan(q_pos, q_seq, k_pos, k_seq, causal=causal, scale=0.3)
+    assert len(plan.packs) < len(np.unique(q_seq)) // 10
+    assert sum(len(pack.rows) for pack in plan.packs) == len(q_seq)  # every query row once
+    o, lse = plan(q, k, v)
+    o_ref, lse_ref = full_attention64(q, q_pos, q_seq, k, v, k_pos, k_seq, causal=causal, scale=0.3)
+    assert np.array_equal(np.isneginf(lse), np.isneginf(lse_ref)) and np.isneginf(lse_ref).any() == causal
+    finite = np.isfinite(lse_ref)
+    np.testing.assert_allclose(lse[finite], lse_ref[finite], atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(o, o_ref, atol=2e-5, rtol=1e-5)
+
+
+def test_pack_sizes_are_bounded():
+    """Packs keep their scores under PACK_SCORES and take padding only up to a call's cost: a long sequence
+    among short ones gets a pack of its own."""
+    from rshard_hpc.ops.attention import PACK_SCORES, _pack_blocks
+
+    blocks = [(np.arange(n), np.arange(n)) for n in [600] + [5] * 400]
+    packs = _pack_blocks(blocks)
+    assert [len(p) for p in packs][0] == 1 and sum(len(p) for p in packs) == len(blocks)
+    for pack in packs:
+        assert len(pack) * max(len(q) for q, _ in pack) * max(len(k) for _, k in pack) <= max(PACK_SCORES, 600 * 600)
 
 
 @pytest.mark.parametrize("seed", range(6))
