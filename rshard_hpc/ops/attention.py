@@ -79,27 +79,24 @@ class AttentionPlan:
         self.q_pos, self.q_seq, self.k_pos, self.k_seq = (_host(a) for a in (q_pos, q_seq, k_pos, k_seq))
         self.nq = check_rows(self.q_pos, self.q_seq, "query")
         self.nk = check_rows(self.k_pos, self.k_seq, "key")
-        blocks = []  # (query rows (nb,), key rows (nk_s,)) of one sequence each
-        for s in np.unique(self.q_seq) if self.nk else ():
-            q_rows = np.flatnonzero(self.q_seq == s)
-            k_rows = np.flatnonzero(self.k_seq == s)
-            if len(k_rows):
-                blocks += [(q_rows[a:a + Q_BLOCK], k_rows) for a in range(0, len(q_rows), Q_BLOCK)]
-        self.packs = [self._pack(group) for group in _pack_blocks(blocks)]
+        self.q_order, self.k_order = (np.argsort(a, kind="stable") for a in (self.q_seq, self.k_seq))
+        blocks = _sequence_blocks(self.q_seq[self.q_order], self.k_seq[self.k_order]) if self.nk else _NO_BLOCKS
+        self.packs = [self._pack(*(column[group] for column in blocks)) for group in _pack_blocks(*blocks[1::2])]
 
-    def _pack(self, blocks) -> "Pack":
-        """The padded row indices of these blocks (the first row stands in for padding), the query rows the
-        pack's results go to, and the mask (None when every query of every block sees every key it is given)."""
-        n_q, n_k = max(len(q) for q, _ in blocks), max(len(k) for _, k in blocks)
-        q_idx = np.stack([np.pad(q, (0, n_q - len(q)), mode="edge") for q, _ in blocks])  # (S, Qm)
-        k_idx = np.stack([np.pad(k, (0, n_k - len(k)), mode="edge") for _, k in blocks])  # (S, Km)
-        key_real = np.arange(n_k)[None, :] < np.array([len(k) for _, k in blocks])[:, None]  # (S, Km)
-        query_real = (np.arange(n_q)[None, :] < np.array([len(q) for q, _ in blocks])[:, None]).ravel()
-        mask = np.broadcast_to(key_real[:, None, :], (len(blocks), n_q, n_k))
+    def _pack(self, q_start, q_len, k_start, k_len) -> "Pack":
+        """The padded row indices of these blocks (a block's last row stands in for its padding), the query rows
+        the pack's results go to, and the mask (None when every query of every block sees every key it is given).
+        Starts and lengths (S,) are in the rows ordered by sequence (q_order, k_order)."""
+        n_q, n_k = int(q_len.max()), int(k_len.max())
+        q_at, k_at = np.arange(n_q)[None, :], np.arange(n_k)[None, :]
+        q_idx = self.q_order[q_start[:, None] + np.minimum(q_at, q_len[:, None] - 1)]  # (S, Qm)
+        k_idx = self.k_order[k_start[:, None] + np.minimum(k_at, k_len[:, None] - 1)]  # (S, Km)
+        query_real = (q_at < q_len[:, None]).ravel()
+        mask = np.broadcast_to((k_at < k_len[:, None])[:, None, :], (len(q_len), n_q, n_k))
         if self.causal:
             mask = mask & (self.k_pos[k_idx][:, None, :] <= self.q_pos[q_idx][:, :, None])
         all_visible = bool(mask.all())
-        return Pack(q_idx.ravel(), k_idx.ravel(), len(blocks), n_q, n_k, np.flatnonzero(query_real),
+        return Pack(q_idx.ravel(), k_idx.ravel(), len(q_len), n_q, n_k, np.flatnonzero(query_real),
                     q_idx.ravel()[query_real], None if all_visible else mask[:, None, None])
 
     def __call__(self, q, k, v):
@@ -140,21 +137,39 @@ class Pack:
     mask: np.ndarray | None
 
 
-def _pack_blocks(blocks) -> list:
-    """Blocks in packs: sorted by key count then query count, each pack grown while what padding adds stays
-    under a call's own cost (PACK_CALL_COST, in score elements) and its scores under PACK_SCORES."""
-    order = sorted(blocks, key=lambda b: (len(b[1]), len(b[0])), reverse=True)
+_NO_BLOCKS = tuple(np.zeros(0, np.int64) for _ in range(4))
+
+
+def _sequence_blocks(q_seq_sorted, k_seq_sorted) -> tuple:
+    """The blocks of rows sorted by sequence: up to Q_BLOCK queries of one sequence against all its keys, for every
+    sequence with both. (q_start, q_len, k_start, k_len), four (blocks,) int64 arrays, starts in the sorted rows."""
+    q_ids, q_first, q_count = np.unique(q_seq_sorted, return_index=True, return_counts=True)
+    k_ids, k_first, k_count = np.unique(k_seq_sorted, return_index=True, return_counts=True)
+    both, in_q, in_k = np.intersect1d(q_ids, k_ids, assume_unique=True, return_indices=True)
+    pieces = -(-q_count[in_q] // Q_BLOCK)  # blocks of each sequence
+    seq_of = np.repeat(np.arange(len(both)), pieces)
+    piece = np.arange(len(seq_of)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+    q_start = q_first[in_q][seq_of] + piece * Q_BLOCK
+    q_len = np.minimum(q_count[in_q][seq_of] - piece * Q_BLOCK, Q_BLOCK)
+    return (q_start.astype(np.int64), q_len.astype(np.int64), k_first[in_k][seq_of].astype(np.int64),
+            k_count[in_k][seq_of].astype(np.int64))
+
+
+def _pack_blocks(q_len, k_len) -> list:
+    """Blocks (their query and key counts, (blocks,)) in packs, as index arrays: sorted by key count then query
+    count, each pack grown while what padding adds stays under a call's own cost (PACK_CALL_COST, in score
+    elements) and its scores under PACK_SCORES."""
+    order = np.lexsort((q_len, k_len))[::-1]  # by key count, then query count, largest first
     packs, pack, n_q, n_k = [], [], 0, 0
-    for q_rows, k_rows in order:
-        grown_q, grown_k = max(n_q, len(q_rows)), max(n_k, len(k_rows))
+    for block, nq, nk in zip(order.tolist(), q_len[order].tolist(), k_len[order].tolist()):
+        grown_q, grown_k = max(n_q, nq), max(n_k, nk)
         padded = (len(pack) + 1) * grown_q * grown_k
-        added = padded - len(pack) * n_q * n_k
-        if pack and (padded > PACK_SCORES or added > len(q_rows) * len(k_rows) + PACK_CALL_COST):
-            packs.append(pack)
-            pack, grown_q, grown_k = [], len(q_rows), len(k_rows)
-        pack.append((q_rows, k_rows))
+        if pack and (padded > PACK_SCORES or padded - len(pack) * n_q * n_k > nq * nk + PACK_CALL_COST):
+            packs.append(np.array(pack))
+            pack, grown_q, grown_k = [], nq, nk
+        pack.append(block)
         n_q, n_k = grown_q, grown_k
-    return packs + ([pack] if pack else [])
+    return packs + ([np.array(pack)] if pack else [])
 
 
 class RowSource:
