@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -87,8 +88,6 @@ class RunOptions:
         job of job_tokens tokens whose products (cfg.layer_matrix_params a layer and token) take fewer than
         SMALL_JOB_FLOP runs on the CPUs, where no rank imports CuPy or makes a CUDA context (unless
         RSHARD_SMALL_JOB_ON_CPU=0). Generation stays on the GPUs: its decode steps are many."""
-        import os
-
         if self.device != "gpu" or self.task != "embed" or job_tokens is None:
             return self.device
         if os.environ.get(SMALL_JOB_ON_CPU_ENV, "1").strip() == "0":
