@@ -17,26 +17,20 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import h5py
-import numpy as np
 
 from rshard_hpc.bench import launch
 from rshard_hpc.bench.anchors import ST_BATCH, Anchors
 from rshard_hpc.bench.common import append_table
-from rshard_hpc.bench.generate_row import generate_file
-from rshard_hpc.bench.job_outputs import bench_row, max_abs, read_bench_table, read_embeddings
+from rshard_hpc.bench.job_outputs import read_bench_table, read_embeddings
+from rshard_hpc.bench.prompts import word_prompts, write_prompts
 from rshard_hpc.bench.suite_rows import Row, RowFailed
-from rshard_hpc.bench.prompts import (
-    token_prompts,
-    word_prompts,
-    write_prompts,
-)
+from rshard_hpc.bench.suite_workloads import ROWS
 from rshard_hpc.run.options import SMALL_JOB_ON_CPU_ENV
 
 CPU_ROWS = ("cpu-one", "cpu-batch", "cpu-lines")  # MiniLM on CPU ranks, whatever --device says
 ROW_NAMES = ("embed-file", "embed-small", "decode", "generate-file", "prefill-512", "prefill-8k") + CPU_ROWS
 DEFAULT_ROWS = {"cpu": "cpu-one,cpu-batch,cpu-lines,embed-small,embed-file", "gpu": "embed-file,embed-small,decode,generate-file,"
                                                                           "prefill-512,prefill-8k"}
-LINE_WORDS = (6, 16)  # cpu-lines: words a prompt (the issue's 2,000 one-line prompts: 14 tokens each on average)
 QUOTED_CPU = "SPU-Puma 36.3 s, CrypTen 15.6 s for one 128-token input (quoted from their papers, not rerun)"
 
 
@@ -291,137 +285,6 @@ class Suite:
         return [(("embed-file", "embed-small"), st), (("prefill-512", "prefill-8k"), prefill), (("decode",), generate),
                 (("generate-file",), batched),
                 (CPU_ROWS, "rshard's NumPy single-process forward")]
-
-
-# ---------------------------------------------------------------------------------------------------- rows
-def embed_file(suite: Suite, setting: Setting) -> list:
-    n = suite.sizes.embed_prompts
-    texts = suite.anchors.kept(("embed-file texts", n), lambda: word_prompts(n, seed=0))
-    prompts = suite.anchors.kept(("embed-file file", n), lambda: write_prompts(suite._work / "embed_file.jsonl",
-                                                                               texts))
-    anchor = suite.anchors.kept(("st", n), lambda: suite.anchors.st_encode(texts))
-    wall = suite.anchors.kept(("st wall", n), lambda: suite.anchors.st_wall(prompts, suite.opts.timeout_s))
-    job = suite.embed_job(setting, prompts, "embed_file")
-    diff = f"{max_abs(job['embeddings'], anchor['embeddings']):.1e}"
-    ratio = anchor["seconds"] / job["job_s"]
-    workload = f"embedding {n} prompts of 12-200 words ({job['tokens']:,} tokens)"
-    return [Row(workload, setting.label(), f"{job['job_s']:.2f} s in the job", f"{anchor['seconds']:.2f} s "
-                f"(sentence-transformers fp32, batch {ST_BATCH})", ratio, ">= 0.5x job time", ratio >= 0.5, diff),
-            Row("same job: wall, and time outside the job", setting.label(),
-                f"wall {job['wall_s']:.1f} s ({job['wall_s'] - job['job_s']:.1f} s outside the job)",
-                f"wall {wall['wall_s']:.1f} s ({wall['wall_s'] - wall['encode_s']:.1f} s outside encode)",
-                wall["wall_s"] / job["wall_s"], "wall <= 2x the anchor's", job["wall_s"] <= 2 * wall["wall_s"], diff)]
-
-
-def embed_small(suite: Suite, setting: Setting) -> list:
-    n = suite.sizes.small_prompts
-    texts = word_prompts(n, seed=1)
-    prompts = suite.anchors.kept(("small file", n), lambda: write_prompts(suite._work / "embed_small.jsonl", texts))
-    anchor = suite.anchors.kept(("st", "small", n), lambda: suite.anchors.st_encode(texts))
-    wall = suite.anchors.kept(("st wall", "small", n), lambda: suite.anchors.st_wall(prompts, suite.opts.timeout_s))
-    job = suite.embed_job(setting, prompts, "embed_small")
-    where = "" if job["backend"] == setting.device else f", on the {job['backend'].upper()}s: a small job"
-    return [Row(f"a {n}-prompt embedding job", setting.label(),
-                f"{job['wall_s']:.2f} s wall ({job['job_s']:.2f} s in the job{where})",
-                f"{wall['wall_s']:.2f} s wall (sentence-transformers, fresh process)", wall["wall_s"] / job["wall_s"],
-                "<= 3 s wall", job["wall_s"] <= 3.0, f"{max_abs(job['embeddings'], anchor['embeddings']):.1e}")]
-
-
-def decode(suite: Suite, setting: Setting) -> list:
-    s = suite.sizes
-    row = bench_row(suite.bench_table(setting, "float32"), s.decode_tokens)
-    plain = suite.anchors.kept(("decode", s.shape, s.decode_tokens, s.decode_steps),
-                               lambda: suite.anchors.decode_ms(s.shape, s.decode_tokens, s.layers, s.decode_steps, 0))
-    ours = float(row["decode_ms"])
-    if row.get("decode_split", "-") != "-":
-        suite.notes.append(f"decode step at {setting.label()}, ms per phase on the slowest rank (GPU: device/host): "
-                           f"{row['decode_split']}")
-    return [Row(f"decode step, {s.shape} shape, {s.decode_tokens} prompt, fp32", setting.label(),
-                f"{ours:.1f} ms/step (median of {s.decode_steps})", f"{plain:.1f} ms/token (transformers generate "
-                f"fp32)", plain / ours, "<= plaintext", ours <= plain, row.get("decode_logit_diff", "-"))]
-
-
-def prefill(length_field: str, targets: dict):
-    def rows(suite: Suite, setting: Setting) -> list:
-        n = getattr(suite.sizes, length_field)
-        out = []
-        for dtype, (target, floor) in targets.items():
-            try:
-                row = bench_row(suite.bench_table(setting, dtype), n)
-            except RowFailed as exc:
-                out.append(Row(f"prefill {n} tokens, {dtype}", setting.label(), "", target=target, failed=str(exc)))
-                continue
-            ratio = float(row["ratio"])
-            out.append(Row(f"prefill {n} tokens, {dtype}, {suite.sizes.shape} shape", setting.label(),
-                           f"{row['sharded_tok_s']} tokens/s", f"{row['plain_tok_s']} tokens/s (transformers "
-                           f"{dtype})", ratio, target, ratio >= floor, row.get("logit_diff", "-")))
-        return out
-    return rows
-
-
-def cpu_one(suite: Suite, setting: Setting) -> list:
-    return _cpu_rows(suite, setting, 1)
-
-
-def cpu_batch(suite: Suite, setting: Setting) -> list:
-    return _cpu_rows(suite, setting, suite.sizes.cpu_batch)
-
-
-def _median_jobs(suite: Suite, setting: Setting, prompts: Path, tag: str, anchor: dict) -> tuple:
-    """`repeats` embedding jobs of one prompt file: (median in-job s, median wall s, tokens, the largest output
-    difference to the anchor's embeddings, formatted)."""
-    jobs = [suite.embed_job(setting, prompts, tag) for _ in range(suite.sizes.repeats)]
-    job_s, wall_s = float(np.median([j["job_s"] for j in jobs])), float(np.median([j["wall_s"] for j in jobs]))
-    diff = f"{max(max_abs(j['embeddings'], anchor['embeddings']) for j in jobs):.1e}"
-    return job_s, wall_s, jobs[0]["tokens"], diff
-
-
-def _cpu_rows(suite: Suite, setting: Setting, count: int) -> list:
-    """MiniLM on `count` inputs of cpu_tokens tokens: median of `repeats` jobs against the NumPy forward."""
-    from rshard_hpc.models import weights
-    from rshard_hpc.models.registry import resolve_model
-    from rshard_hpc.models.tokenizer import TextCodec
-
-    s, path = suite.sizes, resolve_model(suite.opts.model)
-    texts = suite.anchors.kept(("cpu texts", count), lambda: token_prompts(
-        TextCodec(path, weights.read_config(path)), count, s.cpu_tokens, seed=2 + count))
-    prompts = write_prompts(suite._work / f"cpu_{count}.jsonl", texts)
-    anchor = suite.anchors.kept(("numpy", count), lambda: suite.anchors.numpy_forward(path, texts, batch=count > 1))
-    job_s, wall_s, _, diff = _median_jobs(suite, setting, prompts, f"cpu_{count}", anchor)
-    ratio = anchor["seconds"] / job_s
-    if count == 1:
-        return [Row(f"CPU: one {s.cpu_tokens}-token input (MiniLM)", setting.label(),
-                    f"{job_s:.3f} s in the job ({wall_s:.1f} s wall)", f"{1e3 * anchor['seconds']:.0f} ms "
-                    f"(NumPy single-process forward)", ratio, "<= 0.36 s in the job", job_s <= 0.36, diff)]
-    per, plain_per = 1e3 * job_s / count, 1e3 * anchor["seconds"] / count
-    return [Row(f"CPU: {count} inputs of {s.cpu_tokens} tokens in one job (MiniLM)", setting.label(),
-                f"{per:.1f} ms/prompt in the job ({wall_s:.1f} s wall)", f"{plain_per:.1f} ms/prompt (NumPy "
-                f"single-process forward, one batch)", ratio, "<= 36 ms/prompt and >= 0.5x", per <= 36 and ratio >= 0.5,
-                diff)]
-
-
-def cpu_lines(suite: Suite, setting: Setting) -> list:
-    """The issue's many short prompts: line_prompts one-line prompts in one job (median of `repeats`), per prompt and
-    tokens/s, against the NumPy forward of the same prompts in one batch."""
-    from rshard_hpc.models.registry import resolve_model
-
-    s, path = suite.sizes, resolve_model(suite.opts.model)
-    n = s.line_prompts
-    texts = word_prompts(n, *LINE_WORDS, seed=5)
-    prompts = suite.anchors.kept(("lines file", n), lambda: write_prompts(suite._work / "cpu_lines.jsonl", texts))
-    anchor = suite.anchors.kept(("numpy lines", n), lambda: suite.anchors.numpy_forward(path, texts, batch=True))
-    job_s, wall_s, tokens, diff = _median_jobs(suite, setting, prompts, "cpu_lines", anchor)
-    ratio = anchor["seconds"] / job_s
-    return [Row(f"CPU: {n} one-line prompts ({LINE_WORDS[0]}-{LINE_WORDS[1]} words, MiniLM)", setting.label(),
-                f"{1e3 * job_s / n:.1f} ms/prompt, {tokens / job_s:,.0f} tokens/s in the job "
-                f"({wall_s:.1f} s wall)", f"{1e3 * anchor['seconds'] / n:.1f} ms/prompt (NumPy single-process "
-                f"forward, one batch)", ratio, ">= 0.5x", ratio >= 0.5, diff)]
-
-
-ROWS = {"embed-file": embed_file, "embed-small": embed_small, "decode": decode, "generate-file": generate_file,
-        "prefill-512": prefill("prefill_short", {"float32": (">= 0.5x", 0.5), "bfloat16": (">= 0.5x", 0.5)}),
-        "prefill-8k": prefill("prefill_long", {"float32": (">= 1x (stay)", 1.0), "bfloat16": (">= 0.5x", 0.5)}),
-        "cpu-one": cpu_one, "cpu-batch": cpu_batch, "cpu-lines": cpu_lines}
 
 
 def device_name(device: str) -> str:
