@@ -96,7 +96,7 @@ class AttentionPlan:
         if self.causal:
             mask = mask & (self.k_pos[k_idx][:, None, :] <= self.q_pos[q_idx][:, :, None])
         all_visible = bool(mask.all())
-        return Pack(q_idx.ravel(), k_idx.ravel(), len(q_len), n_q, n_k, np.flatnonzero(query_real),
+        return Pack(q_idx.ravel(), k_idx.ravel(), len(q_len), np.flatnonzero(query_real),
                     q_idx.ravel()[query_real], None if all_visible else mask[:, None, None])
 
     def __call__(self, q, k, v):
@@ -124,14 +124,12 @@ class AttentionPlan:
 
 @dataclass(frozen=True)
 class Pack:
-    """Blocks attended in one batched call: q_idx (S * Qm,) and k_idx (S * Km,) their padded rows; real: the
+    """S blocks attended in one batched call: q_idx (S * Qm,) and k_idx (S * Km,) their padded rows; real: the
     positions in S * Qm of the real queries, rows: their query rows; mask (S, 1, 1, Qm, Km) bool or None."""
 
     q_idx: np.ndarray
     k_idx: np.ndarray
     blocks: int
-    n_q: int
-    n_k: int
     real: np.ndarray
     rows: np.ndarray
     mask: np.ndarray | None
