@@ -1,11 +1,10 @@
 """The rows of `rshard bench suite` (suite.py runs them): each workload's sharded job against its anchor, as the
-table's rows. A row function takes the suite (its jobs, anchors, sizes, notes) and a Setting (layout, device, MPS)
-and returns its rows; ROWS maps the row names to them."""
+table's rows. A row function takes the suite (a bench.suite.Suite: its jobs, anchors, sizes, notes) and a
+bench.suite.Setting (layout, device, MPS) and returns its rows; ROWS maps the row names to them. (Not imported
+here: suite.py imports this module.)"""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from rshard_hpc.bench.anchors import ST_BATCH
@@ -14,13 +13,10 @@ from rshard_hpc.bench.job_outputs import bench_row, max_abs
 from rshard_hpc.bench.prompts import token_prompts, word_prompts, write_prompts
 from rshard_hpc.bench.suite_rows import Row, RowFailed
 
-if TYPE_CHECKING:
-    from rshard_hpc.bench.suite import Setting, Suite
-
 LINE_WORDS = (6, 16)  # cpu-lines: words a prompt (the issue's 2,000 one-line prompts: 14 tokens each on average)
 
 
-def embed_file(suite: Suite, setting: Setting) -> list:
+def embed_file(suite, setting) -> list:
     n = suite.sizes.embed_prompts
     texts = suite.anchors.kept(("embed-file texts", n), lambda: word_prompts(n, seed=0))
     prompts = suite.anchors.kept(("embed-file file", n), lambda: write_prompts(suite._work / "embed_file.jsonl",
@@ -39,7 +35,7 @@ def embed_file(suite: Suite, setting: Setting) -> list:
                 wall["wall_s"] / job["wall_s"], "wall <= 2x the anchor's", job["wall_s"] <= 2 * wall["wall_s"], diff)]
 
 
-def embed_small(suite: Suite, setting: Setting) -> list:
+def embed_small(suite, setting) -> list:
     n = suite.sizes.small_prompts
     texts = word_prompts(n, seed=1)
     prompts = suite.anchors.kept(("small file", n), lambda: write_prompts(suite._work / "embed_small.jsonl", texts))
@@ -53,7 +49,7 @@ def embed_small(suite: Suite, setting: Setting) -> list:
                 "<= 3 s wall", job["wall_s"] <= 3.0, f"{max_abs(job['embeddings'], anchor['embeddings']):.1e}")]
 
 
-def decode(suite: Suite, setting: Setting) -> list:
+def decode(suite, setting) -> list:
     s = suite.sizes
     row = bench_row(suite.bench_table(setting, "float32"), s.decode_tokens)
     plain = suite.anchors.kept(("decode", s.shape, s.decode_tokens, s.decode_steps),
@@ -68,7 +64,7 @@ def decode(suite: Suite, setting: Setting) -> list:
 
 
 def prefill(length_field: str, targets: dict):
-    def rows(suite: Suite, setting: Setting) -> list:
+    def rows(suite, setting) -> list:
         n = getattr(suite.sizes, length_field)
         out = []
         for dtype, (target, floor) in targets.items():
@@ -85,15 +81,15 @@ def prefill(length_field: str, targets: dict):
     return rows
 
 
-def cpu_one(suite: Suite, setting: Setting) -> list:
+def cpu_one(suite, setting) -> list:
     return _cpu_rows(suite, setting, 1)
 
 
-def cpu_batch(suite: Suite, setting: Setting) -> list:
+def cpu_batch(suite, setting) -> list:
     return _cpu_rows(suite, setting, suite.sizes.cpu_batch)
 
 
-def _median_jobs(suite: Suite, setting: Setting, prompts: Path, tag: str, anchor: dict) -> tuple:
+def _median_jobs(suite, setting, prompts: Path, tag: str, anchor: dict) -> tuple:
     """`repeats` embedding jobs of one prompt file: (median in-job s, median wall s, tokens, the largest output
     difference to the anchor's embeddings, formatted)."""
     jobs = [suite.embed_job(setting, prompts, tag) for _ in range(suite.sizes.repeats)]
@@ -102,7 +98,7 @@ def _median_jobs(suite: Suite, setting: Setting, prompts: Path, tag: str, anchor
     return job_s, wall_s, jobs[0]["tokens"], diff
 
 
-def _cpu_rows(suite: Suite, setting: Setting, count: int) -> list:
+def _cpu_rows(suite, setting, count: int) -> list:
     """MiniLM on `count` inputs of cpu_tokens tokens: median of `repeats` jobs against the NumPy forward."""
     from rshard_hpc.models import weights
     from rshard_hpc.models.registry import resolve_model
@@ -126,7 +122,7 @@ def _cpu_rows(suite: Suite, setting: Setting, count: int) -> list:
                 diff)]
 
 
-def cpu_lines(suite: Suite, setting: Setting) -> list:
+def cpu_lines(suite, setting) -> list:
     """The issue's many short prompts: line_prompts one-line prompts in one job (median of `repeats`), per prompt and
     tokens/s, against the NumPy forward of the same prompts in one batch."""
     from rshard_hpc.models.registry import resolve_model
