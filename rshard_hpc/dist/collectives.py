@@ -37,10 +37,20 @@ def wait(request) -> None:
     if not sleeping_waits():
         request.Wait()
         return
-    pause = WAIT_FIRST_S
-    while not request.Test():
-        time.sleep(pause)
-        pause = min(2 * pause, WAIT_LONGEST_S)
+    poll(lambda: request.Test() or None)
+
+
+def poll(test):
+    """Call test() until it returns something other than None, and return that; between calls sleep (backing off
+    from WAIT_FIRST_S to WAIT_LONGEST_S) where waits sleep, else call again at once."""
+    pause, sleeping = WAIT_FIRST_S, sleeping_waits()
+    while True:
+        found = test()
+        if found is not None:
+            return found
+        if sleeping:
+            time.sleep(pause)
+            pause = min(2 * pause, WAIT_LONGEST_S)
 
 
 def settle(comm) -> None:
@@ -101,13 +111,6 @@ def barrier(comm) -> None:
 def gather_objects(comm, obj, root: int = 0):
     settle(comm)
     return comm.gather(obj, root=root)
-
-
-def gather_ledger(comm, ledger, root: int = 0):
-    """Every rank's visibility ledger (a small dict of position ranges, no token content) to the client;
-    the root gets the list by rank, the others None."""
-    settle(comm)
-    return comm.gather(ledger, root=root)
 
 
 # ------------------------------------------------------------------------------------------ GPU binding

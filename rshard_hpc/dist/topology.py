@@ -3,16 +3,19 @@
 Layout for alpha = 2, beta = 2 (world size 1 + 2 + 4 = 7):
 
     world rank   role        communicators
-    0            client      client_comm (rank 0)
-    1, 2         CompNode    comp_comm ranks 0, 1; work_comm ranks 0, 1; client_comm ranks 1, 2
+    0            client      (the control channel only)
+    1, 2         CompNode    comp_comm ranks 0, 1; work_comm ranks 0, 1
     3, 4, 5, 6   AttnNode    attn_cart coords (0,0) (0,1) (1,0) (1,1); work_comm ranks 2 … 5
 
-Row i of the AttnNode grid holds queries of index group i, column j keys/values of group j.
+Row i of the AttnNode grid holds queries of index group i, column j keys/values of group j. Every rank also holds
+its end of the control channel (dist/control.py) on a duplicate of the world, ranks as in the world: the client's
+headers, each CompNode's inputs, the final rows and the ledgers.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rshard_hpc.dist.control import Channel
 from rshard_hpc.errors import InputError
 
 
@@ -77,6 +80,11 @@ def node_at(rank: int, alpha: int, beta: int) -> Node:
     return Node("attn", attn_coords=(k // beta, k % beta))
 
 
+def comp_world_rank(k: int) -> int:
+    """The world rank of CompNode k (the inverse of node_at)."""
+    return 1 + k
+
+
 def attn_world_rank(i: int, j: int, alpha: int, beta: int) -> int:
     """The world rank of AttnNode (i, j) (the inverse of node_at)."""
     return 1 + alpha + i * beta + j
@@ -126,7 +134,7 @@ class Topology:
     comp_comm: object  # CompNodes only (None elsewhere)
     attn_cart: object  # beta x beta Cartesian grid of AttnNodes (None elsewhere)
     work_comm: object  # CompNodes then AttnNodes (None on the client)
-    client_comm: object  # client + CompNodes (None on AttnNodes)
+    channel: Channel  # the client's control channel, on a duplicate of world (dist/control.py)
 
     @property
     def rank(self) -> int:
@@ -170,7 +178,6 @@ class Topology:
         comp_comm = world.Split(1 if role == "comp" else undefined, rank)
         attn_flat = world.Split(1 if role == "attn" else undefined, rank)
         work_comm = world.Split(1 if role != "client" else undefined, rank)
-        client_comm = world.Split(1 if role != "attn" else undefined, rank)
         attn_cart = None
         if role == "attn":
             attn_cart = attn_flat.Create_cart(dims=[beta, beta], periods=[False, False], reorder=False)
@@ -178,9 +185,8 @@ class Topology:
             attn_flat.Free()
         comp_comm = comp_comm if role == "comp" else None
         work_comm = work_comm if role != "client" else None
-        client_comm = client_comm if role != "attn" else None
         global _CURRENT
-        _CURRENT = cls(world, alpha, beta, node, comp_comm, attn_cart, work_comm, client_comm)
+        _CURRENT = cls(world, alpha, beta, node, comp_comm, attn_cart, work_comm, Channel(world.Dup()))
         return _CURRENT
 
 

@@ -1,6 +1,6 @@
 """The per-layer data movement on work_comm: Alltoallv of flat float32 or bf16-bit buffers (host, staged
-through pinned buffers, CUDA-aware MPI, CUDA IPC or NCCL; transport_choice.py picks), and the client's scatter
-of ids (or, with --client-layers, of hidden rows) and gather of rows.
+through pinned buffers, CUDA-aware MPI, CUDA IPC or NCCL; transport_choice.py picks). The client's messages
+(ids or hidden rows out, final rows back) go on the control channel (control.py).
 """
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import time
 import numpy as np
 
 from rshard_hpc.engine import trace
-from rshard_hpc.dist.collectives import _displs, _mpi, settle, sleeping_waits, wait
-from rshard_hpc.ops.arrays import to_host, xp_of
+from rshard_hpc.dist.collectives import _displs, _mpi, sleeping_waits, wait
+from rshard_hpc.ops.arrays import xp_of
 
 
 def _mpi_type(dtype):
@@ -137,38 +137,6 @@ class Transport:
             return "cuda-ipc"
         return "cuda-aware MPI" if self.gpu_aware else "staged"
 
-    def scatter_ids(self, comm, ids, counts):
-        """Client (root of comm) sends each rank r its counts[r] int64 ids of `ids` (ordered rank by rank;
-        counts[0] = 0); returns this rank's ids. Other ranks pass ids = counts = None."""
-        settle(comm)
-        if comm.Get_rank() == 0:
-            ids, counts = np.ascontiguousarray(ids, dtype=np.int64), [int(c) for c in counts]
-        return _scatterv(comm, ids, counts, np.int64)
-
-    def scatter_rows(self, comm, rows, counts, width: int):
-        """Client (root of comm) sends each rank r its counts[r] rows of `rows` ((sum counts, width) float32, host
-        or device, ordered rank by rank; counts[0] = 0); returns this rank's (n, width) float32 rows on the host
-        (--client-layers: the layer-K hidden rows). Other ranks pass rows = counts = None."""
-        if comm.Get_rank() == 0:
-            rows = np.ascontiguousarray(to_host(rows), dtype=np.float32).reshape(-1, width)  # one copy at most
-            counts = [int(c) * width for c in counts]
-        return _scatterv(comm, rows, counts, np.float32).reshape(-1, width)
-
-    def gather_rows(self, comm, rows, width: int):
-        """Each non-root rank sends rows (n_r, width) float32 to the client; root gets a list per rank."""
-        MPI = _mpi()
-        rows = np.ascontiguousarray(to_host(rows), dtype=np.float32).reshape(-1, width)
-        settle(comm)  # the client waits here for the whole layer stack
-        counts = comm.gather(rows.size, root=0)
-        if comm.Get_rank() != 0:
-            comm.Gatherv([rows, MPI.FLOAT], None, root=0)
-            return None
-        counts = np.asarray(counts, dtype=np.int64)
-        recv = np.empty(int(counts.sum()), dtype=np.float32)
-        comm.Gatherv([rows, MPI.FLOAT], [recv, (counts, _displs(counts)), MPI.FLOAT], root=0)
-        bounds = np.concatenate([[0], np.cumsum(counts)])
-        return [recv[a:b].reshape(-1, width) for a, b in zip(bounds[:-1], bounds[1:])]
-
     def begin_step(self, n_tokens: int) -> None:
         """Every worker calls this with the step's token count (the same on every rank, so all take the same
         path): steps of at most SMALL_STEP_TOKENS tokens (decode) stage through pinned host buffers even where
@@ -182,21 +150,6 @@ class Transport:
     def stats(self) -> dict:
         return {"mpi_s": self.mpi_seconds, "staging_s": self.staging_seconds,
                 "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received}
-
-
-def _scatterv(comm, send, counts, dtype):
-    """Root of comm: send (flat, contiguous, `dtype`) split by counts (elements a rank, broadcast here); every rank
-    gets its part as a new array of `dtype`. Other ranks pass send = counts = None."""
-    MPI = _mpi()
-    mpi_type = {np.dtype(np.int64): MPI.INT64_T, np.dtype(np.float32): MPI.FLOAT}[np.dtype(dtype)]
-    rank = comm.Get_rank()
-    counts = np.asarray(comm.bcast(counts if rank == 0 else None, root=0), dtype=np.int64)
-    recv = np.empty(counts[rank], dtype=dtype)
-    if rank == 0:
-        comm.Scatterv([send, (counts, _displs(counts)), mpi_type], [recv, mpi_type])
-    else:
-        comm.Scatterv(None, [recv, mpi_type], root=0)
-    return recv
 
 
 def _pinned_empty(size: int, dtype):

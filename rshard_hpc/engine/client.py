@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from rshard_hpc.dist import collectives
+from rshard_hpc.dist.control import INPUTS, LEDGER, ROWS
+from rshard_hpc.dist.topology import comp_world_rank
 from rshard_hpc.engine import micro, trace
 from rshard_hpc.engine.routing import (
     WANTS,
@@ -59,7 +60,7 @@ class Client:
 
     def _announce_batch(self, lens) -> None:
         """The batch header: every worker makes the batch's plans (and AttnNodes their KV caches)."""
-        collectives.bcast(self.topo.world, {"op": "batch", "lens": lens})
+        self.topo.channel.send_to_workers({"op": "batch", "lens": lens})
 
     def _new_batch(self, lens):
         """The plans of a batch of these lengths; the client layers start afresh."""
@@ -91,25 +92,26 @@ class Client:
             with self.timer("client_layers"):
                 hidden = self.layers.forward(flat_ids, tokens.pos, tokens.seq)  # (n, d) step order, client's device
                 # CompNode by CompNode: one gather where the rows are (the GPU), then one copy to the host
-                inputs = to_host(hidden[self.xp.asarray(np.concatenate(mine))])
+                inputs = np.ascontiguousarray(to_host(hidden[self.xp.asarray(np.concatenate(mine))]), np.float32)
         return _Step(ranges, want, tokens, routing, inputs, counts, last)
 
     def _send(self, step: "_Step") -> "_Step":
         """The step header to every rank, then each CompNode its inputs; the workers start on it."""
         trace.mark("step")
         header = {"op": "step", "ranges": step.ranges, "want": step.want, "micro": self.micro, "last": step.last}
-        collectives.bcast(self.topo.world, header)
-        if self.layers is None:
-            self.transport.scatter_ids(self.topo.client_comm, step.inputs, step.counts)
-        else:
-            self.transport.scatter_rows(self.topo.client_comm, step.inputs, step.counts, self.cfg.hidden)
+        self.topo.channel.send_to_workers(header)
+        bounds = np.cumsum(step.counts)  # CompNode k's inputs: rows bounds[k] … bounds[k+1]-1 (counts[0] = 0)
+        self.topo.channel.send_arrays({comp_world_rank(k): step.inputs[bounds[k]:bounds[k + 1]]
+                                       for k in range(self.topo.alpha)}, INPUTS)
         trace.mark("inputs sent")
         return step
 
     def _gather(self, step: "_Step") -> list:
-        """The step's final rows as the CompNodes sent them: [None, CompNode 0's rows, …] (collective)."""
+        """The step's final rows as the CompNodes sent them: [None, CompNode 0's rows, …]."""
         width = self.cfg.hidden * (2 if step.want == "sums" else 1)  # sums: float64 as two float32 halves
-        parts = self.transport.gather_rows(self.topo.client_comm, np.zeros((0, width), np.float32), width)
+        channel = self.topo.channel
+        parts = [None] + [channel.recv_array(comp_world_rank(k), ROWS, np.float32).reshape(-1, width)
+                          for k in range(self.topo.alpha)]
         trace.mark("rows")
         return parts
 
@@ -130,11 +132,21 @@ class Client:
         return rows[last_of_each_sequence(tokens)]
 
     def end_batch(self) -> None:
-        collectives.bcast(self.topo.world, {"op": "end"})
+        self._send_end()
+        self._collect_ledgers()
+
+    def _send_end(self) -> None:
+        """The end header: AttnNodes drop the batch's KV cache, every worker sends its ledger (_collect_ledgers)."""
+        self.topo.channel.send_to_workers({"op": "end"})
         trace.mark("end sent")
         if self.layers is not None:
             self.layers.reset()
-        self.ledgers.append(collectives.gather_ledger(self.topo.world, None))
+
+    def _collect_ledgers(self) -> None:
+        """The ended batch's visibility ledgers, by world rank (None for the client), to self.ledgers."""
+        channel = self.topo.channel
+        workers = range(1, self.topo.world.Get_size())
+        self.ledgers.append([None] + [channel.recv_object(rank, LEDGER) for rank in workers])
         trace.mark("ledgers")
 
     def take_ledgers(self) -> list:
@@ -143,7 +155,8 @@ class Client:
         return out
 
     def stop(self) -> None:
-        collectives.bcast(self.topo.world, {"op": "stop"})
+        self.topo.channel.send_to_workers({"op": "stop"})
+        self.topo.channel.flush()
 
     def encode(self, sequences, want: str = "all"):
         """One batch through the encoder: list of (n_b,) ids -> list of final rows (n_b, d) (want "sums": (B, d)
@@ -165,9 +178,10 @@ class Client:
             upcoming = self._prepare_batch(batches[b + 1], want) if b + 1 < len(batches) else None
             lens, step = in_flight
             parts = self._gather(step)
-            self.end_batch()
-            if upcoming is not None:
+            self._send_end()
+            if upcoming is not None:  # sent before the ledgers are read: the workers need not wait for the client
                 in_flight = self._send_batch(upcoming)
+            self._collect_ledgers()
             rows = self._place(step, parts)  # in step order, while the workers run batch b+1 (~5 ms at 8k tokens)
             trace.mark("rows placed")
             if want == "sums":

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from rshard_hpc.dist import collectives
+from rshard_hpc.dist.control import CLIENT, INPUTS, LEDGER, ROWS
 from rshard_hpc.engine.kv_cache import KVCache, key_capacity
 from rshard_hpc.engine.routing import Routing, StepTokens, sequence_sums, step_tokens, wanted_local_rows
 from rshard_hpc.engine import micro, step_graphs, trace
 from rshard_hpc.engine.stats import PhaseTimer
 from rshard_hpc.models.client_layers import comp_input_form
+from rshard_hpc.ops.arrays import to_host
 from rshard_hpc.ops.attention import RowSource, prepare_attention
 from rshard_hpc.ops.precision import pack_partial, partial_slots, wire_dtype
 from rshard_hpc.ops.wire import WireRoutes, recv_row_offsets
@@ -37,9 +38,10 @@ class _Worker:
     def serve(self) -> None:
         trace.mark("role " + self.topo.describe())
         while True:
-            header = collectives.bcast(self.topo.world, None)
+            header = self.topo.channel.header()
             op = header["op"]
             if op == "stop":
+                self.topo.channel.flush()
                 return
             if op == "batch":
                 trace.mark("batch")
@@ -62,7 +64,7 @@ class _Worker:
                 # the batch's visibility ledger goes to the client (architecture.md §4); token content never does
                 records = self.ledger.compact()
                 trace.mark("ledger")
-                collectives.gather_ledger(self.topo.world, {"node": self.topo.node.name, "records": records})
+                self.topo.channel.send_object({"node": self.topo.node.name, "records": records}, CLIENT, LEDGER)
                 trace.mark("ledger sent")
                 self.ledger = LedgerRecorder()
 
@@ -98,7 +100,7 @@ class CompWorker(_Worker):
         xp, cfg = self.xp, self.cfg
         pos = xp.arange(rows, dtype=xp.int32)
         if self.first_layer:
-            h = xp.zeros((rows, cfg.hidden), dtype=xp.float32)  # as scatter_rows delivers the client's rows
+            h = xp.zeros((rows, cfg.hidden), dtype=xp.float32)  # as the control channel delivers the client's rows
         else:
             h = self.model.embed(xp.zeros(rows, dtype=xp.int64), pos)
         none = np.zeros(0, dtype=np.int64)
@@ -127,7 +129,8 @@ class CompWorker(_Worker):
         else:
             rows, width = final[xp.asarray(wanted_local_rows(tokens, routing, k, want))], cfg.hidden
         trace.mark("rows")
-        self.transport.gather_rows(self.topo.client_comm, rows, width)
+        rows = np.ascontiguousarray(to_host(rows), dtype=np.float32).reshape(-1, width)
+        self.topo.channel.send_arrays({CLIENT: rows}, ROWS)
         trace.mark("step end")
 
     def _layers(self, routing: Routing, h, pos):
@@ -195,9 +198,10 @@ class CompWorker(_Worker):
         """My positions' token ids, embedded; or, with client layers (first_layer K > 0), their layer-K hidden rows
         as the client computed them. Recorded in the ledger as received: "token_id" or "hidden@K"."""
         self.record(comp_input_form(self.first_layer), tokens, mine)
+        sent = self.topo.channel.recv_array(CLIENT, INPUTS, np.float32 if self.first_layer else np.int64)
         if self.first_layer:
-            return self.xp.asarray(self.transport.scatter_rows(self.topo.client_comm, None, None, self.cfg.hidden))
-        ids = self.transport.scatter_ids(self.topo.client_comm, None, None)
+            return self.xp.asarray(sent.reshape(-1, self.cfg.hidden))
+        ids = sent
         with self.timer("prepass"):
             return self.model.embed(self.xp.asarray(ids), pos)
 

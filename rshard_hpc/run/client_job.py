@@ -25,6 +25,7 @@ from rshard_hpc.run.options import SMALL_JOB_ON_CPU_ENV, TASKS, RunOptions
 from rshard_hpc.run.progress import Progress, Stages, process_seconds, say, wall_line
 from rshard_hpc.run.prompts import id_key
 
+FIRST_BATCH_SHARE = 4  # the prompt file's first batch: at most 1/4 of --batch-tokens (ClientJob.batches)
 
 @dataclass
 class Prepared:
@@ -179,12 +180,16 @@ class ClientJob:
         return apply_chat_template(self.cfg, [{"role": "user", "content": text}])
 
     def batches(self):
-        """Consecutive prompts whose tokens fit in --batch-tokens (at least one prompt a batch)."""
+        """Consecutive prompts whose tokens fit in --batch-tokens (at least one prompt a batch). The prompt file's
+        first batch fits in 1/FIRST_BATCH_SHARE of it: the workers wait while the client prepares that one alone (with
+        its client layers), each later one while they run the one before. A resumed job keeps the whole run's
+        batches (the first it runs is not the file's first): its embeddings stay those of a run never cut short."""
+        budget = self.opts.tokens_per_batch if self.skipped else max(1, self.opts.tokens_per_batch // FIRST_BATCH_SHARE)
         batch, tokens = [], 0
         for index, ids in enumerate(self.token_ids):
-            if batch and tokens + len(ids) > self.opts.tokens_per_batch:
+            if batch and tokens + len(ids) > budget:
                 yield batch
-                batch, tokens = [], 0
+                batch, tokens, budget = [], 0, self.opts.tokens_per_batch
             batch.append(index)
             tokens += len(ids)
         if batch:

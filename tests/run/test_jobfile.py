@@ -133,15 +133,21 @@ def test_batch_tokens_default_follows_the_device(captured, args, device, expecte
 
 
 def test_batches_cut_at_the_default(captured):
-    """ClientJob.batches at the CPU default: consecutive prompts up to the limit, a longer prompt alone."""
+    """ClientJob.batches at the CPU default: consecutive prompts up to the limit, a longer prompt alone; the first
+    batch up to FIRST_BATCH_SHARE of it (at least one prompt)."""
     from types import SimpleNamespace
 
-    from rshard_hpc.run.client_job import ClientJob
+    from rshard_hpc.run.client_job import FIRST_BATCH_SHARE, ClientJob
 
     limit = DEFAULT_BATCH_TOKENS["cpu"]
     lens = [limit // 2, limit // 2, 1, limit + 5, 3, limit - 3]
-    job = SimpleNamespace(token_ids=[[0] * n for n in lens], opts=RunOptions(device="cpu"))
-    assert list(ClientJob.batches(job)) == [[0, 1], [2], [3], [4, 5]]
+    job = SimpleNamespace(token_ids=[[0] * n for n in lens], opts=RunOptions(device="cpu"), skipped=0)
+    assert list(ClientJob.batches(job)) == [[0], [1, 2], [3], [4, 5]]
+    first = limit // FIRST_BATCH_SHARE
+    job.token_ids = [[0] * (first // 2)] * 3 + [[0] * (limit // 2)] * 3
+    assert list(ClientJob.batches(job)) == [[0, 1], [2, 3], [4, 5]]
+    job.skipped = 1  # resumed: the first batch it runs is not the file's first, and has the whole budget
+    assert list(ClientJob.batches(job)) == [[0, 1, 2, 3], [4, 5]]
 
 
 def test_batch_tokens_below_one_is_refused(captured):

@@ -194,7 +194,7 @@ def test_sigkill_of_one_rank_ends_the_srun_step(slurm, tiny_bert, tmp_path):
     assert fields["JobState"] == "FAILED", _read(log)
     assert time.monotonic() - killed < 60, "the step outlived the killed rank by a minute"
     with h5py.File(out, "r") as f:
-        assert len(f["ids"]) >= 2 and f["embeddings"].shape[0] == len(f["ids"])
+        assert len(f["ids"]) >= 1 and f["embeddings"].shape[0] == len(f["ids"])  # batch 1: the file's first, small
 
 
 def test_scancel_sigterm_keeps_the_batch_being_written(slurm, tiny_bert, tmp_path):
