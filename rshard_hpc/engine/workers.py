@@ -201,7 +201,7 @@ class CompWorker(_Worker):
         sent = self.topo.channel.recv_array(CLIENT, INPUTS, np.float32 if self.first_layer else np.int64)
         if self.first_layer:
             return self.xp.asarray(sent.reshape(-1, self.cfg.hidden))
-        ids = sent
+        ids = sent  # (n_k,) int64 token ids
         with self.timer("prepass"):
             return self.model.embed(self.xp.asarray(ids), pos)
 

@@ -25,7 +25,8 @@ from rshard_hpc.run.options import SMALL_JOB_ON_CPU_ENV, TASKS, RunOptions
 from rshard_hpc.run.progress import Progress, Stages, process_seconds, say, wall_line
 from rshard_hpc.run.prompts import id_key
 
-FIRST_BATCH_SHARE = 4  # the prompt file's first batch: at most 1/4 of --batch-tokens (ClientJob.batches)
+FIRST_BATCH_SHARE = 4  # an embedding job's first batch: at most 1/4 of --batch-tokens (ClientJob.batches)
+
 
 @dataclass
 class Prepared:
@@ -180,11 +181,14 @@ class ClientJob:
         return apply_chat_template(self.cfg, [{"role": "user", "content": text}])
 
     def batches(self):
-        """Consecutive prompts whose tokens fit in --batch-tokens (at least one prompt a batch). The prompt file's
-        first batch fits in 1/FIRST_BATCH_SHARE of it: the workers wait while the client prepares that one alone (with
-        its client layers), each later one while they run the one before. A resumed job keeps the whole run's
-        batches (the first it runs is not the file's first): its embeddings stay those of a run never cut short."""
-        budget = self.opts.tokens_per_batch if self.skipped else max(1, self.opts.tokens_per_batch // FIRST_BATCH_SHARE)
+        """Consecutive prompts whose tokens fit in --batch-tokens (at least one prompt a batch). An embedding job's
+        first batch of the prompt file fits in 1/FIRST_BATCH_SHARE of it: the workers wait while the client prepares
+        that one alone (with its client layers), each later one while they run the one before (encode_batches). A
+        resumed job keeps the whole run's batches (the first it runs is not the file's first): its embeddings stay
+        those of a run never cut short. Generation keeps whole batches: each batch pays every decode step."""
+        budget = self.opts.tokens_per_batch
+        if self.opts.task == "embed" and not self.skipped:
+            budget = max(1, budget // FIRST_BATCH_SHARE)
         batch, tokens = [], 0
         for index, ids in enumerate(self.token_ids):
             if batch and tokens + len(ids) > budget:

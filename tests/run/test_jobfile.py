@@ -148,6 +148,8 @@ def test_batches_cut_at_the_default(captured):
     assert list(ClientJob.batches(job)) == [[0, 1], [2, 3], [4, 5]]
     job.skipped = 1  # resumed: the first batch it runs is not the file's first, and has the whole budget
     assert list(ClientJob.batches(job)) == [[0, 1, 2, 3], [4, 5]]
+    job.skipped, job.opts = 0, RunOptions(device="cpu", task="generate")  # generation: whole batches
+    assert list(ClientJob.batches(job)) == [[0, 1, 2, 3], [4, 5]]
 
 
 def test_batch_tokens_below_one_is_refused(captured):
