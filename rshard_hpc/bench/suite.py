@@ -50,7 +50,7 @@ class Sizes:
     decode_steps: int = 8
     gen_prompts: int = 64  # generate-file: prompts of 8-40 words, one batch
     gen_new_tokens: int = 32  # generate-file: new tokens each (fewer where a prompt ends)
-    repeats: int = 3  # timed repeats (median) of anchors and of the CPU rows' jobs
+    repeats: int = 3  # timed repeats (median) of anchors, of the CPU rows' jobs and of the embedding file's
 
 
 FULL = Sizes()
@@ -269,6 +269,8 @@ class Suite:
                       "process."]
         if any(r in self.opts.rows for r in CPU_ROWS):
             lines.append(f"CPU rows: other anchors, {QUOTED_CPU}; the jobs' times are medians of {s.repeats} jobs.")
+        if "embed-file" in self.opts.rows:
+            lines.append(f"The embedding file's times (in the job, wall) are medians of {s.repeats} jobs.")
         lines += [f"Note: {note}" for note in self.notes]
         return "\n".join(lines)
 

@@ -23,16 +23,16 @@ def embed_file(suite, setting) -> list:
                                                                                texts))
     anchor = suite.anchors.kept(("st", n), lambda: suite.anchors.st_encode(texts))
     wall = suite.anchors.kept(("st wall", n), lambda: suite.anchors.st_wall(prompts, suite.opts.timeout_s))
-    job = suite.embed_job(setting, prompts, "embed_file")
-    diff = f"{max_abs(job['embeddings'], anchor['embeddings']):.1e}"
-    ratio = anchor["seconds"] / job["job_s"]
-    workload = f"embedding {n} prompts of 12-200 words ({job['tokens']:,} tokens)"
-    return [Row(workload, setting.label(), f"{job['job_s']:.2f} s in the job", f"{anchor['seconds']:.2f} s "
+    # the median of `repeats` jobs: one job's time moves by up to 2x on a GPU that 13 ranks share (1.33-2.79 s)
+    job_s, wall_s, tokens, diff = _median_jobs(suite, setting, prompts, "embed_file", anchor)
+    ratio = anchor["seconds"] / job_s
+    workload = f"embedding {n} prompts of 12-200 words ({tokens:,} tokens)"
+    return [Row(workload, setting.label(), f"{job_s:.2f} s in the job", f"{anchor['seconds']:.2f} s "
                 f"(sentence-transformers fp32, batch {ST_BATCH})", ratio, ">= 0.5x job time", ratio >= 0.5, diff),
             Row("same job: wall, and time outside the job", setting.label(),
-                f"wall {job['wall_s']:.1f} s ({job['wall_s'] - job['job_s']:.1f} s outside the job)",
+                f"wall {wall_s:.1f} s ({wall_s - job_s:.1f} s outside the job)",
                 f"wall {wall['wall_s']:.1f} s ({wall['wall_s'] - wall['encode_s']:.1f} s outside encode)",
-                wall["wall_s"] / job["wall_s"], "wall <= 2x the anchor's", job["wall_s"] <= 2 * wall["wall_s"], diff)]
+                wall["wall_s"] / wall_s, "wall <= 2x the anchor's", wall_s <= 2 * wall["wall_s"], diff)]
 
 
 def embed_small(suite, setting) -> list:
