@@ -1,11 +1,12 @@
-"""The client's control channel (architecture.md §1): step headers, each CompNode's inputs, the final rows and the
-ledgers move between the client and the workers as point-to-point messages on `topo.control` (a duplicate of the
-world, so no other traffic shares its tags), not as collectives.
+"""The client's control channel (architecture.md §2, §3): step headers, each CompNode's inputs, the final rows and the
+ledgers move between the client and the workers as point-to-point messages on a duplicate of the world
+(`Topology.channel`; no other traffic shares its tags), not as collectives.
 
 Why: where ranks outnumber cores a waiting rank sleeps between polls (collectives.wait), and a collective needs
-every rank's progress through several rounds. Measured on the 2-core machine, 13 ranks: a header broadcast
-(barrier, then bcast) costs the client 8.1 ms and reaches the workers after 8.7 ms; the same header as 12 messages
-costs the client 0.1 ms and reaches them after 0.9 ms (one poll). A batch boundary took five such collectives.
+every rank's progress through several rounds. Measured on the 2-core machine, 13 ranks (tools/control_probe.py):
+a header broadcast (barrier, then bcast) costs the client 8.2 ms and reaches the workers after 8.9 ms; the same
+header as 12 messages costs the client 0.2 ms and reaches them after 1.2 ms (about one poll). A batch boundary took
+five such collectives.
 
 Messages between one pair of ranks keep their order on each tag (MPI's non-overtaking rule), so a worker reads its
 headers, and a CompNode its inputs, in the order the client sent them. A send of an array waits until it is
@@ -32,15 +33,19 @@ class Channel:
         self._unfinished = []  # (request, its buffer) of pickled sends not yet known complete
 
     # ------------------------------------------------------------------ pickled objects
+    def workers(self) -> range:
+        """Every rank but the client's."""
+        return range(CLIENT + 1, self.comm.Get_size())
+
     def send_to_workers(self, obj) -> None:
         """The client: obj (a small dict, no token content) to every worker, pickled once; returns at once."""
-        data = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), dtype=np.uint8)
-        for rank in range(1, self.comm.Get_size()):
+        data = _pickled(obj)
+        for rank in self.workers():
             self._send_bytes(data, rank, HEADER)
 
     def send_object(self, obj, dest: int, tag: int) -> None:
         """obj pickled to `dest`; returns at once (finished by a later call or by flush)."""
-        self._send_bytes(np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), dtype=np.uint8), dest, tag)
+        self._send_bytes(_pickled(obj), dest, tag)
 
     def recv_object(self, source: int, tag: int):
         """The next pickled object from `source` on `tag` (a waiting rank sleeps between polls, collectives.wait)."""
@@ -85,6 +90,10 @@ class Channel:
         out = np.empty(status.Get_count(mpi_type), dtype=dtype)
         wait(message.Irecv([out, mpi_type]))
         return out
+
+
+def _pickled(obj) -> np.ndarray:
+    return np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), dtype=np.uint8)
 
 
 def _mpi_type(dtype, MPI):

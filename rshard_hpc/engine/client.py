@@ -145,8 +145,7 @@ class Client:
     def _collect_ledgers(self) -> None:
         """The ended batch's visibility ledgers, by world rank (None for the client), to self.ledgers."""
         channel = self.topo.channel
-        workers = range(1, self.topo.world.Get_size())
-        self.ledgers.append([None] + [channel.recv_object(rank, LEDGER) for rank in workers])
+        self.ledgers.append([None] + [channel.recv_object(rank, LEDGER) for rank in channel.workers()])
         trace.mark("ledgers")
 
     def take_ledgers(self) -> list:

@@ -114,7 +114,7 @@ class CompWorker(_Worker):
         """One step: my rows through every server layer, then the wanted final rows to the client. lanes: the step's
         micro-batches (engine/micro.py lane_ranges); one lane, or None, runs the step whole. last (the batch's last
         step) matters to AttnNodes only."""
-        k, xp, cfg = self.topo.comp_index, self.xp, self.cfg
+        k, xp = self.topo.comp_index, self.xp
         mine = routing.comp_tokens[k]
         pos = xp.asarray(tokens.pos[mine])
         h = self._receive_input(tokens, mine, pos)  # (n_k, d)
@@ -125,12 +125,11 @@ class CompWorker(_Worker):
         self.record_partials(tokens, mine)
         final = self.model.final_rows(h)
         if want == "sums":  # each sequence's sum over my rows (mean pooling): a row a sequence, not a row a token
-            rows, width = sequence_sums(final, tokens.seq[mine]), 2 * cfg.hidden
+            rows = sequence_sums(final, tokens.seq[mine])  # (m, 2 d)
         else:
-            rows, width = final[xp.asarray(wanted_local_rows(tokens, routing, k, want))], cfg.hidden
+            rows = final[xp.asarray(wanted_local_rows(tokens, routing, k, want))]  # (n_wanted, d)
         trace.mark("rows")
-        rows = np.ascontiguousarray(to_host(rows), dtype=np.float32).reshape(-1, width)
-        self.topo.channel.send_arrays({CLIENT: rows}, ROWS)
+        self.topo.channel.send_arrays({CLIENT: np.ascontiguousarray(to_host(rows), dtype=np.float32)}, ROWS)
         trace.mark("step end")
 
     def _layers(self, routing: Routing, h, pos):
@@ -201,9 +200,8 @@ class CompWorker(_Worker):
         sent = self.topo.channel.recv_array(CLIENT, INPUTS, np.float32 if self.first_layer else np.int64)
         if self.first_layer:
             return self.xp.asarray(sent.reshape(-1, self.cfg.hidden))
-        ids = sent  # (n_k,) int64 token ids
         with self.timer("prepass"):
-            return self.model.embed(self.xp.asarray(ids), pos)
+            return self.model.embed(self.xp.asarray(sent), pos)  # sent: (n_k,) token ids
 
     def record_partials(self, tokens: StepTokens, mine: np.ndarray) -> None:
         """Ledger: for each of my queries, the key count of the partial from each AttnNode of its row (every
