@@ -126,6 +126,29 @@ def wait_for_file(path, proc, timeout=120):
         time.sleep(0.05)
 
 
+def process_gone(pid: int) -> bool:
+    """Whether process `pid` has ended (gone, or a zombie its parent has not reaped: its files are closed)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def wait_for_ranks_gone(pids_dir, timeout=10.0) -> None:
+    """After the launcher returned: wait until every rank that wrote a pid file (RSHARD_PID_DIR) has ended, so
+    that none still holds the results file open; fail naming the ranks that outlive `timeout`."""
+    import time
+
+    pids = {f.stem: int(f.read_text()) for f in Path(pids_dir).glob("rank*.pid")}
+    deadline = time.monotonic() + timeout
+    while any(not process_gone(pid) for pid in pids.values()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"still running {timeout} s after the launcher ended: "
+                        + ", ".join(name for name, pid in pids.items() if not process_gone(pid)))
+        time.sleep(0.05)
+
+
 # ------------------------------------------------------------------------------------------ the quick set
 LAUNCHES = ("rshard(", "mpiexec(", "Popen(", "subprocess.run(", "start_cluster")  # starting processes is slow
 

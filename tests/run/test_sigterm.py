@@ -11,7 +11,7 @@ import time
 import h5py
 import numpy as np
 import pytest
-from conftest import mpi_env, rshard, wait_for_file, write_prompts
+from conftest import mpi_env, rshard, wait_for_file, wait_for_ranks_gone, write_prompts
 
 from rshard_hpc.run.termination import EXIT_STATUS, TERM_GRACE_S
 
@@ -47,7 +47,8 @@ def _signal_and_wait(proc, pid_files):
     return stderr, time.monotonic() - sent
 
 
-def _finished(out):
+def _finished(out, pids):
+    wait_for_ranks_gone(pids)  # the launcher may return while a killed rank is still closing the file
     with h5py.File(out, "r") as f:  # a readable file whose rows and ids agree
         ids = [x.decode() for x in f["ids"][()]]
         assert f["embeddings"].shape[0] == len(ids)
@@ -79,7 +80,7 @@ def test_sigterm_during_a_results_write(tmp_path, tiny_bert, target):
     assert proc.returncode == EXIT_STATUS, stderr
     assert "rshard: terminated by SIGTERM: " in stderr and "--resume to finish" in stderr, stderr
     assert took < TERM_GRACE_S + 10
-    ids, _, ledgers = _finished(out)
+    ids, _, ledgers = _finished(out, pids)
     assert ledgers == 2, "the batch being written and its ledger are both in"
     assert f"{len(ids)} of {N_PROMPTS} prompts are in" in stderr, stderr
     assert 2 <= len(ids) < N_PROMPTS and ids == [f"p{i}" for i in range(len(ids))]
@@ -95,7 +96,7 @@ def test_sigterm_to_the_client_between_batches(tmp_path, tiny_bert):
     assert proc.returncode == EXIT_STATUS, stderr
     assert "rshard: terminated by SIGTERM: " in stderr, stderr
     assert took < TERM_GRACE_S, "the client does not wait for a grace period"
-    ids, _, ledgers = _finished(out)
+    ids, _, ledgers = _finished(out, pids)
     assert ledgers == 2 and len(ids) >= 2
 
 
@@ -108,7 +109,7 @@ def test_sigterm_to_one_worker_ends_the_job(tmp_path, tiny_bert):
     assert proc.returncode == EXIT_STATUS, stderr
     assert "rshard: rank 4 (AttnNode (0, 1)) terminated by SIGTERM" in stderr, stderr
     assert TERM_GRACE_S <= took < TERM_GRACE_S + 10
-    ids, _, _ = _finished(out)
+    ids, _, _ = _finished(out, pids)
     assert len(ids) >= 1
 
 
