@@ -46,6 +46,8 @@ class Transport:
         self.ipc = None  # a DeviceIpc for one communicator, when the CUDA IPC probe found it works
         self.nccl = None  # an NcclExchange for one communicator (one rank a GPU)
         self.small_step = False  # the step under way moves few rows: CUDA IPC gives way to staging (begin_step)
+        self.signals = None  # a dist.ipc_signal.SignalledExchange over `ipc`, when its probe chose it
+        self.signalled = False  # the step under way signals CUDA IPC on the device (begin_step … end_step)
         self.reason = "NumPy buffers" if not device else "not chosen yet"  # why `mode` (for /stats and doctor)
         self._pinned = {}  # (direction, dtype) -> pinned host array, grown on demand and reused
         self.mpi_seconds = 0.0
@@ -80,8 +82,11 @@ class Transport:
         exchange = self.nccl or (None if self.small_step else self.ipc)
         if on_gpu and exchange is not None and exchange.comm is comm:
             trace.mark("x in")
-            recv, seconds = exchange.alltoallv(send, send_counts, recv_counts)
-            if out is not None:
+            if self.signalled and exchange is self.ipc:
+                recv, seconds = self.signals.alltoallv(send, send_counts, recv_counts, out=out)
+            else:
+                recv, seconds = exchange.alltoallv(send, send_counts, recv_counts)
+            if out is not None and recv is not out:
                 out[...] = recv
                 recv = out
             trace.mark("x out")
@@ -137,11 +142,23 @@ class Transport:
             return "cuda-ipc"
         return "cuda-aware MPI" if self.gpu_aware else "staged"
 
-    def begin_step(self, n_tokens: int) -> None:
+    def begin_step(self, n_tokens: int, send_bytes: int = 0) -> None:
         """Every worker calls this with the step's token count (the same on every rank, so all take the same
-        path): steps of at most SMALL_STEP_TOKENS tokens (decode) stage through pinned host buffers even where
-        CUDA IPC is on, whose two stream waits and peer copies cost more than a small staged copy."""
+        path) and the most bytes it sends in one exchange of the step: steps of at most SMALL_STEP_TOKENS tokens
+        (decode) stage through pinned host buffers even where CUDA IPC is on, whose two stream waits and peer copies
+        cost more than a small staged copy; larger ones signal CUDA IPC on the device where its probe chose that
+        (collective then: the outboxes are reserved for send_bytes). end_step closes the step."""
         self.small_step = n_tokens <= SMALL_STEP_TOKENS
+        self.signalled = self.signals is not None and not self.small_step and self.nccl is None
+        if self.signalled:
+            self.signals.reserve(send_bytes)
+
+    def end_step(self) -> None:
+        """Every worker calls this when its step's exchanges are queued: a device-signalled step is drained here
+        and its waits' verdict read (an error names the peer that failed to post)."""
+        if self.signalled:
+            self.signalled = False
+            self.signals.finish()
 
     def reset_stats(self) -> None:
         self.mpi_seconds = self.staging_seconds = 0.0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from rshard_hpc.dist import cuda_aware
 from rshard_hpc.dist import nccl as nccl_transport
+from rshard_hpc.dist import ipc_signal
 from rshard_hpc.dist.cuda_ipc import _try_device_ipc
 from rshard_hpc.errors import RshardError
 
@@ -52,7 +53,8 @@ def choose_transport(comm, transport, mode: str, *, load_nccl=nccl_transport.loa
         used, why = _try_device_ipc(comm)
         if used:
             transport.ipc = used
-            return "; ".join(passed + [why])  # auto: why NCCL was passed by, then IPC's own evidence
+            transport.signals, how = ipc_signal.probe(used)
+            return "; ".join(passed + [why, how])  # auto: why NCCL was passed by, then IPC's own evidence
         if mode == "ipc":
             raise RshardError(f"--transport ipc: CUDA IPC cannot be used here ({why})")
         passed.append(f"not CUDA IPC: {why}")

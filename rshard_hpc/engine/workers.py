@@ -52,12 +52,13 @@ class _Worker:
             elif op == "step":
                 trace.mark("step")
                 tokens = step_tokens(self.plans, header["ranges"])
-                self.transport.begin_step(len(tokens))
+                routing = Routing(tokens, self.topo.alpha, self.topo.beta)
+                self.transport.begin_step(len(tokens), self.send_bytes(routing))
                 lanes = micro.lane_ranges(tokens.seq, header.get("micro", 1), self.cfg.causal)
                 self.steps_in_lanes += len(lanes) > 1
                 with profiling.step_scope(len(tokens)):
-                    self.step(tokens, Routing(tokens, self.topo.alpha, self.topo.beta), header["want"], lanes,
-                              last=header.get("last", False))
+                    self.step(tokens, routing, header["want"], lanes, last=header.get("last", False))
+                self.transport.end_step()
             elif op == "end":
                 trace.mark("end")
                 self.end_batch()
@@ -67,6 +68,10 @@ class _Worker:
                 self.topo.channel.send_object({"node": self.topo.node.name, "records": records}, CLIENT, LEDGER)
                 trace.mark("ledger sent")
                 self.ledger = LedgerRecorder()
+
+    def send_bytes(self, routing: Routing) -> int:
+        """The most bytes I send in one exchange of a step with this routing (its lanes send less)."""
+        raise NotImplementedError
 
     def begin_batch(self):
         pass
@@ -87,6 +92,14 @@ class CompWorker(_Worker):
             raise ValueError(f"the model's weights were placed for {model.dtype}, the worker runs {dtype}")
         self.model = model
         self._graphs = {}  # rows a step -> StepGraphs (GPU steps of a few rows)
+
+    def send_bytes(self, routing: Routing) -> int:
+        """Each of my rows goes to β AttnNodes as q (its query group's row) and to β as k and v (its key
+        group's column)."""
+        cfg = self.cfg
+        rows = len(routing.comp_tokens[self.topo.comp_index])
+        width = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
+        return self.topo.beta * rows * width * np.dtype(self.wire).itemsize
 
     def warm_up(self, rows: int = WARM_UP_ROWS) -> None:
         """Layer first_layer's per-token work once on `rows` rows of zeros and once on one row (a decode step's
@@ -279,6 +292,11 @@ class AttnWorker(_Worker):
         attend = self._layer_function(counts, counts, pos, seq, k_pos, k_seq, small=False)
         attend(xp.zeros(rows * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, dtype=self.wire), 0)
         self.cache = None
+
+    def send_bytes(self, routing: Routing) -> int:
+        """A partial row (o and lse) a head for each query of my row group i."""
+        queries = int(routing.counts[:, self.topo.attn_coords[0]].sum())
+        return queries * self.cfg.n_heads * self.slots * np.dtype(self.wire).itemsize
 
     def begin_batch(self):
         cfg = self.cfg

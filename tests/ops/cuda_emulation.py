@@ -64,16 +64,16 @@ def _launchers(source: str) -> str:
     return "\n".join(out)
 
 
-def build(folder, source_name: str, defines: dict):
-    """kernels/<source_name> with `defines`, compiled as C++ under SHIM into a library with a launch_<kernel> for
-    each kernel; skips the test without a C++20 compiler."""
+def build(folder, source_name: str, defines: dict, shim: str = ""):
+    """kernels/<source_name> with `defines`, compiled as C++ under SHIM (and a source's own `shim` after it) into a
+    library with a launch_<kernel> for each kernel; skips the test without a C++20 compiler."""
     cxx = shutil.which("g++") or shutil.which("clang++")
     if cxx is None:
         pytest.skip("no C++ compiler")
     source = cuda_build.kernel_source(source_name, defines)
     stem = source_name.split(".")[0]
     code = folder / f"{stem}.cpp"
-    code.write_text(cuda_build.preamble(defines) + SHIM + source + "\n" + _launchers(source))
+    code.write_text(cuda_build.preamble(defines) + SHIM + shim + source + "\n" + _launchers(source))
     built = subprocess.run([cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-shared", "-fPIC", "-pthread",
                             "-o", str(folder / f"{stem}.so"), str(code)], capture_output=True, text=True, check=False)
     if built.returncode != 0 and "barrier: No such file" in built.stderr:

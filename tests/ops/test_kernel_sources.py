@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from rshard_hpc.dist import device_copy
+from rshard_hpc.dist import device_copy, ipc_signal
 from rshard_hpc.ops import attention_cuda as ag
 from rshard_hpc.ops import cuda_build, decode_cuda, passes_cuda, small_rows_cuda
 
@@ -59,7 +59,8 @@ def test_sources_define_nothing_the_host_passes():
         names |= {n for d in ag.class_ends(bf16) for n in ag.choose_kernel(d, bf16).defines()}
     text = "".join((cuda_build.kernel_dir() / f).read_text() for f in ("partial_attention.cu", cuda_build.COMMON_HEADER))
     for source, defined in ((passes_cuda.SOURCE, passes_cuda.defines()), (decode_cuda.SOURCE, decode_cuda.defines(64, 0)),
-                            (small_rows_cuda.SOURCE, small_rows_cuda.defines())):
+                            (small_rows_cuda.SOURCE, small_rows_cuda.defines()),
+                            (ipc_signal.SOURCE, ipc_signal.defines())):
         source_text = (cuda_build.kernel_dir() / source).read_text()
         for name in defined:
             assert not re.search(rf"#\s*define\s+{name}\b", source_text), name
@@ -129,6 +130,7 @@ def _cases():
     cases["passes"] = (passes_cuda.SOURCE, passes_cuda.defines())
     cases["small-rows"] = (small_rows_cuda.SOURCE, small_rows_cuda.defines())
     cases["copy-ranges"] = (device_copy.SOURCE, device_copy.defines())
+    cases["ipc-signal"] = (ipc_signal.SOURCE, ipc_signal.defines())
     for d in (1, 64, decode_cuda.MAX_HEAD_DIM):
         for bf16 in (False, True):
             cases[f"decode-{'bf16' if bf16 else 'fp32'}-D{d}"] = (decode_cuda.SOURCE, decode_cuda.defines(d, bf16))
@@ -172,7 +174,8 @@ def test_missing_define_is_an_error():
         ok, log = nvrtc_compile(lib, cuda_build.kernel_source(kernel.source, defines), options)
         assert not ok and f"{name} must be defined by the host" in log, log
     for source, full in ((passes_cuda.SOURCE, passes_cuda.defines()), (decode_cuda.SOURCE, decode_cuda.defines(64, True)),
-                         (small_rows_cuda.SOURCE, small_rows_cuda.defines())):
+                         (small_rows_cuda.SOURCE, small_rows_cuda.defines()),
+                         (ipc_signal.SOURCE, ipc_signal.defines())):
         for name in full:
             defines = {n: v for n, v in full.items() if n != name}
             ok, log = nvrtc_compile(lib, cuda_build.kernel_source(source, defines), options)
