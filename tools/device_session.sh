@@ -4,7 +4,7 @@
 # each skipped once the call's time budget (BUDGET_S, default 540) is near.   logs go to $OUT
 #   usage: bash tools/device_session.sh STAGE...   stages: mpi verify startab startvar unit engine jobs passes decode transports trace profile smalltests finaltests
 #           smallab decodeab passes1 probe suite p512 embatch launch etrace prefab floor exitprobe hostprof
-#           opmarks opcosts smalldev
+#           opmarks opcosts smalldev signal sigab equiv mpson mpsoff
 #           genstore genfile
 # Code before a change (an A/B): carry a tree of it (git archive REV rshard_hpc kernels | tar -x -C .old) and give
 # the variant PYTHONPATH=$PWD/.old,PYTHONSAFEPATH=1 (STARTVARS, PREFAB): `python3 -m` puts the working directory,
@@ -387,6 +387,43 @@ exitprobe)  # what a rank's exit costs: tools/exit_probe.py under each exit MODE
   mps_off ;;
 probe)  # CUDA graphs from CuPy: capture with allocations, replay cost
   stage probe; timeout 60 python3 tools/graph_probe.py 2>&1 | tail -n 5 ;;
+sigab)  # bench job prefill under each of SIGAB's settings, 13 then 7 ranks, MPS on: rc, tokens/s, errors, leftovers killed
+  mps_on
+  for layout in "13 --alpha 3 --beta 3 --c-a 2" "7 --alpha 2 --beta 2"; do
+    set -- $layout; n=$1; shift
+    case " ${SIGAB_N:-13 7} " in *" $n "*) ;; *) continue ;; esac
+    for run in $(seq ${SIGAB_RUNS:-1}); do for setting in ${SIGAB:-RSHARD_IPC_SIGNAL=host RSHARD_IPC_SIGNAL=auto}; do
+      stage "prefill, $setting, $n ranks, run $run"; enough 40 sigab || break 3
+      env ${setting//,/ } timeout ${SIGAB_T:-60} mpirun -n $n python3 -m rshard_hpc bench job "$@" --device gpu \
+        ${PREFAB_ARGS:---tokens 512 --dtype bfloat16 --decode-steps 1} --no-plaintext --out "$OUT/bench_sigab.md" > /tmp/sigab.log 2>&1
+      echo "rc $?"; grep -E "^\| [0-9]" /tmp/sigab.log | awk -F'|' '{print "tok_s",$3,"prefill_s",$6,"mpi_s",$10}'
+      grep -E "rror|signal" /tmp/sigab.log | sort | uniq -c | head -4 | cut -c1-400
+      pkill -9 -f "rshard_hpc bench job"; sleep 1
+      [ "${SIGAB_FRESH_MPS:-0}" = 1 ] && { mps_off > /dev/null 2>&1; sleep 1; mps_on; }  # a fresh MPS server each run
+    done; done
+  done
+  mps_off ;;
+equiv)  # tests/mpi/gpu_equivalence.py (tiny llama, bf16, short case) at 13 and 7 ranks under EQUIV's setting, MPS on
+  mps_on; python3 tools/make_test_models.py /tmp/tm 2 > /dev/null
+  for layout in "13 --alpha 3 --beta 3 --c-a 2" "7 --alpha 2 --beta 2"; do
+    set -- $layout; n=$1; shift
+    stage "equivalence $n ranks, ${EQUIV:-RSHARD_IPC_SIGNAL=device}"; enough 40 equiv || break
+    env ${EQUIV:-RSHARD_IPC_SIGNAL=device} RSHARD_IPC_WAIT_S=10 timeout 90 mpirun -n $n python3 tests/mpi/gpu_equivalence.py \
+      --model /tmp/tm/llama.h5 "$@" --device gpu --case short --dtype bfloat16 2>&1 | grep -E "transport|PASS|FAIL|rror" | cut -c1-400
+    pkill -9 -f gpu_equivalence.py; sleep 1
+  done
+  mps_off ;;
+mpson) mps_on ;;  # the stages after it run under MPS (until mpsoff)
+mpsoff) mps_off ;;
+signal)  # the device-signalled CUDA IPC exchange: its probe and the transport check at 13 and 7 ranks, MPS on and off
+  for mps in on off; do
+    [ $mps = on ] && { mps_on; layouts="13 7"; } || layouts=7
+    for n in $layouts; do for setting in RSHARD_IPC_SIGNAL=auto RSHARD_IPC_SIGNAL=device; do
+      stage "gpu_transport.py $n ranks, MPS $mps, $setting"; enough 30 signal || break 3
+      env $setting timeout 45 mpirun -n $n python3 tests/mpi/gpu_transport.py ipc 2>&1 | tail -n 3 | cut -c1-600
+    done; done
+    [ $mps = on ] && mps_off
+  done ;;
 suite)
   stage suite; enough 120 suite && timeout $(( $(left) - 15 )) python3 -m rshard_hpc bench suite --device gpu \
     --rows ${ROWS:-embed-file,embed-small,decode,prefill-512,prefill-8k} --layouts ${LAYOUTS:-3x3c2,2x2} \
