@@ -22,6 +22,8 @@ TRANSPORTS = ("auto", "staged", "mpi", "ipc", "nccl")
 # size host staging moves a layer's q/k/v and partials (all-MiniLM-L6-v2: ~8 KB a token) in ~10 ms on one node,
 # far below the IPC probe's ~0.5 s (issue 13, a 12-prompt job's start-up timeline).
 SMALL_JOB_TOKENS = 16_384
+# what doctor adds to an IPC prediction: the second probe, at start too (dist/ipc_signal.py)
+SIGNAL_NOTE = ", signalled on the GPU within a step where a second probe finds that fast (with CUDA MPS)"
 
 
 def choose_transport(comm, transport, mode: str, *, load_nccl=nccl_transport.load_nccl,
@@ -105,8 +107,9 @@ def predict(mode: str, *, nccl: str, shared: str, hosts: int, aware: bool, evide
             return "refused", "--transport ipc: the workers span several nodes"
         return mpi[0], f"not NCCL: {not_nccl}; not CUDA IPC: several nodes; {mpi[1]}"
     if mode == "ipc":
-        return "ipc", "one node: if the CUDA IPC probe passes at start (else the job stops)"
-    return "ipc", (f"not NCCL: {not_nccl}; one node: CUDA IPC if its probe passes at start, else {mpi[0]} ({mpi[1]}); "
+        return "ipc", f"one node: if the CUDA IPC probe passes at start (else the job stops){SIGNAL_NOTE}"
+    return "ipc", (f"not NCCL: {not_nccl}; one node: CUDA IPC if its probe passes at start{SIGNAL_NOTE}, else "
+                   f"{mpi[0]} ({mpi[1]}); "
                    f"{mpi[0]} for a job under {SMALL_JOB_TOKENS:,} tokens")
 
 
