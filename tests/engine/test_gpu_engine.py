@@ -118,3 +118,34 @@ def test_gpu_transport(transport):
     assert "PASS" in res.stdout
     if transport != "auto":
         assert f": {MODE_OF[transport]} (" in res.stdout
+
+
+SIGNALLED = "signalled on the device"  # what the transport's reason says when ipc_signal.probe chose it
+
+
+@pytest.mark.parametrize("ranks", [4, 7])
+def test_gpu_transport_signalled_on_the_device(ranks):
+    """The device-signalled CUDA IPC exchange (RSHARD_IPC_SIGNAL=device: taken wherever its probe is exact, MPS
+    or not) moves the same buffers exactly, after host-signalled calls on the same outboxes."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RSHARD_IPC_SIGNAL": "device", "RSHARD_IPC_WAIT_S": "60"}
+    res = subprocess.run(launcher(ranks) + [str(ROOT / "tests" / "mpi" / "gpu_transport.py"), "ipc"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    print(res.stdout[-2000:], res.stderr[-2000:])
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "PASS" in res.stdout and SIGNALLED in res.stdout
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("arch,alpha,beta,c,c_a", [("llama", 2, 2, 1, 1), ("bert", 2, 3, 1, 2)])
+def test_sharded_gpu_signalled_equals_numpy(models, arch, alpha, beta, c, c_a, dtype):
+    """As test_sharded_gpu_equals_numpy with the IPC exchange signalled on the device (RSHARD_IPC_SIGNAL=device):
+    the steps over 64 tokens run it, the short ones stage."""
+    n = 1 + alpha + beta * beta
+    cmd = launcher(n) + [str(ROOT / "tests" / "mpi" / "gpu_equivalence.py"), "--model", str(models / f"{arch}.h5"),
+                         "--alpha", str(alpha), "--beta", str(beta), "--c", str(c), "--c-a", str(c_a),
+                         "--device", "gpu", "--case", "short", "--dtype", dtype, "--transport", "ipc"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RSHARD_IPC_SIGNAL": "device", "RSHARD_IPC_WAIT_S": "60"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    print(res.stdout[-4000:], res.stderr[-4000:])
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "PASS" in res.stdout and SIGNALLED in res.stdout
