@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 from rshard_hpc.dist.collectives import _displs
+from rshard_hpc.dist.cuda_ipc import _IPC_LAZY_PEER_ACCESS
 from rshard_hpc.ops.cuda_build import _blocks, _kernel
 
 SOURCE = "ipc_signal.cu"
@@ -87,7 +88,7 @@ class SignalledExchange:
         pointers = []
         for src, peer_handle in enumerate(self.comm.allgather(handle)):
             pointers.append(self._mailbox_memory.ptr if src == self.ipc.rank else
-                            runtime.ipcOpenMemHandle(peer_handle, 1))  # cudaIpcMemLazyEnablePeerAccess
+                            runtime.ipcOpenMemHandle(peer_handle, _IPC_LAZY_PEER_ACCESS))
         return self.cupy.asarray(np.asarray(pointers, dtype=np.uint64))
 
     def reserve(self, nbytes: int) -> None:

@@ -294,9 +294,8 @@ class AttnWorker(_Worker):
         self.cache = None
 
     def send_bytes(self, routing: Routing) -> int:
-        """A partial row (o and lse) a head for each query of my row group i."""
-        queries = int(routing.counts[:, self.topo.attn_coords[0]].sum())
-        return queries * self.cfg.n_heads * self.slots * np.dtype(self.wire).itemsize
+        """What I send back in a layer: the partials of every CompNode's queries of my row group (_counts)."""
+        return int(self._counts(routing)[1].sum()) * np.dtype(self.wire).itemsize
 
     def begin_batch(self):
         cfg = self.cfg
