@@ -33,7 +33,8 @@ def expected_bytes_per_layer(cfg: ModelConfig, n_tokens: int, beta: int, dtype: 
 def run_bench(topo, opts: dict) -> None:
     from rshard_hpc.dist.devices import connect_workers, rank_backend
     from rshard_hpc.engine.client import Client
-    from rshard_hpc.engine.workers import AttnWorker, CompWorker
+    from rshard_hpc.engine.attn_worker import AttnWorker
+    from rshard_hpc.engine.workers import CompWorker
     from rshard_hpc.models.llama import Llama, head_logits
     from rshard_hpc.plan.schemes import PlanSpec
 

@@ -109,7 +109,8 @@ def _play(world, topo, job, worker) -> None:
 def _make_worker(topo, spec, model_path, cfg, xp, transport, dtype="float32", client_layers: int = 0):
     """cfg: the model's config as the client read it (an AttnNode never opens the weight file)."""
     from rshard_hpc.engine.client import Client
-    from rshard_hpc.engine.workers import AttnWorker, CompWorker
+    from rshard_hpc.engine.attn_worker import AttnWorker
+    from rshard_hpc.engine.workers import CompWorker
     from rshard_hpc.models.client_layers import load_client_layers
 
     if topo.role == "comp":

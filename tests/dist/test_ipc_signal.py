@@ -74,7 +74,8 @@ def test_send_bounds_are_what_the_workers_send(alpha, beta, lens):
     from types import SimpleNamespace
 
     from rshard_hpc.engine.routing import Routing, step_tokens
-    from rshard_hpc.engine.workers import AttnWorker, CompWorker
+    from rshard_hpc.engine.attn_worker import AttnWorker
+    from rshard_hpc.engine.workers import CompWorker
     from rshard_hpc.ops.wire import WireRoutes
     from rshard_hpc.plan.schemes import PlanSpec, batch_plans
 

@@ -16,7 +16,8 @@ from rshard_hpc.dist.topology import Topology
 from rshard_hpc.dist.transport import Transport
 from rshard_hpc.engine import micro
 from rshard_hpc.engine.client import Client
-from rshard_hpc.engine.workers import AttnWorker, CompWorker
+from rshard_hpc.engine.attn_worker import AttnWorker
+from rshard_hpc.engine.workers import CompWorker
 from rshard_hpc.models import load_model, weights
 from rshard_hpc.models.client_layers import load_client_layers
 from rshard_hpc.models.reference import reference_forward
