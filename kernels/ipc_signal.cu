@@ -21,23 +21,36 @@
 #define HEADER_WORDS 8
 #define NOTE_WORDS 4
 
-// n bytes from src to dst over the whole grid, in the widest word dividing both addresses and n; reads at L2
-// (ld.global.cg): a peer's outbox changes between calls, an L1 line of an earlier call must not answer.
+// n words from src to dst over the whole grid, four loads in flight a thread (a copy is bound by memory latency:
+// one load at a time left 8 blocks at a fraction of the bandwidth); reads at L2 (ld.global.cg): a peer's outbox
+// changes between calls, an L1 line of an earlier call must not answer.
+template <class W>
+__device__ __forceinline__ void copy_words(W* __restrict__ dst, const W* __restrict__ src, long long n)
+{
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    for (; i + 3 * stride < n; i += 4 * stride) {
+        const W a = __ldcg(src + i), b = __ldcg(src + i + stride);
+        const W c = __ldcg(src + i + 2 * stride), d = __ldcg(src + i + 3 * stride);
+        dst[i] = a;
+        dst[i + stride] = b;
+        dst[i + 2 * stride] = c;
+        dst[i + 3 * stride] = d;
+    }
+    for (; i < n; i += stride)
+        dst[i] = __ldcg(src + i);
+}
+
+// n bytes from src to dst over the whole grid, in the widest word dividing both addresses and n.
 __device__ __forceinline__ void grid_copy(char* __restrict__ dst, const char* __restrict__ src, long long n)
 {
-    const long long first = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    const long long stride = (long long)gridDim.x * blockDim.x;
     const unsigned long long joint = (unsigned long long)dst | (unsigned long long)src | (unsigned long long)n;
-    if ((joint & 15ull) == 0) {
-        for (long long i = first; i < n / 16; i += stride)
-            reinterpret_cast<int4*>(dst)[i] = __ldcg(reinterpret_cast<const int4*>(src) + i);
-    } else if ((joint & 3ull) == 0) {
-        for (long long i = first; i < n / 4; i += stride)
-            reinterpret_cast<unsigned int*>(dst)[i] = __ldcg(reinterpret_cast<const unsigned int*>(src) + i);
-    } else {
-        for (long long i = first; i < n / 2; i += stride)
-            reinterpret_cast<unsigned short*>(dst)[i] = __ldcg(reinterpret_cast<const unsigned short*>(src) + i);
-    }
+    if ((joint & 15ull) == 0)
+        copy_words(reinterpret_cast<int4*>(dst), reinterpret_cast<const int4*>(src), n / 16);
+    else if ((joint & 3ull) == 0)
+        copy_words(reinterpret_cast<unsigned int*>(dst), reinterpret_cast<const unsigned int*>(src), n / 4);
+    else
+        copy_words(reinterpret_cast<unsigned short*>(dst), reinterpret_cast<const unsigned short*>(src), n / 2);
 }
 
 // send (nbytes) -> outbox, then, once every block has copied (the last block to finish does it), the note for

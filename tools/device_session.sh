@@ -4,7 +4,7 @@
 # each skipped once the call's time budget (BUDGET_S, default 540) is near.   logs go to $OUT
 #   usage: bash tools/device_session.sh STAGE...   stages: mpi verify startab startvar unit engine jobs passes decode transports trace profile smalltests finaltests
 #           smallab decodeab passes1 probe suite p512 embatch launch etrace prefab floor exitprobe hostprof
-#           opmarks opcosts smalldev signal sigab equiv mpson mpsoff
+#           opmarks opcosts smalldev signal sigab equiv embab mpson mpsoff
 #           genstore genfile
 # Code before a change (an A/B): carry a tree of it (git archive REV rshard_hpc kernels | tar -x -C .old) and give
 # the variant PYTHONPATH=$PWD/.old,PYTHONSAFEPATH=1 (STARTVARS, PREFAB): `python3 -m` puts the working directory,
@@ -331,6 +331,25 @@ launch)  # tools/launch_probe.py: a launch's host cost in one process and beside
   mps_on
   for n in 13 7; do timeout 90 mpirun -n $n python3 tools/launch_probe.py 2>&1 | tail -n 5; done
   timeout 90 mpirun -n 13 --bind-to core python3 tools/launch_probe.py 2>&1 | tail -n 5
+  mps_off ;;
+embab)  # the 4096-prompt MiniLM job under each of EMBAB's settings (as DECODEAB), alternating, EMBAB_RUNS times, the
+  #        layouts of EMBAB_N (13 7), MPS on: the run summary's line and the launcher's wall
+  mps_on
+  python3 -c "from rshard_hpc.bench.prompts import word_prompts as p, write_prompts as w; w('/tmp/p4096.jsonl', p(4096, seed=0)); w('/tmp/p4.jsonl', p(4, seed=0))"
+  RSHARD_SMALL_JOB_ON_CPU=0 timeout 60 mpirun -n 13 python3 -m rshard_hpc run --task embed --model /tmp/minilm.h5 --prompts /tmp/p4.jsonl \
+    --out /tmp/e4.h5 --overwrite --device gpu --alpha 3 --beta 3 --c-a 2 > /dev/null 2>&1  # kernels compiled
+  for layout in "13 --alpha 3 --beta 3 --c-a 2" "7 --alpha 2 --beta 2"; do
+    set -- $layout; n=$1; shift
+    case " ${EMBAB_N:-13 7} " in *" $n "*) ;; *) continue ;; esac
+    for run in $(seq ${EMBAB_RUNS:-2}); do for setting in ${EMBAB:-RSHARD_IPC_SIGNAL=host RSHARD_IPC_SIGNAL=auto}; do
+      stage "embed 4096, $setting, $n ranks, run $run"; enough 40 embab || break 3
+      t0=$EPOCHREALTIME
+      env ${setting//,/ } timeout 100 mpirun -n $n python3 -m rshard_hpc run --task embed --model /tmp/minilm.h5 \
+        --prompts /tmp/p4096.jsonl --out /tmp/e4096_$n.h5 --overwrite --truncate --allow-weak-plan --device gpu "$@" \
+        2>&1 | grep -E "done|rror|signal" | tail -n 3 | cut -c1-300
+      echo "launcher wall: $(python3 -c "print(round($EPOCHREALTIME - $t0, 2))") s"
+    done; done
+  done
   mps_off ;;
 etrace)  # host timeline of the 4096-prompt MiniLM job at 13 ranks, MPS on (where its in-job time goes)
   mps_on

@@ -29,8 +29,10 @@ SOURCE = "ipc_signal.cu"
 THREADS = 256
 HEADER_WORDS = 8  # int64 words before a mailbox's notes: the count of notes posted to it, then unused
 NOTE_WORDS = 4  # int64 words of a note: call, offset, bytes, unused (kernels/ipc_signal.cu)
-COLLECT_BLOCKS = 8  # blocks of a collect's copy
-PUBLISH_BLOCKS = 32  # blocks of a publish at most
+COPY_BYTES = 64  # bytes a thread of publish or collect moves a pass (four 16-byte words in flight)
+COPY_BLOCKS = 256  # blocks of a publish or a collect at most (fewer for fewer bytes). Measured on one H200
+# (4,096-prompt MiniLM job, 13 ranks, MPS on): 8 collect blocks and one load in flight a thread made the signalled
+# exchange slower than the host-signalled one there (docs/bench_suite_h200.md)
 SIGNAL_ENV = "RSHARD_IPC_SIGNAL"  # auto (default: the probe decides), device or host
 WAIT_ENV = "RSHARD_IPC_WAIT_S"  # how long a step's end waits for the stream before it reports a stalled exchange
 WAIT_S = 120.0
@@ -82,6 +84,7 @@ class SignalledExchange:
         self.reserved = 0  # bytes a send may take until the next reserve
         self.posts = 0  # signalled calls so far: each added one to every rank's count (host-signalled calls none)
         self._tables = {}  # (counts, itemsize) -> device int64 [2 size]: byte offsets and counts
+        self.every_step = False  # an encoder's steps signal too (RSHARD_IPC_SIGNAL=device; set by probe)
 
     def _map_mailboxes(self, handle: bytes):
         runtime = self.cupy.cuda.runtime
@@ -90,6 +93,13 @@ class SignalledExchange:
             pointers.append(self._mailbox_memory.ptr if src == self.ipc.rank else
                             runtime.ipcOpenMemHandle(peer_handle, _IPC_LAZY_PEER_ACCESS))
         return self.cupy.asarray(np.asarray(pointers, dtype=np.uint64))
+
+    def takes(self, causal: bool) -> bool:
+        """Whether a large step of a decoder (causal) or an encoder model signals on the device: a decoder's does;
+        an encoder's only under RSHARD_IPC_SIGNAL=device. Measured on one H200 with MPS, alternating: the 4,096-prompt
+        MiniLM embedding job ran slower signalled in 8 pairs of 8 (13 and 7 ranks, by 0.1-0.8 s of 1.3-3 s), while
+        SmolLM2-shape prefills ran 1.3-2x faster (docs/bench_suite_h200.md); why the encoder loses is not known."""
+        return causal or self.every_step
 
     def reserve(self, nbytes: int) -> None:
         """Collective, at a step's start: every rank's outboxes hold its largest send of the step (nbytes) and
@@ -134,12 +144,12 @@ class SignalledExchange:
         stream = cupy.cuda.get_current_stream()
         publish = _kernel(SOURCE, "signal_publish", defines())
         collect = _kernel(SOURCE, "signal_collect", defines())
-        publish(_blocks(send.nbytes // 16, THREADS, PUBLISH_BLOCKS), (THREADS,),
+        publish(_blocks(send.nbytes // COPY_BYTES, THREADS, COPY_BLOCKS), (THREADS,),
                 (send, np.int64(send.nbytes), np.uint64(ipc.boxes[parity][0].ptr), routes, self.mailboxes,
                  self.done, np.int32(ipc.rank), np.int32(ipc.size), np.int32(parity), np.int64(call)),
                 stream=stream)
         self._wait_value(stream.ptr, self._mailbox_memory.ptr, count)  # every peer has posted `call`
-        collect((COLLECT_BLOCKS,), (THREADS,),
+        collect(_blocks(n_recv * itemsize // COPY_BYTES, THREADS, COPY_BLOCKS), (THREADS,),
                 (recv, self.mailbox, self.outboxes, expect, self.status, np.int32(ipc.size), np.int32(parity),
                  np.int64(call)), stream=stream)
         return recv, {"mpi": 0.0, "copy": time.perf_counter() - t0}
@@ -226,6 +236,7 @@ def probe(ipc):
         return None, (f"device signalling not taken: {slowest * 1e3:.2f} ms a call in the probe (> "
                       f"{PROBE_CALL_S * 1e3:g} ms; CUDA MPS off?)")
     exchange.timeout_s = wait_seconds()
+    exchange.every_step = mode == "device"
     return exchange, f"signalled on the device ({slowest * 1e6:.0f} us a call in the probe)"
 
 

@@ -48,6 +48,7 @@ class Transport:
         self.small_step = False  # the step under way moves few rows: CUDA IPC gives way to staging (begin_step)
         self.signals = None  # a dist.ipc_signal.SignalledExchange over `ipc`, when its probe chose it
         self.signalled = False  # the step under way signals CUDA IPC on the device (begin_step … end_step)
+        self.signalled_steps = 0  # steps so far that did
         self.reason = "NumPy buffers" if not device else "not chosen yet"  # why `mode` (for /stats and doctor)
         self._pinned = {}  # (direction, dtype) -> pinned host array, grown on demand and reused
         self.mpi_seconds = 0.0
@@ -142,15 +143,18 @@ class Transport:
             return "cuda-ipc"
         return "cuda-aware MPI" if self.gpu_aware else "staged"
 
-    def begin_step(self, n_tokens: int, send_bytes: int = 0) -> None:
+    def begin_step(self, n_tokens: int, send_bytes: int = 0, causal: bool = True) -> None:
         """Every worker calls this with the step's token count (the same on every rank, so all take the same
-        path) and the most bytes it sends in one exchange of the step: steps of at most SMALL_STEP_TOKENS tokens
-        (decode) stage through pinned host buffers even where CUDA IPC is on, whose two stream waits and peer copies
-        cost more than a small staged copy; larger ones signal CUDA IPC on the device where its probe chose that
-        (collective then: the outboxes are reserved for send_bytes). end_step closes the step."""
+        path), the most bytes it sends in one exchange of the step and whether the model is causal: steps of at most
+        SMALL_STEP_TOKENS tokens (decode) stage through pinned host buffers even where CUDA IPC is on, whose two
+        stream waits and peer copies cost more than a small staged copy; larger ones signal CUDA IPC on the device
+        where its probe chose that and it takes the model's steps (SignalledExchange.takes; collective then: the
+        outboxes are reserved for send_bytes). end_step closes the step."""
         self.small_step = n_tokens <= SMALL_STEP_TOKENS
-        self.signalled = self.signals is not None and not self.small_step and self.nccl is None
+        self.signalled = (self.signals is not None and not self.small_step and self.nccl is None
+                          and self.signals.takes(causal))
         if self.signalled:
+            self.signalled_steps += 1
             self.signals.reserve(send_bytes)
 
     def end_step(self) -> None:

@@ -52,7 +52,7 @@ class _Worker:
                 trace.mark("step")
                 tokens = step_tokens(self.plans, header["ranges"])
                 routing = Routing(tokens, self.topo.alpha, self.topo.beta)
-                self.transport.begin_step(len(tokens), self.send_bytes(routing))
+                self.transport.begin_step(len(tokens), self.send_bytes(routing), self.cfg.causal)
                 lanes = micro.lane_ranges(tokens.seq, header.get("micro", 1), self.cfg.causal)
                 self.steps_in_lanes += len(lanes) > 1
                 with profiling.step_scope(len(tokens)):

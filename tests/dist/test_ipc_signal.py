@@ -13,6 +13,9 @@ from rshard_hpc.dist.transport import SMALL_STEP_TOKENS, Transport
 class _Signals:
     def __init__(self):
         self.calls = []
+        self.every_step = False
+
+    takes = ipc_signal.SignalledExchange.takes
 
     def reserve(self, nbytes):
         self.calls.append(("reserve", nbytes))
@@ -34,9 +37,17 @@ def test_large_steps_signal_on_the_device_small_ones_stage():
     t.begin_step(SMALL_STEP_TOKENS, 4096)  # a decode step: staged, nothing reserved, nothing to finish
     t.end_step()
     assert t.small_step and not t.signalled and len(signals.calls) == 2
+    t.begin_step(10 * SMALL_STEP_TOKENS, 4096, causal=False)  # an encoder's step: host-signalled unless forced
+    assert not t.signalled and len(signals.calls) == 2
+    t.end_step()
+    signals.every_step = True  # RSHARD_IPC_SIGNAL=device
+    t.begin_step(10 * SMALL_STEP_TOKENS, 4096, causal=False)
+    assert t.signalled and signals.calls[-1] == ("reserve", 4096)
+    t.end_step()
+    assert len(signals.calls) == 4
     t.nccl = object()  # NCCL moves the buffers: never signalled
     t.begin_step(10 * SMALL_STEP_TOKENS, 4096)
-    assert not t.signalled and len(signals.calls) == 2
+    assert not t.signalled and len(signals.calls) == 4
 
 
 def test_calls_and_counts_when_host_signalled_calls_come_between():

@@ -3,6 +3,7 @@
 Skipped without CuPy, a GPU or an MPI launcher. The long (16k-token) cases run from tools/gpu_check.sh.
 """
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -149,3 +150,5 @@ def test_sharded_gpu_signalled_equals_numpy(models, arch, alpha, beta, c, c_a, d
     print(res.stdout[-4000:], res.stderr[-4000:])
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "PASS" in res.stdout and SIGNALLED in res.stdout
+    steps = re.search(r"rank 1: (\d+) steps signalled on the device", res.stdout)
+    assert steps and int(steps.group(1)) > 0, "forced, yet no step signalled (an encoder's too: every_step)"

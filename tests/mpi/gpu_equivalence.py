@@ -177,6 +177,8 @@ def main():
               f"{'PASS' if passed else 'FAIL'}", flush=True)
     worker = serve_worker(topo, spec, cfg, transport, lambda: load_model(args.model, dtype=args.dtype, xp=xp), xp=xp,
                           dtype=args.dtype)
+    if topo.rank == 1:
+        print(f"rank 1: {transport.signalled_steps} steps signalled on the device", flush=True)
     passed = world.bcast(passed if topo.role == "client" else None, root=0)
     passed = lanes_taken(world, worker) and passed
     ok = world.allreduce(int(passed), op=MPI.MIN)

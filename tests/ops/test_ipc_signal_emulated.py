@@ -41,7 +41,7 @@ def _p(a: np.ndarray, offset: int = 0):
 class Rank:
     def __init__(self, size: int):
         self.mailbox = np.zeros(ipc_signal.HEADER_WORDS + 2 * size * ipc_signal.NOTE_WORDS, dtype=np.int64)
-        self.outboxes = [np.zeros(1 << 14, dtype=np.uint8) for _ in range(2)]
+        self.outboxes = [np.zeros(1 << 17, dtype=np.uint8) for _ in range(2)]
         self.done = np.zeros(1, dtype=np.uint32)
         self.status = np.zeros(1, dtype=np.int32)
 
@@ -68,7 +68,9 @@ def _collect(lib, ranks, me, recv, recv_counts, parity, call, offset=0):
                               ctypes.c_int(parity), ctypes.c_longlong(call))
 
 
-@pytest.mark.parametrize("dtype,scale", [(np.float32, 16), (np.float32, 3), (np.uint16, 5), (np.uint16, 8)])
+# scales of thousands: a pair's bytes outrun four passes of the block (the copy's four loads in flight a thread)
+@pytest.mark.parametrize("dtype,scale", [(np.float32, 16), (np.float32, 3), (np.uint16, 5), (np.uint16, 8),
+                                         (np.float32, 2048), (np.uint16, 4099)])
 def test_every_rank_receives_its_bytes_in_both_parities(lib, dtype, scale):
     rng = np.random.default_rng(scale)
     ranks = [Rank(SIZE) for _ in range(SIZE)]
