@@ -27,6 +27,11 @@ mps_on() {  # a CUDA MPS daemon for the stage's jobs (README: several ranks on o
   mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY; nvidia-cuda-mps-control -d
 }
 mps_off() { echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; }
+embed_prompts_and_kernels() {  # the 4096-prompt file, and an untimed 4-prompt GPU job that compiles the kernels
+  python3 -c "from rshard_hpc.bench.prompts import word_prompts as p, write_prompts as w; w('/tmp/p4096.jsonl', p(4096, seed=0)); w('/tmp/p4.jsonl', p(4, seed=0))"
+  RSHARD_SMALL_JOB_ON_CPU=0 timeout 60 mpirun -n 13 python3 -m rshard_hpc run --task embed --model /tmp/minilm.h5 \
+    --prompts /tmp/p4.jsonl --out /tmp/e4.h5 --overwrite --device gpu --alpha 3 --beta 3 --c-a 2 > /dev/null 2>&1
+}
 enough() { [ "$(left)" -gt "$1" ] || { echo "--- skipped $2: $(left) s left"; return 1; }; }
 PT="python3 -m pytest -q -p no:cacheprovider -rs"
 python3 -m compileall -q rshard_hpc > /dev/null  # as pip's install does: no rank compiles the sources at start
@@ -335,9 +340,7 @@ launch)  # tools/launch_probe.py: a launch's host cost in one process and beside
 embab)  # the 4096-prompt MiniLM job under each of EMBAB's settings (as DECODEAB), alternating, EMBAB_RUNS times, the
   #        layouts of EMBAB_N (13 7), MPS on: the run summary's line and the launcher's wall
   mps_on
-  python3 -c "from rshard_hpc.bench.prompts import word_prompts as p, write_prompts as w; w('/tmp/p4096.jsonl', p(4096, seed=0)); w('/tmp/p4.jsonl', p(4, seed=0))"
-  RSHARD_SMALL_JOB_ON_CPU=0 timeout 60 mpirun -n 13 python3 -m rshard_hpc run --task embed --model /tmp/minilm.h5 --prompts /tmp/p4.jsonl \
-    --out /tmp/e4.h5 --overwrite --device gpu --alpha 3 --beta 3 --c-a 2 > /dev/null 2>&1  # kernels compiled
+  embed_prompts_and_kernels
   for layout in "13 --alpha 3 --beta 3 --c-a 2" "7 --alpha 2 --beta 2"; do
     set -- $layout; n=$1; shift
     case " ${EMBAB_N:-13 7} " in *" $n "*) ;; *) continue ;; esac
@@ -351,16 +354,16 @@ embab)  # the 4096-prompt MiniLM job under each of EMBAB's settings (as DECODEAB
     done; done
   done
   mps_off ;;
-etrace)  # host timeline of the 4096-prompt MiniLM job at 13 ranks, MPS on (where its in-job time goes)
-  mps_on
-  python3 -c "from rshard_hpc.bench.prompts import word_prompts as p, write_prompts as w; w('/tmp/p4096.jsonl', p(4096, seed=0))"
-  for i in 1 2; do
-    stage "trace embed 4096, run $i"; enough 40 etrace || break
-    RSHARD_TRACE=$OUT/tr_e4096_$i timeout 100 mpirun -n 13 python3 -m rshard_hpc run --task embed --model /tmp/minilm.h5 \
-      --prompts /tmp/p4096.jsonl --out /tmp/e4096.h5 --overwrite --truncate --allow-weak-plan --device gpu \
-      --alpha 3 --beta 3 --c-a 2 2>&1 | tail -n 2 | cut -c1-300
+etrace)  # timelines of the 4096-prompt MiniLM job at 13 ranks under each of ETRACE's settings (default: the
+  #         exchange host- then device-signalled), MPS on, GPU marks too (RSHARD_TRACE_DEVICE=1): where its time goes
+  mps_on; embed_prompts_and_kernels; n=0
+  for setting in ${ETRACE:-RSHARD_IPC_SIGNAL=host RSHARD_IPC_SIGNAL=device}; do
+    n=$((n + 1)); stage "trace embed 4096, $setting"; enough 40 etrace || break
+    env ${setting//,/ } RSHARD_TRACE=$OUT/tr_e4096_$n RSHARD_TRACE_DEVICE=1 timeout 100 mpirun -n 13 python3 -m rshard_hpc run \
+      --task embed --model /tmp/minilm.h5 --prompts /tmp/p4096.jsonl --out /tmp/e4096.h5 --overwrite --truncate \
+      --allow-weak-plan --device gpu --alpha 3 --beta 3 --c-a 2 2>&1 | grep -E "done|rror" | cut -c1-300
+    python3 -m rshard_hpc bench trace $OUT/tr_e4096_$n --steps 10:20 --layer 2 > $OUT/tr_e4096_$n.md
   done
-  python3 -m rshard_hpc bench trace $OUT/tr_e4096_2 --steps 10:20 --layer 2 > $OUT/tr_e4096.md
   mps_off
   (cd $OUT && tar -czf etrace.tar.gz tr_e4096_*/ && rm -rf tr_e4096_*/) ;;
 prefab)  # a prefill (PREFAB_ARGS) under each of PREFAB's settings (as DECODEAB), alternating, twice, both layouts, MPS on

@@ -12,14 +12,16 @@ START_MARKS = ("exec", "process", "mpi up", "prepared", "device", "device agreed
 
 
 def load(folder) -> dict:
-    """rank -> {"role": str, "events": [(ns, label), ...]} for every rank<N>.json in folder."""
+    """rank -> {"role": str, "events": [(ns, label), ...], "device": [(device ns, label), ...]} for every rank<N>.json
+    in folder ("device": the marks a GPU rank also timed on its stream, RSHARD_TRACE_DEVICE=1; else empty)."""
     ranks = {}
     for path in sorted(Path(folder).glob("rank*.json")):
         doc = json.loads(path.read_text())
-        events = [(int(t), str(label)) for t, label in doc["events"]]
+        events = [(int(e[0]), str(e[1])) for e in doc["events"]]
+        device = [(int(e[2]), str(e[1])) for e in doc["events"] if len(e) > 2]
         role = next((label[5:] for _, label in events if label.startswith("role ")), "client" if doc["rank"] == 0
                     else f"rank {doc['rank']}")
-        ranks[int(doc["rank"])] = {"role": role, "events": events}
+        ranks[int(doc["rank"])] = {"role": role, "events": events, "device": device}
     if not ranks:
         raise FileNotFoundError(f"no rank*.json in {folder} (was RSHARD_TRACE={folder} set for the job?)")
     return ranks
@@ -60,11 +62,12 @@ def transitions(steps) -> tuple[dict, int]:
     return totals, layers
 
 
-def transition_table(ranks, chosen: slice) -> list[str]:
-    """Per rank, the time between consecutive marks summed over the chosen steps: ms a step, us a layer."""
+def transition_table(ranks, chosen: slice, clock: str = "events") -> list[str]:
+    """Per rank, the time between consecutive marks summed over the chosen steps: ms a step, us a layer; on the
+    host's clock (clock="events") or on the GPU's ("device": when the rank's stream reached each mark)."""
     lines = ["| rank | role | from -> to | ms a step | us a layer |", "|---|---|---|---|---|"]
     for rank, r in sorted(ranks.items()):
-        steps = split_steps(r["events"])[chosen]
+        steps = split_steps(r[clock])[chosen]
         if not steps:
             continue
         totals, layers = transitions(steps)
@@ -106,6 +109,10 @@ def report(folder, steps: str = "-8:", layer: int = 10) -> str:
     out += start_up_table(ranks)
     out += ["", f"## time between marks, steps [{steps}] (host time; a wait for the GPU shows in the mark after it)", ""]
     out += transition_table(ranks, chosen)
+    if any(r["device"] for r in ranks.values()):
+        out += ["", f"## GPU time between marks, steps [{steps}] (RSHARD_TRACE_DEVICE=1: when each GPU rank's stream "
+                    "reached the mark; a wait for peers shows before the mark after it)", ""]
+        out += transition_table(ranks, chosen, clock="device")
     out += ["", f"## step {last}, layer {layer}: every rank's marks in time order", "", "```"]
     out += layer_timeline(ranks, last, layer) + ["```"]
     return "\n".join(out) + "\n"

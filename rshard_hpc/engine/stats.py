@@ -61,6 +61,21 @@ class PhaseTimer:
         return cupy.cuda.get_elapsed_time(start, end) / 1e3
 
 
+def event_clock(cupy) -> tuple:
+    """(record, elapsed_ms) on CUDA events, for engine/trace.py's device marks: record() an event on the current
+    stream now; elapsed_ms(a, b) the ms from a to b once b is complete (it waits for b)."""
+    def record():
+        event = cupy.cuda.Event()
+        event.record()
+        return event
+
+    def elapsed_ms(start, end) -> float:
+        end.synchronize()
+        return cupy.cuda.get_elapsed_time(start, end)
+
+    return record, elapsed_ms
+
+
 PHASES = ("prepass", "attention", "postpass", "client_layers")  # client_layers: --client-layers K > 0
 
 

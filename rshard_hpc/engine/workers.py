@@ -9,7 +9,7 @@ import numpy as np
 from rshard_hpc.dist.control import CLIENT, INPUTS, LEDGER, ROWS
 from rshard_hpc.engine.routing import Routing, StepTokens, sequence_sums, step_tokens, wanted_local_rows
 from rshard_hpc.engine import micro, step_graphs, trace
-from rshard_hpc.engine.stats import PhaseTimer
+from rshard_hpc.engine.stats import PhaseTimer, event_clock
 from rshard_hpc.models.client_layers import comp_input_form
 from rshard_hpc.ops.arrays import to_host
 from rshard_hpc.ops.precision import partial_slots, wire_dtype
@@ -30,6 +30,8 @@ class _Worker:
         self.wire = wire_dtype(dtype)  # element type of q/k/v and partials on the wire: float32 or bf16 bits
         self.slots = partial_slots(cfg.head_dim, self.wire)  # wire elements per (row, head) of a partial
         self.timer = PhaseTimer(xp)
+        if xp is not np:
+            trace.use_device_clock(*event_clock(xp))  # RSHARD_TRACE_DEVICE=1: marks timed on the GPU too
         self.plans = []
         self.ledger = LedgerRecorder()  # what this rank received (architecture.md §4)
         self.steps_in_lanes = 0  # steps run cut into micro-batches (engine/micro.py)
@@ -58,6 +60,7 @@ class _Worker:
                 with profiling.step_scope(len(tokens)):
                     self.step(tokens, routing, header["want"], lanes, last=header.get("last", False))
                 self.transport.end_step()
+                trace.settle()
             elif op == "end":
                 trace.mark("end")
                 self.end_batch()
