@@ -237,7 +237,8 @@ def probe(ipc):
                       f"{PROBE_CALL_S * 1e3:g} ms; CUDA MPS off?)")
     exchange.timeout_s = wait_seconds()
     exchange.every_step = mode == "device"
-    return exchange, f"signalled on the device ({slowest * 1e6:.0f} us a call in the probe)"
+    steps = "every large step" if exchange.every_step else "a decoder's large steps"
+    return exchange, f"signalled on the device ({steps}; {slowest * 1e6:.0f} us a call in the probe)"
 
 
 def _probe_rounds(exchange) -> float:

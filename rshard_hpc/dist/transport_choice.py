@@ -23,7 +23,8 @@ TRANSPORTS = ("auto", "staged", "mpi", "ipc", "nccl")
 # far below the IPC probe's ~0.5 s (issue 13, a 12-prompt job's start-up timeline).
 SMALL_JOB_TOKENS = 16_384
 # what doctor adds to an IPC prediction: the second probe, at start too (dist/ipc_signal.py)
-SIGNAL_NOTE = ", signalled on the GPU within a step where a second probe finds that fast (with CUDA MPS)"
+SIGNAL_NOTE = (", signalled on the GPU within a decoder's step where a second probe finds that fast (with CUDA MPS;"
+               " an encoder's steps stay host-signalled)")
 
 
 def choose_transport(comm, transport, mode: str, *, load_nccl=nccl_transport.load_nccl,
