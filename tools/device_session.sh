@@ -32,6 +32,38 @@ embed_prompts_and_kernels() {  # the 4096-prompt file, and an untimed 4-prompt G
   RSHARD_SMALL_JOB_ON_CPU=0 timeout 60 mpirun -n 13 python3 -m rshard_hpc run --task embed --model /tmp/minilm.h5 \
     --prompts /tmp/p4.jsonl --out /tmp/e4.h5 --overwrite --device gpu --alpha 3 --beta 3 --c-a 2 > /dev/null 2>&1
 }
+ab_runs() {  # ab_runs LAYOUTS RUNS SETTINGS JOB: for each layout (13, then 7 ranks) named in LAYOUTS, RUNS times, each
+  #         setting of SETTINGS in turn (alternating), JOB SETTING N RUN ALPHA-BETA-ARGS...; a JOB's non-zero status
+  #         (the budget is near) ends them all
+  local wanted=$1 runs=$2 settings=$3 job=$4 layout n run setting
+  for layout in "13 --alpha 3 --beta 3 --c-a 2" "7 --alpha 2 --beta 2"; do
+    set -- $layout; n=$1; shift
+    case " $wanted " in *" $n "*) ;; *) continue ;; esac
+    for run in $(seq $runs); do for setting in $settings; do
+      $job "$setting" $n $run "$@" || return 0
+    done; done
+  done
+}
+embab_job() {  # embab's job: SETTING N RUN ALPHA-BETA-ARGS...
+  local setting=$1 n=$2 run=$3; shift 3
+  stage "embed 4096, $setting, $n ranks, run $run"; enough 40 embab || return 1
+  t0=$EPOCHREALTIME
+  env ${setting//,/ } timeout 100 mpirun -n $n python3 -m rshard_hpc run --task embed --model /tmp/minilm.h5 \
+    --prompts /tmp/p4096.jsonl --out /tmp/e4096_$n.h5 --overwrite --truncate --allow-weak-plan --device gpu "$@" \
+    2>&1 | grep -E "done|rror|signal" | tail -n 3 | cut -c1-300
+  echo "launcher wall: $(python3 -c "print(round($EPOCHREALTIME - $t0, 2))") s"
+}
+sigab_job() {  # sigab's job: SETTING N RUN ALPHA-BETA-ARGS...
+  local setting=$1 n=$2 run=$3; shift 3
+  stage "prefill, $setting, $n ranks, run $run"; enough 40 sigab || return 1
+  env ${setting//,/ } timeout ${SIGAB_T:-60} mpirun -n $n python3 -m rshard_hpc bench job "$@" --device gpu \
+    ${PREFAB_ARGS:---tokens 512 --dtype bfloat16 --decode-steps 1} --no-plaintext --out "$OUT/bench_sigab.md" > /tmp/sigab.log 2>&1
+  echo "rc $?"; grep -E "^\| [0-9]" /tmp/sigab.log | awk -F'|' '{print "tok_s",$3,"prefill_s",$6,"mpi_s",$10}'
+  grep -E "rror|signal" /tmp/sigab.log | sort | uniq -c | head -4 | cut -c1-400
+  pkill -9 -f "rshard_hpc bench job"; sleep 1
+  [ "${SIGAB_FRESH_MPS:-0}" = 1 ] && { mps_off > /dev/null 2>&1; sleep 1; mps_on; }  # a fresh MPS server each run
+  return 0
+}
 enough() { [ "$(left)" -gt "$1" ] || { echo "--- skipped $2: $(left) s left"; return 1; }; }
 PT="python3 -m pytest -q -p no:cacheprovider -rs"
 python3 -m compileall -q rshard_hpc > /dev/null  # as pip's install does: no rank compiles the sources at start
@@ -341,18 +373,7 @@ embab)  # the 4096-prompt MiniLM job under each of EMBAB's settings (as DECODEAB
   #        layouts of EMBAB_N (13 7), MPS on: the run summary's line and the launcher's wall
   mps_on
   embed_prompts_and_kernels
-  for layout in "13 --alpha 3 --beta 3 --c-a 2" "7 --alpha 2 --beta 2"; do
-    set -- $layout; n=$1; shift
-    case " ${EMBAB_N:-13 7} " in *" $n "*) ;; *) continue ;; esac
-    for run in $(seq ${EMBAB_RUNS:-2}); do for setting in ${EMBAB:-RSHARD_IPC_SIGNAL=host RSHARD_IPC_SIGNAL=auto}; do
-      stage "embed 4096, $setting, $n ranks, run $run"; enough 40 embab || break 3
-      t0=$EPOCHREALTIME
-      env ${setting//,/ } timeout 100 mpirun -n $n python3 -m rshard_hpc run --task embed --model /tmp/minilm.h5 \
-        --prompts /tmp/p4096.jsonl --out /tmp/e4096_$n.h5 --overwrite --truncate --allow-weak-plan --device gpu "$@" \
-        2>&1 | grep -E "done|rror|signal" | tail -n 3 | cut -c1-300
-      echo "launcher wall: $(python3 -c "print(round($EPOCHREALTIME - $t0, 2))") s"
-    done; done
-  done
+  ab_runs "${EMBAB_N:-13 7}" ${EMBAB_RUNS:-2} "${EMBAB:-RSHARD_IPC_SIGNAL=host RSHARD_IPC_SIGNAL=auto}" embab_job
   mps_off ;;
 etrace)  # timelines of the 4096-prompt MiniLM job at 13 ranks under each of ETRACE's settings (default: the
   #         exchange host- then device-signalled), MPS on, GPU marks too (RSHARD_TRACE_DEVICE=1): where its time goes
@@ -411,19 +432,7 @@ probe)  # CUDA graphs from CuPy: capture with allocations, replay cost
   stage probe; timeout 60 python3 tools/graph_probe.py 2>&1 | tail -n 5 ;;
 sigab)  # bench job prefill under each of SIGAB's settings, 13 then 7 ranks, MPS on: rc, tokens/s, errors, leftovers killed
   mps_on
-  for layout in "13 --alpha 3 --beta 3 --c-a 2" "7 --alpha 2 --beta 2"; do
-    set -- $layout; n=$1; shift
-    case " ${SIGAB_N:-13 7} " in *" $n "*) ;; *) continue ;; esac
-    for run in $(seq ${SIGAB_RUNS:-1}); do for setting in ${SIGAB:-RSHARD_IPC_SIGNAL=host RSHARD_IPC_SIGNAL=auto}; do
-      stage "prefill, $setting, $n ranks, run $run"; enough 40 sigab || break 3
-      env ${setting//,/ } timeout ${SIGAB_T:-60} mpirun -n $n python3 -m rshard_hpc bench job "$@" --device gpu \
-        ${PREFAB_ARGS:---tokens 512 --dtype bfloat16 --decode-steps 1} --no-plaintext --out "$OUT/bench_sigab.md" > /tmp/sigab.log 2>&1
-      echo "rc $?"; grep -E "^\| [0-9]" /tmp/sigab.log | awk -F'|' '{print "tok_s",$3,"prefill_s",$6,"mpi_s",$10}'
-      grep -E "rror|signal" /tmp/sigab.log | sort | uniq -c | head -4 | cut -c1-400
-      pkill -9 -f "rshard_hpc bench job"; sleep 1
-      [ "${SIGAB_FRESH_MPS:-0}" = 1 ] && { mps_off > /dev/null 2>&1; sleep 1; mps_on; }  # a fresh MPS server each run
-    done; done
-  done
+  ab_runs "${SIGAB_N:-13 7}" ${SIGAB_RUNS:-1} "${SIGAB:-RSHARD_IPC_SIGNAL=host RSHARD_IPC_SIGNAL=auto}" sigab_job
   mps_off ;;
 equiv)  # tests/mpi/gpu_equivalence.py (tiny llama, bf16, short case) at 13 and 7 ranks under EQUIV's setting, MPS on
   mps_on; python3 tools/make_test_models.py /tmp/tm 2 > /dev/null
