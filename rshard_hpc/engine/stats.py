@@ -19,25 +19,24 @@ class PhaseTimer:
     def __init__(self, xp=np):
         self._seconds = {}
         self._pending = []  # (phase, start event, end event) not yet read
-        self._event = xp.cuda.Event if xp is not np else None
+        self._clock = event_clock(xp) if xp is not np else None  # (record, elapsed_ms) on the GPU
 
     @contextmanager
     def __call__(self, phase: str):
-        if self._event is None:
+        if self._clock is None:
             t0 = time.perf_counter()
             try:
                 yield
             finally:
                 self._seconds[phase] = self._seconds.get(phase, 0.0) + time.perf_counter() - t0
             return
-        start = self._event()
-        start.record()
+        record = self._clock[0]
+        start = record()
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            end = self._event()
-            end.record()
+            end = record()
             self._pending.append((phase, start, end))
             host = phase + HOST  # the host's own time in the phase (launches, Python): what the GPU waits on
             self._seconds[host] = self._seconds.get(host, 0.0) + time.perf_counter() - t0
@@ -48,22 +47,17 @@ class PhaseTimer:
     def seconds(self) -> dict:
         """Phase -> seconds so far (waits for the recorded events; the dict may be cleared to start over)."""
         if self._pending:
-            self._pending[-1][2].synchronize()
+            self._pending[-1][2].synchronize()  # one wait: every earlier event is complete then
+            elapsed_ms = self._clock[1]
             for phase, start, end in self._pending:
-                self._seconds[phase] = self._seconds.get(phase, 0.0) + self._elapsed(start, end)
+                self._seconds[phase] = self._seconds.get(phase, 0.0) + elapsed_ms(start, end) / 1e3
             self._pending = []
         return self._seconds
 
-    @staticmethod
-    def _elapsed(start, end) -> float:
-        import cupy
-
-        return cupy.cuda.get_elapsed_time(start, end) / 1e3
-
 
 def event_clock(cupy) -> tuple:
-    """(record, elapsed_ms) on CUDA events, for engine/trace.py's device marks: record() an event on the current
-    stream now; elapsed_ms(a, b) the ms from a to b once b is complete (it waits for b)."""
+    """(record, elapsed_ms) on CUDA events, for PhaseTimer and engine/trace.py's device marks: record() an event on the
+    current stream now; elapsed_ms(a, b) the ms from a to b once b is complete (it waits for b)."""
     def record():
         event = cupy.cuda.Event()
         event.record()

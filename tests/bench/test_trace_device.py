@@ -106,3 +106,30 @@ def test_a_gpu_job_times_its_marks_on_the_device(tmp_path, tiny_llama):
         times = [t for t, _ in device]
         assert times == sorted(times), f"rank {rank}: device marks out of stream order"
     assert "## GPU time between marks" in trace_report.report(folder, steps="0:", layer=0)
+
+
+def test_phase_timer_reads_gpu_phases_from_the_event_clock():
+    """PhaseTimer on a GPU times phases by stats.event_clock's events (here a stand-in CuPy whose events carry
+    the time the "GPU" reached them): device seconds from the events, host seconds beside them."""
+    from types import SimpleNamespace
+
+    from rshard_hpc.engine.stats import HOST, PhaseTimer
+
+    reached = iter([1.0, 4.0, 10.0, 12.5])  # ms at which each recorded event completes, in order
+
+    class Event:
+        def record(self):
+            self.ms = next(reached)
+
+        def synchronize(self):
+            pass
+
+    fake_cupy = SimpleNamespace(cuda=SimpleNamespace(Event=Event, get_elapsed_time=lambda a, b: b.ms - a.ms))
+    timer = PhaseTimer(fake_cupy)
+    with timer("attention"):
+        pass
+    with timer("attention"):
+        pass
+    seconds = timer.seconds
+    assert seconds["attention"] == pytest.approx((3.0 + 2.5) / 1e3)
+    assert "attention" + HOST in seconds
