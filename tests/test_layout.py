@@ -99,3 +99,16 @@ def test_model_math_and_ops_never_reach_mpi():
 def test_every_folder_is_a_package_with_a_docstring():
     for init in [PACKAGE / "__init__.py", *PACKAGE.glob("*/__init__.py")]:
         assert ast.get_docstring(ast.parse(init.read_text())), f"{init} says nothing of its folder"
+
+
+def test_the_checkouts_kernels_folder_hides_no_top_level_kernels_package():
+    """From the checkout's root (where `python -m pytest` puts it on sys.path) `import kernels` must not find
+    kernels/ as a regular package: transformers imports the `kernels` distribution when it is installed."""
+    import subprocess
+    import sys
+
+    probe = "import importlib.util as u; s = u.find_spec('kernels'); print(s.origin if s else '')"
+    found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                           cwd=PACKAGE.parent)
+    assert found.returncode == 0, found.stderr
+    assert not found.stdout.strip().startswith(str(PACKAGE.parent / "kernels")), found.stdout

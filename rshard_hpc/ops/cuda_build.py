@@ -27,10 +27,14 @@ def preamble(defines: dict) -> str:
 def kernel_dir():
     """Where the CUDA sources are: kernels/ beside the imported package in a source checkout (on PYTHONPATH: a
     worktree's sources go with its Python code, even when an editable install of another checkout maps
-    rshard_hpc.kernels there), else the installed package data rshard_hpc.kernels (a wheel)."""
-    beside = Path(rshard_hpc.__file__).resolve().parent.parent / "kernels"
-    if (beside / COMMON_HEADER).is_file():
-        return beside
+    rshard_hpc.kernels there), else the installed package data rshard_hpc.kernels (a wheel). kernels/ has no
+    __init__.py: as a package at the top of a checkout it would hide the `kernels` that transformers imports
+    whenever the checkout is on sys.path (`python -m pytest`), so rshard_hpc.kernels is a namespace package, and
+    its folder inside the installed rshard_hpc comes first (another install on the path may add a portion)."""
+    package = Path(rshard_hpc.__file__).resolve().parent
+    for folder in (package.parent / "kernels", package / "kernels"):
+        if (folder / COMMON_HEADER).is_file():
+            return folder
     return importlib.resources.files("rshard_hpc.kernels")
 
 
