@@ -58,10 +58,19 @@ class Channel:
     # ------------------------------------------------------------------ arrays
     def send_arrays(self, arrays: dict, tag: int) -> None:
         """{dest rank: contiguous NumPy array}, each to its rank; returns when every one has been received."""
+        self.finish(self.start_arrays(arrays, tag))
+
+    def start_arrays(self, arrays: dict, tag: int) -> list:
+        """As send_arrays, but returns at once: the sends under way, for `finish`. The caller keeps calling MPI (a
+        receive, `finish`) until they are done: a large message moves only while both sides call MPI."""
         MPI = _mpi()
         buffers = {dest: [np.ascontiguousarray(a), _mpi_type(a.dtype, MPI)] for dest, a in arrays.items()}
-        requests = [self.comm.Isend(buffer, dest, tag) for dest, buffer in buffers.items()]
-        for request in requests:
+        return [(self.comm.Isend(buffer, dest, tag), buffer) for dest, buffer in buffers.items()]
+
+    @staticmethod
+    def finish(sends: list) -> None:
+        """Wait until every send that start_arrays began has been received."""
+        for request, _ in sends:
             wait(request)
 
     def recv_array(self, source: int, tag: int, dtype) -> np.ndarray:

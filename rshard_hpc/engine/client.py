@@ -95,16 +95,25 @@ class Client:
                 inputs = np.ascontiguousarray(to_host(hidden[self.xp.asarray(np.concatenate(mine))]), np.float32)
         return _Step(ranges, want, tokens, routing, inputs, counts, last)
 
-    def _send(self, step: "_Step") -> "_Step":
-        """The step header to every rank, then each CompNode its inputs; the workers start on it."""
+    def _send(self, step: "_Step", wait: bool = True) -> "_Step":
+        """The step header to every rank, then each CompNode its inputs; the workers start on it. wait=False: the
+        inputs' sends are left under way (step.sending) for _inputs_sent to finish, so that the client can read
+        the ledgers meanwhile (encode_batches)."""
         trace.mark("step")
         header = {"op": "step", "ranges": step.ranges, "want": step.want, "micro": self.micro, "last": step.last}
         self.topo.channel.send_to_workers(header)
         bounds = np.cumsum(step.counts)  # CompNode k's inputs: rows bounds[k] … bounds[k+1]-1 (counts[0] = 0)
-        self.topo.channel.send_arrays({comp_world_rank(k): step.inputs[bounds[k]:bounds[k + 1]]
-                                       for k in range(self.topo.alpha)}, INPUTS)
-        trace.mark("inputs sent")
+        step.sending = self.topo.channel.start_arrays({comp_world_rank(k): step.inputs[bounds[k]:bounds[k + 1]]
+                                                       for k in range(self.topo.alpha)}, INPUTS)
+        if wait:
+            self._inputs_sent(step)
         return step
+
+    def _inputs_sent(self, step: "_Step") -> None:
+        """Wait until every CompNode has the step's inputs."""
+        self.topo.channel.finish(step.sending)
+        step.sending = []
+        trace.mark("inputs sent")
 
     def _gather(self, step: "_Step") -> list:
         """The step's final rows as the CompNodes sent them: [None, CompNode 0's rows, …]."""
@@ -170,9 +179,12 @@ class Client:
         Pipelined: batch b+1's inputs (with client layers, its first K layers) are prepared while the workers run
         batch b, and sent before batch b is yielded, so the caller's work on batch b's rows (pooling, writing)
         overlaps the workers' on batch b+1; so does putting batch b's rows in step order. A batch's ledger is
-        gathered before it is yielded (take_ledgers)."""
+        gathered before it is yielded (take_ledgers), while batch b+1's inputs move: a ledger too large to go at once
+        moves only while its worker calls MPI, which it does reading its next headers, not while it computes."""
         batches = list(batches)
         in_flight = self._send_batch(self._prepare_batch(batches[0], want)) if batches else None
+        if in_flight is not None:
+            self._inputs_sent(in_flight[1])
         for b in range(len(batches)):
             upcoming = self._prepare_batch(batches[b + 1], want) if b + 1 < len(batches) else None
             lens, step = in_flight
@@ -180,7 +192,9 @@ class Client:
             self._send_end()
             if upcoming is not None:  # sent before the ledgers are read: the workers need not wait for the client
                 in_flight = self._send_batch(upcoming)
-            self._collect_ledgers()
+            self._collect_ledgers()  # while the inputs move: a worker's ledger moves as it reads its next headers
+            if upcoming is not None:
+                self._inputs_sent(in_flight[1])  # before the client leaves MPI to write (a large send needs it)
             rows = self._place(step, parts)  # in step order, while the workers run batch b+1 (~5 ms at 8k tokens)
             trace.mark("rows placed")
             if want == "sums":
@@ -192,13 +206,15 @@ class Client:
     def _prepare_batch(self, sequences, want: str):
         """(lens, the batch's one step prepared, on plans of its own: batch b may still be in flight)."""
         lens = [len(s) for s in sequences]
-        return lens, self._prepare(self._new_batch(lens), [(0, n) for n in lens], sequences, want, last=True)
+        prepared = lens, self._prepare(self._new_batch(lens), [(0, n) for n in lens], sequences, want, last=True)
+        trace.mark("prepared")
+        return prepared
 
     def _send_batch(self, prepared):
         """The batch header, then its step: the workers make the batch's plans and start computing."""
         lens, step = prepared
         self._announce_batch(lens)
-        return lens, self._send(step)
+        return lens, self._send(step, wait=False)
 
 
 class _Step:
@@ -208,3 +224,4 @@ class _Step:
         self.ranges, self.want, self.tokens, self.routing = ranges, want, tokens, routing
         self.last = last  # the batch's last step
         self.inputs, self.counts = inputs, counts  # (sum counts, ...) ids or hidden rows; counts[0] = 0 (client)
+        self.sending = []  # the inputs' sends under way (Client._send with wait=False)

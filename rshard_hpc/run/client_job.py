@@ -231,6 +231,7 @@ class ClientJob:
             ids = [self.todo[i].id for i in batch]
             if opts.task == "embed":
                 embeddings = self._pool(next(encoded), [len(s) for s in seqs])
+                trace.mark("pooled")
                 append = lambda: self.writer.append_embeddings(ids, embeddings)  # noqa: E731
             else:
                 streams = [id_key(pid) for pid in ids]  # each prompt samples from its own stream
@@ -240,6 +241,7 @@ class ClientJob:
                 append = lambda: self.writer.append_generated(ids, token_ids, texts)  # noqa: E731
             with termination.protected():  # a SIGTERM waits for the batch's rows and its ledger
                 append()
+                trace.mark("rows written")
                 self._append_ledger(client, ids, seqs)
             trace.mark("batch written")
             progress.batch_done(len(batch), int(sum(len(s) for s in seqs)))
@@ -293,6 +295,7 @@ class ClientJob:
         keys = [id_key(pid) for pid in ids]
         for gathered in client.take_ledgers():
             doc = ledger_document(gathered, keys, [len(s) for s in seqs], [self._plan_length(len(s)) for s in seqs])
+            trace.mark("ledger made")
             self.writer.append_json("privacy", "ledger", doc)
 
     def _write_reports(self, stats) -> None:
