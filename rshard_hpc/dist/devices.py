@@ -1,6 +1,8 @@
 """GPU binding and the per-rank backend: which array module and which transport a rank works with."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from rshard_hpc.dist.launcher import local_rank_from_env
@@ -58,3 +60,43 @@ def connect_workers(topo, transport, mode: str = "auto", job_tokens: int | None 
 
     transport.reason = choose_transport(topo.work_comm, transport, mode, job_tokens=job_tokens)
     return transport.reason
+
+
+# ------------------------------------------------------------------------------------------ several ranks a GPU
+MPS_PIPE_ENV, MPS_DEFAULT_PIPE = "CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps"  # where CUDA looks for an MPS daemon
+# Measured (docs/bench_suite_h200.md, 2026-12-03, one H200, 13 ranks, same code, MPS off then on): what the note says
+MPS_EVIDENCE = "an 8k-token bf16 prefill ran 43k tokens/s without MPS and 183k with it on one H200, 13 ranks"
+
+
+def mps_visible(environ=None, exists=os.path.exists) -> bool:
+    """Whether a CUDA MPS control daemon's pipe is where this process's CUDA contexts look for one
+    ($CUDA_MPS_PIPE_DIRECTORY, else /tmp/nvidia-mps): they then run as clients of its server."""
+    environ = os.environ if environ is None else environ
+    return exists(os.path.join(environ.get(MPS_PIPE_ENV) or MPS_DEFAULT_PIPE, "control"))
+
+
+def shared_without_mps(entries: list) -> str:
+    """entries by rank: None (no GPU) or (host, PCI bus id, MPS daemon visible). "" unless ranks share a GPU and
+    one of them sees no MPS daemon; else which GPUs: "host GPU bus (n ranks)", joined."""
+    users = {}
+    for entry in entries:
+        if entry is not None:
+            host, bus, mps = entry
+            users.setdefault((host, bus), []).append(mps)
+    shared = [f"{host} GPU {bus} ({len(seen)} ranks)" for (host, bus), seen in sorted(users.items())
+              if len(seen) > 1 and not all(seen)]
+    return ", ".join(shared)
+
+
+def gpu_sharing_note(world, on_gpu: bool) -> str:
+    """Collective over world: on rank 0, a note when ranks share a GPU without CUDA MPS (their kernels then take
+    turns on it: README, Several ranks on one GPU); "" when none do, and on every other rank."""
+    from rshard_hpc.dist import collectives
+    from rshard_hpc.dist.nccl import gpu_identity
+
+    gathered = collectives.gather_objects(world, (*gpu_identity(), mps_visible()) if on_gpu else None)
+    shared = shared_without_mps(gathered) if gathered is not None else ""
+    if not shared:
+        return ""
+    return (f"note: ranks share a GPU without CUDA MPS ({shared}): their kernels take turns on it ({MPS_EVIDENCE}); "
+            f"README, Several ranks on one GPU, says how to start it (RSHARD_MPS=1 with slurm/run.sh)")

@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 
 from rshard_hpc.dist import collectives
-from rshard_hpc.dist.devices import connect_workers, rank_backend
+from rshard_hpc.dist.devices import connect_workers, gpu_sharing_note, rank_backend
 from rshard_hpc.dist.topology import Topology
 from rshard_hpc.engine import trace
 from rshard_hpc.engine.stats import rank_stats
@@ -80,6 +80,9 @@ def _set_up(world, topo, opts: RunOptions, spec, job):
     except RshardError as exc:
         error = str(exc)
     collectives.agree(world, error)
+    note = gpu_sharing_note(world, xp is not np) if opts.device == "gpu" else ""  # collective; the client says it
+    if note:
+        say(note)
     return worker
 
 

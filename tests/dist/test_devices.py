@@ -116,3 +116,47 @@ def test_alltoallv_receives_into_a_given_buffer():
     for wrong in (np.empty(4, np.float32), np.empty(5, np.uint16)):
         with pytest.raises(ValueError, match="out holds"):
             t.alltoallv(mpi.COMM_SELF, send, [5], [5], out=wrong)
+
+
+def test_mps_is_seen_where_cuda_looks_for_its_pipe(tmp_path):
+    from rshard_hpc.dist.devices import MPS_DEFAULT_PIPE, mps_visible
+
+    assert not mps_visible({"CUDA_MPS_PIPE_DIRECTORY": str(tmp_path)})
+    (tmp_path / "control").touch()  # the control daemon's pipe
+    assert mps_visible({"CUDA_MPS_PIPE_DIRECTORY": str(tmp_path)})
+    looked = []
+    assert not mps_visible({}, exists=lambda p: looked.append(p) or False)
+    assert looked == [f"{MPS_DEFAULT_PIPE}/control"]
+
+
+def test_ranks_sharing_a_gpu_without_mps_are_named():
+    from rshard_hpc.dist.devices import shared_without_mps
+
+    a, b = ("n1", "0000:19:00.0"), ("n1", "0000:3b:00.0")
+    assert shared_without_mps([None, (*a, False), (*b, False)]) == ""  # a GPU each
+    assert shared_without_mps([None, (*a, True), (*a, True), (*b, False)]) == ""  # shared under MPS
+    assert shared_without_mps([None, (*a, True), (*a, False), (*b, False)]) == "n1 GPU 0000:19:00.0 (2 ranks)"
+    assert shared_without_mps([(*b, False)] * 3 + [(*a, False)] * 2) == ("n1 GPU 0000:19:00.0 (2 ranks), "
+                                                                         "n1 GPU 0000:3b:00.0 (3 ranks)")
+
+
+class _Gather:
+    """A communicator stand-in whose gather gives the root every rank's object (these ranks' objects)."""
+
+    def __init__(self, objects: list, rank: int = 0):
+        self.objects, self.rank = objects, rank
+
+    def gather(self, obj, root=0):
+        return [obj] + self.objects[1:] if self.rank == root else None
+
+
+def test_the_client_notes_a_shared_gpu_without_mps(monkeypatch):
+    from rshard_hpc.dist import devices, nccl
+
+    monkeypatch.setattr(nccl, "gpu_identity", lambda: ("n1", "0000:19:00.0"))
+    monkeypatch.setattr(devices, "mps_visible", lambda: False)
+    workers = [None] + [("n1", "0000:19:00.0", False)] * 2
+    note = devices.gpu_sharing_note(_Gather(workers), on_gpu=False)
+    assert "without CUDA MPS (n1 GPU 0000:19:00.0 (2 ranks))" in note and "RSHARD_MPS=1" in note
+    assert devices.gpu_sharing_note(_Gather(workers, rank=1), on_gpu=True) == ""  # said by the client alone
+    assert devices.gpu_sharing_note(_Gather([None] + [("n1", "0000:19:00.0", True)] * 2), on_gpu=False) == ""
