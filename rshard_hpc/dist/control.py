@@ -10,8 +10,9 @@ five such collectives.
 
 Messages between one pair of ranks keep their order on each tag (MPI's non-overtaking rule), so a worker reads its
 headers, and a CompNode its inputs, in the order the client sent them. A send of an array waits until it is
-received, so no rank leaves a large message half-moved behind while it computes (a rendezvous moves only while
-both sides call MPI); a pickled message (a header, a ledger) is small and does not wait.
+received (or, started with start_arrays, until `finish`, which its caller reaches before it leaves MPI), so no rank
+leaves a large message half-moved behind while it computes (a rendezvous moves only while both sides call MPI); a
+pickled message (a header, a ledger) returns at once and moves as its sender goes on calling MPI.
 """
 from __future__ import annotations
 
