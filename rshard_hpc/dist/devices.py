@@ -94,7 +94,13 @@ def gpu_sharing_note(world, on_gpu: bool) -> str:
     from rshard_hpc.dist import collectives
     from rshard_hpc.dist.nccl import gpu_identity
 
-    gathered = collectives.gather_objects(world, (*gpu_identity(), mps_visible()) if on_gpu else None)
+    entry = None
+    if on_gpu:
+        try:
+            entry = (*gpu_identity(), mps_visible())
+        except Exception:  # noqa: BLE001 - a note only: a rank that cannot name its GPU still joins the gather
+            entry = None
+    gathered = collectives.gather_objects(world, entry)
     shared = shared_without_mps(gathered) if gathered is not None else ""
     if not shared:
         return ""

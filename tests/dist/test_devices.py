@@ -160,3 +160,20 @@ def test_the_client_notes_a_shared_gpu_without_mps(monkeypatch):
     assert "without CUDA MPS (n1 GPU 0000:19:00.0 (2 ranks))" in note and "RSHARD_MPS=1" in note
     assert devices.gpu_sharing_note(_Gather(workers, rank=1), on_gpu=True) == ""  # said by the client alone
     assert devices.gpu_sharing_note(_Gather([None] + [("n1", "0000:19:00.0", True)] * 2), on_gpu=False) == ""
+
+
+def test_a_rank_that_cannot_name_its_gpu_still_joins_the_gather(monkeypatch):
+    from rshard_hpc.dist import devices, nccl
+
+    def broken():
+        raise RuntimeError("no bus id")
+
+    monkeypatch.setattr(nccl, "gpu_identity", broken)
+    calls = []
+
+    class _Worker(_Gather):
+        def gather(self, obj, root=0):
+            calls.append(obj)
+            return None
+
+    assert devices.gpu_sharing_note(_Worker([]), on_gpu=True) == "" and calls == [None]
