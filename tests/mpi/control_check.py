@@ -4,6 +4,8 @@ usage: mpiexec -n W python tests/mpi/control_check.py SEED
 Rank 0 sends every other rank, in this order, headers (one larger than MPICH's eager limit), one array per rank
 each of int64 and float32 (empty, small, 9 MB), and finally a stop; each worker checks what it got in order,
 answers with a ledger-like object, then rows (received by rank 0 in the other order: rows first), and flushes.
+Then, as an embedding client overlaps them (Client.encode_batches), rank 0 starts one more array to every worker
+(Channel.start_arrays) and reads a large ledger each worker sent before receiving it, then finishes the sends.
 Payloads are fresh random numbers from SEED, known to every rank. Every rank exits 0 only if all checks pass (a
 collective verdict: an allreduce of the failures); rank 0 prints what failed.
 """
@@ -33,12 +35,22 @@ def headers(seed: int) -> list:
             {"op": "step", "ranges": [(0, 5)], "want": "all"}, {"op": "end"}]
 
 
+def large_ledger(seed: int, rank: int) -> dict:
+    """A ledger-like object past any eager limit (~400 kB pickled)."""
+    return {"node": f"rank{rank}", "records": np.random.default_rng([seed, rank, 1]).integers(0, 999, 80_000).tolist()}
+
+
 def client(channel: Channel, seed: int, size: int) -> list:
     failures = []
     for header in headers(seed):
         channel.send_to_workers(header)
     for i in range(len(SIZES) * 2):
         channel.send_arrays({rank: payloads(seed, rank)[i] for rank in range(1, size)}, INPUTS)
+    sending = channel.start_arrays({rank: payloads(seed, rank)[-1] for rank in range(1, size)}, INPUTS)
+    for rank in range(1, size):  # read while the arrays move
+        if channel.recv_object(rank, LEDGER) != large_ledger(seed, rank):
+            failures.append(f"large ledger of rank {rank}")
+    channel.finish(sending)
     channel.send_to_workers({"op": "stop"})
     for rank in range(1, size):  # rows before the ledger, though each worker sent its ledger first
         rows = channel.recv_array(rank, ROWS, np.float32)
@@ -60,6 +72,9 @@ def worker(channel: Channel, seed: int, rank: int) -> list:
         got = channel.recv_array(CLIENT, INPUTS, want.dtype)
         if got.dtype != want.dtype or not np.array_equal(got, want):
             failures.append(f"rank {rank}: array {i} ({want.dtype}, {want.size})")
+    channel.send_object(large_ledger(seed, rank), CLIENT, LEDGER)
+    if not np.array_equal(channel.recv_array(CLIENT, INPUTS, np.float32), payloads(seed, rank)[-1]):
+        failures.append(f"rank {rank}: the array started while ledgers were read")
     if channel.header() != {"op": "stop"}:
         failures.append(f"rank {rank}: no stop")
     channel.send_object({"node": f"rank{rank}", "records": [[rank, 2 * rank]]}, CLIENT, LEDGER)
