@@ -98,7 +98,8 @@ class SignalledExchange:
         """Whether a large step of a decoder (causal) or an encoder model signals on the device: a decoder's does;
         an encoder's only under RSHARD_IPC_SIGNAL=device. Measured on one H200 with MPS, alternating: the 4,096-prompt
         MiniLM embedding job ran slower signalled in 8 pairs of 8 (13 and 7 ranks, by 0.1-0.8 s of 1.3-3 s), while
-        SmolLM2-shape prefills ran 1.3-2x faster (docs/bench_suite_h200.md); why the encoder loses is not known."""
+        SmolLM2-shape prefills ran 1.3-2x faster (docs/bench_suite_h200.md). Why (a trace with device marks): an
+        embedding batch is one step, whose hand-offs with the client set its pace (architecture.md §7)."""
         return causal or self.every_step
 
     def reserve(self, nbytes: int) -> None:

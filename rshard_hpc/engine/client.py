@@ -182,16 +182,14 @@ class Client:
         gathered before it is yielded (take_ledgers), while batch b+1's inputs move: a ledger too large to go at once
         moves only while its worker calls MPI, which it does reading its next headers, not while it computes."""
         batches = list(batches)
-        in_flight = self._send_batch(self._prepare_batch(batches[0], want)) if batches else None
-        if in_flight is not None:
-            self._inputs_sent(in_flight[1])
+        in_flight = self._send_batch(self._prepare_batch(batches[0], want), wait=True) if batches else None
         for b in range(len(batches)):
             upcoming = self._prepare_batch(batches[b + 1], want) if b + 1 < len(batches) else None
             lens, step = in_flight
             parts = self._gather(step)
             self._send_end()
             if upcoming is not None:  # sent before the ledgers are read: the workers need not wait for the client
-                in_flight = self._send_batch(upcoming)
+                in_flight = self._send_batch(upcoming, wait=False)
             self._collect_ledgers()  # while the inputs move: a worker's ledger moves as it reads its next headers
             if upcoming is not None:
                 self._inputs_sent(in_flight[1])  # before the client leaves MPI to write (a large send needs it)
@@ -207,14 +205,15 @@ class Client:
         """(lens, the batch's one step prepared, on plans of its own: batch b may still be in flight)."""
         lens = [len(s) for s in sequences]
         prepared = lens, self._prepare(self._new_batch(lens), [(0, n) for n in lens], sequences, want, last=True)
-        trace.mark("prepared")
+        trace.mark("batch prepared")  # not "prepared": a start-up mark of that name (run/job.py, trace_report)
         return prepared
 
-    def _send_batch(self, prepared):
-        """The batch header, then its step: the workers make the batch's plans and start computing."""
+    def _send_batch(self, prepared, wait: bool):
+        """The batch header, then its step: the workers make the batch's plans and start computing (wait: as
+        _send's)."""
         lens, step = prepared
         self._announce_batch(lens)
-        return lens, self._send(step, wait=False)
+        return lens, self._send(step, wait)
 
 
 class _Step:
