@@ -78,13 +78,11 @@ def mps_visible(environ=None, exists=os.path.exists) -> bool:
 def shared_without_mps(entries: list) -> str:
     """entries by rank: None (no GPU) or (host, PCI bus id, MPS daemon visible). "" unless ranks share a GPU and
     one of them sees no MPS daemon; else which GPUs: "host GPU bus (n ranks)", joined."""
-    users = {}
-    for entry in entries:
-        if entry is not None:
-            host, bus, mps = entry
-            users.setdefault((host, bus), []).append(mps)
-    shared = [f"{host} GPU {bus} ({len(seen)} ranks)" for (host, bus), seen in sorted(users.items())
-              if len(seen) > 1 and not all(seen)]
+    from rshard_hpc.dist.nccl import ranks_by_gpu
+
+    users = ranks_by_gpu([entry[:2] if entry is not None else None for entry in entries])
+    shared = [f"{host} GPU {bus} ({len(ranks)} ranks)" for (host, bus), ranks in sorted(users.items())
+              if len(ranks) > 1 and not all(entries[r][2] for r in ranks)]
     return ", ".join(shared)
 
 

@@ -131,9 +131,9 @@ def transport_line(reports: list[RankReport], mode: str) -> tuple[str, str]:
     reports: NCCL on every worker, one GPU each or shared, their hosts, CUDA-aware MPI on every worker."""
     workers = [r for r in reports if r.rank != 0] or reports
     no_nccl = next((f"rank {r.rank}: {r.nccl[4:-1]}" for r in workers if r.nccl.startswith("no (")), "")
-    users = Counter((r.host, r.gpu) for r in workers)
-    shared = ", ".join(f"{n} ranks on {host} GPU {gpu.split(':')[0]}" for (host, gpu), n in sorted(users.items())
-                       if n > 1)
+    users = nccl.ranks_by_gpu([(r.host, r.gpu) for r in workers])
+    shared = ", ".join(f"{len(ranks)} ranks on {host} GPU {gpu.split(':')[0]}"
+                       for (host, gpu), ranks in sorted(users.items()) if len(ranks) > 1)
     not_aware = next((r for r in workers if not r.cuda_aware.startswith("yes")), None)
     evidence = (not_aware or workers[0]).cuda_aware.split(" (", 1)[-1].rstrip(")")
     return transport_choice.predict(mode, nccl=no_nccl, shared=shared, hosts=len({r.host for r in workers}),
@@ -194,8 +194,9 @@ def verdict(reports: list[RankReport], alpha, beta, device: str, transport: str 
                         f"is number {wrong[0].local_rank} on its node (a launcher started inside another's step, e.g. "
                         f"mpiexec inside srun?): GPUs are chosen from {wrong[0].local_env.split('=')[0]}, so ranks may "
                         f"share one")
-    gpu_users = Counter((r.host, r.gpu) for r in reports if r.has_gpu and r.rank != 0)
-    shared = [f"{host} GPU {gpu.split(':')[0]} ({n} ranks)" for (host, gpu), n in sorted(gpu_users.items()) if n > 1]
+    gpu_users = nccl.ranks_by_gpu([(r.host, r.gpu) if r.has_gpu and r.rank != 0 else None for r in reports])
+    shared = [f"{host} GPU {gpu.split(':')[0]} ({len(ranks)} ranks)" for (host, gpu), ranks in sorted(gpu_users.items())
+              if len(ranks) > 1]
     if device == "gpu" and shared:
         warnings.append(f"ranks share GPUs: {', '.join(shared)}")
     if problems:

@@ -49,15 +49,22 @@ def gpu_identity() -> tuple[str, str]:
     return socket.gethostname(), str(bus)
 
 
+def ranks_by_gpu(identities) -> dict:
+    """{identity: [ranks]} in first-seen order, identities by rank ((host, PCI bus id), or any key naming one
+    device; None: a rank without a GPU, left out). The one grouping of ranks by device: NCCL's refusal, the
+    set-up's MPS note and the doctor's warnings read it."""
+    users = {}
+    for rank, ident in enumerate(identities):
+        if ident is not None:
+            users.setdefault(tuple(ident), []).append(rank)
+    return users
+
+
 def gpu_sharing(identities: list) -> str:
     """"" when every rank has a GPU of its own, else which ranks share which (host, bus id) device.
     identities: (host, PCI bus id) by rank."""
-    users = {}
-    for rank, ident in enumerate(identities):
-        users.setdefault(tuple(ident), []).append(rank)
-    shared = [f"ranks {', '.join(map(str, ranks))} on {host} GPU {bus}"
-              for (host, bus), ranks in users.items() if len(ranks) > 1]
-    return "; ".join(shared)
+    return "; ".join(f"ranks {', '.join(map(str, ranks))} on {host} GPU {bus}"
+                     for (host, bus), ranks in ranks_by_gpu(identities).items() if len(ranks) > 1)
 
 
 def bootstrap(comm, nccl):

@@ -102,6 +102,8 @@ def test_doctor_names_the_transport_and_refuses_nccl_on_a_shared_gpu():
     status, _, line = verdict(shared, 2, 1, "gpu", "nccl")
     assert status == 2 and line == ("PROBLEM: 4 ranks on 1 host: --transport nccl cannot be used: workers share "
                                     "a GPU (3 ranks on h GPU 0); NCCL needs one rank per GPU"), line
+    assert "ranks share GPUs: h GPU 0 (3 ranks)" in verdict(shared, 2, 1, "gpu", "auto")[1]  # the client's is none
+    assert not any("share" in w for w in verdict(_gpu_reports([0, 1, 2]), 2, 1, "gpu", "auto")[1])
     lines = render(shared, "gpu", "auto")
     assert "NCCL: 2.28.9" in lines and any(l.startswith("transport (--transport auto): ipc: ") for l in lines)
     own = _gpu_reports([0, 1, 2])
