@@ -4,7 +4,7 @@
 # each skipped once the call's time budget (BUDGET_S, default 540) is near.   logs go to $OUT
 #   usage: bash tools/device_session.sh STAGE...   stages: mpi verify startab startvar unit engine jobs passes decode transports trace profile smalltests finaltests
 #           smallab decodeab passes1 probe suite p512 embatch launch etrace prefab floor exitprobe hostprof
-#           opmarks opcosts smalldev signal sigab equiv embab mpson mpsoff
+#           opmarks opcosts smalldev signal sigab equiv embab mpson mpsoff mpsnote
 #           genstore genfile
 # Code before a change (an A/B): carry a tree of it (git archive REV rshard_hpc kernels | tar -x -C .old) and give
 # the variant PYTHONPATH=$PWD/.old,PYTHONSAFEPATH=1 (STARTVARS, PREFAB): `python3 -m` puts the working directory,
@@ -444,6 +444,17 @@ equiv)  # tests/mpi/gpu_equivalence.py (tiny llama, bf16, short case) at 13 and 
     pkill -9 -f gpu_equivalence.py; sleep 1
   done
   mps_off ;;
+mpsnote)  # a 12-prompt MiniLM GPU job at 13 ranks without MPS, then with it: the set-up's note, and the walls
+  python3 -c "from rshard_hpc.bench.prompts import word_prompts as p, write_prompts as w; w('/tmp/p12.jsonl', p(12, seed=1))"
+  for mps in off on; do
+    stage "12 prompts, 13 ranks, MPS $mps"; enough 40 mpsnote || break
+    [ $mps = on ] && mps_on
+    t0=$EPOCHREALTIME
+    RSHARD_SMALL_JOB_ON_CPU=0 timeout 90 mpirun -n 13 python3 -m rshard_hpc run --task embed --model /tmp/minilm.h5 --prompts /tmp/p12.jsonl \
+      --out /tmp/e12.h5 --overwrite --device gpu --alpha 3 --beta 3 --c-a 2 2>&1 | grep -E "note|done|rror" | cut -c1-400
+    echo "rc ${PIPESTATUS[0]} wall $(python3 -c "print(round($EPOCHREALTIME - $t0, 2))") s"
+    [ $mps = on ] && mps_off
+  done ;;
 mpson) mps_on ;;  # the stages after it run under MPS (until mpsoff)
 mpsoff) mps_off ;;
 signal)  # the device-signalled CUDA IPC exchange: its probe and the transport check at 13 and 7 ranks, MPS on and off
