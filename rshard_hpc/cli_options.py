@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from rshard_hpc.dist.transport_choice import TRANSPORTS
+from rshard_hpc.dist.transport import TRANSPORTS
 from rshard_hpc.ops.arrays import DEVICES
 from rshard_hpc.ops.precision import DTYPES
 from rshard_hpc.plan.schemes import SCHEMES

@@ -23,6 +23,10 @@ def _mpi_type(dtype):
         raise TypeError(f"Transport moves float32 or uint16 (bf16) payloads, not {np.dtype(dtype)}") from None
 
 
+# --transport: how GPU workers move their buffers (transport_choice.py decides; here so that the CLI's options do
+# not import the GPU transports to name them)
+TRANSPORTS = ("auto", "staged", "mpi", "ipc", "nccl")
+
 # Steps this small stage instead of using CUDA IPC. Measured on one H200, 7 ranks (SmolLM2 shape, 8k prompt,
 # tools/device_session.sh decode): a one-token decode step 121 ms staged vs 156 ms over IPC; the 8k prefill
 # 0.43 s staged vs 0.35 s over IPC.

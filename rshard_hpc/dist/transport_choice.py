@@ -15,9 +15,9 @@ from rshard_hpc.dist import cuda_aware
 from rshard_hpc.dist import nccl as nccl_transport
 from rshard_hpc.dist import ipc_signal
 from rshard_hpc.dist.cuda_ipc import _try_device_ipc
+from rshard_hpc.dist.transport import TRANSPORTS
 from rshard_hpc.errors import RshardError
 
-TRANSPORTS = ("auto", "staged", "mpi", "ipc", "nccl")
 # Below this many tokens of work (prompt tokens, plus tokens to generate) `auto` skips NCCL and CUDA IPC. At this
 # size host staging moves a layer's q/k/v and partials (all-MiniLM-L6-v2: ~8 KB a token) in ~10 ms on one node,
 # far below the IPC probe's ~0.5 s (issue 13, a 12-prompt job's start-up timeline).

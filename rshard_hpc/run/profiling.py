@@ -7,15 +7,17 @@ time: where ranks outnumber cores, a rank's wall time includes the time others h
 from __future__ import annotations
 
 import atexit
-import cProfile
 import io
 import os
-import pstats
 import time
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from rshard_hpc.dist.launcher import world_rank
 from rshard_hpc.engine import trace
+
+if TYPE_CHECKING:
+    import cProfile
 
 ENV_VAR = "RSHARD_PROFILE"
 MIN_TOKENS_VAR = "RSHARD_PROFILE_MIN_TOKENS"
@@ -40,6 +42,8 @@ def start_if_asked() -> None:
 
 def new_profiler() -> cProfile.Profile:
     """A profiler on the wall clock, or on this process's CPU clock with RSHARD_PROFILE_CPU=1."""
+    import cProfile  # here, not at the top: every rank imports this module, few profile
+
     return cProfile.Profile(time.process_time) if os.environ.get(CPU_CLOCK_VAR) == "1" else cProfile.Profile()
 
 
@@ -61,6 +65,8 @@ def _write(profiler: cProfile.Profile, folder: str, rank: int) -> None:
     profiler.disable()
     if not profiler.getstats():
         return  # a scoped profile with no step of that size
+    import pstats
+
     out = io.StringIO()
     stats = pstats.Stats(profiler, stream=out)
     for order in ("tottime", "cumulative"):

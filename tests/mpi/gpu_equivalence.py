@@ -22,7 +22,7 @@ from mpi4py import MPI
 from rshard_hpc.dist import devices
 from rshard_hpc.dist.topology import Topology
 from rshard_hpc.dist.transport import Transport
-from rshard_hpc.dist.transport_choice import TRANSPORTS
+from rshard_hpc.dist.transport import TRANSPORTS
 from rshard_hpc.engine.client import Client
 from rshard_hpc.models import load_model, model_class, weights
 from rshard_hpc.models.reference import reference_forward
