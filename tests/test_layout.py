@@ -112,3 +112,34 @@ def test_the_checkouts_kernels_folder_hides_no_top_level_kernels_package():
                            cwd=PACKAGE.parent)
     assert found.returncode == 0, found.stderr
     assert not found.stdout.strip().startswith(str(PACKAGE.parent / "kernels")), found.stdout
+
+
+# What a CPU rank imports to run a job stays lean: 13 ranks on 2 cores pay every module 13 times at start-up
+# (issue 13). None of these is needed there: the GPU transports and their probes, the profiler, and numpy.ma
+# (which a plain np.unique loads: plan.views.sorted_unique instead).
+NOT_AT_START = ("numpy.ma", "cProfile", "pstats", "subprocess", "rshard_hpc.dist.transport_choice",
+                "rshard_hpc.dist.cuda_aware", "rshard_hpc.dist.ipc_signal", "cupy", "torch")
+JOB_MODULES = ("rshard_hpc.cli", "rshard_hpc.run.job", "rshard_hpc.engine.workers", "rshard_hpc.engine.attn_worker",
+               "rshard_hpc.engine.client", "rshard_hpc.models", "rshard_hpc.plan.ledger")
+
+
+def test_a_cpu_rank_imports_nothing_it_does_not_use():
+    import subprocess
+    import sys
+
+    code = (f"import sys\nfor m in {JOB_MODULES!r}: __import__(m)\n"
+            f"print(' '.join(m for m in {NOT_AT_START!r} if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert loaded == [], f"imported at a CPU rank's start: {loaded}"
+
+
+def test_no_plain_np_unique_in_the_package():
+    """np.unique without return_* arguments imports numpy.ma (NumPy 2.x, ~12 ms a rank) and hashes slowly."""
+    plain = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "unique"
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id in ("np", "xp")
+                    and not any((k.arg or "").startswith("return_") for k in node.keywords)):
+                plain.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    assert plain == [], f"use plan.views.sorted_unique: {plain}"

@@ -12,7 +12,7 @@ from rshard_hpc.dist.topology import node_label, world_size_for
 from rshard_hpc.plan.ledger import visible_key_counts
 from rshard_hpc.plan.schemes import PlanSpec, make_plan
 from rshard_hpc.plan.views import (DEFAULT_VOCAB, INF, _first_unknown, blocks_of, format_blocks, node_report,
-                                   plan_views, view_runs)
+                                   plan_views, sorted_unique, view_runs)
 
 SEARCH_MAX = 8  # the layout search tries alpha, beta in 1 … SEARCH_MAX
 
@@ -248,5 +248,5 @@ def report_lengths(lengths, limit: int = 32) -> list[int]:
     lengths = sorted({int(x) for x in lengths})
     if len(lengths) <= limit:
         return lengths
-    picks = np.unique(np.linspace(0, len(lengths) - 1, limit).round().astype(int))
+    picks = sorted_unique(np.linspace(0, len(lengths) - 1, limit).round().astype(int))
     return [lengths[i] for i in picks]

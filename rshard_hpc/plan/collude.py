@@ -15,6 +15,7 @@ import numpy as np
 
 from rshard_hpc.errors import InputError
 from rshard_hpc.plan.views import (
+    sorted_unique,
     INF,
     blocks_of,
     format_blocks,
@@ -28,7 +29,7 @@ EXACT_LIMIT = 5000  # N-subsets tried one by one
 def union_view(views: dict, names) -> np.ndarray:
     """The sorted positions any of `names` sees."""
     parts = [np.asarray(views[x], dtype=np.int64) for x in names]
-    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+    return sorted_unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
 
 
 def union_delta(union: np.ndarray, n: int, public_prefix: int = 0) -> float:

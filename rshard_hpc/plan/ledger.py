@@ -44,7 +44,7 @@ def step_key_counts(groups: dict, plan_len: np.ndarray, seq: np.ndarray, pos: np
     keys of sequence s computed so far."""
     counts = np.zeros((beta, len(seq)), dtype=np.int64)
     lens = plan_len[seq]
-    for n in np.unique(lens).tolist():
+    for n in sorted_unique(lens).tolist():
         member = np.asarray(groups[n])[None, :] == np.arange(beta)[:, None]  # (beta, n)
         cum = np.cumsum(member, axis=1, dtype=np.int64)  # keys of group j at positions <= p
         at = np.flatnonzero(lens == n)
@@ -257,7 +257,7 @@ def _keys_agree(parts, length, plan_len, plans, causal: bool) -> bool:
     np.maximum.at(last, owner, pos)
     upto = np.maximum(last + 1, length[prompt])  # the keys computed: as far as the prompt and the partials go
     want = np.zeros(len(pos), dtype=np.int64)
-    for n in np.unique(plan_len[prompt]).tolist():
+    for n in sorted_unique(plan_len[prompt]).tolist():
         at = np.flatnonzero(plan_len[prompt[owner]] == n)
         if key_group[owner[at]].min(initial=0) < 0 or key_group[owner[at]].max(initial=0) >= plans.spec.beta:
             return False

@@ -68,7 +68,6 @@ def _set_up(world, topo, opts: RunOptions, spec, job):
     collectives.agree(world, error)  # every rank has its device before the workers probe CUDA IPC together
     worker, error = None, None
     try:
-        _first_use_imports()
         trace.mark("device agreed")
         connect_workers(topo, transport, opts.transport, job_tokens=prepared.job_tokens)
         trace.mark("transport")
@@ -84,12 +83,6 @@ def _set_up(world, topo, opts: RunOptions, spec, job):
     if note:
         say(note)
     return worker
-
-
-def _first_use_imports() -> None:
-    """What NumPy imports on first use, imported in the set-up rather than inside the first batch: np.unique
-    loads numpy.ma (NumPy 2.x), 0.1 s a rank."""
-    import numpy.ma  # noqa: F401
 
 
 def _play(world, topo, job, worker) -> None:
