@@ -115,12 +115,14 @@ def test_the_checkouts_kernels_folder_hides_no_top_level_kernels_package():
 
 
 # What a CPU rank imports to run a job stays lean: 13 ranks on 2 cores pay every module 13 times at start-up
-# (issue 13). None of these is needed there: the GPU transports and their probes, the profiler, and numpy.ma
-# (which a plain np.unique loads: plan.views.sorted_unique instead).
+# (issue 13). None of these is needed there: the GPU transports and their probes, the profiler, numpy.ma (which a
+# plain np.unique loads: plan.views.sorted_unique instead), and h5py (loaded where a file is opened: the client's
+# results, CompNode 0's weights; the CompNodes that receive the weights never need it).
 NOT_AT_START = ("numpy.ma", "cProfile", "pstats", "subprocess", "rshard_hpc.dist.transport_choice",
-                "rshard_hpc.dist.cuda_aware", "rshard_hpc.dist.ipc_signal", "cupy", "torch")
+                "rshard_hpc.dist.cuda_aware", "rshard_hpc.dist.ipc_signal", "cupy", "torch", "h5py")
 JOB_MODULES = ("rshard_hpc.cli", "rshard_hpc.run.job", "rshard_hpc.engine.workers", "rshard_hpc.engine.attn_worker",
-               "rshard_hpc.engine.client", "rshard_hpc.models", "rshard_hpc.plan.ledger")
+               "rshard_hpc.engine.client", "rshard_hpc.models", "rshard_hpc.models.bert", "rshard_hpc.models.llama",
+               "rshard_hpc.plan.ledger")
 
 
 def test_a_cpu_rank_imports_nothing_it_does_not_use():

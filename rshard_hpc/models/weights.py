@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import h5py
 import numpy as np
 
 from rshard_hpc.errors import InputError
 from rshard_hpc.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    import h5py
 
 FORMAT_VERSION = 1
 
@@ -42,6 +45,8 @@ def write_weights(path, cfg: ModelConfig, tokenizer: dict, tensors: dict, source
 
 
 def _write_file(tmp: Path, cfg: ModelConfig, tokenizer: dict, tensors: dict) -> None:
+    import h5py
+
     with h5py.File(tmp, "w") as f:
         f.attrs["rshard_format"] = FORMAT_VERSION
         f.create_dataset("config", data=cfg.to_json(), dtype=h5py.string_dtype())
@@ -115,6 +120,8 @@ def _shape(shape) -> str:
 
 
 def _open(path) -> h5py.File:
+    import h5py  # here, not at the top: CompNodes that receive the weights from CompNode 0 never open the file
+
     path = Path(path)
     if not path.exists():
         raise InputError(f"weight file {path} does not exist (convert one with `rshard convert`)")
