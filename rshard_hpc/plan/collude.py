@@ -15,12 +15,12 @@ import numpy as np
 
 from rshard_hpc.errors import InputError
 from rshard_hpc.plan.views import (
-    sorted_unique,
     INF,
     blocks_of,
     format_blocks,
     min_interior_gap,
     sees_all,
+    sorted_unique,
 )
 
 EXACT_LIMIT = 5000  # N-subsets tried one by one
