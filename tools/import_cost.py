@@ -2,7 +2,7 @@
 on 2 cores pay every module 13 times at start-up). Fresh processes, alternating between the trees given, medians.
 
     python tools/import_cost.py                      # this checkout
-    python tools/import_cost.py .old                 # and a tree of older code (git archive REV rshard_hpc | tar -x -C .old)
+    python tools/import_cost.py .old     # and older code: git archive REV rshard_hpc | tar -x -C .old
 """
 import os
 import resource
@@ -31,9 +31,10 @@ def main(trees: list, runs: int = 30) -> None:
         base.append(cpu_seconds(BASE, trees[0]))
     print(f"{BASE}: {1e3 * statistics.median(base):.0f} ms CPU (median of {runs}; least {1e3 * min(base):.0f})")
     for tree, values in seconds.items():
-        print(f"{tree}: a worker's imports {1e3 * statistics.median(values):.0f} ms CPU (least {1e3 * min(values):.0f}): "
-              f"{1e3 * (statistics.median(values) - statistics.median(base)):.0f} ms beyond the base's median, "
-              f"{1e3 * (min(values) - min(base)):.0f} beyond its least")
+        median, least = statistics.median(values), min(values)
+        print(f"{tree}: a worker's imports {1e3 * median:.0f} ms CPU (least {1e3 * least:.0f}): "
+              f"{1e3 * (median - statistics.median(base)):.0f} ms beyond the base's median, "
+              f"{1e3 * (least - min(base)):.0f} beyond its least")
 
 
 if __name__ == "__main__":
