@@ -9,7 +9,7 @@ from rshard_hpc import __version__
 from rshard_hpc.bench.cli import bench
 from rshard_hpc.cli_errors import fail as _fail
 from rshard_hpc.cli_options import device_options, plan_options
-from rshard_hpc.dist.launcher import tune_mpi_env, world_rank
+from rshard_hpc.dist.launcher import resume_collection, tune_mpi_env, world_rank
 from rshard_hpc.engine.generate import GenerateSettings
 from rshard_hpc.errors import InputError, RshardError
 from rshard_hpc.models.registry import BUNDLED, DEFAULT_DECODER
@@ -25,6 +25,8 @@ from rshard_hpc.run.options import DEFAULT_BATCH_TOKENS, TASKS, RunOptions
 def main():
     """rshard: token-sharded private LLM inference (see README.md)."""
     profiling.start_if_asked()
+    if click.get_current_context().invoked_subcommand != "run":
+        resume_collection()  # `run` resumes the collector after its set-up (dist/launcher.lean_rank_process)
 
 
 main.add_command(bench)

@@ -8,6 +8,7 @@ import numpy as np
 
 from rshard_hpc.dist import collectives
 from rshard_hpc.dist.devices import connect_workers, gpu_sharing_note, rank_backend
+from rshard_hpc.dist.launcher import resume_collection
 from rshard_hpc.dist.topology import Topology
 from rshard_hpc.engine import trace
 from rshard_hpc.engine.stats import rank_stats
@@ -46,6 +47,7 @@ def run(opts: RunOptions) -> None:
     try:
         worker = _set_up(world, topo, opts, spec, job)
         trace.mark("set up")
+        resume_collection()  # the start-up's objects frozen: no collection walks them, not even at exit
         _play(world, topo, job, worker)
     finally:
         if job is not None:

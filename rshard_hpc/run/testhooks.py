@@ -9,10 +9,12 @@ unless its environment variable is set (the failure and signal tests set them).
   committing their ids, after writing `DIR/writing{N}` (N counts the appends; DIR from RSHARD_PID_DIR).
 - `RSHARD_TEST_SLOW_REPORTS_S=SECONDS`: the client writes `DIR/reports` and sleeps that long as it starts
   writing the final reports (/privacy/json, /stats), inside their protected write.
-- `RSHARD_EXIT_DIR=DIR`: every rank writes `DIR/rank{R}.exit` with the status it is about to exit with.
+- `RSHARD_EXIT_DIR=DIR`: every rank writes `DIR/rank{R}.exit` with the status it is about to exit with, and
+  `DIR/rank{R}.gc` with its cycle collector's state then: "enabled frozen-object-count" (dist/launcher.py).
 """
 from __future__ import annotations
 
+import gc
 import os
 import time
 
@@ -69,6 +71,7 @@ def _rank_exiting(rank: int, code: int) -> None:
     folder = os.environ.get("RSHARD_EXIT_DIR")
     if folder:
         _write(os.path.join(folder, f"rank{rank}.exit"), str(code))
+        _write(os.path.join(folder, f"rank{rank}.gc"), f"{int(gc.isenabled())} {gc.get_freeze_count()}")
 
 
 _HOOKS = {"rank_started": _rank_started, "batch_finished": _batch_finished,
