@@ -16,7 +16,7 @@ from rshard_hpc.ops.precision import partial_slots, wire_dtype
 from rshard_hpc.ops.wire import WireRoutes
 from rshard_hpc.plan.ledger import LedgerRecorder, step_key_counts
 from rshard_hpc.plan.schemes import PlanSpec, batch_plans
-from rshard_hpc.run import profiling
+from rshard_hpc.run import profiling, termination
 
 WARM_UP_ROWS = 64  # rows of zeros a GPU rank (worker or client) runs once at set-up (warm_up)
 
@@ -40,6 +40,7 @@ class _Worker:
         trace.mark("role " + self.topo.describe())
         while True:
             header = self.topo.channel.header()
+            termination.hold_if_stopping()  # after this rank's SIGTERM: no further step, the job ends
             op = header["op"]
             if op == "stop":
                 self.topo.channel.flush()

@@ -5,9 +5,11 @@ write (a process killed while HDF5 writes can leave the whole file unreadable).
 inside MPI (mpi4py releases the GIL there):
   - the client ends the job at once — unless it is inside `protected()` (writing the results file): then as soon
     as that write is done. It prints what the results file holds and how to continue (--resume);
-  - any other rank first waits TERM_GRACE_S: under a time limit every rank gets the signal together, and a
-    worker that ended the job at once would have the launcher kill the client mid-write. If the client has not
-    ended the job by then, the rank ends it (a lone `kill` of one worker).
+  - any other rank takes no further step (`hold_if_stopping`, between its steps) and waits TERM_GRACE_S: under a
+    time limit every rank gets the signal together, and a worker that ended the job at once would have the
+    launcher kill the client mid-write. If the client has not ended the job by then, the rank ends it (a lone
+    `kill` of one worker); the client, waiting on the worker's next step, is then not inside a write (a worker
+    that served on through its grace had its abort land on the client's write of a later batch).
 The job then ends by MPI Abort on every rank with status EXIT_STATUS (128 + SIGTERM, as a shell reports it).
 """
 from __future__ import annotations
@@ -29,6 +31,7 @@ class _State:
         self.writing = 0  # depth of protected() blocks in progress
         self.pending = False  # SIGTERM came during a write: end the job when the write is done
         self.ending = False  # the job is being ended: no new write may start
+        self.stopping = False  # a worker's SIGTERM came: it takes no further step
         self.is_client = False
         self.describe = lambda: "a rank"
         self.status = lambda: ""  # the client's line on what the results file holds
@@ -101,8 +104,16 @@ def _watch(read_fd: int) -> None:
             _on_sigterm()
 
 
+def hold_if_stopping() -> None:
+    """A worker between steps: once its SIGTERM came it takes no further step and waits here for the end, so that
+    the client, waiting on it, is not inside a results write when the job is ended."""
+    if _state.stopping:
+        _wait_for_the_end()
+
+
 def _on_sigterm() -> None:
     if not _state.is_client:
+        _state.stopping = True
         time.sleep(TERM_GRACE_S)  # the client, signalled too, ends the job after its write
     with _state.lock:
         if _state.ending:

@@ -101,7 +101,9 @@ def test_sigterm_to_the_client_between_batches(tmp_path, tiny_bert):
 
 
 def test_sigterm_to_one_worker_ends_the_job(tmp_path, tiny_bert):
-    """`kill` of one AttnNode alone: it waits TERM_GRACE_S for a client that is not coming, then ends the job."""
+    """`kill` of one AttnNode alone: it takes no further step and waits TERM_GRACE_S for a client that is not
+    coming, then ends the job; the client, waiting on it, is not writing then (a worker serving on through its
+    grace had the abort land on the client's write of a later batch: rows without their ids)."""
     out = tmp_path / "term.h5"
     proc, pids = _start(tmp_path, tiny_bert, out, {"RSHARD_TEST_SLOW_BATCH_S": "3"})
     wait_for_file(pids / "batch1.done", proc)
@@ -111,6 +113,7 @@ def test_sigterm_to_one_worker_ends_the_job(tmp_path, tiny_bert):
     assert TERM_GRACE_S <= took < TERM_GRACE_S + 10
     ids, _, _ = _finished(out, pids)
     assert len(ids) >= 1
+    assert not (pids / "batch2.done").exists()  # the client sleeps 3 s after batch 1: the signal came before batch 2
 
 
 def test_sigterm_while_the_reports_are_written(tmp_path, tiny_bert):
