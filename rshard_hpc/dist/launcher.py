@@ -1,5 +1,7 @@
 """What the MPI launcher (mpiexec, srun) tells a process through its environment, read in one place: the
-world rank, the node-local rank and size, and the announced job size. Nothing here calls MPI."""
+world rank, the node-local rank and size, and the announced job size; and what a rank's process makes of it where
+several share a node (BLAS threads, MPICH's yielding, sleeping waits, memory and the cycle collector). Nothing here
+calls MPI."""
 from __future__ import annotations
 
 import gc
@@ -71,6 +73,9 @@ HEAP_ARRAYS_UP_TO = 256 << 20
 KEEP_FREED_UP_TO = 1 << 30
 
 
+_collector_paused = [False]  # lean_rank_process paused the cycle collector; resume_collection has not resumed it
+
+
 def lean_rank_process() -> bool:
     """Where several ranks share this node (as the launcher announces), before NumPy loads: NumPy does not ask the
     kernel for transparent huge pages for its large arrays (NUMPY_MADVISE_HUGEPAGE=0 unless set), glibc keeps freed
@@ -91,9 +96,6 @@ def lean_rank_process() -> bool:
     except (OSError, AttributeError):  # not glibc: its allocator as it is
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, HEAP_ARRAYS_UP_TO)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_FREED_UP_TO))
-
-
-_collector_paused = [False]  # lean_rank_process paused the cycle collector; resume_collection has not resumed it
 
 
 def resume_collection() -> None:
