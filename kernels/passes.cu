@@ -8,8 +8,8 @@
 // NumPy path's value bit for bit. The differences, each within fp32 rounding:
 //   - row sums (RMSNorm's mean square, LayerNorm's mean and variance) are one thread's strided partial
 //     sums, then a tree over the block (a fixed order: the same result every run); NumPy sums pairwise;
-//   - cosf, sinf, expf, erff are CUDA's (within 2 ulp); NumPy's / SciPy's float32 functions may differ
-//     from them by an ulp. The CuPy chain these kernels replace calls the same CUDA functions.
+//   - cosf, sinf, expf (within 2 ulp) and erfcf (within 4 ulp) are CUDA's; NumPy's / SciPy's float32
+//     functions, and ops/gelu_host.py's erfc, may differ from them by an ulp or a few.
 // bf16 outputs are uint16 bit patterns of the fp32 result, rounded to nearest even, NaN -> BF16_NAN:
 // exactly ops/precision.to_bf16_bits of the fp32 output.
 
@@ -132,8 +132,10 @@ silu_mul(const float* __restrict__ gate, const float* __restrict__ up, float* __
     }
 }
 
-// out = gelu(y + b) = ((v * 0.5) * (1 + erf(v * inv_sqrt2))) with v = y + b[j] (the exact, erf form), over
-// y (n, d), b (d,); out_bits (when not nullptr) the bf16 bits of out.
+// out = gelu(y + b) = (v * 0.5) * erfc(-(v * inv_sqrt2)) with v = y + b[j]: the exact (erf) form, 1 + erf(z) =
+// erfc(-z), written with erfc, which keeps its relative accuracy where 1 + erf(z) cancels (z below about -1.5:
+// 1e-5 relative at v = -3.3, all of it lost below v = -8); ops/gelu_host.py does the same on CPUs. Over y (n, d),
+// b (d,); out_bits (when not nullptr) the bf16 bits of out.
 extern "C" __global__ void __launch_bounds__(PASS_THREADS)
 bias_gelu(const float* __restrict__ y, const float* __restrict__ b, float* __restrict__ out,
           unsigned short* __restrict__ out_bits, long long total, int d, float inv_sqrt2)
@@ -141,7 +143,7 @@ bias_gelu(const float* __restrict__ y, const float* __restrict__ b, float* __res
     for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
          idx += (long long)gridDim.x * blockDim.x) {
         const float v = __fadd_rn(y[idx], b[idx % d]);
-        const float value = __fmul_rn(__fmul_rn(v, 0.5f), __fadd_rn(1.f, erff(__fmul_rn(v, inv_sqrt2))));
+        const float value = __fmul_rn(__fmul_rn(v, 0.5f), erfcf(-__fmul_rn(v, inv_sqrt2)));
         out[idx] = value;
         if (out_bits) out_bits[idx] = bf16_bits(value);
     }
