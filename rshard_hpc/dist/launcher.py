@@ -48,6 +48,13 @@ def oversubscribed() -> bool:
     return local is not None and local > (os.cpu_count() or 1)
 
 
+def ranks_sharing_node() -> int:
+    """How many ranks of this job share this node where the launcher announces two or more, else 0: where the
+    process settings below (BLAS threads, a lean process) apply."""
+    ranks = local_rank_count()
+    return ranks if ranks is not None and ranks >= 2 else 0
+
+
 BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -56,8 +63,8 @@ def share_cores_among_ranks() -> None:
     (at least 1) unless the variables are set already. A BLAS starting a thread a core in each of 13 ranks on 2
     cores made one 128-token MiniLM prompt take 0.55 s in the job against 0.29 s with one thread a rank
     (measured back to back here). Thread counts change the last bits of a GEMM's sum, not its accuracy."""
-    ranks = local_rank_count()
-    if ranks is None or ranks < 2:
+    ranks = ranks_sharing_node()
+    if not ranks:
         return
     threads = str(max(1, (os.cpu_count() or 1) // ranks))
     for var in BLAS_THREAD_VARS:
@@ -83,8 +90,7 @@ def lean_rank_process() -> bool:
     with everything imported frozen: `resume_collection`). A 13-rank CPU job spent ~7 % of its CPU zeroing fresh
     pages (mostly 2 MiB huge pages) and ~5 % in the collector, at exit most of all (measured with perf, 64 MiniLM
     inputs). Returns whether glibc took the malloc settings (False elsewhere, or with a single rank)."""
-    ranks = local_rank_count()
-    if ranks is None or ranks < 2:
+    if not ranks_sharing_node():
         return False
     os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
     gc.disable()
