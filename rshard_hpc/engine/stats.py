@@ -49,22 +49,24 @@ class PhaseTimer:
         if self._pending:
             self._pending[-1][2].synchronize()  # one wait: every earlier event is complete then
             elapsed_ms = self._clock[1]
-            for phase, start, end in self._pending:
-                self._seconds[phase] = self._seconds.get(phase, 0.0) + elapsed_ms(start, end) / 1e3
+            for phase, start, end in self._pending:  # complete: read without a wait each
+                self._seconds[phase] = self._seconds.get(phase, 0.0) + elapsed_ms(start, end, wait=False) / 1e3
             self._pending = []
         return self._seconds
 
 
 def event_clock(cupy) -> tuple:
     """(record, elapsed_ms) on CUDA events, for PhaseTimer and engine/trace.py's device marks: record() an event on the
-    current stream now; elapsed_ms(a, b) the ms from a to b once b is complete (it waits for b)."""
+    current stream now; elapsed_ms(a, b) the ms from a to b once b is complete (it waits for b; wait=False where the
+    caller knows both are: PhaseTimer reads many after one wait on the last)."""
     def record():
         event = cupy.cuda.Event()
         event.record()
         return event
 
-    def elapsed_ms(start, end) -> float:
-        end.synchronize()
+    def elapsed_ms(start, end, wait: bool = True) -> float:
+        if wait:
+            end.synchronize()
         return cupy.cuda.get_elapsed_time(start, end)
 
     return record, elapsed_ms

@@ -116,13 +116,14 @@ def test_phase_timer_reads_gpu_phases_from_the_event_clock():
     from rshard_hpc.engine.stats import HOST, PhaseTimer
 
     reached = iter([1.0, 4.0, 10.0, 12.5])  # ms at which each recorded event completes, in order
+    waits = []
 
     class Event:
         def record(self):
             self.ms = next(reached)
 
         def synchronize(self):
-            pass
+            waits.append(self.ms)
 
     fake_cupy = SimpleNamespace(cuda=SimpleNamespace(Event=Event, get_elapsed_time=lambda a, b: b.ms - a.ms))
     timer = PhaseTimer(fake_cupy)
@@ -133,3 +134,4 @@ def test_phase_timer_reads_gpu_phases_from_the_event_clock():
     seconds = timer.seconds
     assert seconds["attention"] == pytest.approx((3.0 + 2.5) / 1e3)
     assert "attention" + HOST in seconds
+    assert waits == [12.5]  # one wait, on the last event: every earlier one is complete then
