@@ -36,9 +36,16 @@ def world_rank() -> int:
 WAIT_ENV = "RSHARD_WAIT"  # how a rank waits for the others: "sleep", "spin", or unset (sleep when oversubscribed)
 
 
+# Launcher variables announcing how many ranks share this node: MPICH's and Open MPI's counts, then Slurm's
+# per-node task list of the step (read with SLURM_NODEID: _slurm_local_tasks)
+LOCAL_SIZE_VARS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE")
+SLURM_TASKS_PER_NODE_VAR = "SLURM_STEP_TASKS_PER_NODE"
+NODE_SIZE_VARS = LOCAL_SIZE_VARS + (SLURM_TASKS_PER_NODE_VAR,)  # every variable local_rank_count reads
+
+
 def local_rank_count() -> int | None:
     """How many ranks of this job the launcher started on this node (None when it does not say)."""
-    local = os.environ.get("MPI_LOCALNRANKS") or os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE") or _slurm_local_tasks()
+    local = next((os.environ[var] for var in LOCAL_SIZE_VARS if os.environ.get(var)), "") or _slurm_local_tasks()
     return int(local) if local.isdigit() else None
 
 
@@ -133,7 +140,7 @@ def tune_mpi_env() -> None:
 def _slurm_local_tasks() -> str:
     """Tasks of this srun step on this node, from SLURM_STEP_TASKS_PER_NODE ("4(x2),3") and SLURM_NODEID."""
     counts = []
-    for part in os.environ.get("SLURM_STEP_TASKS_PER_NODE", "").split(","):
+    for part in os.environ.get(SLURM_TASKS_PER_NODE_VAR, "").split(","):
         number, _, times = part.partition("(x")
         if number.isdigit():
             counts += [number] * (int(times.rstrip(")")) if times.rstrip(")").isdigit() else 1)

@@ -7,6 +7,8 @@ import sys
 
 from conftest import rshard
 
+from rshard_hpc.dist.launcher import LOCAL_SIZE_VARS, NODE_SIZE_VARS
+
 PROBE = """
 import gc, os, sys
 import rshard_hpc
@@ -20,23 +22,21 @@ print(state + [took, gc.isenabled(), gc.get_freeze_count() > 0])
 
 
 def _probe(**env):
-    clean = {k: v for k, v in os.environ.items()
-             if k not in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_STEP_TASKS_PER_NODE",
-                          "NUMPY_MADVISE_HUGEPAGE")}
+    clean = {k: v for k, v in os.environ.items() if k not in NODE_SIZE_VARS + ("NUMPY_MADVISE_HUGEPAGE",)}
     done = subprocess.run([sys.executable, "-c", PROBE], env={**clean, **env}, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     return eval(done.stdout.strip().splitlines()[-1])
 
 
 def test_ranks_sharing_a_node_start_lean_and_resume_collecting():
-    collecting, hugepage_env, numpy_hugepages, glibc_took, enabled, frozen = _probe(MPI_LOCALNRANKS="13")
+    collecting, hugepage_env, numpy_hugepages, glibc_took, enabled, frozen = _probe(**{LOCAL_SIZE_VARS[0]: "13"})
     assert (collecting, hugepage_env, numpy_hugepages) == (False, "0", False)
     assert glibc_took is (platform.libc_ver()[0] == "glibc")
     assert enabled and frozen
 
 
 def test_a_users_hugepage_setting_stays_and_a_lone_process_is_untouched():
-    assert _probe(MPI_LOCALNRANKS="13", NUMPY_MADVISE_HUGEPAGE="1")[1:3] == ["1", True]
+    assert _probe(**{LOCAL_SIZE_VARS[0]: "13"}, NUMPY_MADVISE_HUGEPAGE="1")[1:3] == ["1", True]
     collecting, hugepage_env, _, glibc_took, _, frozen = _probe()
     assert (collecting, hugepage_env, glibc_took, frozen) == (True, None, False, False)  # as Python starts
 
@@ -55,7 +55,7 @@ def test_other_commands_collect_again_as_they_start(tmp_path):
     probe = ("import gc, sys\nfrom click.testing import CliRunner\nimport rshard_hpc.cli as cli\n"
              "paused = gc.isenabled()\nCliRunner().invoke(cli.main, ['plan', '--alpha', '1', '--beta', '1'])\n"
              "print(paused, gc.isenabled(), gc.get_freeze_count() > 0)")
-    done = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "MPI_LOCALNRANKS": "4"},
+    done = subprocess.run([sys.executable, "-c", probe], env={**os.environ, LOCAL_SIZE_VARS[0]: "4"},
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "True", "True"]

@@ -4,20 +4,21 @@ import h5py
 import pytest
 from conftest import rshard
 
-from rshard_hpc.dist.launcher import WAIT_ENV, oversubscribed, sleep_while_waiting
+from rshard_hpc.dist.launcher import (LOCAL_SIZE_VARS, NODE_SIZE_VARS, WAIT_ENV, oversubscribed,
+                                      sleep_while_waiting)
 from rshard_hpc.errors import InputError
 
 
 def test_sleep_when_oversubscribed_unless_told(monkeypatch):
-    for var in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_STEP_TASKS_PER_NODE", WAIT_ENV):
+    for var in NODE_SIZE_VARS + (WAIT_ENV,):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr("os.cpu_count", lambda: 4)
     assert not oversubscribed() and not sleep_while_waiting()
-    monkeypatch.setenv("MPI_LOCALNRANKS", "5")
+    monkeypatch.setenv(LOCAL_SIZE_VARS[0], "5")
     assert oversubscribed() and sleep_while_waiting()
     monkeypatch.setenv(WAIT_ENV, "spin")
     assert not sleep_while_waiting()
-    monkeypatch.setenv("MPI_LOCALNRANKS", "4")
+    monkeypatch.setenv(LOCAL_SIZE_VARS[0], "4")
     monkeypatch.setenv(WAIT_ENV, "Sleep")
     assert sleep_while_waiting()
     monkeypatch.setenv(WAIT_ENV, "nap")
@@ -47,10 +48,10 @@ def test_blas_threads_share_the_cores_among_a_nodes_ranks(monkeypatch):
     monkeypatch.setattr(launcher.os, "cpu_count", lambda: 16)
     launcher.share_cores_among_ranks()  # no launcher: nothing set
     assert env == {}
-    env.update(MPI_LOCALNRANKS="7", MKL_NUM_THREADS="3")  # the user's own setting stays
+    env.update({LOCAL_SIZE_VARS[0]: "7", "MKL_NUM_THREADS": "3"})  # the user's own setting stays
     launcher.share_cores_among_ranks()
     assert env["OPENBLAS_NUM_THREADS"] == env["OMP_NUM_THREADS"] == "2" and env["MKL_NUM_THREADS"] == "3"
     env.clear()
-    env.update(MPI_LOCALNRANKS="13")
+    env.update({LOCAL_SIZE_VARS[1]: "13"})  # Open MPI's count too
     launcher.share_cores_among_ranks()
     assert env["OPENBLAS_NUM_THREADS"] == "1"
