@@ -25,7 +25,7 @@ from rshard_hpc.run.options import DEFAULT_BATCH_TOKENS, TASKS, RunOptions
 def main():
     """rshard: token-sharded private LLM inference (see README.md)."""
     profiling.start_if_asked()
-    if click.get_current_context().invoked_subcommand != "run":
+    if click.get_current_context().invoked_subcommand != run.name:
         resume_collection()  # `run` resumes the collector after its set-up (dist/launcher.lean_rank_process)
 
 
