@@ -198,24 +198,34 @@ def _heads_first(x, n_kv: int, blocks: int):
 
 def _block(q_p, k_p, v_p, mask, scale):
     """A pack's blocks: q_p (S, Hkv, G, Qm, D) against k_p, v_p (S, Hkv, 1, Km, D). mask: (S, 1, 1, Qm, Km) bool,
-    or None where every key is visible. The score array is worked on in place (it is the pack's one large
-    temporary). Returns o (S * Qm, Hq, D) and lse (S * Qm, Hq), float32."""
+    or None where every key is visible (a pack's blocks all have keys: _sequence_blocks). The score array is worked
+    on in place (it is the pack's one large temporary). Returns o (S * Qm, Hq, D) and lse (S * Qm, Hq), float32."""
     blocks, n_kv, group, n_q, head_dim = q_p.shape
     scores = q_p @ k_p.transpose(0, 1, 2, 4, 3)  # (S, Hkv, G, Qm, Km)
     scores *= np.float32(scale)
-    if mask is not None:
+    if mask is None:  # every row sees a key: the same values as below, in fewer (small, per-block) operations
+        shift = scores.max(axis=-1, keepdims=True)  # (S, Hkv, G, Qm, 1)
+        scores -= shift
+        probs = np.exp(scores, out=scores)
+        denom = probs.sum(axis=-1, keepdims=True)
+        out = probs @ v_p
+        out /= denom  # (S, Hkv, G, Qm, D)
+        lse = np.log(denom, out=denom)
+        lse += shift
+        lse = lse[..., 0]  # (S, Hkv, G, Qm)
+    else:
         np.copyto(scores, -np.inf, where=~mask)
-    row_max = scores.max(axis=-1, keepdims=True)  # (S, Hkv, G, Qm, 1)
-    any_key = np.isfinite(row_max)
-    shift = np.where(any_key, row_max, 0.0).astype(np.float32)
-    scores -= shift
-    probs = np.exp(scores, out=scores)  # masked entries: exp(-inf) = 0
-    denom = probs.sum(axis=-1, keepdims=True)
-    out = (probs @ v_p) / np.where(any_key, denom, 1.0)  # (S, Hkv, G, Qm, D)
-    lse = np.where(any_key, shift + np.log(np.where(any_key, denom, 1.0)), -np.inf)[..., 0]  # (S, Hkv, G, Qm)
+        row_max = scores.max(axis=-1, keepdims=True)  # (S, Hkv, G, Qm, 1)
+        any_key = np.isfinite(row_max)
+        shift = np.where(any_key, row_max, 0.0).astype(np.float32)
+        scores -= shift
+        probs = np.exp(scores, out=scores)  # masked entries: exp(-inf) = 0
+        denom = probs.sum(axis=-1, keepdims=True)
+        out = (probs @ v_p) / np.where(any_key, denom, 1.0)  # (S, Hkv, G, Qm, D)
+        lse = np.where(any_key, shift + np.log(np.where(any_key, denom, 1.0)), -np.inf)[..., 0]  # (S, Hkv, G, Qm)
     out = out.transpose(0, 3, 1, 2, 4).reshape(blocks * n_q, n_kv * group, head_dim)  # (S * Qm, Hq, D)
     lse = lse.transpose(0, 3, 1, 2).reshape(blocks * n_q, n_kv * group)
-    return out.astype(np.float32), lse.astype(np.float32)
+    return out.astype(np.float32, copy=False), lse.astype(np.float32, copy=False)
 
 
 def merge_partials(o_parts, lse_parts):
