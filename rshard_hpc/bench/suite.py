@@ -268,9 +268,11 @@ class Suite:
                       "the anchor. In-job seconds are the run summary's `done:` time; wall is the launcher's whole "
                       "process."]
         if any(r in self.opts.rows for r in CPU_ROWS):
-            lines.append(f"CPU rows: other anchors, {QUOTED_CPU}; the jobs' times are medians of {s.repeats} jobs.")
+            lines.append(f"CPU rows: other anchors, {QUOTED_CPU}; the jobs' times are medians of {s.repeats} jobs "
+                         f"(their range beside each, in the same unit; met? reads the median).")
         if "embed-file" in self.opts.rows:
-            lines.append(f"The embedding file's times (in the job, wall) are medians of {s.repeats} jobs.")
+            lines.append(f"The embedding file's times (in the job, wall) are medians of {s.repeats} jobs (the in-job "
+                         f"range beside it).")
         lines += [f"Note: {note}" for note in self.notes]
         return "\n".join(lines)
 

@@ -54,6 +54,7 @@ def test_suite_cpu_rows_end_to_end(tmp_path):
         assert float(row["output diff"]) < 1e-4, row  # the sharded job computes the plaintext function
         assert "(3 ranks)" in row["layout"]
     assert "SPU-Puma" in text  # the quoted CPU anchors are named
+    assert all(" over " not in r["rshard"] for r in rows)  # --quick: one job a row, no range to give
     assert "| CPU: one" in done.stdout  # the table is printed as well as written
 
 
@@ -150,3 +151,13 @@ def test_suite_generate_file_row(tmp_path):
     assert row["rshard"].endswith("s in the job)") and float(row["ratio"].rstrip("x")) > 0, row
     assert row["output diff"] == "3/3 prompts token-identical", row
     assert "left-padded batch" in text  # the anchor is described under the table
+
+
+def test_jobs_range_beside_the_median():
+    """A row of several jobs gives their range in the row's unit (the machine's speed moves between jobs: the
+    median alone hides how near the line they fell); one job gives none."""
+    from rshard_hpc.bench.suite_workloads import _spread
+
+    assert _spread([2.44, 2.31, 2.80], 1e3 / 64, 1) == "36.1-43.8 over 3 jobs; "
+    assert _spread([1.39, 1.33, 2.79], 1.0, 2) == "1.33-2.79 over 3 jobs; "
+    assert _spread([0.2], 1.0, 3) == ""
