@@ -26,6 +26,30 @@ from rshard_hpc.run.progress import Progress, Stages, process_seconds, say, wall
 from rshard_hpc.run.prompts import id_key
 
 FIRST_BATCH_SHARE = 4  # an embedding job's first batch: at most 1/4 of --batch-tokens (ClientJob.batches)
+# ... and each later one at most this many times the tokens of the one before (up to --batch-tokens): the client
+# prepares batch b+1 (its layers) while the workers run batch b, and on 2 cores at 13 ranks the workers took ~3x
+# the client's time a token (1,024 tokens in 400 ms while the client prepared 4,096 in 490 ms, then waited for it;
+# 64 MiniLM inputs: 1,024 / 3,072 / 4,096 tokens against 1,024 / 4,096 / 3,072, 16 alternating pairs, 14 faster or
+# even, 0.14 s less in the job on average; docs/bench_suite_cpu.md)
+BATCH_GROWTH = 3
+
+
+def cut_batches(lengths: list, limit: int, growing: bool) -> list:
+    """Consecutive prompts (their token counts, in file order) in batches of up to `limit` tokens (at least one
+    prompt a batch), as lists of indices. growing (an embedding job): the first batch fits in 1/FIRST_BATCH_SHARE of
+    the limit and each later one in BATCH_GROWTH times the tokens of the one before: the workers wait while the
+    client prepares the first alone (with its client layers), each later one while they run the one before
+    (encode_batches). Generation keeps whole batches: each batch pays every decode step."""
+    budget = max(1, limit // FIRST_BATCH_SHARE) if growing else limit
+    batches, batch, tokens = [], [], 0
+    for index, n in enumerate(lengths):
+        if batch and tokens + n > budget:
+            batches.append(batch)
+            budget = min(BATCH_GROWTH * tokens, limit) if growing else limit
+            batch, tokens = [], 0
+        batch.append(index)
+        tokens += n
+    return batches + ([batch] if batch else [])
 
 
 @dataclass
@@ -86,6 +110,9 @@ class ClientJob:
         self.todo = [p for p in prompts if p.id not in self.writer.done_ids]
         self.skipped = len(prompts) - len(self.todo)
         self.token_ids = [tokenized[p.id] for p in self.todo]
+        self.file_lengths = [len(tokenized[p.id]) for p in prompts]  # every prompt's, done or not: batches()
+        self.todo_at = {at: n for n, at in enumerate(i for i, p in enumerate(prompts)
+                                                     if p.id not in self.writer.done_ids)}  # file index -> todo
         self.model_path = model_path
         job_tokens = self._job_tokens()
         self.asked_device = opts.device
@@ -181,23 +208,15 @@ class ClientJob:
         return apply_chat_template(self.cfg, [{"role": "user", "content": text}])
 
     def batches(self):
-        """Consecutive prompts whose tokens fit in --batch-tokens (at least one prompt a batch). An embedding job's
-        first batch of the prompt file fits in 1/FIRST_BATCH_SHARE of it: the workers wait while the client prepares
-        that one alone (with its client layers), each later one while they run the one before (encode_batches). A
-        resumed job keeps the whole run's batches (the first it runs is not the file's first): its embeddings stay
-        those of a run never cut short. Generation keeps whole batches: each batch pays every decode step."""
-        budget = self.opts.tokens_per_batch
-        if self.opts.task == "embed" and not self.skipped:
-            budget = max(1, budget // FIRST_BATCH_SHARE)
-        batch, tokens = [], 0
-        for index, ids in enumerate(self.token_ids):
-            if batch and tokens + len(ids) > budget:
-                yield batch
-                batch, tokens, budget = [], 0, self.opts.tokens_per_batch
-            batch.append(index)
-            tokens += len(ids)
-        if batch:
-            yield batch
+        """The job's batches, as lists of indices into the prompts to do: the whole prompt file's batches
+        (cut_batches; an embedding job's grow from a small first one), less the prompts already done. A resumed job
+        thus runs the batches an uninterrupted run would (results are written a whole batch at a time), and its
+        embeddings are those of that run, bit for bit."""
+        growing = self.opts.task == "embed"
+        for batch in cut_batches(self.file_lengths, self.opts.tokens_per_batch, growing):
+            todo = [self.todo_at[i] for i in batch if i in self.todo_at]
+            if todo:
+                yield todo
 
     def run(self, client) -> None:
         opts = self.opts

@@ -133,23 +133,39 @@ def test_batch_tokens_default_follows_the_device(captured, args, device, expecte
 
 
 def test_batches_cut_at_the_default(captured):
-    """ClientJob.batches at the CPU default: consecutive prompts up to the limit, a longer prompt alone; the first
-    batch up to FIRST_BATCH_SHARE of it (at least one prompt)."""
-    from types import SimpleNamespace
-
-    from rshard_hpc.run.client_job import FIRST_BATCH_SHARE, ClientJob
+    """cut_batches at the CPU default: consecutive prompts up to the limit, a longer prompt alone; an embedding job's
+    first batch up to FIRST_BATCH_SHARE of it (at least one prompt), each later one up to BATCH_GROWTH times the
+    tokens of the one before; generation's batches whole."""
+    from rshard_hpc.run.client_job import BATCH_GROWTH, FIRST_BATCH_SHARE, cut_batches
 
     limit = DEFAULT_BATCH_TOKENS["cpu"]
     lens = [limit // 2, limit // 2, 1, limit + 5, 3, limit - 3]
-    job = SimpleNamespace(token_ids=[[0] * n for n in lens], opts=RunOptions(device="cpu"), skipped=0)
-    assert list(ClientJob.batches(job)) == [[0], [1, 2], [3], [4, 5]]
+    assert cut_batches(lens, limit, growing=True) == [[0], [1, 2], [3], [4, 5]]
     first = limit // FIRST_BATCH_SHARE
-    job.token_ids = [[0] * (first // 2)] * 3 + [[0] * (limit // 2)] * 3
-    assert list(ClientJob.batches(job)) == [[0, 1], [2, 3], [4, 5]]
-    job.skipped = 1  # resumed: the first batch it runs is not the file's first, and has the whole budget
-    assert list(ClientJob.batches(job)) == [[0, 1, 2, 3], [4, 5]]
-    job.skipped, job.opts = 0, RunOptions(device="cpu", task="generate")  # generation: whole batches
-    assert list(ClientJob.batches(job)) == [[0, 1, 2, 3], [4, 5]]
+    assert cut_batches([first // 2] * 3 + [limit // 2] * 3, limit, growing=True) == [[0, 1], [2, 3], [4, 5]]
+    # 1,024-token prompts at 4,096: the second batch stops at 3 x the first (the client has it ready in time)
+    assert BATCH_GROWTH == 3 and first == 1024
+    assert cut_batches([first] * 9, limit, growing=True) == [[0], [1, 2, 3], [4, 5, 6, 7], [8]]
+    assert cut_batches([first] * 9, limit, growing=False) == [[0, 1, 2, 3], [4, 5, 6, 7], [8]]  # generation
+
+
+def test_a_resumed_job_runs_the_whole_runs_batches(captured):
+    """ClientJob.batches: the whole file's batches less the prompts done, as indices into the prompts to do; a
+    resume after two whole batches runs exactly the uninterrupted run's third and later batches."""
+    from types import SimpleNamespace
+
+    from rshard_hpc.run.client_job import ClientJob, cut_batches
+
+    limit = DEFAULT_BATCH_TOKENS["cpu"]
+    lens = [1024] * 9
+    whole = cut_batches(lens, limit, growing=True)  # [[0], [1, 2, 3], [4, 5, 6, 7], [8]]
+    done = set(whole[0] + whole[1])
+    todo_at = {at: n for n, at in enumerate(i for i in range(len(lens)) if i not in done)}
+    job = SimpleNamespace(file_lengths=lens, todo_at=todo_at, opts=RunOptions(device="cpu"))
+    resumed = [[i + len(done) for i in batch] for batch in ClientJob.batches(job)]  # back to file indices
+    assert resumed == whole[2:]
+    job.todo_at = {at: n for n, at in enumerate(i for i in range(len(lens)) if i not in {0, 5})}  # done: not a prefix
+    assert list(ClientJob.batches(job)) == [[0, 1, 2], [3, 4, 5], [6]]  # each batch's prompts still to do
 
 
 def test_batch_tokens_below_one_is_refused(captured):
