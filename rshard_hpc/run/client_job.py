@@ -25,7 +25,7 @@ from rshard_hpc.run.options import SMALL_JOB_ON_CPU_ENV, TASKS, RunOptions
 from rshard_hpc.run.progress import Progress, Stages, process_seconds, say, wall_line
 from rshard_hpc.run.prompts import id_key
 
-FIRST_BATCH_SHARE = 4  # an embedding job's first batch: at most 1/4 of --batch-tokens (ClientJob.batches)
+FIRST_BATCH_SHARE = 4  # an embedding job's first batch: at most 1/4 of --batch-tokens (cut_batches)
 # ... and each later one at most this many times the tokens of the one before (up to --batch-tokens): the client
 # prepares batch b+1 (its layers) while the workers run batch b, and on 2 cores at 13 ranks the workers took ~3x
 # the client's time a token (1,024 tokens in 400 ms while the client prepared 4,096 in 490 ms, then waited for it;
