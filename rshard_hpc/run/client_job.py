@@ -107,12 +107,12 @@ class ClientJob:
         fingerprint = job_fingerprint(opts, self.cfg, weights_digest(model_path), self.settings, spec)
         self.writer = ResultWriter(opts.out, attrs, fingerprint, resume=opts.resume,
                                    overwrite=opts.overwrite)
-        self.todo = [p for p in prompts if p.id not in self.writer.done_ids]
+        todo_in_file = [i for i, p in enumerate(prompts) if p.id not in self.writer.done_ids]
+        self.todo = [prompts[i] for i in todo_in_file]
+        self.todo_at = {at: n for n, at in enumerate(todo_in_file)}  # file index -> index in todo: batches()
         self.skipped = len(prompts) - len(self.todo)
         self.token_ids = [tokenized[p.id] for p in self.todo]
         self.file_lengths = [len(tokenized[p.id]) for p in prompts]  # every prompt's, done or not: batches()
-        self.todo_at = {at: n for n, at in enumerate(i for i, p in enumerate(prompts)
-                                                     if p.id not in self.writer.done_ids)}  # file index -> todo
         self.model_path = model_path
         job_tokens = self._job_tokens()
         self.asked_device = opts.device
