@@ -156,8 +156,11 @@ def test_suite_generate_file_row(tmp_path):
 def test_jobs_range_beside_the_median():
     """A row of several jobs gives their range in the row's unit (the machine's speed moves between jobs: the
     median alone hides how near the line they fell); one job gives none."""
-    from rshard_hpc.bench.suite_workloads import _spread
+    from rshard_hpc.bench.suite_workloads import _aside, _spread
 
-    assert _spread([2.44, 2.31, 2.80], 1e3 / 64, 1) == "36.1-43.8 over 3 jobs; "
-    assert _spread([1.39, 1.33, 2.79], 1.0, 2) == "1.33-2.79 over 3 jobs; "
+    assert _spread([2.44, 2.31, 2.80], 1e3 / 64, 1) == "36.1-43.8 over 3 jobs"
+    assert _spread([1.39, 1.33, 2.79], 1.0, 2) == "1.33-2.79 over 3 jobs"
     assert _spread([0.2], 1.0, 3) == ""
+    assert _aside(_spread([2.44, 2.31, 2.80], 1e3 / 64, 1), "4.2 s wall") == " (36.1-43.8 over 3 jobs; 4.2 s wall)"
+    assert _aside(_spread([0.2], 1.0, 3), "1.1 s wall") == " (1.1 s wall)"
+    assert _aside(_spread([0.2], 1.0, 3)) == ""
