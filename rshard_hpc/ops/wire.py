@@ -7,7 +7,10 @@ rounded to nearest even). Receive buffer, in the same (i, j) order: one row of H
 per query of mine in group i (ops/precision.pack_partial: o, then lse), the partial of key group j.
 
 Rows of q (H * D floats) and of k, v (Hkv * D floats) are gathered in units of gcd(H, Hkv) * D floats, so a
-single index array over the units of q, k and v (in that order) describes the whole send buffer.
+single index array over the units of q, k and v describes the whole send buffer: `send_units` over q's units, then
+k's, then v's (the kernels' layout: passes_cuda.pack reads the three in place); on NumPy `fused_units`, the same
+units in the rows of the fused (n, H + 2 Hkv, D) q/k/v product, which is where an encoder's q, k and v already lie
+(Bert.pre's views): one gather, no copy before it.
 """
 from __future__ import annotations
 
@@ -35,15 +38,20 @@ class WireRoutes:
         rows = [np.asarray(r, dtype=np.int64) for r in rows_of_group]
         self.send_sizes = [[(len(rows[i]) * n_heads + 2 * len(rows[j]) * n_kv_heads) * head_dim
                             for j in range(self.beta)] for i in range(self.beta)]
-        self.send_units = xp.asarray(self._send_units(rows).astype(np.int32))
+        self.send_units = xp.asarray(self._send_units(rows, fused=False).astype(np.int32))
+        self.fused_units = self._send_units(rows, fused=True) if xp is np else None
         self.recv_rows = xp.asarray(self._recv_rows(rows).astype(np.int32))
 
-    def _send_units(self, rows: list) -> np.ndarray:
-        """(send units,) source unit of each unit of the send buffer: q units 0 … n*gq-1, then k's, then v's."""
+    def _send_units(self, rows: list, fused: bool) -> np.ndarray:
+        """(send units,) source unit of each unit of the send buffer. fused: in the rows of (n, H + 2 Hkv, D), row r's
+        units r * (gq + 2 gk) + (q's gq, then k's gk, then v's gk); else q units 0 … n*gq-1, then k's, then v's."""
         n, gq, gk = self.n, self.q_units, self.kv_units
-        q_of = [(r[:, None] * gq + np.arange(gq)).ravel() for r in rows]
-        k_of = [(n * gq + r[:, None] * gk + np.arange(gk)).ravel() for r in rows]
-        v_of = [k + n * gk for k in k_of]
+        row_units = gq + 2 * gk
+        (q_at, q_row), (k_at, k_row), (v_at, v_row) = (((0, row_units), (gq, row_units), (gq + gk, row_units)) if fused
+                                                       else ((0, gq), (n * gq, gk), (n * (gq + gk), gk)))
+        q_of = [(q_at + r[:, None] * q_row + np.arange(gq)).ravel() for r in rows]
+        k_of = [(k_at + r[:, None] * k_row + np.arange(gk)).ravel() for r in rows]
+        v_of = [(v_at + r[:, None] * v_row + np.arange(gk)).ravel() for r in rows]
         parts = [part for i in range(self.beta) for j in range(self.beta) for part in (q_of[i], k_of[j], v_of[j])]
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
@@ -64,9 +72,12 @@ class WireRoutes:
             from rshard_hpc.ops import passes_cuda
 
             return passes_cuda.pack(q, k, v, self.send_units, self.unit, self.wire)
-        units = np.concatenate([a.reshape(-1, self.unit) for a in (q, k, v)])  # (n * (gq + 2 gk), unit)
+        qkv = _one_product(q, k, v)
+        if qkv is None:
+            qkv = np.concatenate([q, k, v], axis=1)  # (n, H + 2 Hkv, D)
+        units = qkv.reshape(-1, self.unit)  # (n * (gq + 2 gk), unit)
         units = to_bf16_bits(units) if self.wire == np.uint16 else units.astype(np.float32, copy=False)
-        return np.take(units, self.send_units, axis=0).ravel()
+        return np.take(units, self.fused_units, axis=0).ravel()
 
     def merge(self, recv):
         """The flat receive buffer -> o (n, H, D) float32, the exact merge of each row's β partials."""
@@ -79,6 +90,25 @@ class WireRoutes:
         packed = np.take(recv.reshape(-1, H * self.slots), self.recv_rows, axis=0)  # (β * n, H * slots)
         o_parts, lse_parts = unpack_partial(packed.reshape(self.beta, n, H, self.slots), self.wire)
         return merge_partials(o_parts, lse_parts)[0]
+
+
+def _one_product(q, k, v):
+    """q (n, H, D), k, v (n, Hkv, D) as the (n, H + 2 Hkv, D) array they are consecutive column slices of (one
+    C-contiguous product, as Bert.pre gives them), or None where they lie elsewhere."""
+    base = q.base
+    if base is None or k.base is not base or v.base is not base or not base.flags.c_contiguous or q.size == 0:
+        return None
+    (n, n_heads, head_dim), n_kv, item = q.shape, k.shape[1], q.itemsize
+    row = (n_heads + 2 * n_kv) * head_dim
+    if base.dtype != q.dtype or base.size != n * row or k.dtype != q.dtype or v.dtype != q.dtype:
+        return None
+    start = base.__array_interface__["data"][0]
+    at = [a.__array_interface__["data"][0] - start for a in (q, k, v)]
+    strides = (row * item, head_dim * item, item)
+    if at != [0, n_heads * head_dim * item, (n_heads + n_kv) * head_dim * item] or \
+            any(a.strides != strides for a in (q, k, v)):
+        return None
+    return base.reshape(n, n_heads + 2 * n_kv, head_dim)
 
 
 def recv_row_offsets(nq, nkv, q_width: int, kv_width: int):

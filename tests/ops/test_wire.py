@@ -12,7 +12,7 @@ from rshard_hpc.ops.precision import (
     unpack_partial,
     wire_dtype,
 )
-from rshard_hpc.ops.wire import WireRoutes
+from rshard_hpc.ops.wire import WireRoutes, _one_product
 
 SHAPES = [(4, 4, 16), (9, 3, 64), (6, 4, 8), (2, 1, 128), (3, 3, 5)]  # (H, Hkv, D)
 
@@ -79,3 +79,29 @@ def test_rows_must_cover_every_local_row_once():
         WireRoutes([np.array([0, 1]), np.array([1])], 3, 4, 4, 8, np.float32)
     with pytest.raises(ValueError, match="exactly once"):
         WireRoutes([np.array([0]), np.array([2])], 3, 4, 4, 8, np.float32)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("n_heads,n_kv,head_dim", SHAPES)
+@pytest.mark.parametrize("n,beta", [(1, 3), (19, 3), (40, 2)])
+def test_views_of_one_product_are_read_in_place(n, beta, n_heads, n_kv, head_dim, dtype):
+    """q, k, v as Bert.pre gives them (column slices of one product) pack to the loops' bytes, read from that
+    product itself (no copy before the gather); slices in another order, or of a larger array, take the copy."""
+    rng = np.random.default_rng([n, beta, n_heads, n_kv, head_dim, 7])
+    wire = wire_dtype(dtype)
+    rows = _groups(rng, n, beta)
+    product = rng.standard_normal((n, (n_heads + 2 * n_kv) * head_dim)).astype(np.float32)
+    qkv = product.reshape(n, n_heads + 2 * n_kv, head_dim)
+    q, k, v = qkv[:, :n_heads], qkv[:, n_heads:n_heads + n_kv], qkv[:, n_heads + n_kv:]
+    fused = _one_product(q, k, v)
+    assert fused is not None and np.shares_memory(fused, product) and fused.tobytes() == product.tobytes()
+    send = WireRoutes(rows, n, n_heads, n_kv, head_dim, wire).pack(q, k, v)
+    assert send.tobytes() == _old_pack(rows, q, k, v, wire).tobytes()
+
+    wider = rng.standard_normal((n, n_heads + 2 * n_kv + 1, head_dim)).astype(np.float32)
+    others = [(q, v, k), (q.copy(), k, v),
+              (wider[:, :n_heads], wider[:, n_heads:n_heads + n_kv], wider[:, n_heads + n_kv:-1])]
+    for q2, k2, v2 in others:
+        assert _one_product(q2, k2, v2) is None
+        got = WireRoutes(rows, n, n_heads, n_kv, head_dim, wire).pack(q2, k2, v2)
+        assert got.tobytes() == _old_pack(rows, q2, k2, v2, wire).tobytes()
