@@ -234,19 +234,30 @@ def merge_partials(o_parts, lse_parts):
     L = logsumexp_p(lse_p), o = Σ_p exp(lse_p − L) o_p. All-(−inf) rows give (0, −inf).
     Returns o: (n, H, D) float32, lse: (n, H) float32.
     """
-    xp = xp_of(o_parts)
-    if xp is not np:
+    if xp_of(o_parts) is not np:
         from rshard_hpc.ops import attention_cuda
 
         return attention_cuda.merge_partials(o_parts, lse_parts)
-    lse_parts = lse_parts.astype(xp.float32)
+    lse_parts = np.asarray(lse_parts, dtype=np.float32)
     top = lse_parts.max(axis=0)  # (n, H)
-    any_part = xp.isfinite(top)
-    shift = xp.where(any_part, top, xp.float32(0))
-    weights = xp.exp(lse_parts - shift[None])  # (P, n, H); -inf partials weigh 0
+    any_part = np.isfinite(top)
+    shift = np.where(any_part, top, np.float32(0))
+    weights = np.exp(lse_parts - shift[None])  # (P, n, H); -inf partials weigh 0
     total = weights.sum(axis=0)  # (n, H)
-    safe_total = xp.where(any_part, total, xp.float32(1))
-    o = (weights[..., None] * o_parts).sum(axis=0) / safe_total[..., None]
-    o = xp.where(any_part[..., None], o, xp.float32(0))
-    lse = xp.where(any_part, shift + xp.log(safe_total), xp.float32(-np.inf))
-    return o.astype(xp.float32), lse.astype(xp.float32)
+    safe_total = np.where(any_part, total, np.float32(1))
+    o = _weighted_sum(o_parts, weights)  # (n, H, D)
+    o /= safe_total[..., None]
+    if not any_part.all():
+        o[~any_part] = 0
+    lse = np.where(any_part, shift + np.log(safe_total), np.float32(-np.inf))
+    return o.astype(np.float32, copy=False), lse.astype(np.float32, copy=False)
+
+
+def _weighted_sum(o_parts, weights):
+    """Σ_p weights[p] o_parts[p] in o_parts' type (float32 on the wire), added in p's order as a sum over the first
+    axis adds them: (n, H, D), one product a part in a reused buffer, not a (P, n, H, D) temporary."""
+    o = o_parts[0] * weights[0, ..., None]
+    term = np.empty_like(o)
+    for part in range(1, len(o_parts)):
+        o += np.multiply(o_parts[part], weights[part, ..., None], out=term)
+    return o
