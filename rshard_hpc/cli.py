@@ -9,7 +9,7 @@ from rshard_hpc import __version__
 from rshard_hpc.bench.cli import bench
 from rshard_hpc.cli_errors import fail as _fail
 from rshard_hpc.cli_options import device_options, plan_options
-from rshard_hpc.dist.launcher import resume_collection, tune_mpi_env, world_rank
+from rshard_hpc.dist.launcher import apply_scheduling, resume_collection, tune_mpi_env, world_rank
 from rshard_hpc.engine.generate import GenerateSettings
 from rshard_hpc.errors import InputError, RshardError
 from rshard_hpc.models.registry import BUNDLED, DEFAULT_DECODER
@@ -96,6 +96,7 @@ def run(quiet, max_new_tokens, temperature, top_k, top_p, sample_seed, stop, cha
     from rshard_hpc.run.options import RunOptions
 
     try:
+        apply_scheduling()  # SCHED_BATCH where ranks outnumber cores (RSHARD_SCHED)
         generate = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         seed=sample_seed, stop=stop, chat=chat)
         with termination.guard():  # SIGTERM ends the job, never inside a results write

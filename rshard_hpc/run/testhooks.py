@@ -9,8 +9,9 @@ unless its environment variable is set (the failure and signal tests set them).
   committing their ids, after writing `DIR/writing{N}` (N counts the appends; DIR from RSHARD_PID_DIR).
 - `RSHARD_TEST_SLOW_REPORTS_S=SECONDS`: the client writes `DIR/reports` and sleeps that long as it starts
   writing the final reports (/privacy/json, /stats), inside their protected write.
-- `RSHARD_EXIT_DIR=DIR`: every rank writes `DIR/rank{R}.exit` with the status it is about to exit with, and
-  `DIR/rank{R}.gc` with its cycle collector's state then: "enabled frozen-object-count" (dist/launcher.py).
+- `RSHARD_EXIT_DIR=DIR`: every rank writes `DIR/rank{R}.exit` with the status it is about to exit with,
+  `DIR/rank{R}.gc` with its cycle collector's state then: "enabled frozen-object-count", and `DIR/rank{R}.sched`
+  its scheduling policy: "batch" or "other" (dist/launcher.py).
 """
 from __future__ import annotations
 
@@ -72,6 +73,8 @@ def _rank_exiting(rank: int, code: int) -> None:
     if folder:
         _write(os.path.join(folder, f"rank{rank}.exit"), str(code))
         _write(os.path.join(folder, f"rank{rank}.gc"), f"{int(gc.isenabled())} {gc.get_freeze_count()}")
+        batch = hasattr(os, "SCHED_BATCH") and os.sched_getscheduler(0) == os.SCHED_BATCH
+        _write(os.path.join(folder, f"rank{rank}.sched"), "batch" if batch else "other")
 
 
 _HOOKS = {"rank_started": _rank_started, "batch_finished": _batch_finished,

@@ -1,11 +1,13 @@
 """Waiting ranks sleep between polls where ranks outnumber cores (issue 13): the choice, and that a job's results
-do not depend on it."""
+do not depend on it; there ranks also run under the kernel's batch policy (RSHARD_SCHED)."""
+import os
+
 import h5py
 import pytest
 from conftest import rshard
 
-from rshard_hpc.dist.launcher import (LOCAL_SIZE_VARS, NODE_SIZE_VARS, WAIT_ENV, oversubscribed,
-                                      sleep_while_waiting)
+from rshard_hpc.dist.launcher import (LOCAL_SIZE_VARS, NODE_SIZE_VARS, SCHED_ENV, WAIT_ENV,
+                                      batch_policy_wanted, oversubscribed, sleep_while_waiting)
 from rshard_hpc.errors import InputError
 
 
@@ -24,6 +26,43 @@ def test_sleep_when_oversubscribed_unless_told(monkeypatch):
     monkeypatch.setenv(WAIT_ENV, "nap")
     with pytest.raises(InputError, match="RSHARD_WAIT must be sleep or spin"):
         sleep_while_waiting()
+
+
+def test_batch_policy_when_oversubscribed_unless_told(monkeypatch):
+    for var in NODE_SIZE_VARS + (SCHED_ENV,):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    assert not batch_policy_wanted()
+    monkeypatch.setenv(LOCAL_SIZE_VARS[0], "5")
+    assert batch_policy_wanted()
+    monkeypatch.setenv(SCHED_ENV, "normal")
+    assert not batch_policy_wanted()
+    monkeypatch.setenv(LOCAL_SIZE_VARS[0], "2")
+    monkeypatch.setenv(SCHED_ENV, "Batch")
+    assert batch_policy_wanted()
+    monkeypatch.setenv(SCHED_ENV, "fifo")
+    with pytest.raises(InputError, match="RSHARD_SCHED must be batch or normal"):
+        batch_policy_wanted()
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="no SCHED_BATCH on this system")
+def test_every_rank_runs_under_the_policy_asked(tmp_path, tiny_bert):
+    """RSHARD_SCHED=batch: every rank of the job under SCHED_BATCH; normal: none; a bad value: a clear error and a
+    non-zero exit, no results."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"w{i} " * (3 + 5 * i) + "\n" for i in range(4)))
+    args = ["run", "--model", tiny_bert, "--prompts", prompts, "--alpha", 1, "--beta", 1, "--quiet",
+            "--allow-weak-plan"]
+    for mode in ("batch", "normal"):
+        folder = tmp_path / mode
+        folder.mkdir()
+        result = rshard(3, args + ["--out", folder / "o.h5"], env={"RSHARD_EXIT_DIR": str(folder), SCHED_ENV: mode})
+        assert result.returncode == 0, result.stderr
+        policies = {(folder / f"rank{r}.sched").read_text() for r in range(3)}
+        assert policies == {"batch" if mode == "batch" else "other"}, (mode, policies)
+    result = rshard(3, args + ["--out", tmp_path / "bad.h5"], env={SCHED_ENV: "fifo"})
+    assert result.returncode != 0 and "RSHARD_SCHED must be batch or normal" in result.stderr
+    assert not (tmp_path / "bad.h5").exists()
 
 
 def test_results_alike_sleeping_or_spinning(tmp_path, tiny_bert):
