@@ -34,6 +34,7 @@ def world_rank() -> int:
 
 
 WAIT_ENV = "RSHARD_WAIT"  # how a rank waits for the others: "sleep", "spin", or unset (sleep when oversubscribed)
+SCHED_ENV = "RSHARD_SCHED"  # the kernel's policy for a rank: "batch", "normal", or unset (batch when oversubscribed)
 
 
 # Launcher variables announcing how many ranks share this node: MPICH's and Open MPI's counts, then Slurm's
@@ -124,22 +125,21 @@ def resume_collection() -> None:
 def sleep_while_waiting() -> bool:
     """Whether a rank waiting for others sleeps between polls (leaving the cores to the ranks that work) rather
     than spinning in MPI: RSHARD_WAIT=sleep|spin, else sleep when oversubscribed."""
-    mode = os.environ.get(WAIT_ENV, "").strip().lower()
-    if mode not in ("", "sleep", "spin"):
-        raise InputError(f"{WAIT_ENV} must be sleep or spin (got {mode!r})")
-    return mode == "sleep" or (not mode and oversubscribed())
+    return _told_or_oversubscribed(WAIT_ENV, "sleep", "spin")
 
 
-SCHED_ENV = "RSHARD_SCHED"  # the kernel's policy for a rank: "batch", "normal", or unset (batch when oversubscribed)
+def _told_or_oversubscribed(var: str, on: str, off: str) -> bool:
+    """var=on|off (any case) decides; unset: on where ranks outnumber cores; InputError on any other value."""
+    mode = os.environ.get(var, "").strip().lower()
+    if mode not in ("", on, off):
+        raise InputError(f"{var} must be {on} or {off} (got {mode!r})")
+    return mode == on or (not mode and oversubscribed())
 
 
 def batch_policy_wanted() -> bool:
     """Whether this rank runs under the kernel's batch policy: RSHARD_SCHED=batch|normal, else batch where ranks
     outnumber cores (apply_scheduling says why)."""
-    mode = os.environ.get(SCHED_ENV, "").strip().lower()
-    if mode not in ("", "batch", "normal"):
-        raise InputError(f"{SCHED_ENV} must be batch or normal (got {mode!r})")
-    return mode == "batch" or (not mode and oversubscribed())
+    return _told_or_oversubscribed(SCHED_ENV, "batch", "normal")
 
 
 def apply_scheduling() -> bool:

@@ -11,38 +11,24 @@ from rshard_hpc.dist.launcher import (LOCAL_SIZE_VARS, NODE_SIZE_VARS, SCHED_ENV
 from rshard_hpc.errors import InputError
 
 
-def test_sleep_when_oversubscribed_unless_told(monkeypatch):
-    for var in NODE_SIZE_VARS + (WAIT_ENV,):
-        monkeypatch.delenv(var, raising=False)
+@pytest.mark.parametrize("var,wanted,on,off", [(WAIT_ENV, sleep_while_waiting, "sleep", "spin"),
+                                               (SCHED_ENV, batch_policy_wanted, "batch", "normal")])
+def test_on_when_oversubscribed_unless_told(monkeypatch, var, wanted, on, off):
+    """Sleeping waits and the batch policy: on where ranks outnumber cores, unless the variable says (any case)."""
+    for name in NODE_SIZE_VARS + (var,):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr("os.cpu_count", lambda: 4)
-    assert not oversubscribed() and not sleep_while_waiting()
+    assert not oversubscribed() and not wanted()
     monkeypatch.setenv(LOCAL_SIZE_VARS[0], "5")
-    assert oversubscribed() and sleep_while_waiting()
-    monkeypatch.setenv(WAIT_ENV, "spin")
-    assert not sleep_while_waiting()
+    assert oversubscribed() and wanted()
+    monkeypatch.setenv(var, off)
+    assert not wanted()
     monkeypatch.setenv(LOCAL_SIZE_VARS[0], "4")
-    monkeypatch.setenv(WAIT_ENV, "Sleep")
-    assert sleep_while_waiting()
-    monkeypatch.setenv(WAIT_ENV, "nap")
-    with pytest.raises(InputError, match="RSHARD_WAIT must be sleep or spin"):
-        sleep_while_waiting()
-
-
-def test_batch_policy_when_oversubscribed_unless_told(monkeypatch):
-    for var in NODE_SIZE_VARS + (SCHED_ENV,):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr("os.cpu_count", lambda: 4)
-    assert not batch_policy_wanted()
-    monkeypatch.setenv(LOCAL_SIZE_VARS[0], "5")
-    assert batch_policy_wanted()
-    monkeypatch.setenv(SCHED_ENV, "normal")
-    assert not batch_policy_wanted()
-    monkeypatch.setenv(LOCAL_SIZE_VARS[0], "2")
-    monkeypatch.setenv(SCHED_ENV, "Batch")
-    assert batch_policy_wanted()
-    monkeypatch.setenv(SCHED_ENV, "fifo")
-    with pytest.raises(InputError, match="RSHARD_SCHED must be batch or normal"):
-        batch_policy_wanted()
+    monkeypatch.setenv(var, on.capitalize())
+    assert wanted()
+    monkeypatch.setenv(var, "nap")
+    with pytest.raises(InputError, match=f"{var} must be {on} or {off}"):
+        wanted()
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="no SCHED_BATCH on this system")
