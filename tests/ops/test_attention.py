@@ -34,10 +34,14 @@ def random_case(rng, nq, nk, n_heads, n_kv, head_dim, n_seqs):
     return q, q_pos, q_seq, k, v, k_pos, k_seq
 
 
+@pytest.mark.parametrize("keys_last_min", [1, 10**9])  # keys copied as kᵀ's columns in every pack / in none
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("n_heads,n_kv", [(4, 4), (6, 2), (9, 3)])
 @pytest.mark.parametrize("seed", range(3))
-def test_partial_attention_matches_float64(causal, n_heads, n_kv, seed):
+def test_partial_attention_matches_float64(monkeypatch, causal, n_heads, n_kv, seed, keys_last_min):
+    from rshard_hpc.ops import attention
+
+    monkeypatch.setattr(attention, "KEYS_LAST_MIN", keys_last_min)
     rng = np.random.default_rng(seed)
     case = random_case(rng, 57, 83, n_heads, n_kv, 16, n_seqs=4)
     o, lse = partial_attention(*case, causal=causal, scale=0.25)
@@ -245,3 +249,42 @@ def test_plan_reads_rows_where_they_arrived(seed):
         want, got = plan(q, k, v), plan(*sources)
         for w, g in zip(want, got):
             np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 1, 5, 43), (1, 12, 1, 43, 1), (7, 4, 2, 3, 2), (2, 1, 1, 1, 300)])
+def test_row_max_is_numpys_maximum(shape):
+    """ops/attention._row_max (one reduceat over the flat scores) equals max over the last axis, bit for bit,
+    with rows all −inf (masked), a NaN row and ±inf entries."""
+    from rshard_hpc.ops.attention import _row_max
+
+    rng = np.random.default_rng(sum(shape))
+    scores = rng.standard_normal(shape).astype(np.float32) * 50
+    flat_rows = scores.reshape(-1, shape[-1])
+    flat_rows[0] = -np.inf
+    if len(flat_rows) > 2:
+        flat_rows[1, -1], flat_rows[2, 0] = np.nan, np.inf
+    got = _row_max(scores)
+    assert got.shape == shape[:-1] + (1,) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, scores.max(axis=-1, keepdims=True))
+
+
+def test_keys_as_columns_give_the_same_values_as_the_transposed_view(monkeypatch):
+    """Above KEYS_LAST_MIN the plan copies a pack's keys as q kᵀ's columns: the results equal those of the
+    transposed view's products to float32 rounding (43-key blocks, the 13-rank MiniLM job's), on the encoder's
+    unmasked packs and on causal masked ones."""
+    from rshard_hpc.ops import attention
+
+    rng = np.random.default_rng(4)
+    pos = np.tile(np.arange(128), 6).astype(np.int32)
+    seq = np.repeat(np.arange(6), 128).astype(np.int32)
+    q_rows, k_rows = np.flatnonzero((pos // 2) % 3 == 0), np.flatnonzero((pos // 2) % 3 == 1)
+    q = rng.standard_normal((len(q_rows), 12, 32)).astype(np.float32)
+    k, v = (rng.standard_normal((len(k_rows), 12, 32)).astype(np.float32) for _ in range(2))
+    for causal in (False, True):
+        results = []
+        for keys_last_min in (32, 10**9):
+            monkeypatch.setattr(attention, "KEYS_LAST_MIN", keys_last_min)
+            plan = AttentionPlan(pos[q_rows], seq[q_rows], pos[k_rows], seq[k_rows], causal=causal, scale=32 ** -0.5)
+            results.append(plan(q, k, v))
+        for got, want in zip(*results):
+            np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6)
