@@ -221,9 +221,10 @@ def _row_max(scores):
 
 
 def _block(q_p, k_t, v_p, mask, scale):
-    """A pack's blocks: q_p (S, Hkv, G, Qm, D) against k_t (S, Hkv, 1, D, Km) and v_p (S, Hkv, 1, Km, D). mask: (S, 1, 1, Qm, Km) bool,
-    or None where every key is visible (a pack's blocks all have keys: _sequence_blocks). The score array is worked
-    on in place (it is the pack's one large temporary). Returns o (S * Qm, Hq, D) and lse (S * Qm, Hq), float32."""
+    """A pack's blocks: q_p (S, Hkv, G, Qm, D) against k_t (S, Hkv, 1, D, Km) and v_p (S, Hkv, 1, Km, D). mask:
+    (S, 1, 1, Qm, Km) bool, or None where every key is visible (a pack's blocks all have keys: _sequence_blocks).
+    The score array is worked on in place (it is the pack's one large temporary). Returns o (S * Qm, Hq, D) and
+    lse (S * Qm, Hq), float32."""
     blocks, n_kv, group, n_q, head_dim = q_p.shape
     scores = q_p @ k_t  # (S, Hkv, G, Qm, Km)
     scores *= np.float32(scale)
