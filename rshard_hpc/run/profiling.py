@@ -75,3 +75,4 @@ def _write(profiler: cProfile.Profile, folder: str, rank: int) -> None:
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, f"rank{rank}.txt"), "w") as fh:
         fh.write(out.getvalue())
+    stats.dump_stats(os.path.join(folder, f"rank{rank}.prof"))  # for pstats' callers and callees

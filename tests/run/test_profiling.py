@@ -56,3 +56,13 @@ def test_cpu_clock_leaves_out_time_off_the_core(monkeypatch):
         timings[value] = _seconds_in(profiler, "_sleeps")
     assert timings["0"] >= 0.19
     assert timings["1"] < 0.05
+
+
+def test_written_profile_has_a_text_table_and_pstats_data(tmp_path):
+    """At exit a rank writes DIR/rank<N>.txt (the tables) and DIR/rank<N>.prof, which pstats reads with callers."""
+    profiler = cProfile.Profile()
+    profiler.runcall(_large_step_work)
+    profiling._write(profiler, str(tmp_path), 3)
+    assert "==== rank 3, by tottime" in (tmp_path / "rank3.txt").read_text()
+    stats = pstats.Stats(str(tmp_path / "rank3.prof"))
+    assert "_large_step_work" in {name for (_, _, name) in stats.stats}
