@@ -147,8 +147,7 @@ def apply_scheduling() -> bool:
     wait's poll, an arriving message) does not preempt the rank computing on that core but runs at its next turn:
     the 64-input MiniLM job at 13 ranks on 2 cores took 0.09 s less in the job (12 pairs alternating with
     RSHARD_SCHED=normal, 11 faster; medians 2.255 → 2.205 s, slowest 2.55 → 2.32; docs/bench_suite_cpu.md).
-    Returns whether the policy is now batch
-    (False where not wanted, or where the system has no such policy)."""
+    Returns whether the policy is now batch (False where not wanted, or where the system has no such policy)."""
     if not batch_policy_wanted() or not hasattr(os, "SCHED_BATCH"):
         return False
     try:

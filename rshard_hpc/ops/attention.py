@@ -30,7 +30,7 @@ Q_BLOCK = 1024  # queries per block on the NumPy path: bounds the (heads, block,
 # ranks), and 2.6x slower for 300 one-line prompts (5 x 5) than packs of this size; larger packs were slower.
 PACK_SCORES = 2048
 PACK_CALL_COST = 512  # what a call costs beside its work, in score elements: padding up to this joins a pack
-# Keys per block from which a pack's keys are copied as the columns of q kᵀ's right side (_heads_first keys_last):
+# Keys per block from which a pack's keys are copied as the columns of q kᵀ's right side (_keys_transposed):
 # NumPy's batched matmul then runs at BLAS speed (43 keys: 36 -> 17 us for 12 heads), but below ~16 keys the
 # transposed copy and the small products cost more than the transposed view saves (2 keys: 240 -> 625 us).
 KEYS_LAST_MIN = 32
@@ -194,23 +194,21 @@ def _host(a) -> np.ndarray:
     return a.get() if xp_of(a) is not np else np.asarray(a)
 
 
-def _heads_first(x, n_kv: int, blocks: int, keys_last: bool = False):
+def _heads_first(x, n_kv: int, blocks: int):
     """Rows (blocks * n, H, D) of `blocks` equal blocks -> (blocks, Hkv, H / Hkv, n, D) float32, a view of the rows:
     NumPy's matmul reads each (n, D) matrix with its row stride of H * D at BLAS speed, as it would a contiguous
-    copy (and to the same bits), so none is made. keys_last: (blocks, Hkv, H / Hkv, D, n), contiguous: keys as
-    the columns of a product's right side (a transposed view of (…, n, D), unit stride across rows, is not BLAS's
-    layout: NumPy's own loop took 2.2x as long at 43 x 32 x 43)."""
+    copy (and to the same bits), so none is made."""
     rows, n_heads, head_dim = x.shape
     x = np.asarray(x, dtype=np.float32).reshape(blocks, rows // blocks, n_kv, n_heads // n_kv, head_dim)
-    return np.ascontiguousarray(x.transpose(0, 2, 3, 4, 1)) if keys_last else x.transpose(0, 2, 3, 1, 4)
+    return x.transpose(0, 2, 3, 1, 4)
 
 
 def _keys_transposed(x, n_kv: int, blocks: int):
-    """Key rows (blocks * n, Hkv, D) -> (blocks, Hkv, 1, D, n): contiguous from KEYS_LAST_MIN keys a block, else a
-    transposed view of the rows."""
-    if x.shape[0] // max(blocks, 1) >= KEYS_LAST_MIN:
-        return _heads_first(x, n_kv, blocks, keys_last=True)
-    return _heads_first(x, n_kv, blocks).transpose(0, 1, 2, 4, 3)
+    """Key rows (blocks * n, Hkv, D) -> (blocks, Hkv, 1, D, n): from KEYS_LAST_MIN keys a block a contiguous copy,
+    the keys as the columns of q kᵀ's right side (the transposed view, unit stride across rows, is not BLAS's
+    layout: NumPy's own loop took 2.2x as long at 43 x 32 x 43); below it that view."""
+    k_t = _heads_first(x, n_kv, blocks).transpose(0, 1, 2, 4, 3)
+    return np.ascontiguousarray(k_t) if k_t.shape[-1] >= KEYS_LAST_MIN else k_t
 
 
 def _row_max(scores):
